@@ -1,0 +1,295 @@
+"""Pydantic v2 models for the whole pipeline.
+
+Every knob a stage reads lives here, with its allowed range, so that a bad value fails at load
+time with a message naming the field, before any work starts.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+STAGES: tuple[str, ...] = ("probe", "regions", "groups", "fuse", "consolidate", "evaluate")
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TinyModelConfig(_Section):
+    """A random Llama small enough for tests and the smoke run."""
+
+    hidden_size: int = Field(64, ge=8, le=4096)
+    intermediate_size: int = Field(128, ge=8, le=16384)
+    num_hidden_layers: int = Field(2, ge=1, le=64)
+    num_attention_heads: int = Field(4, ge=1, le=64)
+    num_key_value_heads: int = Field(2, ge=1, le=64)
+    max_position_embeddings: int = Field(512, ge=16, le=32768)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> "TinyModelConfig":
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError("hidden_size must be a multiple of num_attention_heads")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
+        return self
+
+
+class ModelConfig(_Section):
+    """The base model: `demo` (SmolLM2-135M-Instruct from its wheel), `tiny` (random Llama), a
+    local HF directory with safetensors, or a hub id (real clusters only)."""
+
+    source: str = "demo"
+    tiny: TinyModelConfig = TinyModelConfig()
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    trust_remote_code: bool = False
+    max_shard_size: str = Field("2GB", description="shard size of every model the pipeline writes")
+    cache_dir: Optional[str] = Field(None, description="where demo/tiny/hub models are materialized")
+
+    @field_validator("max_shard_size")
+    @classmethod
+    def _size(cls, v: str) -> str:
+        from cpi_ray.io.sizes import parse_size
+
+        parse_size(v)
+        return v
+
+
+class ReasoningGymSource(_Section):
+    name: str = Field(..., description="reasoning-gym dataset name, e.g. spell_backward")
+    size: int = Field(500, ge=2, le=1_000_000)
+    seed: int = 0
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class TaskConfig(_Section):
+    name: str
+    # Exactly one source: a local jsonl/parquet file, a hub dataset id, or a reasoning-gym generator.
+    path: Optional[str] = None
+    hub_id: Optional[str] = None
+    hub_split: str = "train"
+    reasoning_gym: Optional[ReasoningGymSource] = None
+    prompt_field: str = "question"
+    answer_field: str = "answer"
+    scorer: str = Field(
+        "exact_match", description="exact_match, reasoning_gym, or module:function(prediction, row)"
+    )
+    system_prompt: Optional[str] = None
+    eval_size: int = Field(40, ge=1, description="rows held out for evaluation")
+    val_size: int = Field(0, ge=0, description="rows held out for validation (tuning)")
+    train_size: Optional[int] = Field(None, ge=1, description="cap on training rows")
+    weight: float = Field(1.0, gt=0, description="share of this task in mixed training")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not _NAME_RE.match(v):
+            raise ValueError(
+                "task name must be 1-64 characters of letters, digits, '_', '.', '-' "
+                "and start with a letter or digit"
+            )
+        return v
+
+    @field_validator("scorer")
+    @classmethod
+    def _scorer(cls, v: str) -> str:
+        if v not in ("exact_match", "reasoning_gym") and not re.match(r"^[\w.]+:\w+$", v):
+            raise ValueError("scorer must be exact_match, reasoning_gym or module:function")
+        return v
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "TaskConfig":
+        given = [s for s in ("path", "hub_id", "reasoning_gym") if getattr(self, s) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                f"task {self.name!r} needs exactly one source among path, hub_id, reasoning_gym"
+                f" (got {given or 'none'})"
+            )
+        if self.path is not None:
+            p = Path(self.path)
+            if p.suffix not in (".jsonl", ".json", ".parquet"):
+                raise ValueError(f"task file {self.path!r} must be .jsonl, .json or .parquet")
+            if not p.is_file():
+                raise ValueError(f"task file {self.path!r} does not exist")
+        if self.scorer == "reasoning_gym" and self.reasoning_gym is None:
+            raise ValueError("scorer reasoning_gym needs a reasoning_gym source")
+        return self
+
+
+class DataConfig(_Section):
+    max_seq_len: int = Field(256, ge=16, le=131072)
+    split_seed: int = 0
+    packing: bool = Field(False, description="pack several rows per sequence (else pad by length)")
+
+
+class TrainConfig(_Section):
+    """One SFT recipe; the probe and every consolidation stage use one each."""
+
+    steps: int = Field(40, ge=1)
+    batch_size: int = Field(8, ge=1, description="rows per optimizer step per worker, before accumulation split")
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(5e-5, gt=0, le=1.0)
+    warmup_ratio: float = Field(0.1, ge=0, lt=1)
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    weight_decay: float = Field(0.0, ge=0, le=1)
+    max_grad_norm: Optional[float] = Field(1.0, gt=0)
+    precision: Literal["fp32", "bf16"] = "fp32"
+    seed: int = 0
+    num_workers: int = Field(1, ge=1, description="Ray Train workers per trainer")
+    cpus_per_worker: float = Field(1, gt=0)
+    use_gpu: bool = False
+
+    @model_validator(mode="after")
+    def _accum(self) -> "TrainConfig":
+        if self.batch_size % self.grad_accum:
+            raise ValueError("batch_size must be a multiple of grad_accum")
+        return self
+
+
+class ProbeConfig(TrainConfig):
+    fisher_batches: int = Field(8, ge=1, description="batches for the Fisher score (regions.score)")
+
+
+class RegionsConfig(_Section):
+    p: float = Field(1.0, gt=0, le=100, description="core ratio in percent: 0 < p <= 100")
+    score: Literal["delta", "fisher", "delta_fisher"] = "delta"
+    granularity: Literal["element", "row"] = "element"
+    include: list[str] = Field(default_factory=list, description="regexes on tensor names")
+    exclude: list[str] = Field(default_factory=list, description="regexes on tensor names")
+    chunk_mib: int = Field(64, ge=1, le=4096)
+    num_actors: int = Field(2, ge=1)
+
+    @field_validator("include", "exclude")
+    @classmethod
+    def _regex(cls, v: list[str]) -> list[str]:
+        for pat in v:
+            re.compile(pat)
+        return v
+
+
+class GroupsConfig(_Section):
+    tau: float = Field(0.1, ge=0, le=1, description="overlap threshold: 0 <= tau <= 1")
+    order: Literal["random", "given", "size"] = "random"
+    given: Optional[list[list[str]]] = None
+    seed: int = 0
+
+
+class FuseConfig(_Section):
+    omega: Optional[float] = Field(
+        None, ge=0, le=1, description="SLERP weight for two models; None = running spherical mean"
+    )
+    omega_overrides: dict[str, float] = Field(
+        default_factory=dict, description="tensor-name regex -> omega"
+    )
+    method: Literal["fold", "multislerp"] = "fold"
+    backbone: str = Field("base", description="'base' or a task name: where the fold starts")
+    policy: Literal["magnitude", "mean", "priority"] = "magnitude"
+    epsilon: float = Field(5e-4, gt=0, lt=1)
+    num_actors: int = Field(2, ge=1)
+    chunk_mib: int = Field(64, ge=1, le=4096)
+
+    @field_validator("omega_overrides")
+    @classmethod
+    def _overrides(cls, v: dict[str, float]) -> dict[str, float]:
+        for pat, w in v.items():
+            re.compile(pat)
+            if not 0 <= w <= 1:
+                raise ValueError(f"omega for {pat!r} must be within [0, 1]")
+        return v
+
+
+class ConsolidateConfig(TrainConfig):
+    freeze: Literal["prior", "others", "all", "none"] = "prior"
+    replay: float = Field(0.0, ge=0, lt=1, description="share of earlier groups' data")
+    zero_stage: Literal[0, 1, 2, 3] = 3
+    deepspeed: dict[str, Any] = Field(
+        default_factory=dict, description="merged over the generated DeepSpeed config"
+    )
+    max_failures: int = Field(2, ge=0)
+    checkpoint_every: int = Field(0, ge=0, description="steps between checkpoints; 0 = once per stage")
+
+
+class EvaluateConfig(_Section):
+    max_new_tokens: int = Field(64, ge=1, le=8192)
+    batch_size: int = Field(16, ge=1)
+    models: list[str] = Field(
+        default_factory=lambda: ["base", "probes", "fused", "final"],
+        description="which models to score: base, probes, fused, final",
+    )
+    num_workers: int = Field(1, ge=1)
+    cpus_per_worker: float = Field(1, gt=0)
+
+
+class TuneConfig(_Section):
+    enabled: bool = False
+    num_samples: int = Field(4, ge=1)
+    max_concurrent_trials: int = Field(1, ge=1)
+    search_space: dict[str, Any] = Field(default_factory=dict)
+
+
+class StorageConfig(_Section):
+    path: str = Field("runs", description="root of every run directory (local path or URI)")
+    run_name: str = "cpi-run"
+
+    @field_validator("run_name")
+    @classmethod
+    def _rn(cls, v: str) -> str:
+        if not _NAME_RE.match(v):
+            raise ValueError("run_name must be letters, digits, '_', '.', '-'")
+        return v
+
+
+class RayConfig(_Section):
+    address: Optional[str] = Field(None, description="None: auto-detect a cluster, else local")
+    num_cpus: Optional[int] = Field(None, ge=1, description="for a local Ray only")
+    namespace: str = "cpi-ray"
+
+
+class PipelineConfig(_Section):
+    model: ModelConfig = ModelConfig()
+    tasks: list[TaskConfig] = Field(..., min_length=1)
+    data: DataConfig = DataConfig()
+    probe: ProbeConfig = ProbeConfig()
+    regions: RegionsConfig = RegionsConfig()
+    groups: GroupsConfig = GroupsConfig()
+    fuse: FuseConfig = FuseConfig()
+    consolidate: ConsolidateConfig = ConsolidateConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    tune: TuneConfig = TuneConfig()
+    storage: StorageConfig = StorageConfig()
+    ray: RayConfig = RayConfig()
+    stages: list[str] = Field(default_factory=lambda: list(STAGES))
+
+    @field_validator("stages")
+    @classmethod
+    def _stages(cls, v: list[str]) -> list[str]:
+        bad = [s for s in v if s not in STAGES]
+        if bad:
+            raise ValueError(f"unknown stage(s) {bad}; allowed: {', '.join(STAGES)}")
+        return [s for s in STAGES if s in v]
+
+    @model_validator(mode="after")
+    def _cross(self) -> "PipelineConfig":
+        names = [t.name for t in self.tasks]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"duplicate task names: {dup}")
+        if self.groups.order == "given":
+            given = [n for g in (self.groups.given or []) for n in g]
+            if sorted(given) != sorted(names):
+                raise ValueError("groups.given must list every task exactly once")
+        if self.fuse.backbone not in ("base", *names):
+            raise ValueError(f"fuse.backbone must be 'base' or a task name ({', '.join(names)})")
+        return self
+
+    def task(self, name: str) -> TaskConfig:
+        for t in self.tasks:
+            if t.name == name:
+                return t
+        raise KeyError(name)

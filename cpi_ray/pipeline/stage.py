@@ -1,0 +1,168 @@
+"""The stage protocol: what a stage depends on, where it records what it produced, and when a
+rerun may skip it.
+
+A stage's *fingerprint* hashes its own config slice, the fingerprints of the stages it reads and
+the identity of the base model. After a stage's outputs are in place it writes
+`<folder>/stage.json` with that fingerprint, its outputs (size and sha256 each) and its wall time.
+A rerun skips a stage whose record carries the same fingerprint and whose outputs are intact;
+anything else makes the stage run again (its old record is removed first, so an interrupted run
+never leaves a record that claims outputs it did not finish).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, ClassVar, Optional
+
+from cpi_ray.config.schema import PipelineConfig
+from cpi_ray.io.atomic import read_json, remove_stale_temps, write_json
+
+log = logging.getLogger("cpi_ray")
+
+RECORD_NAME = "stage.json"
+
+
+def stable_hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def file_sha256(path: Path, bufsize: int = 8 * 2**20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(bufsize):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass
+class RunContext:
+    """What every stage gets: the validated config, the run directory and the resolved base
+    model directory (materialized before the first stage)."""
+
+    cfg: PipelineConfig
+    run_dir: Path
+    base_model_dir: Path
+    base_model_id: str  # identity of the base weights, part of every fingerprint
+    records: dict[str, dict] = field(default_factory=dict)  # stage name -> its record, this run
+
+    def path(self, *parts: str) -> Path:
+        return self.run_dir.joinpath(*parts)
+
+    def task_names(self) -> list[str]:
+        return [t.name for t in self.cfg.tasks]
+
+
+class Stage(ABC):
+    name: ClassVar[str]
+    folder: ClassVar[str]  # relative to the run dir; holds the record
+    depends: ClassVar[tuple[str, ...]] = ()
+    version: ClassVar[int] = 1  # bump when the stage's output format or math changes
+
+    @abstractmethod
+    def config_slice(self, cfg: PipelineConfig) -> dict:
+        """Every config value whose change must redo this stage."""
+
+    @abstractmethod
+    def run(self, ctx: RunContext) -> list[Path]:
+        """Produce the outputs (each written atomically) and return their paths."""
+
+    def summary(self, ctx: RunContext) -> Optional[str]:
+        """A line or a table for the end-of-run summary, read back from the outputs."""
+        return None
+
+    # ------------------------------------------------------------------ protocol
+
+    def record_path(self, ctx: RunContext) -> Path:
+        return ctx.path(self.folder, RECORD_NAME)
+
+    def fingerprint(self, ctx: RunContext) -> tuple[str, dict[str, str]]:
+        inputs = {"base_model": ctx.base_model_id}
+        for dep in self.depends:
+            rec = ctx.records.get(dep) or _load_record(ctx.path(STAGE_FOLDERS[dep], RECORD_NAME))
+            if rec is None:
+                raise RuntimeError(
+                    f"stage {self.name!r} needs stage {dep!r}, which has not run in {ctx.run_dir};"
+                    f" run it first (add it to --stages)"
+                )
+            inputs[dep] = rec["fingerprint"]
+        cfg_hash = stable_hash(self.config_slice(ctx.cfg))
+        fp = stable_hash({"stage": self.name, "version": self.version, "config": cfg_hash,
+                          "inputs": inputs})
+        return fp, {"config_hash": cfg_hash, **inputs}
+
+    def completed(self, ctx: RunContext) -> Optional[dict]:
+        """The record if this stage's outputs are current and intact, else None."""
+        rec = _load_record(self.record_path(ctx))
+        if rec is None:
+            return None
+        try:
+            fp, _ = self.fingerprint(ctx)
+        except RuntimeError:
+            return None
+        if rec.get("fingerprint") != fp:
+            return None
+        for out in rec.get("outputs", []):
+            p = ctx.path(out["path"])
+            if not p.is_file() or p.stat().st_size != out["bytes"]:
+                log.warning("stage %s: output %s is missing or changed; redoing the stage",
+                            self.name, out["path"])
+                return None
+        return rec
+
+    def execute(self, ctx: RunContext) -> tuple[dict, bool]:
+        """Run the stage unless its record is current. Returns (record, ran)."""
+        rec = self.completed(ctx)
+        if rec is not None:
+            ctx.records[self.name] = rec
+            return rec, False
+        fp, inputs = self.fingerprint(ctx)
+        self.record_path(ctx).unlink(missing_ok=True)
+        ctx.path(self.folder).mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(ctx.path(self.folder))
+        t0 = time.time()
+        outputs = self.run(ctx)
+        wall = time.time() - t0
+        files: list[dict] = []
+        for out in outputs:
+            out = Path(out)
+            for f in sorted(out.rglob("*")) if out.is_dir() else [out]:
+                if f.is_file() and f.name != RECORD_NAME:
+                    files.append({"path": str(f.relative_to(ctx.run_dir)),
+                                  "bytes": f.stat().st_size, "sha256": file_sha256(f)})
+        rec = {
+            "stage": self.name,
+            "fingerprint": fp,
+            "inputs": inputs,
+            "outputs": files,
+            "wall_time_s": round(wall, 3),
+            "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+        write_json(self.record_path(ctx), rec)
+        ctx.records[self.name] = rec
+        return rec, True
+
+
+# Where each stage keeps its record; stages that exist register themselves in pipeline.registry.
+STAGE_FOLDERS: dict[str, str] = {
+    "probe": "probes",
+    "regions": "regions",
+    "groups": "groups",
+    "fuse": "fused",
+    "consolidate": "consolidate",
+    "evaluate": "eval",
+}
+
+
+def _load_record(path: Path) -> Optional[dict]:
+    try:
+        rec = read_json(path)
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    return rec if isinstance(rec, dict) and "fingerprint" in rec else None
