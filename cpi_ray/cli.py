@@ -1,0 +1,70 @@
+"""Command line: `cpi-ray run --config ...` (same as jobs/cpi_pipeline.py)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Optional
+
+from cpi_ray.config.load import ConfigError, load_config
+from cpi_ray.config.schema import STAGES
+
+EXIT_CONFIG = 2
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+
+
+def add_run_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, help="pipeline YAML")
+    p.add_argument("--run-dir", help="run directory (default: storage.path/storage.run_name)")
+    p.add_argument("--stages", help=f"comma-separated subset of: {','.join(STAGES)}")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set regions.p=5 (repeatable)")
+
+
+def run_command(args: argparse.Namespace) -> int:
+    from cpi_ray.pipeline.runner import connect_ray, resolve_run_dir, run_pipeline
+
+    try:
+        overrides = list(args.overrides)
+        if args.stages:
+            overrides.append(f"stages=[{args.stages}]")
+        cfg = load_config(args.config, overrides)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    _setup_logging()
+    log = logging.getLogger("cpi_ray")
+    run_dir = resolve_run_dir(cfg, args.run_dir)
+    try:
+        where = connect_ray(cfg)
+        log.info("Ray: %s", where)
+        result = run_pipeline(cfg, run_dir)
+    except KeyboardInterrupt:
+        print("interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - the job's last word must be the reason it failed
+        log.debug("failure", exc_info=True)
+        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+    print()
+    print(result.render())
+    return 0
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="cpi-ray", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_run_args(sub.add_parser("run", help="run the pipeline"))
+    args = parser.parse_args(argv)
+    if args.command == "run":
+        return run_command(args)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,119 @@
+"""Run the selected stages in order over one run directory."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import yaml
+
+from cpi_ray.config.schema import STAGES, PipelineConfig
+from cpi_ray.pipeline.stage import STAGE_FOLDERS, RunContext, Stage
+
+log = logging.getLogger("cpi_ray")
+
+# Each stage lives in the package that owns its concern; imported only when it runs.
+STAGE_CLASSES: dict[str, str] = {
+    "probe": "cpi_ray.training.probe:ProbeStage",
+    "regions": "cpi_ray.regions.stage:RegionsStage",
+    "groups": "cpi_ray.regions.stage:GroupsStage",
+    "fuse": "cpi_ray.fusion.stage:FuseStage",
+    "consolidate": "cpi_ray.training.consolidate:ConsolidateStage",
+    "evaluate": "cpi_ray.evaluation.evaluate:EvaluateStage",
+}
+
+
+def load_stage(name: str) -> Stage:
+    module, cls = STAGE_CLASSES[name].split(":")
+    return getattr(importlib.import_module(module), cls)()
+
+
+@dataclass
+class StageOutcome:
+    name: str
+    status: str  # "ran", "skipped (up to date)"
+    wall_s: float
+    folder: str
+
+
+@dataclass
+class PipelineResult:
+    run_dir: Path
+    outcomes: list[StageOutcome] = field(default_factory=list)
+    summaries: list[str] = field(default_factory=list)
+
+    def render(self) -> str:
+        lines = [f"run directory: {self.run_dir}", "", "stage        status                 wall    output"]
+        for o in self.outcomes:
+            lines.append(f"{o.name:<12} {o.status:<22} {o.wall_s:6.1f}s  {self.run_dir / o.folder}")
+        for s in self.summaries:
+            lines += ["", s]
+        return "\n".join(lines)
+
+
+def resolve_run_dir(cfg: PipelineConfig, run_dir: Optional[str]) -> Path:
+    return Path(run_dir or Path(cfg.storage.path) / cfg.storage.run_name).expanduser().resolve()
+
+
+def run_pipeline(cfg: PipelineConfig, run_dir: Path, stages: Optional[list[str]] = None) -> PipelineResult:
+    from cpi_ray.models.loading import resolve_base_model
+
+    selected = [s for s in STAGES if s in (stages or cfg.stages)]
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _write_config(cfg, run_dir)
+    base_dir, base_id = resolve_base_model(cfg)
+    log.info("base model: %s", base_dir)
+    ctx = RunContext(cfg=cfg, run_dir=run_dir, base_model_dir=base_dir, base_model_id=base_id)
+    result = PipelineResult(run_dir)
+    log.info("stages to run: %s", ", ".join(selected))
+    for name in selected:
+        stage = load_stage(name)
+        t0 = time.time()
+        log.info("stage %s: starting", name)
+        rec, ran = stage.execute(ctx)
+        wall = time.time() - t0
+        status = "ran" if ran else "skipped (up to date)"
+        log.info("stage %s: %s in %.1fs -> %s", name, status, wall, run_dir / STAGE_FOLDERS[name])
+        result.outcomes.append(StageOutcome(name, status, rec["wall_time_s"] if not ran else wall,
+                                            STAGE_FOLDERS[name]))
+    for o in result.outcomes:
+        summary = load_stage(o.name).summary(ctx)
+        if summary:
+            result.summaries.append(summary)
+    return result
+
+
+def _write_config(cfg: PipelineConfig, run_dir: Path) -> None:
+    from cpi_ray.io.atomic import atomic_file
+
+    with atomic_file(run_dir / "config.yaml", "w") as f:
+        yaml.safe_dump(cfg.model_dump(mode="json"), f, sort_keys=False)
+
+
+def connect_ray(cfg: PipelineConfig) -> str:
+    """Join the cluster when there is one (`ray.address`, RAY_ADDRESS, or a running cluster),
+    else start a local Ray for this process. Returns a description for the log."""
+    import ray
+
+    if ray.is_initialized():
+        return "already connected"
+    env = {"env_vars": {"DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "")}} \
+        if os.environ.get("DS_ACCELERATOR") else None
+    address = cfg.ray.address or ("auto" if os.environ.get("RAY_ADDRESS") else None)
+    if address is not None:
+        ray.init(address=address, namespace=cfg.ray.namespace, runtime_env=env,
+                 log_to_driver=True)
+        return f"cluster at {address}"
+    try:
+        ray.init(address="auto", namespace=cfg.ray.namespace, runtime_env=env)
+        return "running local cluster"
+    except ConnectionError:
+        pass
+    # The dashboard stays on: Ray Train needs it to start more than one worker group reliably.
+    ray.init(num_cpus=cfg.ray.num_cpus, namespace=cfg.ray.namespace, runtime_env=env)
+    return "embedded local Ray"

@@ -1,0 +1,214 @@
+"""Stage `probe`: a short full-parameter SFT of the base model on each task alone.
+
+One Ray Train `TorchTrainer` per task, all submitted at once (each `fit` runs inside a
+zero-CPU Ray task), so the probes run in parallel as far as the cluster's resources allow and
+queue otherwise. Each probe lands atomically in `probes/<task>/` with a `probe.json` carrying its
+own fingerprint, so a probe that finished is kept when another task's probe fails or the config
+of another task changes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cpi_ray.config.schema import PipelineConfig
+from cpi_ray.io.atomic import read_json, write_json
+from cpi_ray.pipeline.stage import RunContext, Stage, stable_hash
+from cpi_ray.training.sft import (accumulate_loss, clip_grad, make_optimizer, make_scheduler,
+                                  micro_batch_size)
+
+log = logging.getLogger("cpi_ray")
+
+PROBE_RECORD = "probe.json"
+_CKPT_STATE = "train_state.pt"
+_CKPT_WEIGHTS = "model.safetensors"
+
+
+def probe_fingerprint(cfg: PipelineConfig, task: str, base_id: str) -> str:
+    return stable_hash({"task": cfg.task(task).model_dump(), "data": cfg.data.model_dump(),
+                        "probe": cfg.probe.model_dump(), "dtype": cfg.model.dtype,
+                        "base": base_id})
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Runs on every Ray Train worker: SFT on one task, checkpoints through `ray.train.report`,
+    rank 0 writes the final HF model."""
+    import ray.train
+    import ray.train.torch
+    from safetensors.torch import load_file, save_file
+
+    from cpi_ray.data.batching import build_train_examples, iterate_batches
+    from cpi_ray.models.loading import load_model, load_tokenizer, save_model
+
+    cfg = PipelineConfig.model_validate(config["cfg"])
+    tc = cfg.probe
+    task, base_dir, out_dir = config["task"], config["base_dir"], config["out_dir"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.manual_seed(tc.seed)
+    device = ray.train.torch.get_device()
+
+    tok = load_tokenizer(base_dir, cfg.model.trust_remote_code)
+    model = load_model(base_dir, cfg.model.dtype, cfg.model.trust_remote_code)
+    examples = build_train_examples(cfg, tok, [task])[task]
+
+    start = 0
+    ckpt = ray.train.get_checkpoint()
+    state = None
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            model.load_state_dict(load_file(os.path.join(d, _CKPT_WEIGHTS)), strict=False)
+            state = torch.load(os.path.join(d, _CKPT_STATE), weights_only=True)
+        start = int(state["step"])
+    model = ray.train.torch.prepare_model(model)
+    opt = make_optimizer(model, tc)
+    sched = make_scheduler(opt, tc)
+    if state is not None:
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+
+    batches = iterate_batches(examples, micro_batch_size(tc), tok.pad_token_id, seed=tc.seed,
+                              packing=cfg.data.packing, rank=rank, world_size=world,
+                              max_seq_len=cfg.data.max_seq_len)
+    # Skip what the resumed steps consumed, so that a resumed run sees the same data.
+    for _ in range(start * tc.grad_accum):
+        next(batches)
+
+    model.train()
+    t0 = time.time()
+    every = max(1, tc.steps // 4)
+    for step in range(start, tc.steps):
+        loss = accumulate_loss(model, batches, tc, device)
+        gnorm = clip_grad(model, tc)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        metrics = {"task": task, "step": step + 1, "loss": loss, "lr": sched.get_last_lr()[0],
+                   "grad_norm": gnorm, "elapsed_s": time.time() - t0}
+        done = step + 1 == tc.steps
+        if (step + 1) % every == 0 and not done:
+            _report_checkpoint(metrics, model, opt, sched, step + 1, rank, save_file)
+        else:
+            ray.train.report(metrics)
+
+    if rank == 0:
+        raw = model.module if hasattr(model, "module") else model
+        from cpi_ray.io.sizes import parse_size
+
+        save_model(raw, tok, out_dir, parse_size(cfg.model.max_shard_size))
+        write_json(Path(out_dir) / PROBE_RECORD, {
+            "task": task, "fingerprint": config["fingerprint"], "steps": tc.steps,
+            "final_loss": loss, "train_rows": len(examples),
+            "train_time_s": round(time.time() - t0, 2)})
+
+
+def _report_checkpoint(metrics, model, opt, sched, step, rank, save_file) -> None:
+    import ray.train
+
+    from cpi_ray.models.loading import unique_state_dict
+
+    with tempfile.TemporaryDirectory() as d:
+        ckpt = None
+        if rank == 0:
+            raw = model.module if hasattr(model, "module") else model
+            save_file({k: v.detach().cpu().contiguous() for k, v in unique_state_dict(raw).items()},
+                      os.path.join(d, _CKPT_WEIGHTS))
+            torch.save({"step": step, "optimizer": opt.state_dict(),
+                        "scheduler": sched.state_dict()}, os.path.join(d, _CKPT_STATE))
+            ckpt = ray.train.Checkpoint.from_directory(d)
+        ray.train.report(metrics, checkpoint=ckpt)
+
+
+class ProbeStage(Stage):
+    name = "probe"
+    folder = "probes"
+    depends = ()
+
+    def config_slice(self, cfg: PipelineConfig) -> dict:
+        return {"tasks": [t.model_dump() for t in cfg.tasks], "data": cfg.data.model_dump(),
+                "probe": cfg.probe.model_dump(), "dtype": cfg.model.dtype}
+
+    def run(self, ctx: RunContext) -> list[Path]:
+        import ray
+
+        cfg = ctx.cfg
+        pending, outputs = [], []
+        for task in ctx.task_names():
+            out = ctx.path("probes", task)
+            fp = probe_fingerprint(cfg, task, ctx.base_model_id)
+            outputs.append(out)
+            rec = _probe_record(out)
+            if rec is not None and rec.get("fingerprint") == fp:
+                log.info("probe %s: already trained, kept (%s)", task, out)
+                continue
+            pending.append((task, fp))
+        if not pending:
+            return outputs
+
+        fit = ray.remote(num_cpus=0, max_retries=0)(_fit_probe)
+        refs = {task: fit.remote(cfg.model_dump(), task, str(ctx.base_model_dir), str(ctx.path("probes", task)),
+                                 str(ctx.path("_ray")), fp)
+                for task, fp in pending}
+        log.info("probe: %d trainer(s) submitted (%s)", len(refs), ", ".join(refs))
+        failures = {}
+        from tqdm import tqdm
+
+        with tqdm(total=len(refs), desc="probe", unit="task") as bar:
+            remaining = dict((ref, task) for task, ref in refs.items())
+            while remaining:
+                ready, _ = ray.wait(list(remaining), num_returns=1)
+                task = remaining.pop(ready[0])
+                try:
+                    info = ray.get(ready[0])
+                    log.info("probe %s: done, final loss %.4f, %.1fs", task, info["final_loss"],
+                             info["train_time_s"])
+                except Exception as e:  # noqa: BLE001 - reported per task below
+                    failures[task] = e
+                bar.update(1)
+        if failures:
+            msg = "; ".join(f"{t}: {_short(e)}" for t, e in failures.items())
+            raise RuntimeError(f"probe failed for task(s) {', '.join(failures)} "
+                               f"(finished probes are kept): {msg}")
+        return outputs
+
+
+def _fit_probe(cfg_dump: dict, task: str, base_dir: str, out_dir: str, storage: str,
+               fingerprint: str) -> dict:
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    cfg = PipelineConfig.model_validate(cfg_dump)
+    tc = cfg.probe
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"cfg": cfg_dump, "task": task, "base_dir": base_dir,
+                           "out_dir": out_dir, "fingerprint": fingerprint},
+        scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
+                                     resources_per_worker={"CPU": tc.cpus_per_worker}),
+        run_config=RunConfig(name=f"probe-{task}-{fingerprint}", storage_path=storage,
+                             failure_config=FailureConfig(max_failures=2)),
+    )
+    trainer.fit()
+    rec = _probe_record(Path(out_dir))
+    if rec is None or rec.get("fingerprint") != fingerprint:
+        raise RuntimeError(f"probe {task}: training finished but {out_dir} was not written")
+    return rec
+
+
+def _probe_record(out: Path) -> dict | None:
+    try:
+        return read_json(out / PROBE_RECORD)
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def _short(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[-1] if text else type(e).__name__

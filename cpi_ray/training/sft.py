@@ -1,0 +1,73 @@
+"""Pieces of a supervised fine-tuning loop shared by the trainers: optimizer and schedule from our
+config, precision, and one optimizer step over accumulated micro-batches."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, Optional
+
+import torch
+
+from cpi_ray.config.schema import TrainConfig
+
+
+def make_optimizer(model: torch.nn.Module, tc: TrainConfig) -> torch.optim.Optimizer:
+    # Decay matrices only: norms and biases are conventionally excluded from weight decay.
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": tc.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=tc.lr, betas=(0.9, 0.999), eps=1e-8)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, tc: TrainConfig):
+    from transformers import get_scheduler
+
+    name = "constant_with_warmup" if tc.schedule == "constant" else tc.schedule
+    return get_scheduler(name, optimizer, num_warmup_steps=int(tc.warmup_ratio * tc.steps),
+                         num_training_steps=tc.steps)
+
+
+def autocast(tc: TrainConfig, device: torch.device):
+    if tc.precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def micro_batch_size(tc: TrainConfig) -> int:
+    return tc.batch_size // tc.grad_accum
+
+
+def accumulate_loss(model: torch.nn.Module, batches: Iterator[dict], tc: TrainConfig,
+                    device: torch.device, backward=None) -> float:
+    """Forward/backward `grad_accum` micro-batches; returns the mean loss per supervised token.
+
+    Each micro-batch's summed token loss is divided by the token count of the whole accumulated
+    batch, so that a step's gradient is the same however the batch is split."""
+    micro = [next(batches) for _ in range(tc.grad_accum)]
+    tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
+    total = 0.0
+    for b in micro:
+        b = {k: v.to(device) for k, v in b.items()}
+        with autocast(tc, device):
+            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+        loss = token_loss_sum(logits, b["labels"]) / max(tokens, 1)
+        (backward or torch.Tensor.backward)(loss)
+        total += float(loss.detach())
+    return total
+
+
+def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed next-token cross entropy over supervised (label != -100) positions, in fp32."""
+    shift_logits = logits[:, :-1].float().reshape(-1, logits.shape[-1])
+    shift_labels = labels[:, 1:].reshape(-1)
+    return torch.nn.functional.cross_entropy(shift_logits, shift_labels, ignore_index=-100,
+                                             reduction="sum")
+
+
+def clip_grad(model: torch.nn.Module, tc: TrainConfig) -> Optional[float]:
+    if tc.max_grad_norm is None:
+        return None
+    return float(torch.nn.utils.clip_grad_norm_(model.parameters(), tc.max_grad_norm))
