@@ -85,6 +85,9 @@ class TaskConfig(_Section):
     val_size: int = Field(0, ge=0, description="rows held out for validation (tuning)")
     train_size: Optional[int] = Field(None, ge=1, description="cap on training rows")
     weight: float = Field(1.0, gt=0, description="share of this task in mixed training")
+    max_new_tokens: Optional[int] = Field(
+        None, ge=1, le=8192, description="generation budget at evaluation; None = evaluate.max_new_tokens"
+    )
 
     @field_validator("name")
     @classmethod
@@ -222,8 +225,9 @@ class EvaluateConfig(_Section):
         default_factory=lambda: ["base", "probes", "fused", "final"],
         description="which models to score: base, probes, fused, final",
     )
-    num_workers: int = Field(1, ge=1)
+    num_workers: int = Field(1, ge=1, description="models scored at the same time, at most")
     cpus_per_worker: float = Field(1, gt=0)
+    use_gpu: bool = Field(False, description="one GPU per model being scored")
 
 
 class TuneConfig(_Section):

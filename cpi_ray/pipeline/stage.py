@@ -73,6 +73,11 @@ class Stage(ABC):
     def run(self, ctx: RunContext) -> list[Path]:
         """Produce the outputs (each written atomically) and return their paths."""
 
+    def dependencies(self, ctx: RunContext) -> tuple[str, ...]:
+        """The stages whose outputs this run of the stage reads; `depends` unless a stage's
+        inputs vary with the run (evaluate reads whichever models exist)."""
+        return self.depends
+
     def summary(self, ctx: RunContext) -> Optional[str]:
         """A line or a table for the end-of-run summary, read back from the outputs."""
         return None
@@ -84,7 +89,7 @@ class Stage(ABC):
 
     def fingerprint(self, ctx: RunContext) -> tuple[str, dict[str, str]]:
         inputs = {"base_model": ctx.base_model_id}
-        for dep in self.depends:
+        for dep in self.dependencies(ctx):
             rec = ctx.records.get(dep) or _load_record(ctx.path(STAGE_FOLDERS[dep], RECORD_NAME))
             if rec is None:
                 raise RuntimeError(
