@@ -1,0 +1,254 @@
+"""Stage `evaluate`: every available model generates greedily on every task's eval split and is
+scored by the task's scorer.
+
+One Ray task per model (`evaluate.cpus_per_worker` CPUs, a GPU with `evaluate.use_gpu`), at most
+`evaluate.num_workers` at a time. Outputs: `eval/scores.json` (per-model, per-task scores in
+0-100) and `eval/predictions.jsonl` (every generation with its answer and score, for inspection).
+A requested model whose stage has not produced it (say `fused` before the fuse stage exists) is
+skipped and listed as such; the stage's fingerprint covers exactly the models it scored, so it
+runs again once more of them exist.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+from cpi_ray.config.schema import PipelineConfig
+from cpi_ray.data.formatting import format_prompt
+from cpi_ray.data.scorers import get_scorer
+from cpi_ray.data.tasks import answer_text, load_splits, task_identity
+from cpi_ray.io.atomic import atomic_file, read_json, write_json
+from cpi_ray.pipeline.stage import STAGE_FOLDERS, RECORD_NAME, RunContext, Stage, _load_record
+
+log = logging.getLogger("cpi_ray")
+
+SCORES_NAME = "scores.json"
+PREDICTIONS_NAME = "predictions.jsonl"
+
+# Which stage produces each kind of model listed in `evaluate.models` (None: the base model).
+MODEL_KINDS: dict[str, Optional[str]] = {
+    "base": None, "probes": "probe", "fused": "fuse", "final": "consolidate",
+}
+
+# generate_fn(prompts, max_new_tokens) -> predictions, one per prompt
+GenerateFn = Callable[[list[str], int], list[str]]
+
+
+# ---------------------------------------------------------------------------------- scoring
+
+
+def score_rows(tasks_rows: dict[str, list[dict]], cfg: PipelineConfig, tokenizer: Any,
+               generate_fn: GenerateFn) -> dict[str, dict]:
+    """For each task: format its rows' prompts, generate, score. Returns
+    `{task: {"score": mean x 100, "predictions": [...], "row_scores": [...]}}`."""
+    out: dict[str, dict] = {}
+    for name, rows in tasks_rows.items():
+        task = cfg.task(name)
+        scorer = get_scorer(task)
+        prompts = [format_prompt(tokenizer, task, r) for r in rows]
+        preds = generate_fn(prompts, task.max_new_tokens or cfg.evaluate.max_new_tokens)
+        if len(preds) != len(rows):
+            raise RuntimeError(f"task {name!r}: {len(preds)} generations for {len(rows)} prompts")
+        row_scores = [scorer(p, r) for p, r in zip(preds, rows)]
+        score = 100.0 * sum(row_scores) / len(row_scores) if row_scores else float("nan")
+        out[name] = {"score": score, "predictions": preds, "row_scores": row_scores}
+    return out
+
+
+def _has_tokenizer(d: Path) -> bool:
+    return (d / "tokenizer_config.json").is_file() or (d / "tokenizer.json").is_file()
+
+
+def evaluate_model_dir(model_dir: str | Path, tasks_rows: dict[str, list[dict]],
+                       cfg: PipelineConfig, tokenizer_dir: Optional[str | Path] = None) -> dict[str, dict]:
+    """Load one model (and its tokenizer: from `model_dir` when it has one, else
+    `tokenizer_dir`) and run `score_rows` with batched greedy generation."""
+    import torch
+
+    from cpi_ray.evaluation.generate import greedy_generate
+    from cpi_ray.models.loading import load_model, load_tokenizer
+
+    model_dir = Path(model_dir)
+    tok_dir = model_dir if _has_tokenizer(model_dir) or tokenizer_dir is None else Path(tokenizer_dir)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tok = load_tokenizer(tok_dir, cfg.model.trust_remote_code)
+    model = load_model(model_dir, cfg.model.dtype, cfg.model.trust_remote_code, device=device)
+
+    def generate(prompts: list[str], max_new_tokens: int) -> list[str]:
+        return greedy_generate(model, tok, prompts, max_new_tokens, cfg.evaluate.batch_size, device)
+
+    return score_rows(tasks_rows, cfg, tok, generate)
+
+
+def score_model(model_dir: str | Path, tasks_rows: dict[str, list[dict]], cfg: PipelineConfig,
+                tokenizer_dir: Optional[str | Path] = None) -> dict[str, float]:
+    """`{task: score}` of one model on the given rows, scores in 0-100."""
+    return {t: r["score"] for t, r in evaluate_model_dir(model_dir, tasks_rows, cfg, tokenizer_dir).items()}
+
+
+def _evaluate_task(model_dir: str, tasks_rows: dict[str, list[dict]], cfg: PipelineConfig,
+                   tokenizer_dir: str) -> dict[str, dict]:
+    """Body of the Ray task scoring one model."""
+    t0 = time.time()
+    result = evaluate_model_dir(model_dir, tasks_rows, cfg, tokenizer_dir)
+    return {"tasks": result, "wall_s": time.time() - t0}
+
+
+# ---------------------------------------------------------------------------------- stage
+
+
+def _is_model_dir(d: Path) -> bool:
+    return (d / "config.json").is_file()
+
+
+def _record_exists(ctx: RunContext, stage: str) -> bool:
+    return stage in ctx.records or _load_record(ctx.path(STAGE_FOLDERS[stage], RECORD_NAME)) is not None
+
+
+class EvaluateStage(Stage):
+    name = "evaluate"
+    folder = "eval"
+    depends = ("probe",)  # when probes are evaluated; fuse/consolidate when their models exist
+    version = 1
+
+    # ------------------------------------------------------------------ models
+
+    def resolve_models(self, ctx: RunContext) -> tuple[dict[str, Path], dict[str, str]]:
+        """({model name: directory} to score, {model name: why it is skipped})."""
+        models: dict[str, Path] = {}
+        skipped: dict[str, str] = {}
+        for kind in ctx.cfg.evaluate.models:
+            if kind not in MODEL_KINDS:
+                raise ValueError(f"evaluate.models: unknown model {kind!r}; allowed: "
+                                 f"{', '.join(MODEL_KINDS)}")
+            stage = MODEL_KINDS[kind]
+            if kind == "base":
+                models["base"] = ctx.base_model_dir
+                continue
+            if kind == "probes":
+                for t in ctx.task_names():
+                    d = ctx.path("probes", t)
+                    if _is_model_dir(d):
+                        models[f"probe:{t}"] = d
+                    else:
+                        skipped[f"probe:{t}"] = f"no model in {d}"
+                continue
+            d = ctx.path(kind)
+            if not _record_exists(ctx, stage):
+                skipped[kind] = f"stage {stage} has not run"
+            elif not _is_model_dir(d):
+                skipped[kind] = f"no model in {d}"
+            else:
+                models[kind] = d
+        return models, skipped
+
+    def dependencies(self, ctx: RunContext) -> tuple[str, ...]:
+        kinds = ctx.cfg.evaluate.models
+        deps: list[str] = []
+        if "probes" in kinds:
+            deps.append("probe")  # required: its absence is reported by fingerprint()
+        for kind in ("fused", "final"):
+            stage = MODEL_KINDS[kind]
+            if kind in kinds and _record_exists(ctx, stage) and _is_model_dir(ctx.path(kind)):
+                deps.append(stage)
+        return tuple(deps)
+
+    def config_slice(self, cfg: PipelineConfig) -> dict:
+        ev = cfg.evaluate.model_dump(exclude={"num_workers", "cpus_per_worker"})
+        return {"evaluate": ev, "tasks": [task_identity(t) for t in cfg.tasks],
+                "split_seed": cfg.data.split_seed, "dtype": cfg.model.dtype}
+
+    # ------------------------------------------------------------------ run
+
+    def run(self, ctx: RunContext) -> list[Path]:
+        import ray
+
+        cfg = ctx.cfg
+        models, skipped = self.resolve_models(ctx)
+        for m, why in skipped.items():
+            log.info("evaluate: skipping %s (%s)", m, why)
+        if not models:
+            raise RuntimeError("evaluate: none of the requested models exists "
+                               f"({', '.join(f'{m}: {w}' for m, w in skipped.items())})")
+        tasks_rows = {t.name: load_splits(t, cfg.data.split_seed).eval for t in cfg.tasks}
+        log.info("evaluate: %d model(s) on %s", len(models),
+                 ", ".join(f"{t} ({len(r)} rows)" for t, r in tasks_rows.items()))
+
+        remote = ray.remote(_evaluate_task).options(
+            num_cpus=cfg.evaluate.cpus_per_worker, num_gpus=1 if cfg.evaluate.use_gpu else 0,
+            max_retries=0, name="cpi-evaluate")
+        rows_ref = ray.put(tasks_rows)
+        results: dict[str, dict] = {}
+        pending: dict[Any, str] = {}
+        queue = list(models.items())
+        while queue or pending:
+            while queue and len(pending) < cfg.evaluate.num_workers:
+                m, d = queue.pop(0)
+                pending[remote.remote(str(d), rows_ref, cfg, str(ctx.base_model_dir))] = m
+            done, _ = ray.wait(list(pending), num_returns=1)
+            m = pending.pop(done[0])
+            try:
+                results[m] = ray.get(done[0])
+            except Exception as e:
+                for ref in pending:
+                    ray.cancel(ref)
+                raise RuntimeError(f"evaluate: scoring model {m!r} ({models[m]}) failed: {e}") from e
+            log.info("evaluate: %s scored in %.1fs: %s", m, results[m]["wall_s"], ", ".join(
+                f"{t}={r['score']:.1f}" for t, r in results[m]["tasks"].items()))
+
+        order = list(models)  # config order, not completion order
+        scores = {
+            "tasks": list(tasks_rows),
+            "models": {m: str(models[m]) for m in order},
+            "scores": {m: {t: results[m]["tasks"][t]["score"] for t in tasks_rows} for m in order},
+            "n_eval": {t: len(r) for t, r in tasks_rows.items()},
+            "skipped": skipped,
+        }
+        out_dir = ctx.path(self.folder)
+        write_json(out_dir / SCORES_NAME, scores)
+        with atomic_file(out_dir / PREDICTIONS_NAME, "w") as f:
+            for m in order:
+                for t, rows in tasks_rows.items():
+                    r = results[m]["tasks"][t]
+                    task = cfg.task(t)
+                    for i, row in enumerate(rows):
+                        f.write(json.dumps({"model": m, "task": t, "index": i,
+                                            "prediction": r["predictions"][i],
+                                            "answer": answer_text(task, row),
+                                            "score": r["row_scores"][i]}) + "\n")
+        return [out_dir / SCORES_NAME, out_dir / PREDICTIONS_NAME]
+
+    def summary(self, ctx: RunContext) -> Optional[str]:
+        try:
+            data = read_json(ctx.path(self.folder, SCORES_NAME))
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+        return format_table(data)
+
+
+def format_table(data: dict) -> str:
+    """Plain text table: one row per model, one column per task, then the average and the worst
+    task (the two numbers the seesaw shows up in)."""
+    tasks: Sequence[str] = data["tasks"]
+    header = ["model", *tasks, "avg", "worst"]
+    rows = []
+    for m, per in data["scores"].items():
+        vals = [per[t] for t in tasks]
+        rows.append([m, *(f"{v:.1f}" for v in vals), f"{sum(vals) / len(vals):.1f}",
+                     f"{min(vals):.1f}"])
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w)
+                         for i, (c, w) in enumerate(zip(cells, widths)))
+
+    n = ", ".join(f"{t}={k}" for t, k in data.get("n_eval", {}).items())
+    out = [f"evaluation: scores 0-100 on held-out rows ({n})", line(header),
+           line(["-" * w for w in widths]), *(line(r) for r in rows)]
+    for m, why in data.get("skipped", {}).items():
+        out.append(f"skipped {m}: {why}")
+    return "\n".join(out)
