@@ -1,0 +1,156 @@
+"""Element-exact freezing under DeepSpeed ZeRO-3.
+
+`requires_grad` is per tensor, so a frozen *set of elements* is enforced on each rank's own
+partition: rank r owns flat elements [r·part, (r+1)·part) of every (padded) parameter and reads
+only that slice of the mask and of the reference weights.
+
+Two things per optimizer step:
+- before it, the frozen elements' gradients are zeroed in the local gradient partition, so the
+  gradient norm (clipping) and Adam's moments never see them;
+- after it, their fp32 master values are written back, because AdamW's decoupled weight decay
+  (and any momentum left from before) still moves an element whose gradient is zero. The working
+  copy (bf16 partition, and the gathered full tensor of persistent small parameters) is written
+  back too, since DeepSpeed copied the updated master into it during the step.
+
+The reference values come from the checkpoint the stage started from, never from the engine, so a
+stage resumed from a DeepSpeed checkpoint restores exactly the same values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from cpi_ray.io.safetensors_io import CheckpointReader
+from cpi_ray.regions.masks import MaskFile
+from cpi_ray.training.zero3 import local_range
+
+# Below this density a frozen set is kept as indices (8 B each), above it as a bool mask
+# (1 B per element of the partition), whichever is smaller.
+_INDEX_DENSITY = 1 / 8
+
+
+@dataclass
+class _Frozen:
+    name: str
+    param: torch.nn.Parameter
+    sel: torch.Tensor  # int64 indices or bool mask over the local partition (padded size)
+    values: torch.Tensor  # fp32 reference values of the selected elements, in `sel` order
+    # Persistent (small, always gathered) parameters: the same over the full flat tensor.
+    full_sel: Optional[torch.Tensor] = None
+    full_values: Optional[torch.Tensor] = None
+
+
+def _compact(mask: torch.Tensor) -> torch.Tensor:
+    n = int(mask.sum())
+    return mask.nonzero().squeeze(1) if n < _INDEX_DENSITY * mask.numel() else mask
+
+
+class ElementFreezer:
+    """Holds the local slice of a frozen set and enforces it around each optimizer step.
+
+    `params` are the model's (name, ZeRO-3 parameter) pairs; `mask` is a mask file (or None for an
+    empty set) keyed by checkpoint tensor names; `reference` is the checkpoint whose values the
+    frozen elements must keep."""
+
+    def __init__(self, params: list[tuple[str, torch.nn.Parameter]], mask: Optional[MaskFile],
+                 reference: CheckpointReader):
+        self.entries: list[_Frozen] = []
+        self.local_frozen = 0
+        if mask is None:
+            return
+        for name, p in params:
+            if name not in mask:
+                continue
+            if mask.numels[name] != p.ds_numel:
+                raise ValueError(f"{mask.path}: mask of {name!r} has {mask.numels[name]} elements,"
+                                 f" the parameter {p.ds_numel}")
+            if not p.requires_grad:
+                continue  # nothing can move it
+            start, stop, part = local_range(p)
+            local = torch.zeros(part, dtype=torch.bool)
+            local[: stop - start] = mask.flat(name, start, stop)
+            ref = torch.zeros(part, dtype=torch.float32)
+            ref[: stop - start] = reference.read_flat(name, start, stop)
+            entry = None
+            if local.any():
+                sel = _compact(local)
+                entry = _Frozen(name, p, sel, ref[sel].clone())
+                self.local_frozen += int(local.sum())
+            if getattr(p, "ds_persist", False):
+                full = mask.flat(name)
+                if full.any():
+                    fsel = _compact(full)
+                    fvals = reference.read_flat(name).to(torch.float32)[fsel].clone()
+                    if entry is None:
+                        entry = _Frozen(name, p, torch.zeros(0, dtype=torch.long),
+                                        torch.zeros(0))
+                    entry.full_sel, entry.full_values = fsel, fvals
+            if entry is not None:
+                self.entries.append(entry)
+
+    def __len__(self) -> int:
+        return self.local_frozen
+
+    @torch.no_grad()
+    def zero_grads(self) -> None:
+        """Call after the last backward of an accumulation window, before `engine.step()`."""
+        from deepspeed.utils import safe_get_local_grad, safe_set_local_grad
+
+        for e in self.entries:
+            if e.sel.numel() == 0:
+                continue
+            g = safe_get_local_grad(e.param)
+            if g is None:
+                continue
+            g = g.clone()
+            g.view(-1)[e.sel] = 0
+            safe_set_local_grad(e.param, g)
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Call right after `engine.step()` at an accumulation boundary (and after loading a
+        checkpoint): writes the reference values back into master and working copies."""
+        from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+        from deepspeed.utils import safe_get_local_fp32_param, safe_set_local_fp32_param
+
+        for e in self.entries:
+            p = e.param
+            if e.sel.numel():
+                master = safe_get_local_fp32_param(p).clone()
+                flat = master.view(-1)
+                if e.sel.dtype == torch.bool:
+                    flat.masked_scatter_(e.sel, e.values.to(flat.dtype))
+                else:
+                    flat[e.sel] = e.values.to(flat.dtype)
+                safe_set_local_fp32_param(p, master)
+                # The working partition may be a separate (e.g. bf16) copy of the master.
+                work = p.ds_tensor.data.view(-1)
+                if e.sel.dtype == torch.bool:
+                    work.masked_scatter_(e.sel, e.values.to(work.dtype))
+                else:
+                    work[e.sel] = e.values.to(work.dtype)
+            if e.full_sel is not None and p.ds_status == ZeroParamStatus.AVAILABLE:
+                # A persistent parameter stays gathered across steps: DeepSpeed re-gathered it
+                # from the updated partitions at the end of the step.
+                full = p.data.view(-1)
+                if e.full_sel.dtype == torch.bool:
+                    full.masked_scatter_(e.full_sel, e.full_values.to(full.dtype))
+                else:
+                    full[e.full_sel] = e.full_values.to(full.dtype)
+
+    def local_stats(self) -> dict[str, int]:
+        return {"frozen_local": self.local_frozen, "tensors_local": len(self.entries)}
+
+
+def check_freezable(ds_config: dict) -> None:
+    """Element freezing needs ZeRO-3's local partition API and one partition per parameter."""
+    zero = ds_config.get("zero_optimization", {})
+    if int(zero.get("stage", 0)) != 3:
+        raise ValueError("element freezing needs DeepSpeed ZeRO stage 3 (consolidate.zero_stage: 3)"
+                         " when the frozen set is not empty")
+    if int(zero.get("zero_hpz_partition_size", 1)) > 1 or zero.get("mics_shard_size", -1) > 0:
+        raise ValueError("element freezing does not support ZeRO++ hpZ or MiCS partitioning "
+                         "(their secondary partitions would keep updated values)")

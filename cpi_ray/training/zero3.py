@@ -1,0 +1,279 @@
+"""DeepSpeed ZeRO-3 plumbing for consolidation: the generated DeepSpeed config, the distributed
+set-up inside a Ray Train worker, partition-wise loading of an HF model from sharded safetensors
+and tensor-by-tensor export back to sharded safetensors.
+
+Nothing here ever holds the whole model on one rank: loading copies each rank's own flat slice of
+each tensor straight from the memory-mapped checkpoint into its partition (no communication), and
+export all-gathers one tensor at a time, rank 0 writing shards as they fill.
+
+DeepSpeed is imported inside functions so that `DS_ACCELERATOR` can be set in a worker before
+DeepSpeed picks its accelerator.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Optional
+
+import torch
+
+from cpi_ray.config.schema import ConsolidateConfig
+from cpi_ray.io.safetensors_io import CheckpointReader, save_model_dir
+
+PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+# ---------------------------------------------------------------------------- config
+
+
+def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    """`override` merged over `base`, recursively for nested dicts; other values replace."""
+    out = copy.deepcopy(dict(base))
+    for k, v in override.items():
+        if isinstance(v, Mapping) and isinstance(out.get(k), Mapping):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def build_ds_config(cfg: ConsolidateConfig, world_size: int, use_gpu: bool = False) -> dict[str, Any]:
+    """The DeepSpeed config for one consolidation stage: our recipe, with the user's
+    `consolidate.deepspeed` dict deep-merged over it (offload, bucket sizes, ... win)."""
+    micro = cfg.batch_size // cfg.grad_accum
+    opt_params: dict[str, Any] = {
+        "lr": cfg.lr, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": cfg.weight_decay,
+    }
+    if not use_gpu:
+        # DeepSpeed's fused Adam needs CUDA; torch's AdamW is exact and portable on CPU.
+        opt_params["torch_adam"] = True
+    generated: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": cfg.grad_accum,
+        "train_batch_size": micro * cfg.grad_accum * world_size,
+        "gradient_clipping": cfg.max_grad_norm or 0.0,
+        "optimizer": {"type": "AdamW", "params": opt_params},
+        "bf16": {"enabled": cfg.precision == "bf16"},
+        "fp16": {"enabled": False},
+        "zero_optimization": {
+            "stage": cfg.zero_stage,
+            "overlap_comm": use_gpu,
+            "contiguous_gradients": True,
+            "stage3_gather_16bit_weights_on_model_save": False,
+        },
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+        "seed": cfg.seed,
+    }
+    merged = deep_merge(generated, cfg.deepspeed)
+    if cfg.deepspeed.get("fp16", {}).get("enabled") and not use_gpu:
+        raise ValueError("consolidate.deepspeed enables fp16, which DeepSpeed does not support on CPU;"
+                         " use precision: bf16 or fp32")
+    # The batch arithmetic must stay consistent whatever the user overrode.
+    mb = merged["train_micro_batch_size_per_gpu"]
+    ga = merged["gradient_accumulation_steps"]
+    if "train_batch_size" not in cfg.deepspeed:
+        merged["train_batch_size"] = mb * ga * world_size
+    elif merged["train_batch_size"] != mb * ga * world_size:
+        raise ValueError(
+            f"consolidate.deepspeed: train_batch_size {merged['train_batch_size']} != micro batch "
+            f"{mb} x accumulation {ga} x workers {world_size}"
+        )
+    return merged
+
+
+def lr_lambda(schedule: str, total_steps: int, warmup_ratio: float):
+    """Multiplier of the peak lr at optimizer step `s` (0-based): linear warm-up, then cosine,
+    linear or constant down to 0 at `total_steps`."""
+    warmup = int(math.ceil(warmup_ratio * total_steps))
+
+    def f(s: int) -> float:
+        if s < warmup:
+            return (s + 1) / (warmup + 1)
+        if schedule == "constant":
+            return 1.0
+        frac = (s - warmup) / max(1, total_steps - warmup)
+        frac = min(max(frac, 0.0), 1.0)
+        if schedule == "linear":
+            return 1.0 - frac
+        return 0.5 * (1.0 + math.cos(math.pi * frac))
+
+    return f
+
+
+# ---------------------------------------------------------------------------- distributed
+
+
+def set_accelerator_env(use_gpu: bool) -> None:
+    """Must run before DeepSpeed is first imported in this process."""
+    if not use_gpu:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+def init_distributed(use_gpu: bool) -> None:
+    """Attach DeepSpeed's comm layer to the process group Ray Train (or a launcher) created;
+    create one from the env:// variables when there is none."""
+    set_accelerator_env(use_gpu)
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="nccl" if use_gpu else "gloo", verbose=False)
+
+
+# ---------------------------------------------------------------------------- parameters
+
+
+def named_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
+    """Distinct parameters in module order, each under its first name (a tied lm_head stays
+    under the embedding's name, as `save_pretrained` writes it)."""
+    return list(model.named_parameters(remove_duplicate=True))
+
+
+def local_range(param) -> tuple[int, int, int]:
+    """(start, stop, partition size) of this rank's flat slice of a ZeRO-3 parameter.
+
+    DeepSpeed pads each parameter to a multiple of the partition world size; rank r owns
+    elements [r·part, (r+1)·part) of the padded flat tensor, so `stop` is clipped to ds_numel
+    and the partition's tail (stop - start .. part) is padding."""
+    import deepspeed.comm as dist
+
+    part = param.ds_tensor.ds_numel
+    rank = dist.get_rank(group=param.ds_process_group)
+    start = min(part * rank, param.ds_numel)
+    stop = min(start + part, param.ds_numel)
+    return start, stop, part
+
+
+def checkpoint_name(name: str, reader: CheckpointReader) -> str:
+    if name in reader:
+        return name
+    raise KeyError(f"{reader.path}: the model's parameter {name!r} is not in the checkpoint")
+
+
+# ---------------------------------------------------------------------------- loading
+
+
+def load_zero3_model(model_dir: str | os.PathLike, ds_config: Mapping[str, Any],
+                     dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
+    """Build the HF causal LM of `model_dir` under `zero.Init` (each rank allocates only its
+    partitions) and fill every partition from the sharded safetensors, each rank reading only its
+    own slice of each tensor. Returns (model, hf_ds_config); keep the second alive while training
+    so that transformers knows ZeRO-3 is on."""
+    import deepspeed
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import initialization as hf_init
+    from transformers.integrations.deepspeed import HfDeepSpeedConfig, prevent_arange_dtype_change
+    from transformers.modeling_utils import set_zero3_state
+
+    hf_ds = HfDeepSpeedConfig(dict(ds_config))
+    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    with ExitStack() as stack:
+        # Random init is skipped: every element is overwritten from the checkpoint below.
+        stack.enter_context(hf_init.no_init_weights())
+        stack.enter_context(prevent_arange_dtype_change())
+        stack.enter_context(deepspeed.zero.Init(config_dict_or_path=dict(ds_config), dtype=dtype))
+        stack.enter_context(set_zero3_state())
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype,
+                                                 trust_remote_code=trust_remote_code)
+    with CheckpointReader(model_dir) as reader:
+        fill_partitions(model, reader)
+        fill_buffers(model, reader)
+    return model, hf_ds
+
+
+@torch.no_grad()
+def fill_partitions(model: torch.nn.Module, reader: CheckpointReader) -> None:
+    for name, p in named_parameters(model):
+        src = checkpoint_name(name, reader)
+        info = reader.info(src)
+        if tuple(info.shape) != tuple(p.ds_shape):
+            raise ValueError(f"{reader.path}: {src!r} has shape {tuple(info.shape)}, the model "
+                             f"expects {tuple(p.ds_shape)}")
+        start, stop, part = local_range(p)
+        local = p.ds_tensor.data
+        local[: stop - start].copy_(reader.read_flat(src, start, stop))
+        local[stop - start:].zero_()
+
+
+@torch.no_grad()
+def fill_buffers(model: torch.nn.Module, reader: CheckpointReader) -> None:
+    """Persistent buffers saved in the checkpoint (rare in causal LMs) are not partitioned."""
+    for name, b in model.named_buffers():
+        if name in reader:
+            b.copy_(reader.read(name))
+
+
+@torch.no_grad()
+def load_fp32_master(params: list[tuple[str, torch.nn.Parameter]], reader: CheckpointReader) -> None:
+    """Set the optimizer's fp32 master partitions to the checkpoint's values exactly.
+
+    Needed in bf16 training: the master is otherwise created from the bf16 working copy, which
+    would round every element (and break bitwise-frozen elements) before the first step."""
+    from deepspeed.utils import safe_set_local_fp32_param
+
+    for name, p in params:
+        if not p.requires_grad:
+            continue
+        start, stop, part = local_range(p)
+        value = torch.zeros(part, dtype=torch.float32)
+        value[: stop - start] = reader.read_flat(checkpoint_name(name, reader), start, stop)
+        safe_set_local_fp32_param(p, value)
+
+
+# ---------------------------------------------------------------------------- export
+
+
+def gathered_tensors(model: torch.nn.Module, dtypes: Optional[Mapping[str, torch.dtype]] = None,
+                     rank0_only: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (name, full tensor) for every parameter, all-gathered one at a time from the fp32
+    master partitions (the optimizer's exact values, not the bf16 working copy). Collective: every
+    rank must exhaust it. With `rank0_only`, other ranks get empty placeholders."""
+    import deepspeed.comm as dist
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    rank = dist.get_rank()
+    for name, p in named_parameters(model):
+        full = safe_get_full_fp32_param(p)
+        if full is None:  # not trainable: no master copy; gather the working copy instead
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters([p]):
+                full = p.data.detach().clone()
+        if rank0_only and rank != 0:
+            yield name, torch.empty(0)
+            continue
+        dt = (dtypes or {}).get(name, full.dtype)
+        yield name, full.detach().to("cpu", dtype=dt).reshape(p.ds_shape).contiguous()
+
+
+def export_hf_model(model: torch.nn.Module, out_dir: str | os.PathLike, src_dir: str | os.PathLike,
+                    max_shard_size: int, extra_files: Optional[Mapping[str, str | bytes]] = None,
+                    ) -> Optional[Path]:
+    """Write the ZeRO-3 model as an HF model directory (atomically, on rank 0), each tensor in the
+    dtype it has in `src_dir` (the model the stage started from), side files (config, tokenizer)
+    copied from `src_dir`. Collective; returns the path on rank 0, None elsewhere."""
+    import deepspeed.comm as dist
+
+    with CheckpointReader(src_dir) as reader:
+        dtypes = {n: reader.info(n).dtype for n in reader.names()}
+    tensors = gathered_tensors(model, dtypes)
+    out: Optional[Path] = None
+    if dist.get_rank() == 0:
+        out = save_model_dir(tensors, out_dir, max_shard_size, extra_files=extra_files,
+                             copy_from=src_dir)
+    else:
+        for _ in tensors:
+            pass
+    dist.barrier()
+    return out
+
+
+# ---------------------------------------------------------------------------- memory
+
+
+def partition_bytes(model: torch.nn.Module) -> int:
+    """Bytes of this rank's parameter partitions (working copy)."""
+    return sum(p.ds_tensor.numel() * p.ds_tensor.element_size() for _, p in named_parameters(model))
