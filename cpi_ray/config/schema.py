@@ -99,6 +99,12 @@ class TaskConfig(_Section):
             )
         return v
 
+    @field_validator("path")
+    @classmethod
+    def _absolute(cls, v: Optional[str]) -> Optional[str]:
+        # Resolved on the driver: Ray workers do not share its working directory.
+        return None if v is None else str(Path(v).expanduser().resolve())
+
     @field_validator("scorer")
     @classmethod
     def _scorer(cls, v: str) -> str:
@@ -250,7 +256,9 @@ class StorageConfig(_Section):
 
 
 class RayConfig(_Section):
-    address: Optional[str] = Field(None, description="None: auto-detect a cluster, else local")
+    address: Optional[str] = Field(
+        None, description="a cluster address; 'local' always starts an embedded Ray; None joins "
+        "the cluster named by RAY_ADDRESS or running on this machine, else starts a local one")
     num_cpus: Optional[int] = Field(None, ge=1, description="for a local Ray only")
     namespace: str = "cpi-ray"
 

@@ -105,15 +105,16 @@ def connect_ray(cfg: PipelineConfig) -> str:
     env = {"env_vars": {"DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "")}} \
         if os.environ.get("DS_ACCELERATOR") else None
     address = cfg.ray.address or ("auto" if os.environ.get("RAY_ADDRESS") else None)
-    if address is not None:
+    if address is not None and address != "local":
         ray.init(address=address, namespace=cfg.ray.namespace, runtime_env=env,
                  log_to_driver=True)
         return f"cluster at {address}"
-    try:
-        ray.init(address="auto", namespace=cfg.ray.namespace, runtime_env=env)
-        return "running local cluster"
-    except ConnectionError:
-        pass
+    if address is None:
+        try:
+            ray.init(address="auto", namespace=cfg.ray.namespace, runtime_env=env)
+            return "running local cluster"
+        except ConnectionError:
+            pass
     # The dashboard stays on: Ray Train needs it to start more than one worker group reliably.
     ray.init(num_cpus=cfg.ray.num_cpus, namespace=cfg.ray.namespace, runtime_env=env)
     return "embedded local Ray"

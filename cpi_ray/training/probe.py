@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -210,5 +211,8 @@ def _probe_record(out: Path) -> dict | None:
 
 
 def _short(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[-1] if text else type(e).__name__
+    """The line of a (remote, wrapped) exception that names the underlying error."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    named = [ln for ln in lines if re.search(r"\b\w*(Error|Exception)\b", ln)
+             and not ln.startswith(("File ", "Traceback", "For further"))]
+    return (named or lines or [type(e).__name__])[-1][:500]

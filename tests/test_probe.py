@@ -1,0 +1,66 @@
+"""The probe stage through real Ray Train on the tiny model, and the stage protocol's resume."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from cpi_ray.config.load import load_config
+from cpi_ray.io.safetensors_io import CheckpointReader
+from cpi_ray.pipeline.runner import run_pipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def probe_cfg(tmp_path_factory):
+    store = tmp_path_factory.mktemp("store")
+    return load_config(ROOT / "jobs" / "configs" / "smoke.yaml", [
+        f"storage.path={store}", "stages=[probe]", "tasks=[" + ",".join(
+            f"{{name: {n}, path: {ROOT / 'jobs' / 'data' / (n + '.jsonl')}, eval_size: 8}}"
+            for n in ("reverse", "upper")) + "]",
+        "probe.steps=4", "probe.batch_size=8", "probe.grad_accum=2"])
+
+
+@pytest.mark.slow
+def test_probe_trains_each_task_and_rerun_skips(ray_session, probe_cfg, tmp_path):
+    run_dir = tmp_path / "run"
+    result = run_pipeline(probe_cfg, run_dir)
+    assert [o.status for o in result.outcomes] == ["ran"]
+
+    from cpi_ray.models.loading import resolve_base_model
+    from transformers import AutoModelForCausalLM
+
+    base_dir, _ = resolve_base_model(probe_cfg)
+    base = CheckpointReader(base_dir)
+    changed = {}
+    for task in ("reverse", "upper"):
+        out = run_dir / "probes" / task
+        model = AutoModelForCausalLM.from_pretrained(out)  # loadable as a plain HF model
+        rec = json.loads((out / "probe.json").read_text())
+        assert rec["steps"] == 4 and rec["task"] == task
+        probe = CheckpointReader(out)
+        assert probe.names() == base.names()
+        diff = {n for n in base.names() if not torch.equal(probe.read(n), base.read(n))}
+        assert len(diff) > len(base.names()) // 2, "training should move most tensors"
+        assert torch.equal(model.state_dict()["model.norm.weight"], probe.read("model.norm.weight"))
+        changed[task] = probe.read("model.layers.0.mlp.up_proj.weight").clone()
+    # Two tasks, two different models.
+    assert not torch.equal(changed["reverse"], changed["upper"])
+
+    record = json.loads((run_dir / "probes" / "stage.json").read_text())
+    assert {Path(o["path"]).parts[1] for o in record["outputs"]} == {"reverse", "upper"}
+    mtime = (run_dir / "probes" / "reverse" / "probe.json").stat().st_mtime_ns
+
+    again = run_pipeline(probe_cfg, run_dir)
+    assert [o.status for o in again.outcomes] == ["skipped (up to date)"]
+    assert (run_dir / "probes" / "reverse" / "probe.json").stat().st_mtime_ns == mtime
+
+    # A changed probe recipe redoes the stage; a changed eval_size of one task retrains only it.
+    cfg2 = probe_cfg.model_copy(deep=True)
+    cfg2.tasks[1].eval_size = 9
+    third = run_pipeline(cfg2, run_dir)
+    assert [o.status for o in third.outcomes] == ["ran"]
+    assert (run_dir / "probes" / "reverse" / "probe.json").stat().st_mtime_ns == mtime
+    assert (run_dir / "probes" / "upper" / "probe.json").stat().st_mtime_ns != mtime
