@@ -1,0 +1,365 @@
+"""Stage `consolidate`: groups G1..GK in order, each a Ray Train `TorchTrainer` running DeepSpeed
+ZeRO-3 on a balanced mix of the group's tasks (plus an optional replay share of earlier groups),
+with a frozen set F_k held element-exactly (see `cpi_ray.training.freeze`).
+
+Stage k starts from `fused/` (k = 1) or from `consolidate/stage-<k-1>/` and exports
+`consolidate/stage-<k>/`: an HF sharded safetensors model plus `frozen.mask.safetensors` (F_k in
+the region-mask format) and `consolidate.json` (its fingerprint, metrics). `final/` is a copy of
+the last stage. A rerun keeps every stage whose fingerprint still matches, so an interrupted run
+resumes at the first unfinished group; inside a group, Ray Train's FailureConfig resumes from the
+latest DeepSpeed checkpoint reported with `ray.train.report`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from cpi_ray.config.schema import ConsolidateConfig, DataConfig, ModelConfig, PipelineConfig
+from cpi_ray.io.atomic import atomic_dir, read_json
+from cpi_ray.io.safetensors_io import INDEX_NAME, CheckpointReader
+from cpi_ray.pipeline.stage import RunContext, Stage, stable_hash
+from cpi_ray.regions.masks import MaskFile, write_mask_file
+
+log = logging.getLogger("cpi_ray")
+
+STAGE_RECORD = "consolidate.json"
+FROZEN_MASK = "frozen.mask.safetensors"
+_CKPT_TAG = "zero3"
+
+
+# ---------------------------------------------------------------------------- frozen sets
+
+
+def frozen_tasks(groups: list[list[str]], k: int, mode: str) -> list[str]:
+    """Tasks whose cores are frozen in stage k (0-based index into `groups`)."""
+    if mode == "none":
+        return []
+    if mode == "prior":
+        return [t for g in groups[:k] for t in g]
+    if mode == "others":
+        return [t for i, g in enumerate(groups) if i != k for t in g]
+    if mode == "all":
+        return [t for g in groups for t in g]
+    raise ValueError(f"unknown freeze mode {mode!r}")
+
+
+def union_masks(mask_paths: list[Path], names_from: Path, out: Path,
+                metadata: Optional[dict[str, str]] = None) -> int:
+    """OR the packed region masks into one mask file (tensor names and sizes of `names_from`;
+    all zeros when `mask_paths` is empty). Returns the number of frozen elements."""
+    ref = MaskFile(names_from)
+    try:
+        numels = dict(ref.numels)
+    finally:
+        ref.close()
+    acc = {n: torch.zeros((numels[n] + 7) // 8, dtype=torch.uint8) for n in numels}
+    for path in mask_paths:
+        m = MaskFile(path)
+        try:
+            for n in m.names():
+                if n not in acc or m.numels[n] != numels[n]:
+                    raise ValueError(f"{path}: tensor {n!r} does not match {names_from}")
+                acc[n] |= m.packed(n)
+        finally:
+            m.close()
+    write_mask_file(out, acc, numels, metadata)
+    m = MaskFile(out)
+    try:
+        return m.count()
+    finally:
+        m.close()
+
+
+def read_groups(path: Path) -> list[list[str]]:
+    data = read_json(path)
+    groups = data["groups"] if isinstance(data, dict) else data
+    if not groups or not all(isinstance(g, list) and g for g in groups):
+        raise ValueError(f"{path}: expected a non-empty list of non-empty task lists")
+    return [list(map(str, g)) for g in groups]
+
+
+# ---------------------------------------------------------------------------- worker
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Runs on every Ray Train worker: one consolidation stage under DeepSpeed ZeRO-3."""
+    import ray
+    import ray.train
+
+    from cpi_ray.training import zero3
+
+    # Only the sections the worker needs: task paths in the full config may be relative to the
+    # driver's working directory, which a worker does not share.
+    tc = ConsolidateConfig.model_validate(config["consolidate"])
+    data = DataConfig.model_validate(config["data"])
+    model_cfg = ModelConfig.model_validate(config["model"])
+    zero3.set_accelerator_env(tc.use_gpu)
+    import deepspeed
+
+    from cpi_ray.data.batching import iterate_batches
+    from cpi_ray.io.sizes import parse_size
+    from cpi_ray.training.freeze import ElementFreezer, check_freezable
+    from cpi_ray.training.sft import token_loss_sum
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    zero3.init_distributed(tc.use_gpu)
+    torch.manual_seed(tc.seed)
+    start_dir, out_dir = config["start_dir"], config["out_dir"]
+    device = torch.device(f"cuda:{torch.cuda.current_device()}") if tc.use_gpu else torch.device("cpu")
+
+    ds_config = zero3.build_ds_config(tc, world, tc.use_gpu)
+    mask = MaskFile(config["mask_path"])
+    frozen_total = mask.count()
+    if frozen_total:
+        check_freezable(ds_config)
+    dtype = zero3.PRECISION_DTYPES[tc.precision]
+    model, _hf_ds = zero3.load_zero3_model(start_dir, ds_config, dtype, model_cfg.trust_remote_code)
+    if hasattr(model.config, "use_cache"):
+        model.config.use_cache = False
+    params = zero3.named_parameters(model)
+    decay = [p for _, p in params if p.requires_grad and len(p.ds_shape) >= 2]
+    no_decay = [p for _, p in params if p.requires_grad and len(p.ds_shape) < 2]
+    groups = [{"params": decay, "weight_decay": tc.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    sched_fn = zero3.lr_lambda(tc.schedule, tc.steps, tc.warmup_ratio)
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model, model_parameters=groups, config=ds_config,
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, sched_fn))
+
+    with CheckpointReader(start_dir) as reader:
+        if tc.precision != "fp32":
+            zero3.load_fp32_master(params, reader)
+        freezer = ElementFreezer(params, mask if frozen_total else None, reader)
+    mask.close()
+
+    start = 0
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            _, client = engine.load_checkpoint(d, tag=_CKPT_TAG)
+        start = int(client["step"])
+        freezer.restore()
+    log.info("consolidate rank %d/%d: %d frozen elements in this partition (%d in all), "
+             "starting at step %d", rank, world, len(freezer), frozen_total, start)
+
+    micro = tc.batch_size // tc.grad_accum
+    examples = ray.get(config["examples"])
+    batches = iterate_batches(examples, micro, config["pad_id"], seed=tc.seed,
+                              packing=data.packing, rank=rank, world_size=world,
+                              max_seq_len=data.max_seq_len)
+    # A resumed run skips what the finished steps consumed, so it sees the same data.
+    for _ in range(start * tc.grad_accum):
+        next(batches)
+
+    fault = config.get("fault")
+    engine.train()
+    t0 = time.time()
+    step_times: list[float] = []
+    loss = float("nan")
+    for step in range(start, tc.steps):
+        ts = time.perf_counter()
+        mbs = [next(batches) for _ in range(tc.grad_accum)]
+        tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in mbs)
+        loss = 0.0
+        for i, b in enumerate(mbs):
+            b = {k: v.to(device) for k, v in b.items()}
+            logits = engine(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+            # Token-mean over the whole accumulated batch, as the probe trainer does.
+            lo = token_loss_sum(logits, b["labels"]) / max(tokens, 1)
+            engine.backward(lo, scale_wrt_gas=False)
+            if engine.is_gradient_accumulation_boundary():
+                freezer.zero_grads()
+            engine.step()
+            loss += float(lo.detach())
+        freezer.restore()
+        step_times.append(time.perf_counter() - ts)
+        metrics = {"step": step + 1, "loss": loss, "lr": scheduler.get_last_lr()[0],
+                   "grad_norm": float(engine.get_global_grad_norm() or 0.0),
+                   "elapsed_s": time.time() - t0}
+        if tc.checkpoint_every and (step + 1) % tc.checkpoint_every == 0 and step + 1 < tc.steps:
+            _report_checkpoint(engine, metrics, step + 1)
+        else:
+            ray.train.report(metrics)
+        if fault and step + 1 == fault["step"] and rank == fault["rank"]:
+            marker = Path(fault["marker"])
+            if not marker.exists():
+                marker.write_text("killed\n")
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    record = {
+        "fingerprint": config["fingerprint"], "stage": config["stage"],
+        "tasks": config["tasks"], "frozen_tasks": config["frozen_tasks"],
+        "freeze": tc.freeze, "frozen_elements": frozen_total, "steps": tc.steps,
+        "final_loss": loss, "resumed_at_step": start, "train_rows": len(examples), "world_size": world,
+        "step_time_s": (sum(step_times) / len(step_times)) if step_times else None,
+        "train_time_s": round(time.time() - t0, 2), "start": str(start_dir),
+    }
+    extra = None
+    if rank == 0:
+        extra = {FROZEN_MASK: Path(config["mask_path"]).read_bytes(),
+                 STAGE_RECORD: json.dumps(record, indent=2) + "\n"}
+    zero3.export_hf_model(engine.module, out_dir, start_dir, parse_size(model_cfg.max_shard_size),
+                          extra_files=extra)
+
+
+def _report_checkpoint(engine, metrics: dict, step: int) -> None:
+    """Every rank saves its ZeRO-3 partitions; Ray Train merges the ranks' directories into one
+    checkpoint in storage."""
+    import ray.train
+
+    d = tempfile.mkdtemp(prefix="cpi-z3-")
+    try:
+        engine.save_checkpoint(d, tag=_CKPT_TAG, client_state={"step": step})
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------- driver
+
+
+def fit_group(cfg: PipelineConfig, *, stage: int, tasks: list[str], frozen: list[str],
+              start_dir: Path, out_dir: Path, mask_path: Path, examples: list[dict], pad_id: int,
+              storage: Path, fingerprint: str, fault: Optional[dict] = None) -> dict:
+    """Train one group with a TorchTrainer and return its record (read back from `out_dir`)."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    tc = cfg.consolidate
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "consolidate": tc.model_dump(), "data": cfg.data.model_dump(),
+            "model": cfg.model.model_dump(), "stage": stage, "tasks": tasks, "frozen_tasks": frozen,
+            "start_dir": str(start_dir), "out_dir": str(out_dir), "mask_path": str(mask_path),
+            "examples": ray.put(examples), "pad_id": pad_id, "fingerprint": fingerprint,
+            "fault": fault,
+        },
+        torch_config=TorchConfig(backend="nccl" if tc.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
+                                     resources_per_worker={"CPU": tc.cpus_per_worker}),
+        run_config=RunConfig(name=f"consolidate-{stage}-{fingerprint}", storage_path=str(storage),
+                             failure_config=FailureConfig(max_failures=tc.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=1)),
+    )
+    trainer.fit()
+    rec = stage_record(out_dir)
+    if rec is None or rec.get("fingerprint") != fingerprint:
+        raise RuntimeError(f"consolidate stage {stage}: training finished but {out_dir} was not "
+                           "written")
+    return rec
+
+
+def stage_record(out: Path) -> Optional[dict]:
+    try:
+        return read_json(out / STAGE_RECORD)
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def group_examples(cfg: PipelineConfig, tokenizer, groups: list[list[str]], k: int,
+                   n: int) -> list[dict]:
+    """n training rows for stage k: the group's tasks balanced by their weights, and a `replay`
+    share drawn the same way from the tasks of earlier groups."""
+    from cpi_ray.data.batching import build_train_examples, mix_examples
+
+    tc = cfg.consolidate
+    earlier = [t for g in groups[:k] for t in g]
+    n_replay = int(round(tc.replay * n)) if earlier else 0
+    current = groups[k]
+    per_task = build_train_examples(cfg, tokenizer, current + earlier)
+    weights = {t: cfg.task(t).weight for t in per_task}
+    rows = mix_examples({t: per_task[t] for t in current}, weights, n - n_replay,
+                        seed=tc.seed + k)
+    if n_replay:
+        rows += mix_examples({t: per_task[t] for t in earlier}, weights, n_replay,
+                             seed=tc.seed + 1000 + k)
+    return rows
+
+
+def copy_model_dir(src: Path, dst: Path, skip: tuple[str, ...] = ()) -> Path:
+    with atomic_dir(dst) as tmp:
+        for p in src.iterdir():
+            if p.is_file() and p.name not in skip and not p.name.startswith("."):
+                shutil.copy2(p, tmp / p.name)
+    return dst
+
+
+class ConsolidateStage(Stage):
+    name = "consolidate"
+    folder = "consolidate"
+    depends = ("fuse", "groups", "regions")
+
+    def __init__(self, fault: Optional[dict] = None):
+        # Test hook: {"stage": k, "step": s, "rank": r, "marker": path} kills rank r (SIGKILL)
+        # after step s of stage k, once (the marker file records that it happened).
+        self.fault = fault
+
+    def config_slice(self, cfg: PipelineConfig) -> dict:
+        return {"consolidate": cfg.consolidate.model_dump(), "data": cfg.data.model_dump(),
+                "tasks": [t.model_dump() for t in cfg.tasks],
+                "max_shard_size": cfg.model.max_shard_size}
+
+    def run(self, ctx: RunContext) -> list[Path]:
+        from cpi_ray.models.loading import load_tokenizer
+
+        cfg, tc = ctx.cfg, ctx.cfg.consolidate
+        groups = read_groups(ctx.path("groups", "groups.json"))
+        region = {t: ctx.path("regions", f"{t}.mask.safetensors") for g in groups for t in g}
+        missing = [str(p) for p in region.values() if not p.is_file()]
+        if missing:
+            raise FileNotFoundError(f"consolidate: region masks missing: {missing}")
+        stage_fp, _ = self.fingerprint(ctx)
+        tok = load_tokenizer(ctx.path("fused"), cfg.model.trust_remote_code)
+        n_rows = tc.steps * tc.batch_size * tc.num_workers
+        start_dir, prev_fp = ctx.path("fused"), stage_fp
+        outputs: list[Path] = []
+        for k, tasks in enumerate(groups):
+            out = ctx.path("consolidate", f"stage-{k + 1}")
+            fp = stable_hash({"stage": stage_fp, "k": k, "groups": groups, "start": prev_fp})
+            frozen = frozen_tasks(groups, k, tc.freeze)
+            outputs.append(out)
+            rec = stage_record(out)
+            if rec is not None and rec.get("fingerprint") == fp and (out / INDEX_NAME).is_file():
+                log.info("consolidate stage %d: already trained, kept (%s)", k + 1, out)
+            else:
+                mask_path = ctx.path("consolidate", "masks", f"frozen-{k + 1}.mask.safetensors")
+                n_frozen = union_masks([region[t] for t in frozen], region[groups[0][0]],
+                                       mask_path, {"stage": str(k + 1), "freeze": tc.freeze,
+                                                   "tasks": ",".join(frozen)})
+                log.info("consolidate stage %d/%d: tasks %s, freeze %s (%s): %d elements",
+                         k + 1, len(groups), tasks, tc.freeze, frozen or "-", n_frozen)
+                examples = group_examples(cfg, tok, groups, k, n_rows)
+                fault = self.fault if self.fault and self.fault.get("stage") == k + 1 else None
+                rec = fit_group(cfg, stage=k + 1, tasks=tasks, frozen=frozen,
+                                start_dir=start_dir, out_dir=out, mask_path=mask_path,
+                                examples=examples, pad_id=tok.pad_token_id,
+                                storage=ctx.path("_ray"), fingerprint=fp, fault=fault)
+                log.info("consolidate stage %d: final loss %.4f, %.2fs/step", k + 1,
+                         rec["final_loss"], rec["step_time_s"] or 0.0)
+            start_dir, prev_fp = out, fp
+        final = copy_model_dir(start_dir, ctx.path("final"), skip=(FROZEN_MASK, STAGE_RECORD))
+        shutil.rmtree(ctx.path("consolidate", "masks"), ignore_errors=True)
+        return [*outputs, final]
+
+    def summary(self, ctx: RunContext) -> Optional[str]:
+        lines = []
+        for d in sorted(ctx.path("consolidate").glob("stage-*"), key=lambda p: int(p.name[6:])):
+            rec = stage_record(d)
+            if rec:
+                lines.append(f"stage {rec['stage']}: tasks {','.join(rec['tasks'])}, "
+                             f"frozen {rec['frozen_elements']} ({rec['freeze']}), "
+                             f"loss {rec['final_loss']:.4f}")
+        return "\n".join(lines) or None
