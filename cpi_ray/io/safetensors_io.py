@@ -239,6 +239,7 @@ def write_shard(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor],
     try:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp),
                   metadata={"format": "pt", **(metadata or {})})
+        os.chmod(tmp, 0o644)  # readable by the other users of a shared cluster volume
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
