@@ -104,6 +104,8 @@ def test_to_json_safe():
 def test_task_identity_follows_file_content(tmp_path):
     p = _jsonl(tmp_path / "t.jsonl", ROWS)
     before = task_identity(_task(p))
+    moved = _jsonl(tmp_path / "moved.jsonl", ROWS)
+    assert task_identity(_task(moved)) == before
     _jsonl(p, ROWS[:-1])
     assert task_identity(_task(p)) != before
 
@@ -231,6 +233,9 @@ def test_module_function_scorers(tmp_path, monkeypatch):
     p = _jsonl(tmp_path / "x.jsonl", [ROW])
     ci = get_scorer(_task(p, scorer="cpi_ray.data.scorers:exact_match_ignore_case"))
     assert ci(" CBA ", ROW) == 1.0 and ci("abc", ROW) == 0.0
+    ca = get_scorer(_task(p, scorer="cpi_ray.data.scorers:char_accuracy"))
+    assert ca("cba", ROW) == 1.0 and ca("cxa", ROW) == pytest.approx(2 / 3)
+    assert ca("cbaaa", ROW) == pytest.approx(3 / 5) and ca("", ROW) == 0.0
     (tmp_path / "my_scorers.py").write_text(textwrap.dedent("""
         def prefix(prediction, row):
             return sum(a == b for a, b in zip(prediction, row["answer"])) / len(row["answer"])

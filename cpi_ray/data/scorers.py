@@ -3,7 +3,7 @@
 `exact_match` compares the stripped prediction with the stripped answer, case-sensitively;
 `reasoning_gym` asks the generating dataset's own `score_answer(answer, entry)`; any other value
 `module:function` names a callable with the same signature (e.g.
-`cpi_ray.data.scorers:exact_match_ignore_case`).
+`cpi_ray.data.scorers:exact_match_ignore_case` or `cpi_ray.data.scorers:char_accuracy`).
 """
 
 from __future__ import annotations
@@ -25,6 +25,15 @@ Scorer = Callable[[str, dict], float]
 
 def exact_match_ignore_case(prediction: str, row: dict) -> float:
     return float(prediction.strip().casefold() == str(row["answer"]).strip().casefold())
+
+
+def char_accuracy(prediction: str, row: dict) -> float:
+    """Partial credit: characters equal at the same position over the longer of prediction and
+    answer (both stripped). Shows a small model's progress long before exact matches do."""
+    pred, ans = prediction.strip(), str(row["answer"]).strip()
+    if not pred and not ans:
+        return 1.0
+    return sum(a == b for a, b in zip(pred, ans)) / max(len(pred), len(ans))
 
 
 def get_scorer(task: TaskConfig) -> Scorer:

@@ -213,4 +213,5 @@ def task_identity(task: TaskConfig) -> dict:
             while chunk := f.read(2**20):
                 h.update(chunk)
         ident["file_sha256"] = h.hexdigest()
+        del ident["path"]  # the content is what matters: a moved checkout keeps its results
     return ident
