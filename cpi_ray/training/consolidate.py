@@ -308,8 +308,10 @@ class ConsolidateStage(Stage):
         self.fault = fault
 
     def config_slice(self, cfg: PipelineConfig) -> dict:
+        from cpi_ray.data.tasks import task_identity
+
         return {"consolidate": cfg.consolidate.model_dump(), "data": cfg.data.model_dump(),
-                "tasks": [t.model_dump() for t in cfg.tasks],
+                "tasks": [task_identity(t) for t in cfg.tasks],
                 "max_shard_size": cfg.model.max_shard_size}
 
     def run(self, ctx: RunContext) -> list[Path]:
