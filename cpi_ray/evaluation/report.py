@@ -1,0 +1,269 @@
+"""The run report: `report/report.md`, `report/index.html` and PNG plots, built from what the
+stages recorded (`eval/scores.json`, `groups/*.json`, `regions/stats.json`).
+
+Plots: the Jaccard overlap heatmap with the groups marked, where the cores live (by layer and by
+module type), per-task scores of every model, and the seesaw chart (each model's per-task change
+against that task's single-task expert). The HTML references the PNGs by relative path, so it
+reads in a browser straight from disk.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+from pathlib import Path
+from typing import Any, Optional
+
+from cpi_ray.io.atomic import atomic_dir
+
+REPORT_DIR = "report"
+
+
+def _load(path: Path) -> Optional[Any]:
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def expert_scores(scores: dict[str, dict[str, float]], tasks: list[str]) -> dict[str, float]:
+    """Each task's single-task expert score: its own probe on its own eval split."""
+    return {t: scores[f"probe:{t}"][t] for t in tasks if f"probe:{t}" in scores}
+
+
+def seesaw(scores: dict[str, dict[str, float]], tasks: list[str]) -> dict[str, dict[str, float]]:
+    """Per model (not the probes), per task: score minus the task's expert score."""
+    experts = expert_scores(scores, tasks)
+    return {m: {t: s[t] - experts[t] for t in tasks if t in experts and t in s}
+            for m, s in scores.items() if not m.startswith("probe:")}
+
+
+def summarize(scores: dict[str, dict[str, float]], tasks: list[str]) -> dict[str, dict[str, float]]:
+    out = {}
+    for m, s in scores.items():
+        vals = [s[t] for t in tasks if t in s and not math.isnan(s[t])]
+        out[m] = {"avg": sum(vals) / len(vals) if vals else float("nan"),
+                  "worst": min(vals) if vals else float("nan")}
+    return out
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def scores_table(scores: dict[str, dict[str, float]], tasks: list[str]) -> tuple[list[str], list[list[str]]]:
+    summ = summarize(scores, tasks)
+    header = ["model", *tasks, "avg", "worst"]
+    rows = [[m, *(f"{s.get(t, float('nan')):.1f}" for t in tasks), f"{summ[m]['avg']:.1f}",
+             f"{summ[m]['worst']:.1f}"] for m, s in scores.items()]
+    return header, rows
+
+
+# ---------------------------------------------------------------------------------- plots
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_overlap(names: list[str], matrix: list[list[float]], groups: list[list[str]], out: Path) -> None:
+    plt = _plt()
+    n = len(names)
+    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * n, 1.0 + 0.8 * n))
+    im = ax.imshow(matrix, vmin=0, vmax=1, cmap="viridis")
+    ax.set_xticks(range(n), names, rotation=45, ha="right")
+    ax.set_yticks(range(n), names)
+    for i in range(n):
+        for j in range(n):
+            v = matrix[i][j]
+            ax.text(j, i, f"{v:.2f}", ha="center", va="center",
+                    color="black" if v > 0.6 else "white", fontsize=8)
+    # Outline each group's block (tasks of a group are contiguous once rows follow group order).
+    pos = {t: i for i, t in enumerate(names)}
+    for gi, g in enumerate(groups):
+        idx = sorted(pos[t] for t in g if t in pos)
+        if idx and idx == list(range(idx[0], idx[-1] + 1)):
+            ax.add_patch(plt.Rectangle((idx[0] - 0.5, idx[0] - 0.5), len(idx), len(idx),
+                                       fill=False, edgecolor="red", linewidth=2))
+    fig.colorbar(im, ax=ax, label="Jaccard overlap of cores")
+    ax.set_title("Core overlap (red: task groups)")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def plot_core_locations(stats: dict[str, dict], out: Path) -> bool:
+    plt = _plt()
+    tasks = [t for t, s in stats.items() if isinstance(s, dict) and s.get("by_layer")]
+    if not tasks:
+        return False
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    for t in tasks:
+        by_layer = stats[t]["by_layer"]
+        keys = sorted(by_layer, key=_layer_key)
+        axes[0].plot(range(len(keys)), [by_layer[k] for k in keys], marker=".", label=t)
+    keys = sorted(stats[tasks[0]]["by_layer"], key=_layer_key)
+    axes[0].set_xticks(range(len(keys)), keys, rotation=90, fontsize=7)
+    axes[0].set_ylabel("core elements")
+    axes[0].set_title("cores by layer")
+    axes[0].legend(fontsize=8)
+    modules = sorted({m for t in tasks for m in stats[t].get("by_module", {})})
+    width = 0.8 / len(tasks)
+    for i, t in enumerate(tasks):
+        bm = stats[t].get("by_module", {})
+        axes[1].bar([j + i * width for j in range(len(modules))], [bm.get(m, 0) for m in modules],
+                    width, label=t)
+    axes[1].set_xticks([j + 0.4 - width / 2 for j in range(len(modules))], modules, rotation=45,
+                       ha="right", fontsize=8)
+    axes[1].set_title("cores by module type")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def _layer_key(k: str):
+    return (0, int(k)) if str(k).isdigit() else (1, str(k))
+
+
+def plot_scores(scores: dict[str, dict[str, float]], tasks: list[str], out: Path) -> None:
+    plt = _plt()
+    models = list(scores)
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(tasks) + 0.4 * len(models)), 4))
+    width = 0.8 / max(len(models), 1)
+    for i, m in enumerate(models):
+        ax.bar([j + i * width for j in range(len(tasks))],
+               [scores[m].get(t, float("nan")) for t in tasks], width, label=m)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(tasks))], tasks)
+    ax.set_ylabel("score (0-100)")
+    ax.set_title("per-task scores")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def plot_seesaw(deltas: dict[str, dict[str, float]], tasks: list[str], out: Path) -> bool:
+    if not deltas or not any(deltas.values()):
+        return False
+    plt = _plt()
+    models = list(deltas)
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(tasks) + 0.4 * len(models)), 4))
+    width = 0.8 / len(models)
+    for i, m in enumerate(models):
+        ax.bar([j + i * width for j in range(len(tasks))],
+               [deltas[m].get(t, float("nan")) for t in tasks], width, label=m)
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(tasks))], tasks)
+    ax.set_ylabel("score minus the task's expert")
+    ax.set_title("seesaw: change against each task's single-task expert")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return True
+
+
+# ---------------------------------------------------------------------------------- report
+
+
+def build_report(run_dir: str | Path, extra_sections: Optional[list[tuple[str, str]]] = None) -> Path:
+    """Write `report/` from the run's records; returns its path. `extra_sections` are
+    (title, markdown) pairs, e.g. the forgetting table of the baselines."""
+    run_dir = Path(run_dir)
+    scores_doc = _load(run_dir / "eval" / "scores.json") or {}
+    overlap = _load(run_dir / "groups" / "overlap.json")
+    groups_doc = _load(run_dir / "groups" / "groups.json")
+    stats = _load(run_dir / "regions" / "stats.json")
+    tasks: list[str] = scores_doc.get("tasks", [])
+    scores: dict[str, dict[str, float]] = scores_doc.get("scores", {})
+    groups = _groups_list(groups_doc)
+
+    md: list[str] = ["# CPI-FT run report", "", f"Run directory: `{run_dir}`", ""]
+    figures: list[tuple[str, str]] = []
+    with atomic_dir(run_dir / REPORT_DIR) as out:
+        if scores:
+            header, rows = scores_table(scores, tasks)
+            md += ["## Per-task scores", "", markdown_table(header, rows), ""]
+            plot_scores(scores, tasks, out / "scores.png")
+            figures.append(("Per-task scores", "scores.png"))
+            deltas = seesaw(scores, tasks)
+            if deltas and any(deltas.values()):
+                md += ["## Seesaw: change against each task's expert", "",
+                       markdown_table(["model", *tasks], [[m, *(f"{d.get(t, float('nan')):+.1f}" for t in tasks)]
+                                                          for m, d in deltas.items()]), ""]
+                if plot_seesaw(deltas, tasks, out / "seesaw.png"):
+                    figures.append(("Seesaw", "seesaw.png"))
+        if overlap:
+            names, matrix = overlap["tasks"], overlap["matrix"]
+            order = [t for g in groups for t in g if t in names] + [t for t in names if not any(t in g for g in groups)]
+            idx = [names.index(t) for t in order]
+            reordered = [[matrix[i][j] for j in idx] for i in idx]
+            plot_overlap(order, reordered, groups, out / "overlap.png")
+            figures.append(("Core overlap", "overlap.png"))
+            md += ["## Core overlap (Jaccard) and groups", "",
+                   markdown_table(["", *names], [[a, *(f"{v:.3f}" for v in row)] for a, row in zip(names, matrix)]),
+                   "", "Groups, in training order: " + " → ".join("{" + ", ".join(g) + "}" for g in groups), ""]
+        if stats and plot_core_locations(stats, out / "cores.png"):
+            figures.append(("Where the cores live", "cores.png"))
+        for title, body in extra_sections or []:
+            md += [f"## {title}", "", body, ""]
+        md += ["## Figures", ""] + [f"![{t}]({f})" for t, f in figures] if figures else []
+        (out / "report.md").write_text("\n".join(md) + "\n")
+        (out / "index.html").write_text(_html(md))
+    return run_dir / REPORT_DIR
+
+
+def _groups_list(doc: Any) -> list[list[str]]:
+    if isinstance(doc, dict):
+        doc = doc.get("groups", [])
+    return [list(g) for g in doc or []]
+
+
+def _html(md_lines: list[str]) -> str:
+    """A small, dependency-free rendering of our own markdown (headings, tables, images, text)."""
+    body: list[str] = []
+    table: list[list[str]] = []
+
+    def flush_table() -> None:
+        if not table:
+            return
+        head, *rows = table
+        body.append("<table><thead><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in head)
+                    + "</tr></thead><tbody>" + "".join(
+                        "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows)
+                    + "</tbody></table>")
+        table.clear()
+
+    for line in "\n".join(md_lines).splitlines():
+        if line.startswith("|"):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            if not all(set(c) <= {"-"} for c in cells):
+                table.append(cells)
+            continue
+        flush_table()
+        if line.startswith("## "):
+            body.append(f"<h2>{html.escape(line[3:])}</h2>")
+        elif line.startswith("# "):
+            body.append(f"<h1>{html.escape(line[2:])}</h1>")
+        elif line.startswith("!["):
+            alt, src = line[2:].split("](", 1)
+            body.append(f'<figure><img src="{html.escape(src.rstrip(")"))}" alt="{html.escape(alt)}">'
+                        f"<figcaption>{html.escape(alt)}</figcaption></figure>")
+        elif line.strip():
+            body.append(f"<p>{html.escape(line).replace('`', '')}</p>")
+    flush_table()
+    style = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
+             "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;"
+             "text-align:right}td:first-child,th:first-child{text-align:left}"
+             "img{max-width:100%}figure{margin:1.5em 0}")
+    return ("<!doctype html><html><head><meta charset='utf-8'><title>CPI-FT run report</title>"
+            f"<style>{style}</style></head><body>" + "\n".join(body) + "</body></html>\n")

@@ -1,0 +1,42 @@
+import json
+
+from cpi_ray.evaluation.report import build_report, expert_scores, seesaw, summarize
+
+
+def _write(p, obj):
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(json.dumps(obj))
+
+
+def test_seesaw_and_summary_numbers():
+    scores = {"base": {"a": 10.0, "b": 20.0}, "probe:a": {"a": 50.0, "b": 5.0},
+              "probe:b": {"a": 0.0, "b": 40.0}, "final": {"a": 45.0, "b": 42.0}}
+    assert expert_scores(scores, ["a", "b"]) == {"a": 50.0, "b": 40.0}
+    d = seesaw(scores, ["a", "b"])
+    assert d == {"base": {"a": -40.0, "b": -20.0}, "final": {"a": -5.0, "b": 2.0}}
+    s = summarize(scores, ["a", "b"])
+    assert s["final"] == {"avg": 43.5, "worst": 42.0} and s["probe:a"]["worst"] == 5.0
+
+
+def test_report_files(tmp_path):
+    _write(tmp_path / "eval" / "scores.json", {
+        "tasks": ["a", "b", "c"],
+        "scores": {"base": {"a": 1, "b": 2, "c": 3}, "probe:a": {"a": 60, "b": 1, "c": 2},
+                   "probe:b": {"a": 3, "b": 70, "c": 4}, "probe:c": {"a": 1, "b": 1, "c": 30},
+                   "final": {"a": 55, "b": 66, "c": 31}}})
+    _write(tmp_path / "groups" / "overlap.json",
+           {"tasks": ["a", "b", "c"], "matrix": [[1, 0.3, 0], [0.3, 1, 0.05], [0, 0.05, 1]]})
+    _write(tmp_path / "groups" / "groups.json", {"groups": [["c"], ["a", "b"]]})
+    _write(tmp_path / "regions" / "stats.json", {
+        t: {"k": 10, "by_layer": {"0": 4, "1": 6, "embed": 0}, "by_module": {"q_proj": 3, "mlp.up_proj": 7}}
+        for t in "abc"})
+    out = build_report(tmp_path, extra_sections=[("Forgetting", "| x |\n|---|\n| 1 |")])
+    for f in ("report.md", "index.html", "scores.png", "seesaw.png", "overlap.png", "cores.png"):
+        assert (out / f).stat().st_size > 200, f
+    md = (out / "report.md").read_text()
+    assert "| final | 55.0 | 66.0 | 31.0 | 50.7 | 31.0 |" in md
+    assert "| final | -5.0 | -4.0 | +1.0 |" in md
+    assert "{c} → {a, b}" in md and "## Forgetting" in md
+    page = (out / "index.html").read_text()
+    assert '<img src="overlap.png"' in page and "<td>final</td>" in page
+    assert (out / "scores.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
