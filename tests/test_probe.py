@@ -64,3 +64,44 @@ def test_probe_trains_each_task_and_rerun_skips(ray_session, probe_cfg, tmp_path
     assert [o.status for o in third.outcomes] == ["ran"]
     assert (run_dir / "probes" / "reverse" / "probe.json").stat().st_mtime_ns == mtime
     assert (run_dir / "probes" / "upper" / "probe.json").stat().st_mtime_ns != mtime
+
+
+class _Touch:
+    """A minimal stage writing one file, to test the protocol without training anything."""
+
+    def __new__(cls, payload: bytes):
+        from cpi_ray.pipeline.stage import Stage
+
+        class Writer(Stage):
+            name = "probe"
+            folder = "probes"
+            runs = 0
+
+            def config_slice(self, cfg):
+                return {"payload": payload.hex()}
+
+            def run(self, ctx):
+                Writer.runs += 1
+                out = ctx.path("probes", "x.bin")
+                out.write_bytes(payload)
+                return [out]
+
+        return Writer()
+
+
+def test_stage_record_verifies_outputs(tmp_path, probe_cfg, caplog):
+    from cpi_ray.pipeline.stage import RunContext
+
+    ctx = RunContext(cfg=probe_cfg, run_dir=tmp_path, base_model_dir=tmp_path, base_model_id="b")
+    stage = _Touch(b"abcdef")
+    rec, ran = stage.execute(ctx)
+    assert ran and rec["outputs"][0]["bytes"] == 6 and len(rec["outputs"][0]["sha256"]) == 64
+    assert stage.execute(ctx)[1] is False
+    # Same size, different content: the checksum catches it and the stage is redone.
+    (tmp_path / "probes" / "x.bin").write_bytes(b"abcdeX")
+    with caplog.at_level("WARNING", logger="cpi_ray"):
+        assert stage.execute(ctx)[1] is True
+    assert "fails its sha256 check" in caplog.text
+    assert (tmp_path / "probes" / "x.bin").read_bytes() == b"abcdef"
+    # A changed config slice redoes it too.
+    assert _Touch(b"other").execute(ctx)[1] is True

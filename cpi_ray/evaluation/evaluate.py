@@ -220,7 +220,11 @@ class EvaluateStage(Stage):
                                             "prediction": r["predictions"][i],
                                             "answer": answer_text(task, row),
                                             "score": r["row_scores"][i]}) + "\n")
-        return [out_dir / SCORES_NAME, out_dir / PREDICTIONS_NAME]
+        from cpi_ray.evaluation.report import build_report
+
+        report = build_report(ctx.run_dir)
+        log.info("evaluate: report written to %s", report / "index.html")
+        return [out_dir / SCORES_NAME, out_dir / PREDICTIONS_NAME, report]
 
     def summary(self, ctx: RunContext) -> Optional[str]:
         try:

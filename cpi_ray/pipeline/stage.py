@@ -115,10 +115,17 @@ class Stage(ABC):
             return None
         for out in rec.get("outputs", []):
             p = ctx.path(out["path"])
-            if not p.is_file() or p.stat().st_size != out["bytes"]:
-                log.warning("stage %s: output %s is missing or changed; redoing the stage",
-                            self.name, out["path"])
-                return None
+            if not p.is_file():
+                problem = "is missing"
+            elif p.stat().st_size != out["bytes"]:
+                problem = f"has {p.stat().st_size} bytes, the record says {out['bytes']}"
+            elif file_sha256(p) != out["sha256"]:
+                problem = "fails its sha256 check"
+            else:
+                continue
+            log.warning("stage %s: output %s %s; redoing the stage", self.name, out["path"],
+                        problem)
+            return None
         return rec
 
     def execute(self, ctx: RunContext) -> tuple[dict, bool]:
