@@ -1,0 +1,140 @@
+"""Pure top-k protocol, no Ray: exact k, flat-index tie-break, every fallback path."""
+
+import numpy as np
+import pytest
+import torch
+
+from cpi_ray.regions.topk import (
+    HIST_SHIFT,
+    MAX_FINITE_KEY,
+    all_finite,
+    core_size,
+    float_to_key,
+    key_to_float,
+    keys_of,
+    run_in_memory,
+    sample_interval,
+    unit_keys,
+)
+
+
+def ref_mask(scores: np.ndarray, k: int) -> np.ndarray:
+    """Independent reference: stable sort by descending score keeps equal scores in flat order."""
+    order = np.argsort(-scores.astype(np.float64), kind="stable")
+    m = np.zeros(len(scores), dtype=bool)
+    m[order[:k]] = True
+    return m
+
+
+def split(t: torch.Tensor, cuts):
+    return list(torch.tensor_split(t, cuts))
+
+
+@pytest.mark.parametrize("budget", [1, 50, 1 << 20])
+@pytest.mark.parametrize("kind", ["ties", "uniform", "zeros", "few_values"])
+def test_exact_k_with_ties(kind, budget):
+    g = torch.Generator().manual_seed(3)
+    n = 1501
+    s = {
+        "ties": torch.randint(0, 40, (n,), generator=g).float() / 8,
+        "uniform": torch.rand(n, generator=g),
+        "zeros": torch.zeros(n),
+        "few_values": torch.tensor([0.5, 0.25])[torch.randint(0, 2, (n,), generator=g)],
+    }[kind]
+    chunks = split(keys_of(s), [7, 800, 801, 1200])
+    for k in [0, 1, 9, 700, n - 1, n]:
+        masks, solver = run_in_memory(chunks, [1] * len(chunks), k, max_candidates=budget,
+                                      block_units=200)
+        got = np.concatenate(masks)
+        assert got.sum() == k
+        np.testing.assert_array_equal(got, ref_mask(s.numpy(), k))
+        if 0 < k:
+            # the threshold is the k-th largest score exactly
+            assert solver.threshold == float(np.sort(s.numpy())[::-1][k - 1])
+
+
+def test_fallback_paths_are_taken_and_exact():
+    g = torch.Generator().manual_seed(0)
+    s = torch.rand(4000, generator=g)
+    s[1000:3000] = 0.3  # a flood of equal scores at the threshold
+    chunks = split(keys_of(s), [500, 1500, 2500])
+    k = 1500
+    # a sample that sees only the top: the first interval misses
+    masks, solver = run_in_memory(chunks, [1] * 4, k, max_candidates=100,
+                                  sample=np.array([0, 1, 2]))
+    assert solver.passes[0] == "scan" and "quota" in solver.passes
+    got = np.concatenate(masks)
+    np.testing.assert_array_equal(got, ref_mask(s.numpy(), k))
+    # with a budget the ties fit in: resolved from candidates, no quota pass
+    masks, solver = run_in_memory(chunks, [1] * 4, k, max_candidates=10_000)
+    assert "quota" not in solver.passes
+    np.testing.assert_array_equal(np.concatenate(masks), ref_mask(s.numpy(), k))
+
+
+def test_refine_within_bucket():
+    # many distinct values inside one 16-bit bucket: the hist pass on the low bits is needed
+    base = float_to_key(1.0)
+    keys = torch.arange(base, base + 20000, dtype=torch.int32)[torch.randperm(20000)]
+    assert int(keys.max()) >> HIST_SHIFT == base >> HIST_SHIFT
+    s = keys.view(torch.float32)
+    chunks = split(keys, [3333, 10000])
+    masks, solver = run_in_memory(chunks, [1] * 3, 777, max_candidates=64,
+                                  sample=np.array([5]))
+    assert "hist" in solver.passes
+    np.testing.assert_array_equal(np.concatenate(masks), ref_mask(s.numpy(), 777))
+
+
+def test_weighted_units_prefix_rule():
+    # rows of different lengths: the longest prefix of the ranking with weight <= k
+    g = torch.Generator().manual_seed(1)
+    a = torch.rand(10, generator=g)  # 10 rows of 7 elements
+    b = torch.rand(30, generator=g)  # 30 rows of 1 element
+    b[4] = a[2]  # a cross-tensor tie, broken by the global index (a's row comes first)
+    for k in [0, 6, 7, 50, 100, 370]:
+        masks, _ = run_in_memory([keys_of(a), keys_of(b)], [7, 1], k, max_candidates=4,
+                                 block_units=8)
+        scores = np.concatenate([a.numpy(), b.numpy()])
+        w = np.array([7] * 10 + [1] * 30)
+        order = np.argsort(-scores.astype(np.float64), kind="stable")
+        want = np.zeros(40, dtype=bool)
+        used = 0
+        for i in order:
+            if used + w[i] > k:
+                break
+            want[i] = True
+            used += w[i]
+        np.testing.assert_array_equal(np.concatenate(masks), want)
+
+
+def test_unit_keys_rows_and_finiteness():
+    s = torch.tensor([1.0, 2.0, 3.0, 4.0, 0.0, 0.5])
+    rows = unit_keys(s, 3)
+    assert [key_to_float(int(x)) for x in rows] == [2.0, 1.5]
+    assert all_finite(keys_of(s))
+    for bad in [float("nan"), float("inf"), -1.0, -0.0]:
+        t = s.clone()
+        t[2] = bad
+        assert not all_finite(keys_of(t)), bad
+    assert float_to_key(float("inf")) == MAX_FINITE_KEY + 1
+
+
+def test_core_size_is_floor_on_the_decimal_p():
+    assert core_size(1, 100) == 1
+    assert core_size(1, 99) == 0
+    assert core_size(7, 100) == 7
+    assert core_size(0.07, 10000) == 7  # 0.07*10000/100 in floats is 6.999...
+    assert core_size(100, 12345) == 12345
+    assert core_size(1.1, 1000) == 11
+
+
+def test_sample_interval_brackets_the_kth_value():
+    g = torch.Generator().manual_seed(2)
+    s = torch.rand(200_000, generator=g) ** 3
+    keys = keys_of(s).numpy()
+    k = 2000
+    samp = keys[::50]
+    lo, hi = sample_interval(samp, np.ones(len(samp)), k, len(keys), max_candidates=4000)
+    kth = np.sort(keys)[::-1][k - 1]
+    assert lo <= kth <= hi
+    inside = ((keys >= lo) & (keys <= hi)).sum()
+    assert inside <= 8000  # about the budget's share, not the whole model
