@@ -1,0 +1,298 @@
+"""Stages `regions` (exact global top-p% core of each task, on Ray Data) and `groups` (Jaccard
+overlap of the cores and the ordered task groups), plus the readers later stages use."""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from cpi_ray.config.schema import PipelineConfig
+from cpi_ray.io.atomic import atomic_file, read_json, write_json
+from cpi_ray.io.safetensors_io import CheckpointError, CheckpointReader
+from cpi_ray.pipeline.stage import RunContext, Stage
+from cpi_ray.regions.grouping import connected_components, order_groups
+from cpi_ray.regions.masks import MaskFile, popcount, write_mask_file
+from cpi_ray.regions.overlap import jaccard, mask_intersections
+from cpi_ray.regions.plan import check_compatible, plan_chunks, scored_tensors
+from cpi_ray.regions.ray_ops import ChunkReader, densify, run_pass, sample_keys
+from cpi_ray.regions.scores import needs_fisher
+from cpi_ray.regions.topk import HIST_BINS, HIST_SHIFT, ChunkMeta, TopKSolver, core_size
+
+log = logging.getLogger("cpi_ray")
+
+MASK_SUFFIX = ".mask.safetensors"
+HIST_FILE = "histograms.npz"
+STATS_FILE = "stats.json"
+
+
+# --------------------------------------------------------------------------- paths and readers
+
+
+def mask_path(run_dir: str | Path, task: str) -> Path:
+    return Path(run_dir) / "regions" / f"{task}{MASK_SUFFIX}"
+
+
+def load_mask(run_dir: str | Path, task: str) -> MaskFile:
+    """The task's core mask. Tensors that were not scored are absent: they hold no core."""
+    return MaskFile(mask_path(run_dir, task))
+
+
+def load_region_stats(run_dir: str | Path) -> dict:
+    return read_json(Path(run_dir) / "regions" / STATS_FILE)
+
+
+def load_histogram(run_dir: str | Path, task: str) -> np.ndarray:
+    """The task's score histogram: bin b counts the scored elements whose float32 score has bit
+    pattern >> 15 == b, i.e. lies in [bin_floor(b), bin_floor(b + 1)). With it, k for any p maps
+    to the one bin holding the new threshold (`threshold_bin`)."""
+    with np.load(Path(run_dir) / "regions" / HIST_FILE) as z:
+        return z[task]
+
+
+def bin_floor(b: int) -> float:
+    from cpi_ray.regions.topk import key_to_float
+
+    return key_to_float(int(b) << HIST_SHIFT)
+
+
+def threshold_bin(hist: np.ndarray, k: int) -> tuple[int, int]:
+    """(bin holding the k-th largest score, number of elements in the bins above it)."""
+    return TopKSolver._bucket(hist, k)
+
+
+def load_groups(run_dir: str | Path) -> list[list[str]]:
+    return [list(g) for g in read_json(Path(run_dir) / "groups" / "groups.json")]
+
+
+def load_overlap(run_dir: str | Path) -> dict:
+    return read_json(Path(run_dir) / "groups" / "overlap.json")
+
+
+def fisher_dir(run_dir: str | Path, task: str) -> Path:
+    """Where the probe stage saves the task's diagonal Fisher (for `regions.score` fisher and
+    delta_fisher): sharded safetensors named like the model's tensors."""
+    return Path(run_dir) / "probes" / task / "fisher"
+
+
+# --------------------------------------------------------------------------- where cores live
+
+_LAYER_RE = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
+
+
+def layer_of(name: str) -> str:
+    m = _LAYER_RE.search(name)
+    return f"layer.{int(m.group(1))}" if m else "other"
+
+
+def module_of(name: str) -> str:
+    parts = name.split(".")
+    if len(parts) >= 2 and parts[-1] in ("weight", "bias"):
+        return parts[-2]
+    return parts[-1]
+
+
+# --------------------------------------------------------------------------- stage: regions
+
+
+def _ensure_ray(cfg: PipelineConfig) -> None:
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=cfg.ray.address, num_cpus=cfg.ray.num_cpus,
+                 namespace=cfg.ray.namespace, include_dashboard=False)
+
+
+class RegionsStage(Stage):
+    name = "regions"
+    folder = "regions"
+    depends = ("probe",)
+    version = 1
+
+    def config_slice(self, cfg: PipelineConfig) -> dict:
+        r = cfg.regions
+        # chunking, actors and the candidate budget change the work, never the masks
+        return {"p": r.p, "score": r.score, "granularity": r.granularity,
+                "include": list(r.include), "exclude": list(r.exclude),
+                "tasks": [t.name for t in cfg.tasks]}
+
+    def run(self, ctx: RunContext) -> list[Path]:
+        out_dir = ctx.path("regions")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        tasks = ctx.task_names()
+        for t in tasks:  # no stale mask may outlive a failed rerun
+            mask_path(ctx.run_dir, t).unlink(missing_ok=True)
+        res = compute_regions(
+            ctx.cfg, ctx.base_model_dir, {t: ctx.path("probes", t) for t in tasks},
+            out_dir,
+            fisher_dirs=({t: fisher_dir(ctx.run_dir, t) for t in tasks}
+                         if needs_fisher(ctx.cfg.regions.score) else None),
+        )
+        return res
+
+    def summary(self, ctx: RunContext) -> Optional[str]:
+        st = load_region_stats(ctx.run_dir)
+        return "\n".join(
+            f"{t}: k={s['k']} of D={s['D']} (p={s['p']}%), threshold {s['threshold']:.3e}"
+            if s["threshold"] is not None else f"{t}: k={s['k']} of D={s['D']}"
+            for t, s in st["tasks"].items()
+        )
+
+
+def compute_regions(cfg: PipelineConfig, base_dir: str | Path, probe_dirs: dict[str, Path],
+                    out_dir: str | Path, fisher_dirs: Optional[dict[str, Path]] = None,
+                    block_elems: Optional[int] = None) -> list[Path]:
+    """Masks, stats and histograms of every task into `out_dir`; returns the written paths.
+    Nothing is written unless every input is valid."""
+    from cpi_ray.regions.ray_ops import DEFAULT_BLOCK_ELEMS
+
+    rc = cfg.regions
+    out_dir = Path(out_dir)
+    t0 = time.time()
+    base = CheckpointReader(base_dir)
+    tensors = scored_tensors(base, rc.include, rc.exclude, rc.granularity)
+    tasks = list(probe_dirs)
+    for t in tasks:  # structure first: a bad probe fails before any work
+        check_compatible(base, CheckpointReader(probe_dirs[t]), base.names(), f"probe {t!r}")
+        if fisher_dirs:
+            check_compatible(base, CheckpointReader(fisher_dirs[t]),
+                             [x.name for x in tensors], f"Fisher of {t!r}")
+    chunks = plan_chunks(base, tensors, rc.chunk_mib * 2**20)
+    total = sum(x.numel for x in tensors)
+    k = core_size(rc.p, total)
+    metas = [ChunkMeta(c.idx, c.units, c.unit_len, c.unit_offset) for c in chunks]
+    budget = rc.max_candidates
+    solvers = {t: TopKSolver(metas, k, total, budget) for t in tasks}
+    reader = ChunkReader(str(base_dir), {t: str(d) for t, d in probe_dirs.items()}, rc.score,
+                         {t: str(d) for t, d in (fisher_dirs or {}).items()})
+    requests = {}
+    for t in tasks:
+        sk, sw = sample_keys(reader, chunks, t) if not solvers[t].trivial else ([], [])
+        requests[t] = solvers[t].start(np.asarray(sk), np.asarray(sw))
+    reader.release()
+    t_plan = time.time() - t0
+    _ensure_ray(cfg)
+    npass = 0
+    while requests:
+        npass += 1
+        caps = {t: solvers[t].cap(0) for t in requests}
+        for idx, res in run_pass(chunks, str(base_dir), probe_dirs, requests, caps, rc.score,
+                                 fisher_dirs, rc.num_actors, block_elems or DEFAULT_BLOCK_ELEMS):
+            for t, r in res.items():
+                solvers[t].add(idx, densify(r, HIST_BINS))
+        nxt = {}
+        for t in requests:
+            req = solvers[t].end_pass()
+            if req is not None:
+                nxt[t] = req
+        requests = nxt
+    t_select = time.time() - t0 - t_plan
+
+    written: list[Path] = []
+    stats: dict[str, dict] = {}
+    by_name = {x.name: x for x in tensors}
+    for t in tasks:
+        packed, per_tensor = _assemble(solvers[t], chunks, tensors)
+        count = sum(per_tensor.values())
+        if rc.granularity == "element" and count != k:
+            raise RuntimeError(f"task {t!r}: selected {count} elements, expected k={k}")
+        thr = solvers[t].threshold
+        meta = {"task": t, "p": repr(float(rc.p)), "k": k, "D": total, "count": count,
+                "score": rc.score, "granularity": rc.granularity,
+                "threshold": "" if thr is None else repr(thr)}
+        path = out_dir / f"{t}{MASK_SUFFIX}"
+        write_mask_file(path, {n: torch.from_numpy(a) for n, a in packed.items()},
+                        {n: by_name[n].numel for n in packed}, meta)
+        del packed
+        written.append(path)
+        layers, modules = Counter(), Counter()
+        for n, c in per_tensor.items():
+            layers[layer_of(n)] += c
+            modules[module_of(n)] += c
+        stats[t] = {
+            "p": rc.p, "k": k, "D": total, "count": count, "score": rc.score,
+            "granularity": rc.granularity, "threshold": thr,
+            "threshold_key": solvers[t].threshold_key, "passes": solvers[t].passes,
+            "per_layer": dict(sorted(layers.items())), "per_module": dict(sorted(modules.items())),
+            "per_tensor": {n: c for n, c in per_tensor.items() if c},
+        }
+    hist_path = out_dir / HIST_FILE
+    with atomic_file(hist_path, "wb") as f:
+        np.savez_compressed(f, **{t: solvers[t].hist for t in tasks})
+    written.append(hist_path)
+    stats_path = out_dir / STATS_FILE
+    write_json(stats_path, {
+        "p": rc.p, "k": k, "D": total, "score": rc.score, "granularity": rc.granularity,
+        "num_tensors": len(tensors), "num_chunks": len(chunks), "num_passes": npass,
+        "histogram": {"file": HIST_FILE, "shift": HIST_SHIFT,
+                      "meaning": "bin b: elements whose float32 score bits >> shift == b"},
+        "timing_s": {"plan_and_sample": round(t_plan, 3), "select": round(t_select, 3),
+                     "write": round(time.time() - t0 - t_plan - t_select, 3)},
+        "tasks": stats,
+    })
+    written.append(stats_path)
+    log.info("regions: k=%d of D=%d for %d tasks in %d pass(es), %.1fs", k, total, len(tasks),
+             npass, time.time() - t0)
+    return written
+
+
+def _assemble(solver: TopKSolver, chunks, tensors) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+    """Per-tensor packed masks from the solver's per-chunk unit masks (freed as they are used)."""
+    packed = {x.name: np.zeros((x.numel + 7) // 8, dtype=np.uint8) for x in tensors}
+    for c in chunks:
+        units = solver.unit_mask(c.idx)
+        solver.above_bits.pop(c.idx, None)
+        elems = np.repeat(units, c.unit_len) if c.unit_len > 1 else units
+        bits = np.packbits(elems, bitorder="big")
+        a = c.start // 8  # chunks start on multiples of 8 elements
+        packed[c.name][a : a + len(bits)] |= bits
+    per_tensor = {n: int(np.bitwise_count(a).sum(dtype=np.int64)) for n, a in packed.items()}
+    return packed, per_tensor
+
+
+# --------------------------------------------------------------------------- stage: groups
+
+
+class GroupsStage(Stage):
+    name = "groups"
+    folder = "groups"
+    depends = ("regions",)
+    version = 1
+
+    def config_slice(self, cfg: PipelineConfig) -> dict:
+        g = cfg.groups
+        return {"tau": g.tau, "order": g.order, "given": g.given, "seed": g.seed,
+                "tasks": [t.name for t in cfg.tasks]}
+
+    def run(self, ctx: RunContext) -> list[Path]:
+        return compute_groups(ctx.cfg, ctx.path("regions"), ctx.path("groups"), ctx.task_names())
+
+    def summary(self, ctx: RunContext) -> Optional[str]:
+        return " -> ".join("{" + ", ".join(g) + "}" for g in load_groups(ctx.run_dir))
+
+
+def compute_groups(cfg: PipelineConfig, regions_dir: str | Path, out_dir: str | Path,
+                   tasks: list[str]) -> list[Path]:
+    g = cfg.groups
+    out_dir = Path(out_dir)
+    paths = [Path(regions_dir) / f"{t}{MASK_SUFFIX}" for t in tasks]
+    for p in paths:
+        if not p.is_file():
+            raise CheckpointError(f"{p}: mask is missing; rerun stage 'regions'")
+    inter, _ = mask_intersections(paths, cfg.regions.chunk_mib * 2**20)
+    sim = jaccard(inter)
+    comps = connected_components(tasks, sim, g.tau)
+    groups = order_groups(comps, g.order, g.seed, g.given)
+    ov = out_dir / "overlap.json"
+    write_json(ov, {"tasks": tasks, "jaccard": sim.round(8).tolist(),
+                    "intersection": inter.tolist(), "core_sizes": np.diag(inter).tolist(),
+                    "tau": g.tau, "components": comps})
+    gp = out_dir / "groups.json"
+    write_json(gp, groups)
+    return [ov, gp]
