@@ -173,6 +173,10 @@ class RegionsConfig(_Section):
     exclude: list[str] = Field(default_factory=list, description="regexes on tensor names")
     chunk_mib: int = Field(64, ge=1, le=4096)
     num_actors: int = Field(2, ge=1)
+    max_candidates: int = Field(
+        2_000_000, ge=1024,
+        description="per task, units kept in memory near the threshold; bounds the driver's memory",
+    )
 
     @field_validator("include", "exclude")
     @classmethod
