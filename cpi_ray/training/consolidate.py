@@ -195,6 +195,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             marker = Path(fault["marker"])
             if not marker.exists():
                 marker.write_text("killed\n")
+                # Give the controller time to poll the reports (and register the checkpoint)
+                # already made, so that the test knows which checkpoint the restart must use.
+                time.sleep(float(fault.get("delay_s", 8.0)))
                 os.kill(os.getpid(), signal.SIGKILL)
 
     record = {

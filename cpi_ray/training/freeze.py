@@ -41,6 +41,8 @@ class _Frozen:
     # Persistent (small, always gathered) parameters: the same over the full flat tensor.
     full_sel: Optional[torch.Tensor] = None
     full_values: Optional[torch.Tensor] = None
+    direct_grad: Optional[bool] = None  # decided on first use (needs the initialized engine)
+    direct_master: Optional[bool] = None
 
 
 def _compact(mask: torch.Tensor) -> torch.Tensor:
@@ -94,6 +96,27 @@ class ElementFreezer:
     def __len__(self) -> int:
         return self.local_frozen
 
+    def _direct(self, getter, p) -> bool:
+        """Whether `getter(p)` returns a view of DeepSpeed's own storage (no offload copy, no NVMe
+        swap): then frozen elements are written in place, O(frozen) instead of O(partition)."""
+        opt = getattr(p, "_z3_optimizer", None)
+        if opt is None or getattr(opt, "swap_optimizer", False):
+            return False
+        a, b = getter(p), getter(p)
+        return a is not None and a.data_ptr() == b.data_ptr()
+
+    @staticmethod
+    def _put(flat: torch.Tensor, sel: torch.Tensor, values: Optional[torch.Tensor]) -> None:
+        if values is None:
+            if sel.dtype == torch.bool:
+                flat.masked_fill_(sel, 0)
+            else:
+                flat.index_fill_(0, sel, 0)
+        elif sel.dtype == torch.bool:
+            flat.masked_scatter_(sel, values.to(flat.dtype))
+        else:
+            flat.index_copy_(0, sel, values.to(flat.dtype))
+
     @torch.no_grad()
     def zero_grads(self) -> None:
         """Call after the last backward of an accumulation window, before `engine.step()`."""
@@ -102,12 +125,17 @@ class ElementFreezer:
         for e in self.entries:
             if e.sel.numel() == 0:
                 continue
+            if e.direct_grad is None:
+                e.direct_grad = self._direct(safe_get_local_grad, e.param)
             g = safe_get_local_grad(e.param)
             if g is None:
                 continue
-            g = g.clone()
-            g.view(-1)[e.sel] = 0
-            safe_set_local_grad(e.param, g)
+            if e.direct_grad:
+                self._put(g.view(-1), e.sel, None)
+            else:
+                g = g.clone()
+                self._put(g.view(-1), e.sel, None)
+                safe_set_local_grad(e.param, g)
 
     @torch.no_grad()
     def restore(self) -> None:
@@ -119,27 +147,21 @@ class ElementFreezer:
         for e in self.entries:
             p = e.param
             if e.sel.numel():
-                master = safe_get_local_fp32_param(p).clone()
-                flat = master.view(-1)
-                if e.sel.dtype == torch.bool:
-                    flat.masked_scatter_(e.sel, e.values.to(flat.dtype))
+                if e.direct_master is None:
+                    e.direct_master = self._direct(safe_get_local_fp32_param, p)
+                master = safe_get_local_fp32_param(p)
+                if e.direct_master:
+                    self._put(master.view(-1), e.sel, e.values)
                 else:
-                    flat[e.sel] = e.values.to(flat.dtype)
-                safe_set_local_fp32_param(p, master)
+                    master = master.clone()
+                    self._put(master.view(-1), e.sel, e.values)
+                    safe_set_local_fp32_param(p, master)
                 # The working partition may be a separate (e.g. bf16) copy of the master.
-                work = p.ds_tensor.data.view(-1)
-                if e.sel.dtype == torch.bool:
-                    work.masked_scatter_(e.sel, e.values.to(work.dtype))
-                else:
-                    work[e.sel] = e.values.to(work.dtype)
+                self._put(p.ds_tensor.data.view(-1), e.sel, e.values)
             if e.full_sel is not None and p.ds_status == ZeroParamStatus.AVAILABLE:
                 # A persistent parameter stays gathered across steps: DeepSpeed re-gathered it
                 # from the updated partitions at the end of the step.
-                full = p.data.view(-1)
-                if e.full_sel.dtype == torch.bool:
-                    full.masked_scatter_(e.full_sel, e.full_values.to(full.dtype))
-                else:
-                    full[e.full_sel] = e.full_values.to(full.dtype)
+                self._put(p.data.view(-1), e.full_sel, e.full_values)
 
     def local_stats(self) -> dict[str, int]:
         return {"frozen_local": self.local_frozen, "tensors_local": len(self.entries)}
