@@ -27,9 +27,9 @@ def test_report_files(tmp_path):
     _write(tmp_path / "groups" / "overlap.json",
            {"tasks": ["a", "b", "c"], "matrix": [[1, 0.3, 0], [0.3, 1, 0.05], [0, 0.05, 1]]})
     _write(tmp_path / "groups" / "groups.json", {"groups": [["c"], ["a", "b"]]})
-    _write(tmp_path / "regions" / "stats.json", {
-        t: {"k": 10, "by_layer": {"0": 4, "1": 6, "embed": 0}, "by_module": {"q_proj": 3, "mlp.up_proj": 7}}
-        for t in "abc"})
+    _write(tmp_path / "regions" / "stats.json", {"tasks": {
+        t: {"k": 10, "per_layer": {"0": 4, "1": 6, "embed": 0}, "per_module": {"q_proj": 3, "up_proj": 7}}
+        for t in "abc"}})
     out = build_report(tmp_path, extra_sections=[("Forgetting", "| x |\n|---|\n| 1 |")])
     for f in ("report.md", "index.html", "scores.png", "seesaw.png", "overlap.png", "cores.png"):
         assert (out / f).stat().st_size > 200, f

@@ -102,23 +102,22 @@ def plot_overlap(names: list[str], matrix: list[list[float]], groups: list[list[
 
 def plot_core_locations(stats: dict[str, dict], out: Path) -> bool:
     plt = _plt()
-    tasks = [t for t, s in stats.items() if isinstance(s, dict) and s.get("by_layer")]
+    tasks = [t for t, s in stats.items() if isinstance(s, dict) and s.get("per_layer")]
     if not tasks:
         return False
     fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    keys = sorted({k for t in tasks for k in stats[t]["per_layer"]}, key=_layer_key)
     for t in tasks:
-        by_layer = stats[t]["by_layer"]
-        keys = sorted(by_layer, key=_layer_key)
-        axes[0].plot(range(len(keys)), [by_layer[k] for k in keys], marker=".", label=t)
-    keys = sorted(stats[tasks[0]]["by_layer"], key=_layer_key)
+        by_layer = stats[t]["per_layer"]
+        axes[0].plot(range(len(keys)), [by_layer.get(k, 0) for k in keys], marker=".", label=t)
     axes[0].set_xticks(range(len(keys)), keys, rotation=90, fontsize=7)
     axes[0].set_ylabel("core elements")
     axes[0].set_title("cores by layer")
     axes[0].legend(fontsize=8)
-    modules = sorted({m for t in tasks for m in stats[t].get("by_module", {})})
+    modules = sorted({m for t in tasks for m in stats[t].get("per_module", {})})
     width = 0.8 / len(tasks)
     for i, t in enumerate(tasks):
-        bm = stats[t].get("by_module", {})
+        bm = stats[t].get("per_module", {})
         axes[1].bar([j + i * width for j in range(len(modules))], [bm.get(m, 0) for m in modules],
                     width, label=t)
     axes[1].set_xticks([j + 0.4 - width / 2 for j in range(len(modules))], modules, rotation=45,
@@ -182,7 +181,7 @@ def build_report(run_dir: str | Path, extra_sections: Optional[list[tuple[str, s
     scores_doc = _load(run_dir / "eval" / "scores.json") or {}
     overlap = _load(run_dir / "groups" / "overlap.json")
     groups_doc = _load(run_dir / "groups" / "groups.json")
-    stats = _load(run_dir / "regions" / "stats.json")
+    stats = (_load(run_dir / "regions" / "stats.json") or {}).get("tasks")
     tasks: list[str] = scores_doc.get("tasks", [])
     scores: dict[str, dict[str, float]] = scores_doc.get("scores", {})
     groups = _groups_list(groups_doc)
