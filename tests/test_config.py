@@ -35,7 +35,8 @@ def test_defaults_and_overrides(tmp_path):
     assert cfg.regions.p == 5.0 and cfg.groups.tau == 0.25
     assert cfg.task("b").eval_size == 7 and cfg.task("a").weight == 2.0
     assert cfg.fuse.omega_overrides == {"attn": 0.3}
-    assert cfg.stages == ["probe", "regions", "groups", "fuse", "consolidate", "evaluate"]
+    assert cfg.stages == ["probe", "regions", "groups", "fuse", "consolidate", "baselines",
+                          "evaluate"]
 
 
 @pytest.mark.parametrize("override, field", [

@@ -23,7 +23,13 @@ def test_report_files(tmp_path):
         "tasks": ["a", "b", "c"],
         "scores": {"base": {"a": 1, "b": 2, "c": 3}, "probe:a": {"a": 60, "b": 1, "c": 2},
                    "probe:b": {"a": 3, "b": 70, "c": 4}, "probe:c": {"a": 1, "b": 1, "c": 30},
-                   "final": {"a": 55, "b": 66, "c": 31}}})
+                   "final": {"a": 55, "b": 66, "c": 31},
+                   "baseline:sequential": {"a": 20, "b": 68, "c": 2},
+                   "baseline:sequential_cpi": {"a": 50, "b": 35, "c": 2}}})
+    _write(tmp_path / "baselines" / "budget.json", {"cpi_rows": 10, "modes": {
+        "sequential": {"start": "probe:a", "rows": 5, "stages": [{"tasks": ["b"], "frozen": [], "steps": 1}]},
+        "sequential_cpi": {"start": "probe:a", "rows": 5,
+                           "stages": [{"tasks": ["b"], "frozen": ["a"], "steps": 1}]}}})
     _write(tmp_path / "groups" / "overlap.json",
            {"tasks": ["a", "b", "c"], "matrix": [[1, 0.3, 0], [0.3, 1, 0.05], [0, 0.05, 1]]})
     _write(tmp_path / "groups" / "groups.json", {"groups": [["c"], ["a", "b"]]})
@@ -37,6 +43,9 @@ def test_report_files(tmp_path):
     assert "| final | 55.0 | 66.0 | 31.0 | 50.7 | 31.0 |" in md
     assert "| final | -5.0 | -4.0 | +1.0 |" in md
     assert "{c} → {a, b}" in md and "## Forgetting" in md
+    # A's drop 60 -> 20; B's gain over base (2 -> 70) kept (68 - 2) / 68 = 97%.
+    assert "| sequential | a → b | - | 60.0 | 20.0 | -40.0 | 68.0 | 97% |" in md
+    assert "| sequential_cpi | a → b | a | 60.0 | 50.0 | -10.0 | 35.0 | 49% |" in md
     page = (out / "index.html").read_text()
     assert '<img src="overlap.png"' in page and "<td>final</td>" in page
     assert (out / "scores.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -12,13 +12,37 @@ from typing import Annotated, Any, Literal, Optional
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
-STAGES: tuple[str, ...] = ("probe", "regions", "groups", "fuse", "consolidate", "evaluate")
+STAGES: tuple[str, ...] = (
+    "probe", "regions", "groups", "fuse", "consolidate", "baselines", "evaluate")
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# Ray's built-in resources have their own fields (cpus_per_worker, use_gpu, ...).
+_BUILTIN_RESOURCES = {"CPU", "GPU", "memory", "object_store_memory"}
+
+
+def _custom_resources_field() -> Any:
+    return Field(default_factory=dict, description=(
+        "extra Ray resources each worker/actor of this stage asks for, e.g. {probe_gpu: 1}, so "
+        "that the autoscaler starts the node type that offers them (see cluster/)"))
+
+
+def _check_custom_resources(v: dict[str, float]) -> dict[str, float]:
+    for name, amount in v.items():
+        if name in _BUILTIN_RESOURCES:
+            raise ValueError(f"custom_resources: {name!r} is a built-in resource; use the stage's "
+                             "own field (cpus_per_worker, use_gpu, ...)")
+        if not amount >= 0:
+            raise ValueError(f"custom_resources: {name!r} must be >= 0")
+    return v
+
+
+CustomResources = Annotated[dict[str, float], AfterValidator(_check_custom_resources)]
 
 
 class TinyModelConfig(_Section):
@@ -51,6 +75,14 @@ class ModelConfig(_Section):
     trust_remote_code: bool = False
     max_shard_size: str = Field("2GB", description="shard size of every model the pipeline writes")
     cache_dir: Optional[str] = Field(None, description="where demo/tiny/hub models are materialized")
+    # Sizing hints for `cpi-ray plan` when the model's config.json is not on this machine (a hub
+    # id not yet downloaded); the pipeline itself never reads them.
+    architecture: Optional[dict[str, Any]] = Field(
+        None, description="config.json fields of the model (model_type, hidden_size, "
+        "num_hidden_layers, vocab_size, ...), for `cpi-ray plan` without downloading")
+    num_parameters: Optional[int] = Field(
+        None, ge=1, description="parameter count, for `cpi-ray plan` when neither config.json nor "
+        "model.architecture is available")
 
     @field_validator("max_shard_size")
     @classmethod
@@ -153,6 +185,7 @@ class TrainConfig(_Section):
     num_workers: int = Field(1, ge=1, description="Ray Train workers per trainer")
     cpus_per_worker: float = Field(1, gt=0)
     use_gpu: bool = False
+    custom_resources: CustomResources = _custom_resources_field()
 
     @model_validator(mode="after")
     def _accum(self) -> "TrainConfig":
@@ -173,6 +206,8 @@ class RegionsConfig(_Section):
     exclude: list[str] = Field(default_factory=list, description="regexes on tensor names")
     chunk_mib: int = Field(64, ge=1, le=4096)
     num_actors: int = Field(2, ge=1)
+    cpus_per_actor: float = Field(1, gt=0)
+    custom_resources: CustomResources = _custom_resources_field()
     max_candidates: int = Field(
         2_000_000, ge=1024,
         description="per task, units kept in memory near the threshold; bounds the driver's memory",
@@ -206,6 +241,8 @@ class FuseConfig(_Section):
     epsilon: float = Field(5e-4, gt=0, lt=1)
     num_actors: int = Field(2, ge=1)
     chunk_mib: int = Field(64, ge=1, le=4096)
+    cpus_per_actor: float = Field(1, gt=0)
+    custom_resources: CustomResources = _custom_resources_field()
 
     @field_validator("omega_overrides")
     @classmethod
@@ -228,16 +265,41 @@ class ConsolidateConfig(TrainConfig):
     checkpoint_every: int = Field(0, ge=0, description="steps between checkpoints; 0 = once per stage")
 
 
+class BaselinesConfig(_Section):
+    """Comparison modes trained on the same engine (ZeRO-3 trainer), data and seeds as CPI-FT."""
+
+    modes: list[Literal["full_mtl", "multistage", "sequential", "sequential_cpi"]] = Field(
+        default_factory=list,
+        description="full_mtl: all tasks mixed, CPI-FT's whole budget; multistage: group by group, "
+        "no freezing; sequential: task A then B; sequential_cpi: A then B with A's core frozen")
+    multistage_grouping: Literal["random", "given", "cpi"] = Field(
+        "random", description="random (seeded), given (multistage_groups) or cpi (CPI-FT's groups)")
+    multistage_groups: Optional[list[list[str]]] = None
+    multistage_num_groups: int = Field(2, ge=1)
+    sequential: Optional[list[str]] = Field(None, description="[A, B]: train A, then B")
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _seq(self) -> "BaselinesConfig":
+        if {"sequential", "sequential_cpi"} & set(self.modes):
+            if not self.sequential or len(self.sequential) != 2 or len(set(self.sequential)) != 2:
+                raise ValueError("sequential modes need baselines.sequential: [A, B], two tasks")
+        if self.multistage_grouping == "given" and "multistage" in self.modes and not self.multistage_groups:
+            raise ValueError("multistage_grouping given needs multistage_groups")
+        return self
+
+
 class EvaluateConfig(_Section):
     max_new_tokens: int = Field(64, ge=1, le=8192)
     batch_size: int = Field(16, ge=1)
     models: list[str] = Field(
-        default_factory=lambda: ["base", "probes", "fused", "final"],
-        description="which models to score: base, probes, fused, final",
+        default_factory=lambda: ["base", "probes", "fused", "final", "baselines"],
+        description="which models to score: base, probes, fused, final, baselines",
     )
     num_workers: int = Field(1, ge=1, description="models scored at the same time, at most")
     cpus_per_worker: float = Field(1, gt=0)
     use_gpu: bool = Field(False, description="one GPU per model being scored")
+    custom_resources: CustomResources = _custom_resources_field()
 
 
 class TuneConfig(_Section):
@@ -276,6 +338,7 @@ class PipelineConfig(_Section):
     groups: GroupsConfig = GroupsConfig()
     fuse: FuseConfig = FuseConfig()
     consolidate: ConsolidateConfig = ConsolidateConfig()
+    baselines: BaselinesConfig = BaselinesConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     tune: TuneConfig = TuneConfig()
     storage: StorageConfig = StorageConfig()
@@ -300,6 +363,12 @@ class PipelineConfig(_Section):
             given = [n for g in (self.groups.given or []) for n in g]
             if sorted(given) != sorted(names):
                 raise ValueError("groups.given must list every task exactly once")
+        b = self.baselines
+        for t in [*(b.sequential or []), *(n for g in b.multistage_groups or [] for n in g)]:
+            if t not in names:
+                raise ValueError(f"baselines: unknown task {t!r} (tasks: {', '.join(names)})")
+        if b.multistage_groups and sorted(n for g in b.multistage_groups for n in g) != sorted(names):
+            raise ValueError("baselines.multistage_groups must list every task exactly once")
         if self.fuse.backbone not in ("base", *names):
             raise ValueError(f"fuse.backbone must be 'base' or a task name ({', '.join(names)})")
         return self

@@ -32,6 +32,7 @@ PREDICTIONS_NAME = "predictions.jsonl"
 # Which stage produces each kind of model listed in `evaluate.models` (None: the base model).
 MODEL_KINDS: dict[str, Optional[str]] = {
     "base": None, "probes": "probe", "fused": "fuse", "final": "consolidate",
+    "baselines": "baselines",
 }
 
 # generate_fn(prompts, max_new_tokens) -> predictions, one per prompt
@@ -137,6 +138,14 @@ class EvaluateStage(Stage):
                     else:
                         skipped[f"probe:{t}"] = f"no model in {d}"
                 continue
+            if kind == "baselines":
+                for mode in ctx.cfg.baselines.modes:
+                    d = ctx.path("baselines", mode)
+                    if _record_exists(ctx, stage) and _is_model_dir(d):
+                        models[f"baseline:{mode}"] = d
+                    else:
+                        skipped[f"baseline:{mode}"] = f"no model in {d}"
+                continue
             d = ctx.path(kind)
             if not _record_exists(ctx, stage):
                 skipped[kind] = f"stage {stage} has not run"
@@ -155,6 +164,8 @@ class EvaluateStage(Stage):
             stage = MODEL_KINDS[kind]
             if kind in kinds and _record_exists(ctx, stage) and _is_model_dir(ctx.path(kind)):
                 deps.append(stage)
+        if "baselines" in kinds and ctx.cfg.baselines.modes and _record_exists(ctx, "baselines"):
+            deps.append("baselines")
         return tuple(deps)
 
     def config_slice(self, cfg: PipelineConfig) -> dict:

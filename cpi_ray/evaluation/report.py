@@ -62,6 +62,33 @@ def scores_table(scores: dict[str, dict[str, float]], tasks: list[str]) -> tuple
     return header, rows
 
 
+def forgetting_rows(scores: dict[str, dict[str, float]], budget: Optional[dict]) -> list[list[str]]:
+    """Sequential baselines (A's probe then B): A's score before and after B, the drop, and how
+    much of B's single-task gain over the base the run kept."""
+    rows = []
+    for mode, plan in ((budget or {}).get("modes") or {}).items():
+        model = f"baseline:{mode}"
+        if not plan["start"].startswith("probe:") or model not in scores:
+            continue
+        a, b = plan["start"].split(":", 1)[1], plan["stages"][-1]["tasks"][0]
+        before, after = scores.get(f"probe:{a}", {}).get(a), scores[model].get(a)
+        b_after, b_expert = scores[model].get(b), scores.get(f"probe:{b}", {}).get(b)
+        b_base = scores.get("base", {}).get(b)
+        if None in (before, after, b_after):
+            continue
+        kept = "n/a"
+        if b_expert is not None and b_base is not None and b_expert != b_base:
+            kept = f"{100 * (b_after - b_base) / (b_expert - b_base):.0f}%"
+        frozen = ", ".join(t for st in plan["stages"] for t in st["frozen"]) or "-"
+        rows.append([mode, f"{a} → {b}", frozen, f"{before:.1f}", f"{after:.1f}",
+                     f"{after - before:+.1f}", f"{b_after:.1f}", kept])
+    return rows
+
+
+FORGETTING_HEADER = ["mode", "order", "frozen core", "A after A", "A after B", "A's drop",
+                     "B after B", "B's gain kept"]
+
+
 # ---------------------------------------------------------------------------------- plots
 
 
@@ -213,6 +240,10 @@ def build_report(run_dir: str | Path, extra_sections: Optional[list[tuple[str, s
                    "", "Groups, in training order: " + " → ".join("{" + ", ".join(g) + "}" for g in groups), ""]
         if stats and plot_core_locations(stats, out / "cores.png"):
             figures.append(("Where the cores live", "cores.png"))
+        forgetting = forgetting_rows(scores, _load(run_dir / "baselines" / "budget.json"))
+        if forgetting:
+            md += ["## Forgetting (sequential training)", "",
+                   markdown_table(FORGETTING_HEADER, forgetting), ""]
         for title, body in extra_sections or []:
             md += [f"## {title}", "", body, ""]
         md += ["## Figures", ""] + [f"![{t}]({f})" for t, f in figures] if figures else []

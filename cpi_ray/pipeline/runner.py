@@ -24,6 +24,7 @@ STAGE_CLASSES: dict[str, str] = {
     "groups": "cpi_ray.regions.stage:GroupsStage",
     "fuse": "cpi_ray.fusion.stage:FuseStage",
     "consolidate": "cpi_ray.training.consolidate:ConsolidateStage",
+    "baselines": "cpi_ray.training.baselines:BaselinesStage",
     "evaluate": "cpi_ray.evaluation.evaluate:EvaluateStage",
 }
 

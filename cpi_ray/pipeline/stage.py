@@ -168,6 +168,7 @@ STAGE_FOLDERS: dict[str, str] = {
     "groups": "groups",
     "fuse": "fused",
     "consolidate": "consolidate",
+    "baselines": "baselines",
     "evaluate": "eval",
 }
 

@@ -1,0 +1,194 @@
+"""Stage `baselines`: the comparisons of the paper, trained on the consolidation engine (Ray Train
++ DeepSpeed ZeRO-3) with the same data, seeds and recipe as CPI-FT.
+
+- `full_mtl`: from the base model, all tasks mixed, CPI-FT's whole training budget (its probes
+  and its consolidation stages together, in rows).
+- `multistage`: from the base model, group by group with no freezing, the same budget split over
+  the stages by task count; groups random (seeded), given, or CPI-FT's own (`cpi`).
+- `sequential`: task A's probe (its single-task SFT) trained further on task B alone with the
+  probe's budget: how much of A is forgotten.
+- `sequential_cpi`: the same with A's core region frozen while B trains.
+
+Each mode writes `baselines/<mode>/` (HF model, plus `consolidate.json` per stage) and
+`baselines/budget.json` records the rows and steps each mode used.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import shutil
+from pathlib import Path
+from typing import Optional
+
+from cpi_ray.config.schema import PipelineConfig
+from cpi_ray.io.atomic import write_json
+from cpi_ray.pipeline.stage import RunContext, Stage, stable_hash
+from cpi_ray.training.consolidate import (FROZEN_MASK, STAGE_RECORD, copy_model_dir, fit_group,
+                                          read_groups, stage_record, union_masks)
+
+log = logging.getLogger("cpi_ray")
+
+BUDGET_FILE = "budget.json"
+
+
+def cpi_budget_rows(cfg: PipelineConfig, n_groups: int) -> int:
+    """Training rows CPI-FT consumes: every probe plus every consolidation stage."""
+    p, c = cfg.probe, cfg.consolidate
+    return (p.steps * p.batch_size * p.num_workers * len(cfg.tasks)
+            + c.steps * c.batch_size * c.num_workers * n_groups)
+
+
+def random_groups(tasks: list[str], k: int, seed: int) -> list[list[str]]:
+    order = list(tasks)
+    random.Random(seed).shuffle(order)
+    k = min(k, len(order))
+    return [order[i::k] for i in range(k)]
+
+
+def plan_modes(cfg: PipelineConfig, cpi_groups: Optional[list[list[str]]]) -> dict[str, dict]:
+    """Per mode: its training stages as (tasks, frozen tasks, steps, lr) and where it starts."""
+    b, c = cfg.baselines, cfg.consolidate
+    names = [t.name for t in cfg.tasks]
+    rows_per_step = c.batch_size * c.num_workers
+    n_groups = len(cpi_groups) if cpi_groups else len(names)
+    budget = cpi_budget_rows(cfg, n_groups)
+    total_steps = max(1, math.ceil(budget / rows_per_step))
+    plans: dict[str, dict] = {}
+    for mode in b.modes:
+        if mode == "full_mtl":
+            plans[mode] = {"start": "base", "stages": [
+                {"tasks": names, "frozen": [], "steps": total_steps, "lr": c.lr}]}
+        elif mode == "multistage":
+            if b.multistage_grouping == "given":
+                groups = b.multistage_groups
+            elif b.multistage_grouping == "cpi":
+                if not cpi_groups:
+                    raise ValueError("baselines.multistage_grouping cpi needs the groups stage")
+                groups = cpi_groups
+            else:
+                groups = random_groups(names, b.multistage_num_groups, b.seed)
+            plans[mode] = {"start": "base", "stages": [
+                {"tasks": g, "frozen": [], "lr": c.lr,
+                 "steps": max(1, round(total_steps * len(g) / len(names)))} for g in groups]}
+        else:
+            a, bt = b.sequential
+            p = cfg.probe
+            steps = max(1, math.ceil(p.steps * p.batch_size * p.num_workers / rows_per_step))
+            plans[mode] = {"start": f"probe:{a}", "stages": [
+                {"tasks": [bt], "frozen": [a] if mode == "sequential_cpi" else [],
+                 "steps": steps, "lr": p.lr}]}
+    for plan in plans.values():
+        plan["rows"] = sum(s["steps"] for s in plan["stages"]) * rows_per_step
+    return plans
+
+
+class BaselinesStage(Stage):
+    name = "baselines"
+    folder = "baselines"
+    depends = ("probe",)
+
+    def dependencies(self, ctx: RunContext) -> tuple[str, ...]:
+        b = ctx.cfg.baselines
+        deps = ["probe"]
+        if "sequential_cpi" in b.modes:
+            deps.append("regions")
+        if "multistage" in b.modes and b.multistage_grouping == "cpi" or "full_mtl" in b.modes:
+            deps.append("groups")  # the budget counts CPI-FT's stages
+        return tuple(dict.fromkeys(deps))
+
+    def config_slice(self, cfg: PipelineConfig) -> dict:
+        from cpi_ray.data.tasks import task_identity
+
+        return {"baselines": cfg.baselines.model_dump(), "consolidate": cfg.consolidate.model_dump(),
+                "probe": cfg.probe.model_dump(), "data": cfg.data.model_dump(),
+                "tasks": [task_identity(t) for t in cfg.tasks],
+                "max_shard_size": cfg.model.max_shard_size}
+
+    def run(self, ctx: RunContext) -> list[Path]:
+        from cpi_ray.models.loading import load_tokenizer
+
+        cfg = ctx.cfg
+        groups_file = ctx.path("groups", "groups.json")
+        cpi_groups = read_groups(groups_file) if groups_file.is_file() else None
+        plans = plan_modes(cfg, cpi_groups)
+        out_dir = ctx.path(self.folder)
+        if not plans:
+            log.info("baselines: no modes configured (baselines.modes)")
+        stage_fp, _ = self.fingerprint(ctx)
+        tok = load_tokenizer(ctx.base_model_dir, cfg.model.trust_remote_code)
+        outputs: list[Path] = []
+        for mode, plan in plans.items():
+            start = ctx.base_model_dir if plan["start"] == "base" else ctx.path(
+                "probes", plan["start"].split(":", 1)[1])
+            prev = start
+            work = out_dir / "stages" / mode
+            for k, st in enumerate(plan["stages"]):
+                out = work / f"stage-{k + 1}"
+                fp = stable_hash({"stage": stage_fp, "mode": mode, "k": k, "plan": st})
+                rec = stage_record(out)
+                if rec is None or rec.get("fingerprint") != fp:
+                    mask_path = work / f"frozen-{k + 1}.mask.safetensors"
+                    if st["frozen"]:
+                        cores = [ctx.path("regions", f"{t}.mask.safetensors") for t in st["frozen"]]
+                        union_masks(cores, cores[0], mask_path, {"mode": mode})
+                    else:
+                        _empty_mask(prev, mask_path)
+                    log.info("baselines %s stage %d/%d: tasks %s, %d steps, frozen %s", mode, k + 1,
+                             len(plan["stages"]), st["tasks"], st["steps"], st["frozen"] or "-")
+                    stage_cfg = cfg.model_copy(deep=True)
+                    stage_cfg.consolidate.steps = st["steps"]
+                    stage_cfg.consolidate.lr = st["lr"]
+                    stage_cfg.consolidate.freeze = "prior" if st["frozen"] else "none"
+                    examples = _mixed_examples(stage_cfg, tok, st["tasks"],
+                                               st["steps"] * cfg.consolidate.batch_size
+                                               * cfg.consolidate.num_workers, seed=cfg.baselines.seed + k)
+                    fit_group(stage_cfg, stage=k + 1, tasks=st["tasks"], frozen=st["frozen"],
+                              start_dir=prev, out_dir=out, mask_path=mask_path, examples=examples,
+                              pad_id=tok.pad_token_id, storage=ctx.path("_ray"),
+                              fingerprint=fp)
+                prev = out
+            final = copy_model_dir(prev, out_dir / mode, skip=(FROZEN_MASK, STAGE_RECORD))
+            outputs.append(final)
+        budget = {"cpi_rows": cpi_budget_rows(cfg, len(cpi_groups) if cpi_groups else len(cfg.tasks)),
+                  "modes": plans}
+        write_json(out_dir / BUDGET_FILE, budget)
+        # Intermediate stages only serve resumption within this stage; the finals are copied out.
+        shutil.rmtree(out_dir / "stages", ignore_errors=True)
+        return [*outputs, out_dir / BUDGET_FILE]
+
+    def summary(self, ctx: RunContext) -> Optional[str]:
+        from cpi_ray.io.atomic import read_json
+
+        try:
+            budget = read_json(ctx.path(self.folder, BUDGET_FILE))
+        except (FileNotFoundError, ValueError):
+            return None
+        if not budget["modes"]:
+            return None
+        lines = [f"baselines (CPI-FT budget: {budget['cpi_rows']} rows)"]
+        for mode, plan in budget["modes"].items():
+            lines.append(f"  {mode:<15} {len(plan['stages'])} stage(s), {plan['rows']} rows, "
+                         f"from {plan['start']}")
+        return "\n".join(lines)
+
+
+def _mixed_examples(cfg: PipelineConfig, tok, tasks: list[str], n: int, seed: int) -> list[dict]:
+    from cpi_ray.data.batching import build_train_examples, mix_examples
+
+    per_task = build_train_examples(cfg, tok, tasks)
+    return mix_examples(per_task, {t: cfg.task(t).weight for t in tasks}, n, seed=seed)
+
+
+def _empty_mask(model_dir: Path, out: Path) -> None:
+    """An all-zero mask over the model's floating-point tensors: the trainer's 'nothing frozen'."""
+    import torch
+
+    from cpi_ray.io.safetensors_io import CheckpointReader
+    from cpi_ray.regions.masks import write_mask_file
+
+    with CheckpointReader(model_dir) as r:
+        numels = {n: r.info(n).numel for n in r.names() if r.info(n).dtype.is_floating_point}
+    write_mask_file(out, {n: torch.zeros((k + 7) // 8, dtype=torch.uint8) for n, k in numels.items()},
+                    numels, {"frozen": "none"})
