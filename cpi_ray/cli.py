@@ -1,4 +1,5 @@
-"""Command line: `cpi-ray run --config ...` (same as jobs/cpi_pipeline.py)."""
+"""Command line: `cpi-ray run --config ...` (same as jobs/cpi_pipeline.py) and
+`cpi-ray plan --config ...` (the resources and memory each stage needs, before anything runs)."""
 
 from __future__ import annotations
 
@@ -56,13 +57,41 @@ def run_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_plan_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, help="pipeline YAML")
+    p.add_argument("--stages", help=f"comma-separated subset of: {','.join(STAGES)}")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set consolidate.num_workers=16 (repeatable)")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+
+
+def plan_command(args: argparse.Namespace) -> int:
+    """Print the plan; touches neither Ray nor the network."""
+    from cpi_ray.pipeline.plan import PlanError, build_plan, plan_json
+
+    try:
+        overrides = list(args.overrides)
+        if args.stages:
+            overrides.append(f"stages=[{args.stages}]")
+        cfg = load_config(args.config, overrides)
+        plan = build_plan(cfg, str(args.config))
+    except (ConfigError, PlanError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    print(plan_json(plan) if args.json else plan.render())
+    return 0
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="cpi-ray", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     add_run_args(sub.add_parser("run", help="run the pipeline"))
+    add_plan_args(sub.add_parser("plan", help="print each stage's resources and memory per worker"))
     args = parser.parse_args(argv)
     if args.command == "run":
         return run_command(args)
+    if args.command == "plan":
+        return plan_command(args)
     return 2
 
 

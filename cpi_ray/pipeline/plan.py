@@ -1,0 +1,469 @@
+"""`cpi-ray plan`: what each stage asks Ray for and how much memory one of its workers needs,
+from the config and the model's shape alone, before anything runs.
+
+The model's shape comes from its config.json (a local directory, the materialized tiny or demo
+model, or a hub model already in the model cache), else from `model.architecture` (config.json
+fields written into the pipeline config), else from `model.num_parameters`; the model is built on
+PyTorch's meta device, so parameter counts are exact and nothing is downloaded or allocated.
+
+Memory per worker, in bytes (P parameters, N workers of a trainer, w the weight dtype's size):
+
+- probe (plain data-parallel full fine-tuning, AdamW in the weights' dtype): weights, gradients
+  and two moments, 4·w per parameter (16 B in fp32), plus DDP's gradient buckets (w per
+  parameter) when N > 1, plus activations.
+- consolidate (DeepSpeed ZeRO): weights + gradients + optimizer states are 16 B per parameter
+  (bf16: 2 + 2 + fp32 master, m, v 12; fp32: 4 + 4 + m, v 8); stage 3 divides all of it by N,
+  and a rank additionally holds the unit being computed and the one prefetched, gathered in full
+  (2 × the largest decoder layer or embedding, in the compute dtype), plus activations.
+- regions / fuse: streaming actors; a few chunk-sized buffers each, independent of model size.
+- evaluate: the weights, a KV cache and the last logits per batch.
+
+Activations are a rough upper estimate without recomputation: per token and layer about
+10·hidden + 4·intermediate saved values (attention projections, norms, residuals, SwiGLU), plus the
+logits (kept in the compute dtype, then fp32 for the loss and its gradient).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from cpi_ray.config.schema import PipelineConfig
+
+GIB = 2**30
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "fp32": 4, "bf16": 2}
+
+# SmolLM2-135M-Instruct's config.json, so the demo can be planned before it is materialized.
+DEMO_ARCHITECTURE: dict[str, Any] = {
+    "model_type": "llama", "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
+    "num_attention_heads": 9, "num_key_value_heads": 3, "head_dim": 64, "vocab_size": 49152,
+    "max_position_embeddings": 8192, "tie_word_embeddings": True,
+}
+
+# A decoder layer's working set on a GPU beyond the estimate: CUDA context, allocator slack,
+# communication buffers. Reported separately, never hidden inside a total.
+RUNTIME_OVERHEAD_NOTE = "plus about 1-3 GiB per process for the framework (CUDA context, allocator, buffers)"
+
+
+class PlanError(ValueError):
+    """The model's size cannot be known without downloading it."""
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    name: str
+    source: str  # where the numbers come from
+    num_parameters: int
+    num_layers: Optional[int] = None
+    hidden_size: Optional[int] = None
+    intermediate_size: Optional[int] = None
+    vocab_size: Optional[int] = None
+    kv_dim: Optional[int] = None  # num_key_value_heads x head_dim
+    largest_unit: Optional[int] = None  # parameters ZeRO-3 gathers at once, at most
+    largest_unit_name: Optional[str] = None
+
+
+@dataclass
+class StagePlan:
+    name: str
+    engine: str
+    layout: str  # how many trainers / workers / actors, in words
+    units: int  # workers or actors when the stage runs at full width
+    resources: dict[str, float]  # Ray resources one worker/actor asks for
+    memory: list[tuple[str, int]] = field(default_factory=list)  # per worker
+    driver_memory: list[tuple[str, int]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def memory_per_worker(self) -> int:
+        return sum(b for _, b in self.memory)
+
+
+@dataclass
+class Plan:
+    config: str
+    model: ModelFacts
+    dtype: str
+    stages: list[StagePlan]
+
+    def total_resources(self) -> dict[str, dict[str, float]]:
+        """Per stage: every resource times the number of workers running at once."""
+        return {s.name: {k: v * s.units for k, v in s.resources.items()} for s in self.stages}
+
+    def to_dict(self) -> dict:
+        return {"config": self.config, "model": asdict(self.model), "dtype": self.dtype,
+                "stages": [{**asdict(s), "memory_per_worker": s.memory_per_worker}
+                           for s in self.stages]}
+
+    def render(self) -> str:
+        m = self.model
+        shape = []
+        if m.num_layers:
+            shape.append(f"{m.num_layers} layers")
+        if m.hidden_size:
+            shape.append(f"hidden {m.hidden_size}")
+        if m.vocab_size:
+            shape.append(f"vocab {m.vocab_size}")
+        lines = [f"plan for {self.config}",
+                 f"model: {m.name}: {_count(m.num_parameters)} parameters"
+                 + (f" ({', '.join(shape)})" if shape else "") + f", {self.dtype}; from {m.source}"]
+        if m.largest_unit:
+            lines.append(f"largest unit gathered by ZeRO-3: {m.largest_unit_name}, "
+                         f"{_count(m.largest_unit)} parameters")
+        for s in self.stages:
+            lines += ["", f"{s.name}: {s.engine}", f"  runs as      {s.layout}",
+                      f"  each asks    {_resources(s.resources)}"]
+            if s.memory:
+                lines.append(f"  memory/each  {_gib(s.memory_per_worker)} (estimate)")
+                for label, b in s.memory:
+                    lines.append(f"    {_gib(b):>10}  {label}")
+            for label, b in s.driver_memory:
+                lines.append(f"  driver       {_gib(b)}  {label}")
+            for n in s.notes:
+                lines.append(f"  note: {n}")
+        lines += ["", f"Memory figures exclude the runtime: {RUNTIME_OVERHEAD_NOTE}."]
+        return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------- model facts
+
+
+def model_facts(cfg: PipelineConfig) -> ModelFacts:
+    """The model's parameter count and shape, without downloading or allocating weights."""
+    from cpi_ray.models.loading import DEMO_NAME, model_cache_dir
+
+    m = cfg.model
+    cache = model_cache_dir(cfg)
+    if m.source == "tiny":
+        from cpi_ray.models.tiny import build_tiny_tokenizer
+
+        t = m.tiny
+        arch = {"model_type": "llama", "hidden_size": t.hidden_size,
+                "intermediate_size": t.intermediate_size, "num_hidden_layers": t.num_hidden_layers,
+                "num_attention_heads": t.num_attention_heads,
+                "num_key_value_heads": t.num_key_value_heads,
+                "max_position_embeddings": t.max_position_embeddings,
+                "vocab_size": len(build_tiny_tokenizer()), "tie_word_embeddings": False}
+        return facts_from_architecture(arch, "tiny random Llama", "model.tiny")
+    if m.source == "demo":
+        path = cache / DEMO_NAME
+        if (path / "config.json").is_file():
+            return facts_from_config_dir(path, DEMO_NAME, cfg.model.trust_remote_code)
+        return facts_from_architecture(DEMO_ARCHITECTURE, DEMO_NAME, "its known config.json")
+    local = Path(m.source).expanduser()
+    if local.is_dir():
+        if not (local / "config.json").is_file():
+            raise PlanError(f"model.source {m.source!r} has no config.json")
+        return facts_from_config_dir(local, m.source, cfg.model.trust_remote_code)
+    cached = cache / m.source.replace("/", "--")
+    if (cached / "config.json").is_file():
+        return facts_from_config_dir(cached, m.source, cfg.model.trust_remote_code)
+    if m.architecture:
+        return facts_from_architecture(m.architecture, m.source, "model.architecture")
+    if m.num_parameters:
+        return ModelFacts(name=m.source, source="model.num_parameters",
+                          num_parameters=m.num_parameters)
+    raise PlanError(
+        f"model.source {m.source!r} is neither a local directory nor in the model cache "
+        f"({cached}); to plan without downloading it, give its config.json fields as "
+        "model.architecture (or at least model.num_parameters)")
+
+
+def facts_from_config_dir(path: Path, name: str, trust_remote_code: bool = False) -> ModelFacts:
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    return _facts(config, name, f"{path / 'config.json'}", trust_remote_code)
+
+
+def facts_from_architecture(arch: dict[str, Any], name: str, source: str) -> ModelFacts:
+    from transformers import AutoConfig
+
+    arch = dict(arch)
+    model_type = arch.pop("model_type", None)
+    if not model_type:
+        raise PlanError(f"{source} needs model_type (e.g. llama), as in the model's config.json")
+    return _facts(AutoConfig.for_model(model_type, **arch), name, source)
+
+
+def _facts(config, name: str, source: str, trust_remote_code: bool = False) -> ModelFacts:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    # On the meta device: exact shapes, no memory, no initialization cost worth mentioning.
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    seen: set[int] = set()
+    total = 0
+    for p in model.parameters():  # parameters() already skips tied aliases; ids make it certain
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+    layers = _decoder_layers(model)
+    units: list[tuple[int, str]] = []
+    if layers is not None and len(layers):
+        units.append((sum(p.numel() for p in layers[0].parameters()), "one decoder layer"))
+    # Modules outside the layer stack are gathered whole too (embeddings, lm_head).
+    layer_ids = {id(p) for p in layers.parameters()} if layers is not None else set()
+    for mod_name, mod in model.named_modules():
+        own = [p for p in mod.parameters(recurse=False) if id(p) not in layer_ids]
+        if own:
+            units.append((sum(p.numel() for p in own), mod_name))
+    largest, largest_name = max(units) if units else (None, None)
+    text = getattr(config, "get_text_config", lambda: config)()
+    heads = getattr(text, "num_attention_heads", None)
+    hidden = getattr(text, "hidden_size", None)
+    head_dim = getattr(text, "head_dim", None) or (hidden // heads if hidden and heads else None)
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    return ModelFacts(
+        name=name, source=source, num_parameters=total,
+        num_layers=getattr(text, "num_hidden_layers", None), hidden_size=hidden,
+        intermediate_size=getattr(text, "intermediate_size", None),
+        vocab_size=getattr(text, "vocab_size", None),
+        kv_dim=kv_heads * head_dim if kv_heads and head_dim else None,
+        largest_unit=largest, largest_unit_name=largest_name)
+
+
+def _decoder_layers(model):
+    import torch
+
+    lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList)]
+    if not lists:
+        return None
+    return max(lists, key=lambda ml: sum(p.numel() for p in ml.parameters()))
+
+
+# ------------------------------------------------------------------------------ arithmetic
+
+
+def train_state_bytes(params: int, precision: str, zero_stage: int, world: int) -> dict[str, float]:
+    """DeepSpeed's per-rank bytes for weights, gradients and optimizer states (AdamW), by ZeRO
+    stage: 1 partitions the optimizer states, 2 also the gradients, 3 also the weights."""
+    if precision == "bf16":
+        w, g, o = 2, 2, 12  # bf16 weights and grads; fp32 master weights, m and v
+    else:
+        w, g, o = 4, 4, 8  # fp32 weights and grads; m and v
+    if zero_stage >= 1:
+        o = o / world
+    if zero_stage >= 2:
+        g = g / world
+    if zero_stage >= 3:
+        w = w / world
+    return {"weights": params * w, "gradients": params * g, "optimizer": params * o}
+
+
+def activation_bytes(facts: ModelFacts, micro_batch: int, seq_len: int, compute_bytes: int) -> Optional[int]:
+    """Saved activations of one micro-batch (rough, no recomputation); None without the shape."""
+    if not (facts.num_layers and facts.hidden_size and facts.vocab_size):
+        return None
+    inter = facts.intermediate_size or 4 * facts.hidden_size
+    tokens = micro_batch * seq_len
+    per_layer = tokens * (10 * facts.hidden_size + 4 * inter) * compute_bytes
+    logits = tokens * facts.vocab_size * (compute_bytes + 8)  # compute dtype, fp32 copy, its grad
+    return facts.num_layers * per_layer + logits
+
+
+def _train_resources(tc) -> dict[str, float]:
+    res = {"CPU": float(tc.cpus_per_worker)}
+    if tc.use_gpu:
+        res["GPU"] = 1.0
+    res.update(tc.custom_resources)
+    return res
+
+
+def worker_resources(cfg: PipelineConfig, stage: str) -> dict[str, float]:
+    """The Ray resources one worker (trainers) or actor/task (the others) of `stage` asks for:
+    the single place that turns the config into a resource request."""
+    if stage in ("probe", "consolidate"):
+        return _train_resources(getattr(cfg, stage))
+    if stage in ("regions", "fuse"):
+        sc = getattr(cfg, stage)
+        return {"CPU": float(sc.cpus_per_actor), **sc.custom_resources}
+    if stage == "evaluate":
+        ec = cfg.evaluate
+        res = {"CPU": float(ec.cpus_per_worker)}
+        if ec.use_gpu:
+            res["GPU"] = 1.0
+        return {**res, **ec.custom_resources}
+    if stage == "groups":
+        return {}
+    raise KeyError(stage)
+
+
+# ------------------------------------------------------------------------------ the plan
+
+
+def build_plan(cfg: PipelineConfig, config_name: str = "config", facts: Optional[ModelFacts] = None) -> Plan:
+    facts = facts or model_facts(cfg)
+    builders = {"probe": _probe, "regions": _regions, "groups": _groups, "fuse": _fuse,
+                "consolidate": _consolidate, "baselines": _baselines, "evaluate": _evaluate}
+    return Plan(config=config_name, model=facts, dtype=cfg.model.dtype,
+                stages=[builders.get(s, _unsized)(cfg, facts, s) for s in cfg.stages])
+
+
+def _unsized(cfg: PipelineConfig, f: ModelFacts, name: str) -> StagePlan:
+    return StagePlan(name=name, engine="(not sized by cpi-ray plan)", layout="?", units=0,
+                     resources={})
+
+
+def _probe(cfg: PipelineConfig, f: ModelFacts, name: str = "") -> StagePlan:
+    tc = cfg.probe
+    n_tasks = len(cfg.tasks)
+    w = DTYPE_BYTES[cfg.model.dtype]
+    P = f.num_parameters
+    mem = [(f"weights ({cfg.model.dtype}, {w} B/param)", P * w),
+           (f"gradients ({w} B/param)", P * w),
+           (f"AdamW moments m, v ({2 * w} B/param)", 2 * P * w)]
+    if tc.num_workers > 1:
+        mem.append((f"DDP gradient buckets ({w} B/param)", P * w))
+    compute = 2 if tc.precision == "bf16" else w
+    micro = tc.batch_size // tc.grad_accum
+    act = activation_bytes(f, micro, cfg.data.max_seq_len, compute)
+    notes = []
+    if act is not None:
+        mem.append((f"activations (micro-batch {micro} x {cfg.data.max_seq_len} tokens, rough)", act))
+    else:
+        notes.append("activations unknown: give model.architecture for them")
+    plan = StagePlan(
+        name="probe", engine="Ray Train TorchTrainer per task (data parallel, full fine-tuning)",
+        layout=f"{n_tasks} trainer(s) at once x {tc.num_workers} worker(s)",
+        units=n_tasks * tc.num_workers, resources=worker_resources(cfg, "probe"), memory=mem,
+        notes=notes)
+    if tc.use_gpu and plan.memory_per_worker > 80 * GIB:
+        notes.append("more than an 80 GiB GPU holds: use model.dtype bfloat16, a smaller "
+                     "micro-batch (probe.grad_accum) or a sharded probe")
+    return plan
+
+
+def _consolidate(cfg: PipelineConfig, f: ModelFacts, name: str = "") -> StagePlan:
+    tc = cfg.consolidate
+    N = tc.num_workers
+    stage = int(tc.deepspeed.get("zero_optimization", {}).get("stage", tc.zero_stage))
+    states = train_state_bytes(f.num_parameters, tc.precision, stage, N)
+    per = 16 / N if stage >= 3 else None
+    head = f"{per:g} B/param = 16 / {N} ranks" if per is not None else f"ZeRO-{stage}"
+    mem = [(f"weights + gradients + AdamW states ({head})", int(sum(states.values())))]
+    compute = 2 if tc.precision == "bf16" else 4
+    notes = [f"ZeRO-{stage} over {N} rank(s), {tc.precision}"]
+    if stage >= 3:
+        if f.largest_unit:
+            mem.append((f"gathered: current + prefetched unit (2 x {f.largest_unit_name}, "
+                        f"{compute} B/param)", 2 * f.largest_unit * compute))
+        else:
+            notes.append("gathered layer unknown: give model.architecture for it")
+    micro = tc.batch_size // tc.grad_accum
+    act = activation_bytes(f, micro, cfg.data.max_seq_len, compute)
+    if act is not None:
+        mem.append((f"activations (micro-batch {micro} x {cfg.data.max_seq_len} tokens, rough)", act))
+    zo = tc.deepspeed.get("zero_optimization", {})
+    if zo.get("offload_optimizer", {}).get("device") in ("cpu", "nvme"):
+        notes.append("offload_optimizer is set: the optimizer part lives in host memory/NVMe instead")
+    if N > 1 and tc.use_gpu:
+        notes.append(f"{N} GPU workers: one {N}-GPU node (or {N} GPUs across nodes over the network)")
+    return StagePlan(
+        name="consolidate", engine="Ray Train + DeepSpeed ZeRO, one trainer per group in turn",
+        layout=f"1 trainer at a time x {N} worker(s)", units=N,
+        resources=worker_resources(cfg, "consolidate"), memory=mem, notes=notes)
+
+
+def _baselines(cfg: PipelineConfig, f: ModelFacts, name: str = "") -> StagePlan:
+    # The baselines train on the consolidation engine with its settings.
+    modes = list(getattr(getattr(cfg, "baselines", None), "modes", []) or [])
+    cons = _consolidate(cfg, f)
+    if not modes:
+        return StagePlan(name="baselines", engine=cons.engine, layout="no modes configured: nothing runs",
+                         units=0, resources={})
+    return StagePlan(name="baselines", engine=cons.engine,
+                     layout=f"{len(modes)} mode(s) ({', '.join(modes)}), one trainer at a time x "
+                            f"{cfg.consolidate.num_workers} worker(s)",
+                     units=cons.units, resources=cons.resources, memory=cons.memory,
+                     notes=["same engine, workers and memory as consolidate"])
+
+
+def _regions(cfg: PipelineConfig, f: ModelFacts, name: str = "") -> StagePlan:
+    rc = cfg.regions
+    n_tasks = len(cfg.tasks)
+    # An actor reads its chunk in blocks of 4M elements (base, probe, score, key arrays live at
+    # once), so its memory is set by the block, not by the chunk or the model.
+    block = 4 * 2**22 * 4
+    return StagePlan(
+        name="regions", engine="Ray Data over (shard, tensor, chunk) items, actor pool",
+        layout=f"{rc.num_actors} actor(s), work items of regions.chunk_mib={rc.chunk_mib} MiB",
+        units=rc.num_actors, resources=worker_resources(cfg, "regions"),
+        memory=[("streaming blocks (base, probe, score, keys: 4 x 16 MiB)", block)],
+        driver_memory=[(f"bit-packed masks ({n_tasks} task(s) x P/8 bytes)",
+                        n_tasks * math.ceil(f.num_parameters / 8))],
+        notes=["memory per actor does not grow with the model; more actors, more read bandwidth"])
+
+
+def _groups(cfg: PipelineConfig, f: ModelFacts, name: str = "") -> StagePlan:
+    n = len(cfg.tasks)
+    return StagePlan(name="groups", engine="driver: Jaccard overlap of the masks, components",
+                     layout="on the driver", units=0, resources={},
+                     driver_memory=[("two packed masks at a time (2 x P/8 bytes)",
+                                     2 * math.ceil(f.num_parameters / 8))],
+                     notes=[f"{n * (n - 1) // 2} pair(s) of tasks"])
+
+
+def _fuse(cfg: PipelineConfig, f: ModelFacts, name: str = "") -> StagePlan:
+    fc = cfg.fuse
+    chunk = fc.chunk_mib * 2**20
+    return StagePlan(
+        name="fuse", engine="pool of Ray actors, one output shard at a time each",
+        layout=f"{fc.num_actors} actor(s) (at most one per output shard)", units=fc.num_actors,
+        resources=worker_resources(cfg, "fuse"),
+        memory=[("chunk buffers for base, every task model and masks (fuse.chunk_mib budget)", chunk)],
+        notes=["numpy-only actors: memory does not grow with the model or the shard size"])
+
+
+def _evaluate(cfg: PipelineConfig, f: ModelFacts, name: str = "") -> StagePlan:
+    ec = cfg.evaluate
+    w = DTYPE_BYTES[cfg.model.dtype]
+    mem = [(f"weights ({cfg.model.dtype})", f.num_parameters * w)]
+    if f.num_layers and f.kv_dim and f.vocab_size:
+        seq = cfg.data.max_seq_len + ec.max_new_tokens
+        mem.append((f"KV cache (batch {ec.batch_size} x {seq} tokens)",
+                    2 * f.num_layers * ec.batch_size * seq * f.kv_dim * w))
+        mem.append(("logits of the prompt pass (rough)", ec.batch_size * cfg.data.max_seq_len * f.vocab_size * 4))
+    models = []
+    for kind in ec.models:
+        if kind == "probes":
+            models += [f"probe:{t.name}" for t in cfg.tasks]
+        elif kind == "baselines":
+            models += list(getattr(getattr(cfg, "baselines", None), "modes", []) or [])
+        else:
+            models.append(kind)
+    return StagePlan(
+        name="evaluate", engine="Ray tasks, one per model scored",
+        layout=f"{len(models)} model(s), {min(ec.num_workers, len(models))} at a time",
+        units=min(ec.num_workers, len(models)), resources=worker_resources(cfg, "evaluate"),
+        memory=mem)
+
+
+# ------------------------------------------------------------------------------ formatting
+
+
+def _gib(b: float) -> str:
+    if b >= GIB / 10:
+        return f"{b / GIB:.2f} GiB"
+    return f"{b / 2**20:.1f} MiB"
+
+
+def _count(n: int) -> str:
+    for unit, div in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= div:
+            return f"{n / div:.2f} {unit}"
+    return str(n)
+
+
+def _resources(res: dict[str, float]) -> str:
+    if not res:
+        return "nothing (runs in the driver)"
+    return ", ".join(f"{k}={v:g}" for k, v in res.items())
+
+
+def plan_json(plan: Plan) -> str:
+    return json.dumps(plan.to_dict(), indent=2)

@@ -1,0 +1,201 @@
+"""`cpi-ray plan`: parameter counts and memory per worker against arithmetic done by hand, and the
+command itself (no Ray, no download)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from cpi_ray.cli import main
+from cpi_ray.config.load import ConfigError, load_config
+from cpi_ray.pipeline.plan import (GIB, activation_bytes, build_plan, model_facts,
+                                   train_state_bytes, worker_resources)
+
+REPO = Path(__file__).resolve().parents[1]
+LLAMA7B = str(REPO / "jobs/configs/llama7b.yaml")
+
+# Llama-2-7B by hand: per layer q, k, v, o (4 h^2) + gate, up, down (3 h i) + two RMSNorms (2 h);
+# untied embeddings and lm_head (V h each); the final norm (h).
+H7, I7, L7, V7 = 4096, 11008, 32, 32000
+LAYER7 = 4 * H7 * H7 + 3 * H7 * I7 + 2 * H7
+P7 = L7 * LAYER7 + 2 * V7 * H7 + H7
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch):
+    # Planning must never reach a model hub.
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+def _cfg(tmp_path, overrides=(), path=LLAMA7B):
+    return load_config(path, [f"model.cache_dir={tmp_path / 'models'}", *overrides])
+
+
+def test_llama7b_parameter_count_from_architecture(tmp_path):
+    assert P7 == 6_738_415_616  # the published count
+    f = model_facts(_cfg(tmp_path))
+    assert f.num_parameters == P7
+    assert (f.num_layers, f.hidden_size, f.intermediate_size, f.vocab_size) == (L7, H7, I7, V7)
+    assert f.largest_unit == LAYER7 and f.largest_unit_name == "one decoder layer"
+    assert f.source == "model.architecture"
+
+
+def test_tiny_model_count_matches_the_real_model_and_hand_arithmetic(tmp_path):
+    from cpi_ray.models.tiny import build_tiny_model
+
+    cfg = _cfg(tmp_path, path=str(REPO / "jobs/configs/smoke.yaml"))
+    f = model_facts(cfg)
+    t = cfg.model.tiny
+    model, tok = build_tiny_model(**t.model_dump())
+    assert f.num_parameters == sum(p.numel() for p in model.parameters())
+    h, i, V = t.hidden_size, t.intermediate_size, len(tok)
+    kv = h // t.num_attention_heads * t.num_key_value_heads
+    layer = 2 * h * h + 2 * h * kv + 3 * h * i + 2 * h
+    assert f.num_parameters == t.num_hidden_layers * layer + 2 * V * h + h
+    assert f.kv_dim == kv
+
+
+def test_demo_model_planned_before_it_is_materialized(tmp_path):
+    # SmolLM2-135M: GQA with 3 of 9 heads for k and v, embeddings tied to the lm_head.
+    cfg = _cfg(tmp_path, path=str(REPO / "jobs/configs/demo.yaml"))
+    assert not (tmp_path / "models").exists()
+    f = model_facts(cfg)
+    h, i, L, V, kv = 576, 1536, 30, 49152, 192
+    assert f.num_parameters == L * (2 * h * h + 2 * h * kv + 3 * h * i + 2 * h) + V * h + h
+    assert f.num_parameters == 134_515_008
+    assert f.largest_unit == V * h  # the embedding outweighs a layer here
+    assert not (tmp_path / "models").exists()
+
+
+def test_probe_memory_is_four_weight_copies_plus_activations(tmp_path):
+    cfg = _cfg(tmp_path)  # bf16, one worker, micro-batch 32/16 = 2, 1024 tokens
+    probe = build_plan(cfg).stages[0]
+    assert probe.name == "probe"
+    mem = dict(probe.memory)
+    act = L7 * 2 * 1024 * (10 * H7 + 4 * I7) * 2 + 2 * 1024 * V7 * (2 + 8)
+    assert sum(b for k, b in mem.items() if not k.startswith("activations")) == 8 * P7
+    assert [b for k, b in mem.items() if k.startswith("activations")] == [act]
+    assert probe.memory_per_worker == 8 * P7 + act
+    assert 60 * GIB < probe.memory_per_worker < 62 * GIB  # fits one 80 GB GPU
+
+    # fp32: 16 B/param; a second worker adds DDP's gradient buckets (4 B/param).
+    fp32 = build_plan(_cfg(tmp_path, ["model.dtype=float32", "probe.precision=fp32",
+                                      "probe.num_workers=2"])).stages[0]
+    static = sum(b for k, b in fp32.memory if not k.startswith("activations"))
+    assert static == 16 * P7 + 4 * P7
+    assert fp32.units == 3 * 2  # three tasks' trainers at once, two workers each
+    assert any("80 GiB" in n for n in fp32.notes)
+
+
+def test_zero3_partition_arithmetic(tmp_path):
+    cfg = _cfg(tmp_path)
+    cons = next(s for s in build_plan(cfg).stages if s.name == "consolidate")
+    mem = dict(cons.memory)
+    states = next(b for k, b in mem.items() if k.startswith("weights + gradients"))
+    assert states == 16 * P7 // 8  # 16 B/param over 8 ranks
+    gathered = next(b for k, b in mem.items() if k.startswith("gathered"))
+    assert gathered == 2 * LAYER7 * 2  # current + prefetched layer, bf16
+    act = L7 * 4 * 1024 * (10 * H7 + 4 * I7) * 2 + 4 * 1024 * V7 * 10
+    assert cons.memory_per_worker == states + gathered + act
+
+    # Twice the ranks, half the partition; nothing else moves.
+    cons16 = next(s for s in build_plan(_cfg(tmp_path, ["consolidate.num_workers=16"])).stages
+                  if s.name == "consolidate")
+    assert cons.memory_per_worker - cons16.memory_per_worker == 16 * P7 // 8 - 16 * P7 // 16
+
+
+def test_train_state_bytes_by_zero_stage():
+    P, N = 1000, 4
+    # bf16: 2 (weights) + 2 (grads) + 12 (fp32 master, m, v); fp32: 4 + 4 + 8.
+    assert train_state_bytes(P, "bf16", 0, N) == {"weights": 2000, "gradients": 2000, "optimizer": 12000}
+    assert train_state_bytes(P, "bf16", 1, N) == {"weights": 2000, "gradients": 2000, "optimizer": 3000}
+    assert train_state_bytes(P, "bf16", 2, N) == {"weights": 2000, "gradients": 500, "optimizer": 3000}
+    assert train_state_bytes(P, "fp32", 3, N) == {"weights": 1000, "gradients": 1000, "optimizer": 2000}
+    assert sum(train_state_bytes(P, "fp32", 3, N).values()) == 16 * P / N
+
+
+def test_activation_estimate_needs_the_shape():
+    from cpi_ray.pipeline.plan import ModelFacts
+
+    assert activation_bytes(ModelFacts("m", "hint", 10**9), 4, 512, 2) is None
+    f = ModelFacts("m", "x", 1, num_layers=2, hidden_size=8, intermediate_size=16, vocab_size=10)
+    assert activation_bytes(f, 3, 5, 4) == 2 * 15 * (80 + 64) * 4 + 15 * 10 * 12
+
+
+def test_streaming_stages_do_not_grow_with_the_model(tmp_path):
+    small = {s.name: s for s in build_plan(_cfg(tmp_path, path=str(REPO / "jobs/configs/smoke.yaml"))).stages}
+    big = {s.name: s for s in build_plan(_cfg(tmp_path)).stages}
+    assert big["fuse"].memory_per_worker == 512 * 2**20  # fuse.chunk_mib is the actor's budget
+    assert small["regions"].memory_per_worker == big["regions"].memory_per_worker
+    # ... but the driver's packed masks do: one bit per parameter per task.
+    assert dict(big["regions"].driver_memory)["bit-packed masks (3 task(s) x P/8 bytes)"] == 3 * P7 // 8
+    assert big["regions"].units == 32 and big["fuse"].units == 16
+
+
+def test_worker_resources_carry_custom_resources(tmp_path):
+    cfg = _cfg(tmp_path)
+    assert worker_resources(cfg, "probe") == {"CPU": 8, "GPU": 1, "probe_gpu": 1}
+    assert worker_resources(cfg, "consolidate") == {"CPU": 10, "GPU": 1, "zero3_gpu": 1}
+    assert worker_resources(cfg, "regions") == {"CPU": 1, "cpu_stream": 1}
+    assert worker_resources(cfg, "fuse") == {"CPU": 1, "cpu_stream": 1}
+    assert worker_resources(cfg, "evaluate") == {"CPU": 4, "GPU": 1, "probe_gpu": 1}
+    assert worker_resources(cfg, "groups") == {}
+    total = build_plan(cfg).total_resources()
+    assert total["consolidate"] == {"CPU": 80, "GPU": 8, "zero3_gpu": 8}
+    assert total["probe"] == {"CPU": 24, "GPU": 3, "probe_gpu": 3}
+
+
+@pytest.mark.parametrize("bad", ["probe.custom_resources={GPU: 1}",
+                                 "fuse.custom_resources={cpu_stream: -1}"])
+def test_custom_resources_are_validated(tmp_path, bad):
+    with pytest.raises(ConfigError, match="custom_resources"):
+        _cfg(tmp_path, [bad])
+
+
+def test_plan_command_prints_the_7b_plan(tmp_path, capsys):
+    import ray
+
+    assert main(["plan", "--config", LLAMA7B, "--set", f"model.cache_dir={tmp_path}"]) == 0
+    out = capsys.readouterr().out
+    assert "6.74 B parameters" in out and "from model.architecture" in out
+    assert "2 B/param = 16 / 8 ranks" in out
+    for stage in ("probe", "regions", "groups", "fuse", "consolidate", "evaluate"):
+        assert f"\n{stage}: " in out
+    assert "zero3_gpu=1" in out and "probe_gpu=1" in out
+    assert not ray.is_initialized()
+
+    assert main(["plan", "--config", LLAMA7B, "--json", "--stages", "consolidate",
+                 "--set", f"model.cache_dir={tmp_path}", "--set", "consolidate.num_workers=16"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert [s["name"] for s in data["stages"]] == ["consolidate"]
+    assert data["model"]["num_parameters"] == P7
+    assert data["stages"][0]["memory"][0][1] == P7  # 16 B/param / 16 ranks
+
+
+def test_plan_command_for_the_demo(tmp_path, capsys):
+    demo = str(REPO / "jobs/configs/demo.yaml")
+    assert main(["plan", "--config", demo, "--set", f"model.cache_dir={tmp_path}"]) == 0
+    out = capsys.readouterr().out
+    assert "134.52 M parameters" in out and "16 / 2 ranks" in out
+
+
+def test_hub_model_without_hints_is_a_config_error(tmp_path, capsys):
+    args = ["plan", "--config", LLAMA7B, "--set", f"model.cache_dir={tmp_path}",
+            "--set", "model.architecture=null"]
+    assert main(args) == 2
+    assert "model.architecture" in capsys.readouterr().err
+    # A bare parameter count is enough for the static part; activations are then unknown.
+    assert main([*args, "--set", "model.num_parameters=7000000000"]) == 0
+    out = capsys.readouterr().out
+    assert "7.00 B parameters" in out and "activations unknown" in out
+
+
+def test_a_downloaded_hub_model_is_read_from_the_cache(tmp_path, tiny_model_dir):
+    import shutil
+
+    cached = tmp_path / "meta-llama--Llama-2-7b-hf"
+    shutil.copytree(tiny_model_dir, cached)
+    f = model_facts(load_config(LLAMA7B, [f"model.cache_dir={tmp_path}"]))
+    assert f.source.endswith("config.json") and f.num_parameters < 10**6
