@@ -1,0 +1,271 @@
+"""The deployment files in cluster/: the launcher configs against Ray's own cluster-config schema
+(and Ray's own config preparation), the RayJob against the KubeRay fields it uses, the node types
+against what the 7B config's stages ask for, and no public dashboard, no secrets."""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cpi_ray.config.load import load_config
+from cpi_ray.pipeline.plan import worker_resources
+
+REPO = Path(__file__).resolve().parents[1]
+CLUSTER = REPO / "cluster"
+LAUNCHER = ["aws.yaml", "gcp.yaml"]
+# Which node type each stage of jobs/configs/llama7b.yaml must land on.
+STAGE_NODE = {"probe": "gpu1_spot", "evaluate": "gpu1_spot", "regions": "cpu_stream",
+              "fuse": "cpu_stream", "consolidate": "gpu8"}
+
+
+def _load(name: str) -> dict:
+    return yaml.safe_load((CLUSTER / name).read_text())
+
+
+def _llama7b():
+    return load_config(REPO / "jobs/configs/llama7b.yaml")
+
+
+@pytest.fixture(scope="module")
+def ray_schema() -> dict:
+    import ray.autoscaler
+
+    path = Path(ray.autoscaler.__file__).parent / "ray-schema.json"
+    return json.loads(path.read_text())
+
+
+# ------------------------------------------------------------------------- cluster launcher
+
+
+@pytest.mark.parametrize("name", LAUNCHER)
+def test_launcher_config_matches_rays_schema(name, ray_schema):
+    import jsonschema
+
+    cfg = _load(name)
+    jsonschema.validate(cfg, ray_schema)
+    # Ray's own path for `ray up`: provider defaults merged in, then validated again.
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    prepared = prepare_config(copy.deepcopy(cfg))
+    validate_config(prepared)
+    assert prepared["head_node_type"] == "head"
+    # The provider defaults start the head with a public dashboard; ours must have replaced them.
+    assert "0.0.0.0" not in json.dumps(prepared)
+
+
+def test_schema_catches_a_broken_config(ray_schema):
+    # The validation above has teeth: a misspelt field or a fractional resource fails.
+    import jsonschema
+
+    cfg = _load("aws.yaml")
+    bad = copy.deepcopy(cfg)
+    bad["available_node_types"]["gpu8"]["max_worker"] = 2
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(bad, ray_schema)
+    bad = copy.deepcopy(cfg)
+    bad["available_node_types"]["gpu8"]["resources"]["zero3_gpu"] = 0.5
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(bad, ray_schema)
+
+
+@pytest.mark.parametrize("name", LAUNCHER)
+def test_launcher_node_types(name):
+    cfg = _load(name)
+    types = cfg["available_node_types"]
+    assert set(types) == {"head", "cpu_stream", "gpu1_spot", "gpu8"}
+    assert types["head"]["resources"] == {"CPU": 0}  # no stage workers on the head
+    assert cfg["idle_timeout_minutes"] > 0
+    for t in ("cpu_stream", "gpu1_spot", "gpu8"):
+        assert types[t]["min_workers"] == 0 < types[t]["max_workers"] <= cfg["max_workers"]
+    assert types["gpu8"]["resources"]["GPU"] == 8 and types["gpu1_spot"]["resources"]["GPU"] == 1
+    spot = json.dumps(types["gpu1_spot"]["node_config"]).lower()
+    assert "spot" in spot
+    assert "spot" not in json.dumps(types["gpu8"]["node_config"]).lower()
+
+
+@pytest.mark.parametrize("name", LAUNCHER)
+def test_each_stage_fits_the_node_type_meant_for_it(name):
+    """The autoscaler can only start a node for a request that fits on one node of some type;
+    the custom resources make it the intended type and no other."""
+    cfg = _llama7b()
+    types = {k: v["resources"] for k, v in _load(name)["available_node_types"].items()}
+    for stage, node in STAGE_NODE.items():
+        ask = worker_resources(cfg, stage)
+        fits = [t for t, res in types.items() if all(res.get(k, 0) >= v for k, v in ask.items())]
+        assert fits == [node], (stage, ask, fits)
+    # ZeRO-3's workers all at once: 8 ranks on one 8-GPU node.
+    ask = worker_resources(cfg, "consolidate")
+    per_node = min(types["gpu8"][k] // v for k, v in ask.items())
+    assert per_node >= cfg.consolidate.num_workers
+    # All probes at once on the spot nodes.
+    gpu1 = _load(name)["available_node_types"]["gpu1_spot"]
+    assert gpu1["max_workers"] >= len(cfg.tasks) * cfg.probe.num_workers
+
+
+@pytest.mark.parametrize("name", LAUNCHER)
+def test_launcher_keeps_token_auth_and_a_private_dashboard(name):
+    cfg = _load(name)
+    assert cfg["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
+    starts = [c for c in cfg["head_start_ray_commands"] + cfg["worker_start_ray_commands"]
+              if "ray start" in c]
+    assert len(starts) == 2
+    for c in starts:
+        assert c.index("export RAY_AUTH_MODE=token") < c.index("ray start")
+    (head,) = [c for c in cfg["head_start_ray_commands"] if "ray start" in c]
+    assert "--dashboard-host=127.0.0.1" in head
+    assert any("pip install" in c and "-e ~/cpi-ray" in c for c in cfg["setup_commands"])
+
+
+# --------------------------------------------------------------------------------- KubeRay
+
+# The parts of the KubeRay v1 CRDs (RayJob, RayCluster) this manifest uses: the allowed keys at
+# each level, so that a misspelt field fails here instead of being dropped by the API server.
+RAYJOB_SPEC_KEYS = {"entrypoint", "runtimeEnvYAML", "jobId", "shutdownAfterJobFinishes",
+                    "ttlSecondsAfterFinished", "activeDeadlineSeconds", "backoffLimit",
+                    "rayClusterSpec", "clusterSelector", "submissionMode", "submitterPodTemplate",
+                    "submitterConfig", "entrypointNumCpus", "entrypointNumGpus",
+                    "entrypointResources", "suspend", "managedBy", "deletionStrategy", "metadata"}
+RAYCLUSTER_SPEC_KEYS = {"rayVersion", "enableInTreeAutoscaling", "autoscalerOptions",
+                        "headGroupSpec", "workerGroupSpecs", "headServiceAnnotations", "suspend",
+                        "managedBy", "gcsFaultToleranceOptions", "authOptions", "upgradeStrategy"}
+AUTOSCALER_KEYS = {"resources", "image", "imagePullPolicy", "securityContext",
+                   "idleTimeoutSeconds", "upscalingMode", "env", "envFrom", "volumeMounts", "version"}
+HEAD_KEYS = {"rayStartParams", "template", "serviceType", "headService", "enableIngress",
+             "resources", "labels"}
+WORKER_KEYS = {"groupName", "replicas", "minReplicas", "maxReplicas", "idleTimeoutSeconds",
+               "rayStartParams", "template", "scaleStrategy", "numOfHosts", "suspend",
+               "resources", "labels"}
+SUBMISSION_MODES = {"K8sJobMode", "HTTPMode", "InteractiveMode", "SidecarMode"}
+UPSCALING_MODES = {"Default", "Aggressive", "Conservative"}
+
+
+def _rayjob() -> dict:
+    return _load("kuberay-rayjob.yaml")
+
+
+def _custom(rsp: dict) -> dict:
+    # KubeRay passes rayStartParams.resources verbatim to `ray start --resources=`: a quoted
+    # JSON object inside a YAML string.
+    raw = rsp.get("resources")
+    if raw is None:
+        return {}
+    assert raw.startswith('"') and raw.endswith('"'), raw
+    return json.loads(raw[1:-1].replace('\\"', '"'))
+
+
+def test_rayjob_structure():
+    job = _rayjob()
+    assert job["apiVersion"] == "ray.io/v1" and job["kind"] == "RayJob"
+    assert re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", job["metadata"]["name"])
+    spec = job["spec"]
+    assert set(spec) <= RAYJOB_SPEC_KEYS, set(spec) - RAYJOB_SPEC_KEYS
+    assert spec["submissionMode"] in SUBMISSION_MODES
+    assert spec["shutdownAfterJobFinishes"] is True and isinstance(spec["ttlSecondsAfterFinished"], int)
+    yaml.safe_load(spec["runtimeEnvYAML"])
+
+    # The entrypoint is the job script with a config that exists in this repository.
+    m = re.search(r"python /app/(jobs/cpi_pipeline\.py) --config /app/(\S+)", spec["entrypoint"])
+    assert m and (REPO / m.group(1)).is_file() and (REPO / m.group(2)).is_file()
+
+    rc = spec["rayClusterSpec"]
+    assert set(rc) <= RAYCLUSTER_SPEC_KEYS, set(rc) - RAYCLUSTER_SPEC_KEYS
+    assert rc["rayVersion"].startswith("2.60")
+    assert rc["enableInTreeAutoscaling"] is True
+    assert set(rc["autoscalerOptions"]) <= AUTOSCALER_KEYS
+    assert rc["autoscalerOptions"]["upscalingMode"] in UPSCALING_MODES
+    assert rc["autoscalerOptions"]["idleTimeoutSeconds"] > 0
+
+    head = rc["headGroupSpec"]
+    assert set(head) <= HEAD_KEYS
+    assert head["rayStartParams"] == {"num-cpus": "0"}
+    assert head["template"]["spec"]["containers"][0]["name"] == "ray-head"
+
+    groups = {g["groupName"]: g for g in rc["workerGroupSpecs"]}
+    assert set(groups) == {"cpu-stream", "gpu1-spot", "gpu8"}
+    for g in groups.values():
+        assert set(g) <= WORKER_KEYS, set(g) - WORKER_KEYS
+        assert all(isinstance(v, int) for v in (g["replicas"], g["minReplicas"], g["maxReplicas"]))
+        assert 0 == g["minReplicas"] <= g["replicas"] <= g["maxReplicas"]
+        # rayStartParams is a map of strings in the CRD; numbers are rejected by the API server.
+        assert all(isinstance(v, str) for v in g["rayStartParams"].values()), g["rayStartParams"]
+        (container,) = g["template"]["spec"]["containers"]
+        res = container["resources"]
+        assert res["requests"] == res["limits"]
+        gpus = int(g["rayStartParams"].get("num-gpus", "0"))
+        assert int(res["limits"].get("nvidia.com/gpu", "0")) == gpus
+        assert float(g["rayStartParams"]["num-cpus"]) <= float(res["limits"]["cpu"])
+        mounts = {v["mountPath"] for v in container["volumeMounts"]}
+        assert "/mnt/cpi" in mounts  # the shared run directory
+    assert "spot" in json.dumps(groups["gpu1-spot"]["template"]["spec"]["nodeSelector"])
+
+
+def test_rayjob_groups_fit_the_stages():
+    cfg = _llama7b()
+    groups = {g["groupName"]: g for g in _rayjob()["spec"]["rayClusterSpec"]["workerGroupSpecs"]}
+    offered = {}
+    for name, g in groups.items():
+        rsp = g["rayStartParams"]
+        offered[name] = {"CPU": float(rsp["num-cpus"]), "GPU": float(rsp.get("num-gpus", 0)),
+                         **_custom(rsp)}
+    want = {"probe": "gpu1-spot", "evaluate": "gpu1-spot", "regions": "cpu-stream",
+            "fuse": "cpu-stream", "consolidate": "gpu8"}
+    for stage, group in want.items():
+        ask = worker_resources(cfg, stage)
+        fits = [n for n, res in offered.items() if all(res.get(k, 0) >= v for k, v in ask.items())]
+        assert fits == [group], (stage, ask, fits)
+    ask = worker_resources(cfg, "consolidate")
+    assert min(offered["gpu8"][k] // v for k, v in ask.items()) >= cfg.consolidate.num_workers
+
+
+def test_rayjob_keeps_token_auth_and_a_private_dashboard():
+    job = _rayjob()
+    rc = job["spec"]["rayClusterSpec"]
+    assert rc["authOptions"] == {"mode": "token"}
+    head = rc["headGroupSpec"]
+    assert head.get("serviceType", "ClusterIP") == "ClusterIP"
+    assert not head.get("enableIngress", False)
+    assert "dashboard-host" not in head["rayStartParams"]  # KubeRay's in-pod default only
+
+
+# ----------------------------------------------------------------------- all cluster files
+
+SECRET_PATTERNS = [
+    (r"AKIA[0-9A-Z]{16}", "an AWS access key id"),
+    (r"(?i)aws_secret_access_key", "an AWS secret key"),
+    (r"-----BEGIN [A-Z ]*PRIVATE KEY-----", "a private key"),
+    (r"\bhf_[A-Za-z0-9]{30,}", "a Hugging Face token"),
+    (r"\b[0-9a-f]{40,}\b", "a long hex string (a Ray token?)"),
+    (r"(?i)(password|secret|token)\s*[:=]\s*['\"]?[A-Za-z0-9+/=_-]{16,}", "a literal credential"),
+    (r"(?i)RAY_AUTH_TOKEN\s*\n?\s*value:", "a literal Ray token"),
+]
+
+
+def _cluster_files() -> list[Path]:
+    return sorted(p for p in CLUSTER.iterdir() if p.is_file())
+
+
+@pytest.mark.parametrize("path", _cluster_files(), ids=lambda p: p.name)
+def test_no_public_dashboard_and_no_secrets(path):
+    text = path.read_text()
+    assert "0.0.0.0" not in text, f"{path.name} binds something to every interface"
+    assert not re.search(r"(?i)serviceType:\s*(LoadBalancer|NodePort)", text)
+    for pat, what in SECRET_PATTERNS:
+        assert not re.search(pat, text), f"{path.name} seems to hold {what}"
+
+
+def test_secret_scan_has_teeth():
+    fake = "RAY_AUTH_TOKEN=" + "ab" * 32 + "\npassword: hunter2hunter2hunter2\n"
+    hits = [what for pat, what in SECRET_PATTERNS if re.search(pat, fake)]
+    assert "a long hex string (a Ray token?)" in hits and "a literal credential" in hits
+
+
+def test_cluster_readme_covers_what_it_must():
+    text = (CLUSTER / "README.md").read_text()
+    for must in ("ray get-auth-token", "RAY_AUTH_MODE=token", "ray dashboard", "ssh -L",
+                 "cpi-ray plan", "70B", "7B", "ZeRO-3", "16 B"):
+        assert must in text, must
