@@ -114,8 +114,9 @@ class Plan:
             lines.append(f"largest unit gathered by ZeRO-3: {m.largest_unit_name}, "
                          f"{_count(m.largest_unit)} parameters")
         for s in self.stages:
-            lines += ["", f"{s.name}: {s.engine}", f"  runs as      {s.layout}",
-                      f"  each asks    {_resources(s.resources)}"]
+            lines += ["", f"{s.name}: {s.engine}", f"  runs as      {s.layout}"]
+            if s.units:
+                lines.append(f"  each asks    {_resources(s.resources)}")
             if s.memory:
                 lines.append(f"  memory/each  {_gib(s.memory_per_worker)} (estimate)")
                 for label, b in s.memory:
@@ -402,7 +403,7 @@ def _regions(cfg: PipelineConfig, f: ModelFacts, name: str = "") -> StagePlan:
 def _groups(cfg: PipelineConfig, f: ModelFacts, name: str = "") -> StagePlan:
     n = len(cfg.tasks)
     return StagePlan(name="groups", engine="driver: Jaccard overlap of the masks, components",
-                     layout="on the driver", units=0, resources={},
+                     layout="on the driver, no Ray resources", units=0, resources={},
                      driver_memory=[("two packed masks at a time (2 x P/8 bytes)",
                                      2 * math.ceil(f.num_parameters / 8))],
                      notes=[f"{n * (n - 1) // 2} pair(s) of tasks"])
@@ -460,8 +461,6 @@ def _count(n: int) -> str:
 
 
 def _resources(res: dict[str, float]) -> str:
-    if not res:
-        return "nothing (runs in the driver)"
     return ", ".join(f"{k}={v:g}" for k, v in res.items())
 
 
