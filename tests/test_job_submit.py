@@ -194,8 +194,6 @@ def test_job_submit_runs_on_both_nodes(loopback_cluster):
     submit = c.cli("job", "submit", "--address", c.dashboard, "--submission-id", job_id,
                    "--working-dir", ".", "--", *entry, timeout=420)
     status = c.cli("job", "status", "--address", c.dashboard, job_id)
-    if os.environ.get("CPI_TEST_KEEP_LOG"):
-        Path(os.environ["CPI_TEST_KEEP_LOG"]).write_text(submit.stdout + submit.stderr)
     assert "succeeded" in status.stdout.lower(), (
         f"job did not succeed:\n{status.stdout}\n{status.stderr}\n--- submit output ---\n"
         f"{submit.stdout[-6000:]}\n{submit.stderr[-3000:]}\n--- nodes ---\n{c.logs()}")
