@@ -169,7 +169,7 @@ class EvaluateStage(Stage):
         return tuple(deps)
 
     def config_slice(self, cfg: PipelineConfig) -> dict:
-        ev = cfg.evaluate.model_dump(exclude={"num_workers", "cpus_per_worker"})
+        ev = cfg.evaluate.model_dump(exclude={"num_workers", "cpus_per_worker", "custom_resources"})
         return {"evaluate": ev, "tasks": [task_identity(t) for t in cfg.tasks],
                 "split_seed": cfg.data.split_seed, "dtype": cfg.model.dtype}
 
@@ -189,8 +189,11 @@ class EvaluateStage(Stage):
         log.info("evaluate: %d model(s) on %s", len(models),
                  ", ".join(f"{t} ({len(r)} rows)" for t, r in tasks_rows.items()))
 
+        from cpi_ray.pipeline.plan import worker_resources
+
+        res = worker_resources(cfg, "evaluate")
         remote = ray.remote(_evaluate_task).options(
-            num_cpus=cfg.evaluate.cpus_per_worker, num_gpus=1 if cfg.evaluate.use_gpu else 0,
+            num_cpus=res.pop("CPU"), num_gpus=res.pop("GPU", 0), resources=res,
             max_retries=0, name="cpi-evaluate")
         rows_ref = ray.put(tasks_rows)
         results: dict[str, dict] = {}

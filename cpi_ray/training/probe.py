@@ -28,14 +28,16 @@ from cpi_ray.training.sft import (accumulate_loss, clip_grad, make_optimizer, ma
 log = logging.getLogger("cpi_ray")
 
 PROBE_RECORD = "probe.json"
+# Where workers run, not what they compute: changing these must not retrain a probe.
+PLACEMENT_FIELDS = {"cpus_per_worker", "custom_resources"}
 _CKPT_STATE = "train_state.pt"
 _CKPT_WEIGHTS = "model.safetensors"
 
 
 def probe_fingerprint(cfg: PipelineConfig, task: str, base_id: str) -> str:
     return stable_hash({"task": cfg.task(task).model_dump(), "data": cfg.data.model_dump(),
-                        "probe": cfg.probe.model_dump(), "dtype": cfg.model.dtype,
-                        "base": base_id})
+                        "probe": cfg.probe.model_dump(exclude=PLACEMENT_FIELDS),
+                        "dtype": cfg.model.dtype, "base": base_id})
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -134,7 +136,7 @@ class ProbeStage(Stage):
 
     def config_slice(self, cfg: PipelineConfig) -> dict:
         return {"tasks": [t.model_dump() for t in cfg.tasks], "data": cfg.data.model_dump(),
-                "probe": cfg.probe.model_dump(), "dtype": cfg.model.dtype}
+                "probe": cfg.probe.model_dump(exclude=PLACEMENT_FIELDS), "dtype": cfg.model.dtype}
 
     def run(self, ctx: RunContext) -> list[Path]:
         import ray
@@ -153,7 +155,11 @@ class ProbeStage(Stage):
         if not pending:
             return outputs
 
-        fit = ray.remote(num_cpus=0, max_retries=0)(_fit_probe)
+        # Trainers that find no free resources wait for them (they queue on a small cluster, or
+        # while the autoscaler adds nodes) instead of failing worker-group start-up every minute.
+        fit = ray.remote(num_cpus=0, max_retries=0)(_fit_probe).options(runtime_env={
+            "env_vars": {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": os.environ.get(
+                "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "3600")}})
         refs = {task: fit.remote(cfg.model_dump(), task, str(ctx.base_model_dir), str(ctx.path("probes", task)),
                                  str(ctx.path("_ray")), fp)
                 for task, fp in pending}
@@ -185,6 +191,8 @@ def _fit_probe(cfg_dump: dict, task: str, base_dir: str, out_dir: str, storage: 
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from cpi_ray.pipeline.plan import worker_resources
+
     cfg = PipelineConfig.model_validate(cfg_dump)
     tc = cfg.probe
     trainer = TorchTrainer(
@@ -192,7 +200,7 @@ def _fit_probe(cfg_dump: dict, task: str, base_dir: str, out_dir: str, storage: 
         train_loop_config={"cfg": cfg_dump, "task": task, "base_dir": base_dir,
                            "out_dir": out_dir, "fingerprint": fingerprint},
         scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
-                                     resources_per_worker={"CPU": tc.cpus_per_worker}),
+                                     resources_per_worker=worker_resources(cfg, "probe")),
         run_config=RunConfig(name=f"probe-{task}-{fingerprint}", storage_path=storage,
                              failure_config=FailureConfig(max_failures=2)),
     )
