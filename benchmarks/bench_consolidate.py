@@ -49,8 +49,8 @@ def bench_worker(config: dict) -> None:
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = zero3.worker_device(tc.use_gpu)
     zero3.init_distributed(tc.use_gpu)
-    device = torch.device("cuda", torch.cuda.current_device()) if tc.use_gpu else torch.device("cpu")
     ds_config = zero3.build_ds_config(tc, world, tc.use_gpu)
     model, _keep = zero3.load_zero3_model(config["model_dir"], ds_config,
                                           zero3.PRECISION_DTYPES[tc.precision])

@@ -113,10 +113,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = zero3.worker_device(tc.use_gpu)
     zero3.init_distributed(tc.use_gpu)
     torch.manual_seed(tc.seed)
     start_dir, out_dir = config["start_dir"], config["out_dir"]
-    device = torch.device(f"cuda:{torch.cuda.current_device()}") if tc.use_gpu else torch.device("cpu")
 
     ds_config = zero3.build_ds_config(tc, world, tc.use_gpu)
     mask = MaskFile(config["mask_path"])

@@ -79,13 +79,15 @@ class ElementFreezer:
             entry = None
             if local.any():
                 sel = _compact(local)
-                entry = _Frozen(name, p, sel, ref[sel].clone())
+                dev = p.ds_tensor.device
+                entry = _Frozen(name, p, sel.to(dev), ref[sel].to(dev))
                 self.local_frozen += int(local.sum())
             if getattr(p, "ds_persist", False):
                 full = mask.flat(name)
                 if full.any():
                     fsel = _compact(full)
-                    fvals = reference.read_flat(name).to(torch.float32)[fsel].clone()
+                    fvals = reference.read_flat(name).to(torch.float32)[fsel].to(p.ds_tensor.device)
+                    fsel = fsel.to(p.ds_tensor.device)
                     if entry is None:
                         entry = _Frozen(name, p, torch.zeros(0, dtype=torch.long),
                                         torch.zeros(0))
@@ -107,6 +109,9 @@ class ElementFreezer:
 
     @staticmethod
     def _put(flat: torch.Tensor, sel: torch.Tensor, values: Optional[torch.Tensor]) -> None:
+        if sel.device != flat.device:  # e.g. GPU partitions, CPU-offloaded master
+            sel = sel.to(flat.device)
+            values = None if values is None else values.to(flat.device)
         if values is None:
             if sel.dtype == torch.bool:
                 flat.masked_fill_(sel, 0)

@@ -114,6 +114,18 @@ def set_accelerator_env(use_gpu: bool) -> None:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
+def worker_device(use_gpu: bool) -> torch.device:
+    """This worker's device; on GPU also made current, so that zero.Init and DeepSpeed place
+    partitions on the GPU Ray Train assigned."""
+    if not use_gpu:
+        return torch.device("cpu")
+    import ray.train.torch
+
+    device = ray.train.torch.get_device()
+    torch.cuda.set_device(device)
+    return device
+
+
 def init_distributed(use_gpu: bool) -> None:
     """Attach DeepSpeed's comm layer to the process group Ray Train (or a launcher) created;
     create one from the env:// variables when there is none."""
