@@ -28,6 +28,7 @@ from cpi_ray.training.sft import (accumulate_loss, clip_grad, make_optimizer, ma
 log = logging.getLogger("cpi_ray")
 
 PROBE_RECORD = "probe.json"
+FISHER_DIR = "fisher"  # beside the probe's weights, sharded safetensors named like them
 # Where workers run, not what they compute: changing these must not retrain a probe.
 PLACEMENT_FIELDS = {"cpus_per_worker", "custom_resources"}
 _CKPT_STATE = "train_state.pt"
@@ -36,7 +37,7 @@ _CKPT_WEIGHTS = "model.safetensors"
 
 def probe_fingerprint(cfg: PipelineConfig, task: str, base_id: str) -> str:
     return stable_hash({"task": cfg.task(task).model_dump(), "data": cfg.data.model_dump(),
-                        "probe": cfg.probe.model_dump(exclude=PLACEMENT_FIELDS),
+                        "probe": cfg.probe.model_dump(exclude=PLACEMENT_FIELDS | {"fisher_batches"}),
                         "dtype": cfg.model.dtype, "base": base_id})
 
 
@@ -45,7 +46,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     rank 0 writes the final HF model."""
     import ray.train
     import ray.train.torch
-    from safetensors.torch import load_file, save_file
 
     from cpi_ray.data.batching import build_train_examples, iterate_batches
     from cpi_ray.models.loading import load_model, load_tokenizer, save_model
@@ -53,15 +53,65 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     cfg = PipelineConfig.model_validate(config["cfg"])
     tc = cfg.probe
     task, base_dir, out_dir = config["task"], config["base_dir"], config["out_dir"]
+    train = config["mode"] == "train"  # else: only the Fisher of an existing probe
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(tc.seed)
     device = ray.train.torch.get_device()
 
     tok = load_tokenizer(base_dir, cfg.model.trust_remote_code)
-    model = load_model(base_dir, cfg.model.dtype, cfg.model.trust_remote_code)
+    model = load_model(base_dir if train else out_dir, cfg.model.dtype, cfg.model.trust_remote_code)
     examples = build_train_examples(cfg, tok, [task])[task]
+    t0 = time.time()
+    record = {} if train else (_probe_record(Path(out_dir)) or {})
+    if train:
+        model, loss = _train(model, examples, tok, cfg, rank, world, device, task)
+        record = {"task": task, "fingerprint": config["fingerprint"], "steps": tc.steps,
+                  "final_loss": loss, "train_rows": len(examples),
+                  "train_time_s": round(time.time() - t0, 2)}
+    raw = model.module if hasattr(model, "module") else model
 
+    fisher = None
+    if config["fisher_batches"]:
+        from cpi_ray.models.loading import unique_state_dict
+        from cpi_ray.training.fisher import diagonal_fisher
+
+        t1 = time.time()
+        params = dict(raw.named_parameters())
+        names = [n for n, t in unique_state_dict(raw).items()
+                 if n in params and t.is_floating_point()]
+        batches = iterate_batches(examples, micro_batch_size(tc), tok.pad_token_id,
+                                  seed=tc.seed + 1, packing=cfg.data.packing, rank=rank,
+                                  world_size=world, max_seq_len=cfg.data.max_seq_len)
+        fisher = diagonal_fisher(raw, batches, config["fisher_batches"], device, names, world)
+        record["fisher"] = {"batches": config["fisher_batches"],
+                            "time_s": round(time.time() - t1, 2)}
+        log.info("probe %s: Fisher over %d batches in %.1fs (training took %.1fs)", task,
+                 config["fisher_batches"], time.time() - t1, record.get("train_time_s", 0.0))
+
+    if rank == 0:
+        from cpi_ray.io.atomic import atomic_dir
+        from cpi_ray.io.safetensors_io import save_sharded
+        from cpi_ray.io.sizes import parse_size
+
+        shard = parse_size(cfg.model.max_shard_size)
+        if train:
+            save_model(raw, tok, out_dir, shard)
+        if fisher is not None:
+            with atomic_dir(Path(out_dir) / FISHER_DIR) as d:
+                save_sharded(fisher, d, shard)
+        # Written last: a probe directory without it (or with another fingerprint) is redone.
+        write_json(Path(out_dir) / PROBE_RECORD, record)
+
+
+def _train(model, examples, tok, cfg: PipelineConfig, rank: int, world: int, device, task: str):
+    import ray.train
+    import ray.train.torch
+    from safetensors.torch import load_file, save_file
+
+    from cpi_ray.data.batching import iterate_batches
+
+    tc = cfg.probe
     start = 0
     ckpt = ray.train.get_checkpoint()
     state = None
@@ -87,6 +137,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     model.train()
     t0 = time.time()
     every = max(1, tc.steps // 4)
+    loss = float("nan")
     for step in range(start, tc.steps):
         loss = accumulate_loss(model, batches, tc, device)
         gnorm = clip_grad(model, tc)
@@ -95,21 +146,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         opt.zero_grad(set_to_none=True)
         metrics = {"task": task, "step": step + 1, "loss": loss, "lr": sched.get_last_lr()[0],
                    "grad_norm": gnorm, "elapsed_s": time.time() - t0}
-        done = step + 1 == tc.steps
-        if (step + 1) % every == 0 and not done:
+        if (step + 1) % every == 0 and step + 1 < tc.steps:
             _report_checkpoint(metrics, model, opt, sched, step + 1, rank, save_file)
         else:
             ray.train.report(metrics)
-
-    if rank == 0:
-        raw = model.module if hasattr(model, "module") else model
-        from cpi_ray.io.sizes import parse_size
-
-        save_model(raw, tok, out_dir, parse_size(cfg.model.max_shard_size))
-        write_json(Path(out_dir) / PROBE_RECORD, {
-            "task": task, "fingerprint": config["fingerprint"], "steps": tc.steps,
-            "final_loss": loss, "train_rows": len(examples),
-            "train_time_s": round(time.time() - t0, 2)})
+    return model, loss
 
 
 def _report_checkpoint(metrics, model, opt, sched, step, rank, save_file) -> None:
@@ -135,23 +176,29 @@ class ProbeStage(Stage):
     depends = ()
 
     def config_slice(self, cfg: PipelineConfig) -> dict:
+        # The Fisher is part of the stage's output only when a core score reads it.
         return {"tasks": [t.model_dump() for t in cfg.tasks], "data": cfg.data.model_dump(),
-                "probe": cfg.probe.model_dump(exclude=PLACEMENT_FIELDS), "dtype": cfg.model.dtype}
+                "probe": cfg.probe.model_dump(exclude=PLACEMENT_FIELDS | {"fisher_batches"}),
+                "dtype": cfg.model.dtype, "fisher_batches": fisher_batches_needed(cfg)}
 
     def run(self, ctx: RunContext) -> list[Path]:
         import ray
 
         cfg = ctx.cfg
+        fisher_batches = fisher_batches_needed(cfg)
         pending, outputs = [], []
         for task in ctx.task_names():
             out = ctx.path("probes", task)
             fp = probe_fingerprint(cfg, task, ctx.base_model_id)
             outputs.append(out)
             rec = _probe_record(out)
-            if rec is not None and rec.get("fingerprint") == fp:
+            if rec is None or rec.get("fingerprint") != fp:
+                pending.append((task, fp, "train"))
+            elif fisher_batches and (rec.get("fisher") or {}).get("batches") != fisher_batches:
+                log.info("probe %s: trained, computing its Fisher (%s)", task, out)
+                pending.append((task, fp, "fisher"))
+            else:
                 log.info("probe %s: already trained, kept (%s)", task, out)
-                continue
-            pending.append((task, fp))
         if not pending:
             return outputs
 
@@ -160,9 +207,10 @@ class ProbeStage(Stage):
         fit = ray.remote(num_cpus=0, max_retries=0)(_fit_probe).options(runtime_env={
             "env_vars": {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": os.environ.get(
                 "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "3600")}})
-        refs = {task: fit.remote(cfg.model_dump(), task, str(ctx.base_model_dir), str(ctx.path("probes", task)),
-                                 str(ctx.path("_ray")), fp)
-                for task, fp in pending}
+        refs = {task: fit.remote(cfg.model_dump(), task, str(ctx.base_model_dir),
+                                 str(ctx.path("probes", task)), str(ctx.path("_ray")), fp, mode,
+                                 fisher_batches)
+                for task, fp, mode in pending}
         log.info("probe: %d trainer(s) submitted (%s)", len(refs), ", ".join(refs))
         failures = {}
         from tqdm import tqdm
@@ -174,8 +222,10 @@ class ProbeStage(Stage):
                 task = remaining.pop(ready[0])
                 try:
                     info = ray.get(ready[0])
-                    log.info("probe %s: done, final loss %.4f, %.1fs", task, info["final_loss"],
-                             info["train_time_s"])
+                    fisher = info.get("fisher") or {}
+                    log.info("probe %s: done, final loss %.4f, trained in %.1fs%s", task,
+                             info["final_loss"], info["train_time_s"],
+                             f", Fisher in {fisher['time_s']:.1f}s" if fisher else "")
                 except Exception as e:  # noqa: BLE001 - reported per task below
                     failures[task] = e
                 bar.update(1)
@@ -186,8 +236,15 @@ class ProbeStage(Stage):
         return outputs
 
 
+def fisher_batches_needed(cfg: PipelineConfig) -> int:
+    """Batches of the Fisher each probe must carry: only when a core score uses it."""
+    from cpi_ray.regions.scores import needs_fisher
+
+    return cfg.probe.fisher_batches if needs_fisher(cfg.regions.score) else 0
+
+
 def _fit_probe(cfg_dump: dict, task: str, base_dir: str, out_dir: str, storage: str,
-               fingerprint: str) -> dict:
+               fingerprint: str, mode: str, fisher_batches: int) -> dict:
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -198,10 +255,11 @@ def _fit_probe(cfg_dump: dict, task: str, base_dir: str, out_dir: str, storage: 
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg_dump, "task": task, "base_dir": base_dir,
-                           "out_dir": out_dir, "fingerprint": fingerprint},
+                           "out_dir": out_dir, "fingerprint": fingerprint, "mode": mode,
+                           "fisher_batches": fisher_batches},
         scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
                                      resources_per_worker=worker_resources(cfg, "probe")),
-        run_config=RunConfig(name=f"probe-{task}-{fingerprint}", storage_path=storage,
+        run_config=RunConfig(name=f"probe-{task}-{fingerprint}-{mode}", storage_path=storage,
                              failure_config=FailureConfig(max_failures=2)),
     )
     trainer.fit()
