@@ -138,3 +138,12 @@ def test_sample_interval_brackets_the_kth_value():
     assert lo <= kth <= hi
     inside = ((keys >= lo) & (keys <= hi)).sum()
     assert inside <= 8000  # about the budget's share, not the whole model
+
+
+def test_zero_flood_takes_two_passes():
+    s = torch.zeros(5000)
+    s[torch.randperm(5000, generator=torch.Generator().manual_seed(4))[:300]] = 1.0 + torch.rand(300)
+    chunks = split(keys_of(s), [1000, 2500])
+    masks, solver = run_in_memory(chunks, [1] * 3, 1000, max_candidates=10)
+    assert solver.passes == ["scan", "quota"] and solver.threshold == 0.0
+    np.testing.assert_array_equal(np.concatenate(masks), ref_mask(s.numpy(), 1000))

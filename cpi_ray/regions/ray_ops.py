@@ -134,8 +134,8 @@ def densify(result: ScanResult, bins: int) -> ScanResult:
 def run_pass(chunks: Sequence[Chunk], base_dir: str, probe_dirs: Mapping[str, str],
              requests: Mapping[str, ScanRequest], caps: Mapping[str, int], score: str,
              fisher_dirs: Optional[Mapping[str, str]], num_actors: int,
-             block_elems: int = DEFAULT_BLOCK_ELEMS,
-             cpus_per_actor: float = 1.0) -> Iterator[tuple[int, dict]]:
+             block_elems: int = DEFAULT_BLOCK_ELEMS, cpus_per_actor: float = 1.0,
+             resources: Optional[Mapping[str, float]] = None) -> Iterator[tuple[int, dict]]:
     """One Ray Data pass over the chunks; yields (chunk idx, {task: result}) as rows stream in.
     Raises CheckpointError for a chunk whose data is bad."""
     import ray.data
@@ -155,6 +155,7 @@ def run_pass(chunks: Sequence[Chunk], base_dir: str, probe_dirs: Mapping[str, st
         batch_format="numpy",
         compute=ActorPoolStrategy(size=max(1, min(num_actors, len(items)))),
         num_cpus=cpus_per_actor,
+        **({"resources": dict(resources)} if resources else {}),
     )
     for batch in ds.iter_batches(batch_size=1, batch_format="numpy", prefetch_batches=0):
         for idx, payload in zip(batch["idx"], batch["payload"]):

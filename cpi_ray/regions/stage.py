@@ -183,7 +183,9 @@ def compute_regions(cfg: PipelineConfig, base_dir: str | Path, probe_dirs: dict[
         npass += 1
         caps = {t: solvers[t].cap(0) for t in requests}
         for idx, res in run_pass(chunks, str(base_dir), probe_dirs, requests, caps, rc.score,
-                                 fisher_dirs, rc.num_actors, block_elems or DEFAULT_BLOCK_ELEMS):
+                                 fisher_dirs, rc.num_actors, block_elems or DEFAULT_BLOCK_ELEMS,
+                                 getattr(rc, "cpus_per_actor", 1.0),
+                                 getattr(rc, "custom_resources", None)):
             for t, r in res.items():
                 solvers[t].add(idx, densify(r, HIST_BINS))
         nxt = {}

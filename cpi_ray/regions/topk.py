@@ -106,6 +106,7 @@ class ScanResult:
     cand_idx: Optional[np.ndarray]  # chunk-local unit indices (int64), None when over the cap
     cand_keys: Optional[np.ndarray]  # their keys (int32)
     hist: Optional[np.ndarray] = None  # dense 16-bit-prefix histogram (unit counts)
+    n_zero: int = 0  # units with score exactly 0 (counted with the histogram)
 
 
 _NONE_ABOVE = MAX_FINITE_KEY + 1
@@ -125,7 +126,8 @@ def scan_chunk(keys: torch.Tensor, lo: int, hi: int, cap: int,
         cidx = nz.numpy().astype(np.int64)
         ckeys = keys[nz].numpy().astype(np.int32)
     hist = histogram_chunk(keys) if with_hist else None
-    return ScanResult(n_above, bits, min_above, n_cand, cidx, ckeys, hist)
+    n_zero = int((keys == 0).sum()) if with_hist else 0
+    return ScanResult(n_above, bits, min_above, n_cand, cidx, ckeys, hist, n_zero)
 
 
 def quota_chunk(keys: torch.Tensor, value: int, quota: int) -> np.ndarray:
@@ -273,8 +275,17 @@ class TopKSolver:
                 return self._finish()
             if overflow and req.lo == req.hi:
                 # one key value with more units than the budget: take them in global order
+                counts = {i: res[i].n_cand for i in self.order}
                 return self._set(ScanRequest("quota", value=req.lo,
-                                             quotas=self._quotas(res, need)))
+                                             quotas=self._quotas(counts, need)))
+        if req.with_hist:
+            # the common flood of ties is exact zeros (untouched weights): when every non-zero
+            # unit fits in k, the rest are zeros taken in global order, without narrowing down
+            zero_w = sum(res[i].n_zero * self.chunks[i].unit_len for i in self.order)
+            if self.total - zero_w <= self.k:
+                counts = {i: res[i].n_zero for i in self.order}
+                need = self.k - (self.total - zero_w)
+                return self._set(ScanRequest("quota", value=0, quotas=self._quotas(counts, need)))
         # the interval missed (or overflowed): narrow down from the histogram
         b, _ = self._bucket(self.hist, self.k)
         lo_b, hi_b = b << HIST_SHIFT, (b << HIST_SHIFT) | LOW_MASK
@@ -338,11 +349,13 @@ class TopKSolver:
         for i in np.unique(src[take]):
             self.extra[int(i)] = np.sort(loc[take][src[take] == i])
 
-    def _quotas(self, res: dict, need: int) -> dict[int, int]:
+    def _quotas(self, counts: dict[int, int], need: int) -> dict[int, int]:
+        """Per chunk, how many of its tied units to take: the prefix of the ties in global
+        order whose weight fits in `need`."""
         q: dict[int, int] = {}
         for i in self.order:
             c = self.chunks[i]
-            n = res[i].n_cand
+            n = counts[i]
             t = min(n, need // c.unit_len)
             q[i] = t
             need -= t * c.unit_len
@@ -390,7 +403,7 @@ def run_request(req: ScanRequest, key_blocks: Iterable[torch.Tensor], unit_len: 
                 q -= len(eq)
             parts.append(_pack_block(sel))
         return np.concatenate(parts) if parts else np.empty(0, np.uint8)
-    n_above = n_cand = off = 0
+    n_above = n_cand = off = n_zero = 0
     min_above = _NONE_ABOVE
     bits, ci, ck = [], [], []
     hist = np.zeros(HIST_BINS, dtype=np.int64) if req.with_hist else None
@@ -409,11 +422,12 @@ def run_request(req: ScanRequest, key_blocks: Iterable[torch.Tensor], unit_len: 
             ck.append(r.cand_keys)
         if hist is not None:
             hist += r.hist
+        n_zero += r.n_zero
         off += kb.numel()
     cat = np.concatenate
     return ScanResult(n_above, cat(bits) if bits else np.empty(0, np.uint8), min_above, n_cand,
                       None if over else (cat(ci) if ci else np.empty(0, np.int64)),
-                      None if over else (cat(ck) if ck else np.empty(0, np.int32)), hist)
+                      None if over else (cat(ck) if ck else np.empty(0, np.int32)), hist, n_zero)
 
 
 def _pack_block(sel: torch.Tensor) -> np.ndarray:

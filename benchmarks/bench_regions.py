@@ -1,0 +1,228 @@
+"""Benchmark of the regions stage against a plain in-memory torch top-k.
+
+Builds a synthetic sharded fp32 base and N task models of --size-gb each (a task moves a random
+subset of tensors by noise of varied scale), then, each in its own process:
+
+- the stage: a local Ray (2 CPUs) and `compute_regions`, peak memory summed (PSS) over the
+  driver and every Ray process it started, and separately the driver's own peak RSS;
+- the reference: every checkpoint loaded whole, |Δ| concatenated, `torch.topk`, ties broken by
+  flat index; its peak RSS.
+
+Prints wall time and peak memory of both, their ratios, and whether the masks are identical.
+
+    python benchmarks/bench_regions.py --size-gb 1 [--tasks 4] [--skip-reference]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROWS, COLS = 2048, 4096  # 32 MiB fp32 matrices, plus a 1-d tensor per layer
+
+
+def build(root: Path, size_gb: float, tasks: int, seed: int = 0) -> dict:
+    from cpi_ray.io.safetensors_io import save_model_dir
+
+    n_mat = max(1, int(size_gb * 2**30 // (ROWS * COLS * 4)))
+    names = [f"model.layers.{i // 4}.{['q', 'k', 'mlp_up', 'mlp_down'][i % 4]}.weight"
+             for i in range(n_mat)] + [f"model.layers.{i}.norm.weight" for i in range(n_mat // 4)]
+
+    def shape(n):
+        return (COLS,) if n.endswith("norm.weight") else (ROWS, COLS)
+
+    def gen_base():
+        for j, n in enumerate(names):
+            g = torch.Generator().manual_seed(seed * 1000 + j)
+            yield n, torch.randn(shape(n), generator=g) * 0.02
+
+    shard = 512 * 2**20
+    save_model_dir(gen_base(), root / "base", shard, extra_files={"config.json": "{}"})
+    for t in range(tasks):
+        def gen_probe(t=t):
+            for j, (n, b) in enumerate(gen_base()):
+                g = torch.Generator().manual_seed(10_000 * (t + 1) + j)
+                if torch.rand((), generator=g) < 0.6:  # a task moves 60% of the tensors
+                    scale = float(10 ** (-4 + 2 * torch.rand((), generator=g)))
+                    b = b + torch.randn(b.shape, generator=g) * scale
+                yield n, b
+        save_model_dir(gen_probe(), root / "probes" / f"task{t}", shard,
+                       extra_files={"config.json": "{}"})
+    return {"tensors": len(names), "params": sum(int(np.prod(shape(n))) for n in names)}
+
+
+# --------------------------------------------------------------------------- memory sampling
+
+
+def pss_kib(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+class TreeSampler(threading.Thread):
+    """Peak of the summed PSS of a process and all its descendants (Ray's gcs, raylet and
+    workers are descendants of the driver that started them)."""
+
+    def __init__(self, pid: int, every: float = 0.2):
+        super().__init__(daemon=True)
+        self.pid, self.every, self.peak_kib, self.stop = pid, every, 0, False
+
+    def run(self):
+        import psutil
+
+        while not self.stop:
+            try:
+                p = psutil.Process(self.pid)
+                pids = [p.pid] + [c.pid for c in p.children(recursive=True)]
+            except psutil.NoSuchProcess:
+                break
+            self.peak_kib = max(self.peak_kib, sum(pss_kib(x) for x in pids))
+            time.sleep(self.every)
+
+
+# --------------------------------------------------------------------------- the two runs
+
+STAGE_CODE = r"""
+import json, resource, sys, time
+from pathlib import Path
+root, chunk_mib, actors = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+import ray
+from ray.data import DataContext
+from cpi_ray.config.schema import PipelineConfig
+from cpi_ray.regions.stage import compute_regions
+tasks = sorted(p.name for p in (root / "probes").iterdir())
+cfg = PipelineConfig.model_validate({"tasks": [{"name": t, "hub_id": "x/" + t} for t in tasks],
+                                     "regions": {"chunk_mib": chunk_mib, "num_actors": actors}})
+t0 = time.time()
+ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+DataContext.get_current().enable_progress_bars = False
+t1 = time.time()
+compute_regions(cfg, root / "base", {t: root / "probes" / t for t in tasks}, root / "regions")
+t2 = time.time()
+print(json.dumps({"ray_init_s": t1 - t0, "stage_s": t2 - t1,
+                  "driver_rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
+ray.shutdown()
+"""
+
+REF_CODE = r"""
+import json, resource, sys, time
+from pathlib import Path
+import numpy as np, torch
+from safetensors.torch import load_file
+root, p = Path(sys.argv[1]), 1.0
+t0 = time.time()
+def load(d):
+    out = {}
+    for f in sorted(d.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+base = load(root / "base")
+tasks = sorted(x.name for x in (root / "probes").iterdir())
+probes = {t: load(root / "probes" / t) for t in tasks}
+names = sorted(base)
+D = sum(base[n].numel() for n in names)
+k = int(p * D // 100)
+out = {}
+for t in tasks:
+    s = torch.cat([(probes[t][n] - base[n]).abs().reshape(-1) for n in names])
+    thr = torch.topk(s, k, sorted=False).values.min()
+    m = s > thr
+    need = k - int(m.sum())
+    eq = (s == thr).nonzero().view(-1)[:need]  # ties: lowest flat index first
+    m[eq] = True
+    off = 0
+    for n in names:
+        c = base[n].numel()
+        out[t + "|" + n] = np.packbits(m[off:off + c].numpy())
+        off += c
+    del s, m
+t1 = time.time()
+np.savez(root / "reference_masks.npz", **out)
+print(json.dumps({"ref_s": t1 - t0,
+                  "ref_rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
+"""
+
+
+def run_child(code: str, args: list[str], sample: bool) -> tuple[dict, int]:
+    proc = subprocess.Popen([sys.executable, "-c", code, *args], stdout=subprocess.PIPE,
+                            text=True)
+    sampler = TreeSampler(proc.pid) if sample else None
+    if sampler:
+        sampler.start()
+    out, _ = proc.communicate()
+    if sampler:
+        sampler.stop = True
+        sampler.join()
+    if proc.returncode:
+        raise SystemExit(f"child failed with exit code {proc.returncode}")
+    return json.loads(out.strip().splitlines()[-1]), (sampler.peak_kib if sampler else 0)
+
+
+def compare(root: Path) -> bool:
+    from cpi_ray.regions.masks import MaskFile
+
+    ref = np.load(root / "reference_masks.npz")
+    ok = True
+    for key in ref.files:
+        t, n = key.split("|", 1)
+        m = MaskFile(root / "regions" / f"{t}.mask.safetensors")
+        ok &= bool(np.array_equal(m.packed(n).numpy(), ref[key]))
+        m.close()
+    return ok
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--size-gb", type=float, default=1.0, help="size of each model (fp32)")
+    ap.add_argument("--tasks", type=int, default=4)
+    ap.add_argument("--chunk-mib", type=int, default=64)
+    ap.add_argument("--num-actors", type=int, default=2)
+    ap.add_argument("--workdir", default=None, help="where the checkpoints go (default: a temp dir)")
+    ap.add_argument("--skip-reference", action="store_true",
+                    help="the reference needs about (2 x tasks + 1) x size of memory")
+    ap.add_argument("--keep", action="store_true")
+    a = ap.parse_args(argv)
+
+    root = Path(a.workdir or tempfile.mkdtemp(prefix="bench-regions-"))
+    root.mkdir(parents=True, exist_ok=True)
+    t = time.time()
+    info = build(root, a.size_gb, a.tasks)
+    print(f"built base + {a.tasks} tasks of {info['params'] / 1e6:.0f}M fp32 parameters "
+          f"({info['params'] * 4 / 2**30:.2f} GiB each, {info['tensors']} tensors) "
+          f"in {time.time() - t:.0f}s")
+    try:
+        st, st_peak = run_child(STAGE_CODE, [str(root), str(a.chunk_mib), str(a.num_actors)], True)
+        print(f"stage     : {st['stage_s']:7.1f} s (+ {st['ray_init_s']:.1f} s Ray start), "
+              f"peak PSS of driver + Ray processes {st_peak / 2**20:.2f} GiB, "
+              f"driver peak RSS {st['driver_rss_kib'] / 2**20:.2f} GiB")
+        if a.skip_reference:
+            return
+        ref, _ = run_child(REF_CODE, [str(root)], False)
+        print(f"reference : {ref['ref_s']:7.1f} s, peak RSS {ref['ref_rss_kib'] / 2**20:.2f} GiB")
+        print(f"ratios    : wall stage/reference {st['stage_s'] / ref['ref_s']:.2f}, "
+              f"memory stage/reference {st_peak / ref['ref_rss_kib']:.2f}")
+        print(f"masks identical to the reference: {compare(root)}")
+    finally:
+        if not a.keep and a.workdir is None:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
