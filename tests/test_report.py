@@ -18,7 +18,7 @@ def test_seesaw_and_summary_numbers():
     assert s["final"] == {"avg": 43.5, "worst": 42.0} and s["probe:a"]["worst"] == 5.0
 
 
-def test_report_files(tmp_path):
+def _build_example_report(tmp_path):
     _write(tmp_path / "eval" / "scores.json", {
         "tasks": ["a", "b", "c"],
         "scores": {"base": {"a": 1, "b": 2, "c": 3}, "probe:a": {"a": 60, "b": 1, "c": 2},
@@ -36,13 +36,17 @@ def test_report_files(tmp_path):
     _write(tmp_path / "regions" / "stats.json", {"tasks": {
         t: {"k": 10, "per_layer": {"0": 4, "1": 6, "embed": 0}, "per_module": {"q_proj": 3, "up_proj": 7}}
         for t in "abc"}})
-    out = build_report(tmp_path, extra_sections=[("Forgetting", "| x |\n|---|\n| 1 |")])
+    return build_report(tmp_path, extra_sections=[("Notes", "| x |\n|---|\n| 1 |")])
+
+
+def test_report_files(tmp_path):
+    out = _build_example_report(tmp_path)
     for f in ("report.md", "index.html", "scores.png", "seesaw.png", "overlap.png", "cores.png"):
         assert (out / f).stat().st_size > 200, f
     md = (out / "report.md").read_text()
     assert "| final | 55.0 | 66.0 | 31.0 | 50.7 | 31.0 |" in md
     assert "| final | -5.0 | -4.0 | +1.0 |" in md
-    assert "{c} → {a, b}" in md and "## Forgetting" in md
+    assert "{c} → {a, b}" in md and "## Forgetting" in md and "## Notes" in md
     # A's drop 60 -> 20; B's gain over base (2 -> 70) kept (68 - 2) / 68 = 97%.
     assert "| sequential | a → b | - | 60.0 | 20.0 | -40.0 | 68.0 | 97% |" in md
     assert "| sequential_cpi | a → b | a | 60.0 | 50.0 | -10.0 | 35.0 | 49% |" in md
