@@ -13,7 +13,7 @@ from cpi_ray.config.schema import PipelineConfig
 from cpi_ray.io.safetensors_io import CheckpointReader
 from cpi_ray.pipeline.stage import RunContext
 from cpi_ray.regions.masks import MaskFile
-from cpi_ray.training.consolidate import ConsolidateStage, stage_record
+from cpi_ray.training.consolidate import ConsolidateStage, check_frozen, stage_record
 from test_freeze import assert_frozen_exact, random_mask_file
 
 DATA = Path(__file__).resolve().parents[1] / "jobs" / "data"
@@ -52,6 +52,8 @@ def test_consolidate_stage_prior_bf16(ray_session, tiny_model_dir, tmp_path):
     assert stage_record(s2)["frozen_tasks"] == ["reverse", "upper"]
     frozen, changed, free = assert_frozen_exact(s1, s2, s2 / "frozen.mask.safetensors")
     assert frozen == m2.count() > 0 and changed > 0.9 * free
+    chk = check_frozen(s1, s2, s2 / "frozen.mask.safetensors", chunk=1000)
+    assert (chk["frozen"], chk["frozen_moved"], chk["free_changed"]) == (frozen, 0, changed)
     # final/ is the last stage's weights, without the stage's own files.
     with CheckpointReader(s2) as a, CheckpointReader(run / "final") as b:
         for n in a.names():

@@ -154,3 +154,23 @@ def test_zero3_frozen_bitwise_with_decay_accum_clip_and_worker_kill(ray_session,
     ids = tok("abc", return_tensors="pt")
     gen = model.generate(**ids, max_new_tokens=4, do_sample=False)
     assert gen.shape[1] == ids["input_ids"].shape[1] + 4
+
+
+def test_check_frozen_counts_bit_changes(tmp_path):
+    from cpi_ray.io.safetensors_io import save_sharded
+    from cpi_ray.training.consolidate import check_frozen
+
+    a = {"w": torch.arange(10, dtype=torch.float32), "b": torch.zeros(3, dtype=torch.bfloat16)}
+    b = {"w": a["w"].clone(), "b": a["b"].clone()}
+    b["w"][[1, 7]] += 1  # 1 frozen, 7 free
+    b["b"][0] = -0.0  # equal as a number, not as bits
+    for d, st in (("a", a), ("b", b)):
+        (tmp_path / d).mkdir()
+        save_sharded(st, tmp_path / d, 16)
+    mw = torch.zeros(10, dtype=torch.bool)
+    mw[[0, 1]] = True
+    write_mask_file(tmp_path / "m", {"w": pack_mask(mw), "b": pack_mask(torch.ones(3, dtype=torch.bool))},
+                    {"w": 10, "b": 3})
+    chk = check_frozen(tmp_path / "a", tmp_path / "b", tmp_path / "m", chunk=4)
+    assert chk["frozen"] == 5 and chk["frozen_moved"] == 2 and sorted(chk["broken"]) == ["b", "w"]
+    assert chk["free"] == 8 and chk["free_changed"] == 1

@@ -80,6 +80,38 @@ def union_masks(mask_paths: list[Path], names_from: Path, out: Path,
         m.close()
 
 
+def check_frozen(start_dir: Path, out_dir: Path, mask_path: Path,
+                 chunk: int = 1 << 24) -> dict[str, Any]:
+    """Compare a stage's export with the weights it started from, streaming `chunk` elements at a
+    time: frozen elements must be bitwise equal. Returns counts and the tensors that broke it."""
+    mask = MaskFile(mask_path)
+    out = {"frozen": 0, "frozen_moved": 0, "free": 0, "free_changed": 0, "broken": []}
+    try:
+        with CheckpointReader(start_dir) as a, CheckpointReader(out_dir) as b:
+            for name in a.names():
+                n = a.info(name).numel
+                f_all = name in mask
+                for lo in range(0, n, chunk):
+                    hi = min(n, lo + chunk)
+                    x, y = a.read_flat(name, lo, hi), b.read_flat(name, lo, hi)
+                    if x.dtype != y.dtype:
+                        raise ValueError(f"{out_dir}: {name!r} is {y.dtype}, the start {x.dtype}")
+                    # Compare bit patterns: -0.0 vs 0.0 or NaN payloads count as changes.
+                    ints = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+                    diff = x.view(ints[x.element_size()]) != y.view(ints[y.element_size()])
+                    f = mask.flat(name, lo, hi) if f_all else torch.zeros(hi - lo, dtype=torch.bool)
+                    moved = int((diff & f).sum())
+                    if moved and name not in out["broken"]:
+                        out["broken"].append(name)
+                    out["frozen"] += int(f.sum())
+                    out["frozen_moved"] += moved
+                    out["free"] += int((~f).sum())
+                    out["free_changed"] += int((diff & ~f).sum())
+    finally:
+        mask.close()
+    return out
+
+
 def read_groups(path: Path) -> list[list[str]]:
     data = read_json(path)
     groups = data["groups"] if isinstance(data, dict) else data
@@ -163,10 +195,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         next(batches)
 
     fault = config.get("fault")
+    val_batches = None
+    if config.get("val_examples") is not None:
+        val_batches = _val_batches(ray.get(config["val_examples"]), micro, config["pad_id"],
+                                   rank, world)
     engine.train()
     t0 = time.time()
     step_times: list[float] = []
     loss = float("nan")
+    val_loss = None
     for step in range(start, tc.steps):
         ts = time.perf_counter()
         mbs = [next(batches) for _ in range(tc.grad_accum)]
@@ -187,6 +224,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         metrics = {"step": step + 1, "loss": loss, "lr": scheduler.get_last_lr()[0],
                    "grad_norm": float(engine.get_global_grad_norm() or 0.0),
                    "elapsed_s": time.time() - t0}
+        if val_batches is not None:
+            metrics["val_loss"] = val_loss = _val_loss(engine, val_batches, device)
         if tc.checkpoint_every and (step + 1) % tc.checkpoint_every == 0 and step + 1 < tc.steps:
             _report_checkpoint(engine, metrics, step + 1)
         else:
@@ -204,7 +243,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         "fingerprint": config["fingerprint"], "stage": config["stage"],
         "tasks": config["tasks"], "frozen_tasks": config["frozen_tasks"],
         "freeze": tc.freeze, "frozen_elements": frozen_total, "steps": tc.steps,
-        "final_loss": loss, "resumed_at_step": start, "train_rows": len(examples), "world_size": world,
+        "final_loss": loss, "val_loss": val_loss, "resumed_at_step": start,
+        "train_rows": len(examples), "world_size": world,
         "step_time_s": (sum(step_times) / len(step_times)) if step_times else None,
         "train_time_s": round(time.time() - t0, 2), "start": str(start_dir),
     }
@@ -214,6 +254,46 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                  STAGE_RECORD: json.dumps(record, indent=2) + "\n"}
     zero3.export_hf_model(engine.module, out_dir, start_dir, parse_size(model_cfg.max_shard_size),
                           extra_files=extra)
+
+
+def _val_batches(rows: list[dict], micro: int, pad_id: int, rank: int,
+                 world: int) -> list[tuple[dict, float]]:
+    """This rank's share of the validation rows as (batch, weight) pairs. Every rank gets the
+    same number of batches (a ZeRO-3 forward is collective); a rank out of rows runs a
+    zero-weight batch."""
+    from cpi_ray.data.batching import _collate
+
+    mine = rows[rank::world]
+    per_rank = -(-len(rows) // world)  # ceil
+    n = -(-per_rank // micro)
+    out = []
+    for j in range(n):
+        part = mine[j * micro:(j + 1) * micro]
+        weight = 1.0 if part else 0.0
+        part = part or rows[:1]
+        out.append((_collate([(r["input_ids"], r["labels"]) for r in part], pad_id, 1), weight))
+    return out
+
+
+def _val_loss(engine, batches: list[tuple[dict, float]], device) -> float:
+    """Token-mean loss over every rank's validation rows (what ASHA compares between trials)."""
+    import torch.distributed as dist
+
+    from cpi_ray.training.sft import token_loss_sum
+
+    engine.eval()
+    acc = torch.zeros(2, dtype=torch.float64)
+    with torch.no_grad():
+        for b, weight in batches:
+            b = {k: v.to(device) for k, v in b.items()}
+            logits = engine(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+            acc[0] += weight * float(token_loss_sum(logits, b["labels"]))
+            acc[1] += weight * int((b["labels"][:, 1:] != -100).sum())
+    engine.train()
+    if dist.is_initialized():
+        acc = acc.to(device)
+        dist.all_reduce(acc)
+    return float(acc[0] / acc[1].clamp(min=1))
 
 
 def _report_checkpoint(engine, metrics: dict, step: int) -> None:
@@ -234,8 +314,11 @@ def _report_checkpoint(engine, metrics: dict, step: int) -> None:
 
 def fit_group(cfg: PipelineConfig, *, stage: int, tasks: list[str], frozen: list[str],
               start_dir: Path, out_dir: Path, mask_path: Path, examples: list[dict], pad_id: int,
-              storage: Path, fingerprint: str, fault: Optional[dict] = None) -> dict:
-    """Train one group with a TorchTrainer and return its record (read back from `out_dir`)."""
+              storage: Path, fingerprint: str, fault: Optional[dict] = None,
+              callbacks: Optional[list] = None, val_examples: Optional[list[dict]] = None) -> dict:
+    """Train one group with a TorchTrainer and return its record (read back from `out_dir`).
+    `callbacks`: Ray Train callbacks (a Tune search passes TuneReportCallback); `val_examples`:
+    encoded validation rows whose loss every step reports as `val_loss`."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -249,13 +332,15 @@ def fit_group(cfg: PipelineConfig, *, stage: int, tasks: list[str], frozen: list
             "start_dir": str(start_dir), "out_dir": str(out_dir), "mask_path": str(mask_path),
             "examples": ray.put(examples), "pad_id": pad_id, "fingerprint": fingerprint,
             "fault": fault,
+            "val_examples": ray.put(val_examples) if val_examples else None,
         },
         torch_config=TorchConfig(backend="nccl" if tc.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
                                      resources_per_worker={"CPU": tc.cpus_per_worker}),
         run_config=RunConfig(name=f"consolidate-{stage}-{fingerprint}", storage_path=str(storage),
                              failure_config=FailureConfig(max_failures=tc.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=1)),
+                             checkpoint_config=CheckpointConfig(num_to_keep=1),
+                             callbacks=list(callbacks) if callbacks else None),
     )
     trainer.fit()
     rec = stage_record(out_dir)
@@ -305,10 +390,14 @@ class ConsolidateStage(Stage):
     folder = "consolidate"
     depends = ("fuse", "groups", "regions")
 
-    def __init__(self, fault: Optional[dict] = None):
+    def __init__(self, fault: Optional[dict] = None, callbacks: Optional[list] = None,
+                 val_examples: Optional[list[dict]] = None):
         # Test hook: {"stage": k, "step": s, "rank": r, "marker": path} kills rank r (SIGKILL)
         # after step s of stage k, once (the marker file records that it happened).
         self.fault = fault
+        # Tune hooks: every group's trainer reports to the search, with a validation loss.
+        self.callbacks = callbacks
+        self.val_examples = val_examples
 
     def config_slice(self, cfg: PipelineConfig) -> dict:
         from cpi_ray.data.tasks import task_identity
@@ -351,9 +440,17 @@ class ConsolidateStage(Stage):
                 rec = fit_group(cfg, stage=k + 1, tasks=tasks, frozen=frozen,
                                 start_dir=start_dir, out_dir=out, mask_path=mask_path,
                                 examples=examples, pad_id=tok.pad_token_id,
-                                storage=ctx.path("_ray"), fingerprint=fp, fault=fault)
+                                storage=ctx.path("_ray"), fingerprint=fp, fault=fault,
+                                callbacks=self.callbacks, val_examples=self.val_examples)
                 log.info("consolidate stage %d: final loss %.4f, %.2fs/step", k + 1,
                          rec["final_loss"], rec["step_time_s"] or 0.0)
+                chk = check_frozen(start_dir, out, out / FROZEN_MASK)
+                if chk["frozen_moved"]:
+                    raise RuntimeError(
+                        f"consolidate stage {k + 1}: {chk['frozen_moved']} frozen elements changed "
+                        f"(tensors {chk['broken'][:5]}); the export in {out} is not trustworthy")
+                log.info("consolidate stage %d: %d frozen elements bitwise unchanged, %d of %d "
+                         "others changed", k + 1, chk["frozen"], chk["free_changed"], chk["free"])
             start_dir, prev_fp = out, fp
         final = copy_model_dir(start_dir, ctx.path("final"), skip=(FROZEN_MASK, STAGE_RECORD))
         shutil.rmtree(ctx.path("consolidate", "masks"), ignore_errors=True)
