@@ -174,3 +174,10 @@ def test_check_frozen_counts_bit_changes(tmp_path):
     chk = check_frozen(tmp_path / "a", tmp_path / "b", tmp_path / "m", chunk=4)
     assert chk["frozen"] == 5 and chk["frozen_moved"] == 2 and sorted(chk["broken"]) == ["b", "w"]
     assert chk["free"] == 8 and chk["free_changed"] == 1
+
+
+def test_fit_group_needs_zero3(tmp_path):
+    cfg = tiny_cfg(zero_stage=2)
+    with pytest.raises(ValueError, match="ZeRO-3 only"):
+        fit_group(cfg, stage=1, tasks=["t"], frozen=[], start_dir=tmp_path, out_dir=tmp_path / "o",
+                  mask_path=tmp_path / "m", examples=[], pad_id=0, storage=tmp_path, fingerprint="f")

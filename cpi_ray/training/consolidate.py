@@ -324,6 +324,11 @@ def fit_group(cfg: PipelineConfig, *, stage: int, tasks: list[str], frozen: list
     from ray.train.torch import TorchConfig, TorchTrainer
 
     tc = cfg.consolidate
+    if tc.zero_stage != 3:
+        # Loading, export and element freezing all work on ZeRO-3 partitions.
+        raise ValueError(f"consolidate.zero_stage is {tc.zero_stage}: the consolidation engine "
+                         "runs DeepSpeed ZeRO-3 only (set it to 3; offload etc. go through "
+                         "consolidate.deepspeed)")
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
