@@ -1,0 +1,155 @@
+"""Stage `fuse`: core transplant plus SLERP merge of the task models, by a pool of Ray actors.
+
+The driver validates the inputs and plans the output shards; each actor is handed whole shards
+(the largest first, the next to whichever actor frees up) and writes each one atomically into a
+temporary directory; the driver then writes the index and the model's side files and renames the
+directory into place. Output bits do not depend on the number of actors or the chunk size, so
+neither is part of the stage's fingerprint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Optional
+
+from cpi_ray.config.schema import PipelineConfig
+from cpi_ray.fusion.plan import FusePlan, build_plan, group_ranks
+from cpi_ray.fusion.worker import FuseError, FuseSettings
+from cpi_ray.io.atomic import atomic_dir
+from cpi_ray.io.safetensors_io import copy_model_side_files, write_index
+from cpi_ray.io.sizes import parse_size
+from cpi_ray.pipeline.stage import RunContext, Stage
+
+log = logging.getLogger("cpi_ray")
+
+
+def read_groups(path: Path) -> list[list[str]]:
+    """groups/groups.json: an ordered list of groups (lists of task names), bare or under
+    a "groups" key."""
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FuseError(f"{path}: groups file is missing (policy 'priority' needs it)") from None
+    if isinstance(data, dict):
+        data = data.get("groups")
+    if not (isinstance(data, list) and all(isinstance(g, list) for g in data)):
+        raise FuseError(f"{path}: expected an ordered list of groups (lists of task names)")
+    return data
+
+
+def run_fusion(base_dir: Path, task_dirs: dict[str, Path], mask_paths: dict[str, Optional[Path]],
+               out_dir: Path, cfg: PipelineConfig, groups: Optional[list[list[str]]] = None,
+               chunk_elems: Optional[int] = None) -> dict:
+    """Fuse into `out_dir` (an HF model directory, created atomically). Returns timings and
+    per-shard stats. Ray must be initialized."""
+    import ray
+
+    from cpi_ray.fusion.actors import FuseActor
+
+    fc = cfg.fuse
+    t0 = time.perf_counter()
+    plan: FusePlan = build_plan(base_dir, task_dirs, mask_paths, fc,
+                                parse_size(cfg.model.max_shard_size))
+    ranks: tuple[int, ...] = ()
+    if fc.policy == "priority":
+        if groups is None:
+            raise FuseError("policy 'priority' needs the groups")
+        ranks = group_ranks(list(task_dirs), groups, "groups")
+    settings = FuseSettings(method=fc.method, policy=fc.policy, eps=fc.epsilon, ranks=ranks,
+                            buffer_bytes=fc.chunk_mib * 2**20, chunk_elems=chunk_elems)
+    # an actor holds one CPU; more actors than the cluster has CPUs would wait forever
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    n_actors = max(1, min(fc.num_actors, len(plan.shards), cpus))
+    if n_actors < fc.num_actors:
+        log.info("fuse: %d actor(s) instead of %d (%d shard(s), %d CPU(s)); a smaller "
+                 "model.max_shard_size gives more shards", n_actors, fc.num_actors,
+                 len(plan.shards), cpus)
+    t_plan = time.perf_counter() - t0
+    stats: list[dict] = []
+    with atomic_dir(out_dir) as tmp:
+        actors = [FuseActor.options(num_cpus=1).remote(settings, str(tmp)) for _ in range(n_actors)]
+        try:
+            # largest shards first, each to the next free actor
+            todo = sorted(plan.shards, key=lambda s: -s.nbytes)
+            running = {}
+            free = list(actors)
+            while todo or running:
+                while todo and free:
+                    a = free.pop()
+                    running[a.fuse.remote(todo.pop(0))] = a
+                done, _ = ray.wait(list(running), num_returns=1)
+                for ref in done:
+                    a = running.pop(ref)
+                    stats.append(_get(ref))
+                    free.append(a)
+            peaks = ray.get([a.peak_rss.remote() for a in actors])
+        finally:
+            for a in actors:
+                ray.kill(a)
+        write_index(tmp, plan.weight_map, plan.total_size)
+        copy_model_side_files(base_dir, tmp)
+    return {"plan_s": t_plan, "total_s": time.perf_counter() - t0, "shards": stats,
+            "actors": n_actors, "actor_peak_rss": peaks, "fold": plan.fold_labels}
+
+
+def _get(ref):
+    import ray
+    from ray.exceptions import RayTaskError
+
+    try:
+        return ray.get(ref)
+    except RayTaskError as e:
+        cause = getattr(e, "cause", None)
+        if isinstance(cause, FuseError):
+            raise FuseError(str(cause)) from None
+        raise
+
+
+class FuseStage(Stage):
+    name = "fuse"
+    folder = "fused"
+    depends = ("regions", "groups")
+    version = 1
+
+    def __init__(self, chunk_elems: Optional[int] = None):
+        self.chunk_elems = chunk_elems  # fixed chunk length, for tests of the chunked path
+        self.last_stats: Optional[dict] = None
+
+    def config_slice(self, cfg: PipelineConfig) -> dict:
+        # actors and chunk size change how, not what: the output is bitwise the same
+        return {"fuse": cfg.fuse.model_dump(exclude={"num_actors", "chunk_mib"}),
+                "max_shard_size": cfg.model.max_shard_size,
+                "tasks": [t.name for t in cfg.tasks]}
+
+    def run(self, ctx: RunContext) -> list[Path]:
+        import ray
+
+        tasks = ctx.task_names()
+        task_dirs = {t: ctx.path("probes", t) for t in tasks}
+        mask_paths = {}
+        for t in tasks:
+            p = ctx.path("regions", f"{t}.mask.safetensors")
+            if not p.is_file():
+                raise FuseError(f"{p}: mask file of task {t!r} is missing (run the regions stage)")
+            mask_paths[t] = p
+        groups = None
+        if ctx.cfg.fuse.policy == "priority":
+            groups = read_groups(ctx.path("groups", "groups.json"))
+        if not ray.is_initialized():
+            rc = ctx.cfg.ray
+            ray.init(address=rc.address, namespace=rc.namespace,
+                     num_cpus=rc.num_cpus if rc.address is None else None)
+        out = ctx.path("fused")
+        self.last_stats = run_fusion(ctx.base_model_dir, task_dirs, mask_paths, out, ctx.cfg,
+                                     groups, self.chunk_elems)
+        return [out]
+
+    def summary(self, ctx: RunContext) -> Optional[str]:
+        if self.last_stats is None:
+            return None
+        s = self.last_stats
+        return (f"fused {len(s['shards'])} shard(s) with {s['actors']} actor(s) in "
+                f"{s['total_s']:.1f} s (fold: {' -> '.join(s['fold'])})")
