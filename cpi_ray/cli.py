@@ -41,6 +41,10 @@ def run_command(args: argparse.Namespace) -> int:
     _setup_logging()
     log = logging.getLogger("cpi_ray")
     run_dir = resolve_run_dir(cfg, args.run_dir)
+    problem = unwritable(run_dir)
+    if problem:
+        print(f"error: storage: cannot write the run directory {run_dir}: {problem}", file=sys.stderr)
+        return 1
     try:
         where = connect_ray(cfg)
         log.info("Ray: %s", where)
@@ -80,6 +84,21 @@ def plan_command(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     print(plan_json(plan) if args.json else plan.render())
     return 0
+
+
+def unwritable(run_dir) -> Optional[str]:
+    """Why `run_dir` cannot be written, or None; checked before any work, creating nothing."""
+    import os
+    from pathlib import Path
+
+    p = Path(run_dir)
+    while not p.exists():
+        p = p.parent
+    if not p.is_dir():
+        return f"{p} is not a directory"
+    if not os.access(p, os.W_OK | os.X_OK):
+        return f"{p} is not writable"
+    return None
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -96,6 +96,23 @@ def _write_config(cfg: PipelineConfig, run_dir: Path) -> None:
         yaml.safe_dump(cfg.model_dump(mode="json"), f, sort_keys=False)
 
 
+def _check_reachable(address: str, timeout_s: float = 10.0) -> None:
+    """Fail fast, naming the address, when nothing answers there: `ray.init` would otherwise
+    retry for minutes."""
+    import socket
+
+    host_port = address.split("://", 1)[-1]
+    if address == "auto" or ":" not in host_port:
+        return
+    host, _, port = host_port.rpartition(":")
+    if not port.isdigit():
+        return
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        raise ConnectionError(f"ray.address {address!r}: no Ray cluster answers there ({e})") from None
+
+
 def connect_ray(cfg: PipelineConfig) -> str:
     """Join the cluster when there is one (`ray.address`, RAY_ADDRESS, or a running cluster),
     else start a local Ray for this process. Returns a description for the log."""
@@ -107,6 +124,7 @@ def connect_ray(cfg: PipelineConfig) -> str:
         if os.environ.get("DS_ACCELERATOR") else None
     address = cfg.ray.address or ("auto" if os.environ.get("RAY_ADDRESS") else None)
     if address is not None and address != "local":
+        _check_reachable(address)
         ray.init(address=address, namespace=cfg.ray.namespace, runtime_env=env,
                  log_to_driver=True)
         return f"cluster at {address}"
