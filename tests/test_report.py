@@ -31,7 +31,7 @@ def _build_example_report(tmp_path):
         "sequential_cpi": {"start": "probe:a", "rows": 5,
                            "stages": [{"tasks": ["b"], "frozen": ["a"], "steps": 1}]}}})
     _write(tmp_path / "groups" / "overlap.json",
-           {"tasks": ["a", "b", "c"], "matrix": [[1, 0.3, 0], [0.3, 1, 0.05], [0, 0.05, 1]]})
+           {"tasks": ["a", "b", "c"], "jaccard": [[1, 0.3, 0], [0.3, 1, 0.05], [0, 0.05, 1]]})
     _write(tmp_path / "groups" / "groups.json", {"groups": [["c"], ["a", "b"]]})
     _write(tmp_path / "regions" / "stats.json", {"tasks": {
         t: {"k": 10, "per_layer": {"0": 4, "1": 6, "embed": 0}, "per_module": {"q_proj": 3, "up_proj": 7}}

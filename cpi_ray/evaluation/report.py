@@ -229,7 +229,7 @@ def build_report(run_dir: str | Path, extra_sections: Optional[list[tuple[str, s
                 if plot_seesaw(deltas, tasks, out / "seesaw.png"):
                     figures.append(("Seesaw", "seesaw.png"))
         if overlap:
-            names, matrix = overlap["tasks"], overlap["matrix"]
+            names, matrix = overlap["tasks"], overlap.get("jaccard", overlap.get("matrix"))
             order = [t for g in groups for t in g if t in names] + [t for t in names if not any(t in g for g in groups)]
             idx = [names.index(t) for t in order]
             reordered = [[matrix[i][j] for j in idx] for i in idx]
