@@ -255,9 +255,10 @@ def resolve_core(values: Sequence[np.ndarray], owned: Sequence[Optional[np.ndarr
         else:
             r = int(ranks[t])
             win = m & ((r < rank) | ((r == rank) & (delta > best)))
-            rank[win] = r
-        best[win] = delta[win]
-        out[win] = v[win]
+            np.copyto(rank, r, where=win)
+        # masked copies, not fancy indexing: no gather/scatter temporaries per chunk
+        np.copyto(best, delta, where=win)
+        np.copyto(out, v, where=win)
         anyo |= m
     return out, anyo
 

@@ -138,6 +138,15 @@ class _Buffers:
 
 
 def peak_rss_bytes() -> int:
+    """Peak resident memory of this process. VmHWM belongs to the current address space;
+    ru_maxrss can carry a parent's peak across fork and exec."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
