@@ -67,7 +67,6 @@ def build_ds_config(cfg: ConsolidateConfig, world_size: int, use_gpu: bool = Fal
         },
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
-        "seed": cfg.seed,
     }
     merged = deep_merge(generated, cfg.deepspeed)
     if cfg.deepspeed.get("fp16", {}).get("enabled") and not use_gpu:
