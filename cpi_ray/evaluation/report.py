@@ -160,41 +160,36 @@ def _layer_key(k: str):
     return (0, int(k)) if str(k).isdigit() else (1, str(k))
 
 
-def plot_scores(scores: dict[str, dict[str, float]], tasks: list[str], out: Path) -> None:
+def _grouped_bars(values: dict[str, dict[str, float]], tasks: list[str], out: Path, ylabel: str,
+                  title: str, zero_line: bool = False) -> None:
+    """One group of bars per task, one bar per model."""
     plt = _plt()
-    models = list(scores)
+    models = list(values)
     fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(tasks) + 0.4 * len(models)), 4))
     width = 0.8 / max(len(models), 1)
     for i, m in enumerate(models):
         ax.bar([j + i * width for j in range(len(tasks))],
-               [scores[m].get(t, float("nan")) for t in tasks], width, label=m)
+               [values[m].get(t, float("nan")) for t in tasks], width, label=m)
+    if zero_line:
+        ax.axhline(0, color="black", linewidth=0.8)
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(tasks))], tasks)
-    ax.set_ylabel("score (0-100)")
-    ax.set_title("per-task scores")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
+
+
+def plot_scores(scores: dict[str, dict[str, float]], tasks: list[str], out: Path) -> None:
+    _grouped_bars(scores, tasks, out, "score (0-100)", "per-task scores")
 
 
 def plot_seesaw(deltas: dict[str, dict[str, float]], tasks: list[str], out: Path) -> bool:
     if not deltas or not any(deltas.values()):
         return False
-    plt = _plt()
-    models = list(deltas)
-    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(tasks) + 0.4 * len(models)), 4))
-    width = 0.8 / len(models)
-    for i, m in enumerate(models):
-        ax.bar([j + i * width for j in range(len(tasks))],
-               [deltas[m].get(t, float("nan")) for t in tasks], width, label=m)
-    ax.axhline(0, color="black", linewidth=0.8)
-    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(tasks))], tasks)
-    ax.set_ylabel("score minus the task's expert")
-    ax.set_title("seesaw: change against each task's single-task expert")
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    _grouped_bars(deltas, tasks, out, "score minus the task's expert",
+                  "seesaw: change against each task's single-task expert", zero_line=True)
     return True
 
 
