@@ -302,11 +302,100 @@ class EvaluateConfig(_Section):
     custom_resources: CustomResources = _custom_resources_field()
 
 
+# Knobs a search may vary: probes are computed once and shared by every trial, so nothing of
+# `probe`, `model`, `tasks` or `data` may differ between trials.
+TUNABLE_SECTIONS = ("regions", "groups", "fuse", "consolidate")
+_SPACE_KINDS = ("choice", "grid", "uniform", "loguniform")
+
+
+class SearchDim(_Section):
+    """One dimension of the search space: exactly one of `choice`/`grid` (a list of values) or
+    `uniform`/`loguniform` ([low, high])."""
+
+    choice: Optional[list[Any]] = None
+    grid: Optional[list[Any]] = None
+    uniform: Optional[list[float]] = None
+    loguniform: Optional[list[float]] = None
+
+    @model_validator(mode="after")
+    def _one(self) -> "SearchDim":
+        given = [k for k in _SPACE_KINDS if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"a search dimension needs exactly one of {', '.join(_SPACE_KINDS)}"
+                             f" (got {given or 'none'})")
+        kind = given[0]
+        v = getattr(self, kind)
+        if kind in ("choice", "grid") and not v:
+            raise ValueError(f"{kind} needs at least one value")
+        if kind in ("uniform", "loguniform"):
+            if len(v) != 2 or not v[0] < v[1]:
+                raise ValueError(f"{kind} needs [low, high] with low < high")
+            if kind == "loguniform" and v[0] <= 0:
+                raise ValueError("loguniform needs low > 0")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in _SPACE_KINDS if getattr(self, k) is not None)
+
+    def values(self) -> Optional[list[Any]]:
+        """The finite set of values (choice, grid), else None."""
+        return self.choice if self.choice is not None else self.grid
+
+
 class TuneConfig(_Section):
     enabled: bool = False
-    num_samples: int = Field(4, ge=1)
+    num_samples: int = Field(4, ge=1, description="trials (random, optuna); grid: repeats of the grid")
     max_concurrent_trials: int = Field(1, ge=1)
-    search_space: dict[str, Any] = Field(default_factory=dict)
+    search_space: dict[str, SearchDim] = Field(
+        default_factory=dict,
+        description="dotted config key (regions.p, groups.tau, fuse.omega, consolidate.lr, "
+        "consolidate.steps, ...) -> {choice|grid: [values]} or {uniform|loguniform: [low, high]}")
+    search_alg: Literal["random", "grid", "optuna"] = Field(
+        "random", description="grid: every dimension a grid or choice, all combinations; "
+        "optuna: needs the optional extra `tune`")
+    scheduler: Literal["asha", "fifo"] = "asha"
+    objective: Literal["mean_normalized", "min_normalized"] = Field(
+        "mean_normalized", description="over the tasks, each task's validation score divided by "
+        "its expert's (its probe's); min_normalized is the seesaw-aware choice")
+    grace_period: int = Field(2, ge=1, description="ASHA: consolidation steps before a trial "
+                              "can be stopped")
+    reduction_factor: float = Field(2.0, gt=1)
+    cpus_per_trial: float = Field(
+        0.05, gt=0, description="CPUs of the trial's driver function itself (Tune needs some); "
+        "its trainers, actors and scoring tasks ask for their own")
+    seed: int = 0
+    export_best: bool = Field(True, description="copy the best trial's model to tune/best_model/")
+
+    @field_validator("search_space")
+    @classmethod
+    def _keys(cls, v: dict[str, SearchDim]) -> dict[str, SearchDim]:
+        for key in v:
+            section, _, field = key.partition(".")
+            if section not in TUNABLE_SECTIONS or not field or "." in field:
+                raise ValueError(f"search_space key {key!r}: must be <section>.<field> with "
+                                 f"section one of {', '.join(TUNABLE_SECTIONS)}")
+            model = {"regions": RegionsConfig, "groups": GroupsConfig, "fuse": FuseConfig,
+                     "consolidate": ConsolidateConfig}[section]
+            if field not in model.model_fields:
+                raise ValueError(f"search_space key {key!r}: {section} has no field {field!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _alg(self) -> "TuneConfig":
+        if self.search_alg == "grid":
+            bad = [k for k, d in self.search_space.items() if d.values() is None]
+            if bad:
+                raise ValueError(f"search_alg grid needs choice/grid dimensions; {bad} are ranges")
+        if self.search_alg == "optuna":
+            import importlib.util
+
+            if importlib.util.find_spec("optuna") is None:
+                raise ValueError("search_alg optuna needs optuna (pip install -e '.[tune]')")
+            bad = [k for k, d in self.search_space.items() if d.grid is not None]
+            if bad:
+                raise ValueError(f"search_alg optuna takes no grid dimensions ({bad}); use choice")
+        return self
 
 
 class StorageConfig(_Section):
