@@ -23,7 +23,8 @@ from cpi_ray.regions.overlap import jaccard, mask_intersections
 from cpi_ray.regions.plan import check_compatible, plan_chunks, scored_tensors
 from cpi_ray.regions.ray_ops import ChunkReader, densify, run_pass, sample_keys
 from cpi_ray.regions.scores import needs_fisher
-from cpi_ray.regions.topk import HIST_BINS, HIST_SHIFT, ChunkMeta, TopKSolver, core_size
+from cpi_ray.regions.topk import (HIST_BINS, HIST_SHIFT, LOW_MASK, ChunkMeta, ScanRequest,
+                                   TopKSolver, core_size)
 
 log = logging.getLogger("cpi_ray")
 
@@ -147,9 +148,14 @@ class RegionsStage(Stage):
 
 def compute_regions(cfg: PipelineConfig, base_dir: str | Path, probe_dirs: dict[str, Path],
                     out_dir: str | Path, fisher_dirs: Optional[dict[str, Path]] = None,
-                    block_elems: Optional[int] = None) -> list[Path]:
+                    block_elems: Optional[int] = None,
+                    histograms: Optional[dict[str, np.ndarray]] = None) -> list[Path]:
     """Masks, stats and histograms of every task into `out_dir`; returns the written paths.
-    Nothing is written unless every input is valid."""
+    Nothing is written unless every input is valid.
+
+    `histograms`: each task's stored histogram from an earlier run over the same probes and
+    scores (any p). The bin of the new k-th score is then known, so the selection skips the
+    sample and the histogram and scans that one bin in a single pass (`refinement` in stats)."""
     from cpi_ray.regions.ray_ops import DEFAULT_BLOCK_ELEMS
 
     rc = cfg.regions
@@ -172,7 +178,16 @@ def compute_regions(cfg: PipelineConfig, base_dir: str | Path, probe_dirs: dict[
     reader = ChunkReader(str(base_dir), {t: str(d) for t, d in probe_dirs.items()}, rc.score,
                          {t: str(d) for t, d in (fisher_dirs or {}).items()})
     requests = {}
+    refined = []
     for t in tasks:
+        h = None if histograms is None else histograms.get(t)
+        if h is not None and not solvers[t].trivial and int(np.sum(h)) == total:
+            solvers[t].hist = np.asarray(h, dtype=np.int64)
+            b, _ = threshold_bin(solvers[t].hist, k)
+            requests[t] = solvers[t]._set(ScanRequest(
+                "scan", lo=b << HIST_SHIFT, hi=(b << HIST_SHIFT) | LOW_MASK))
+            refined.append(t)
+            continue
         sk, sw = sample_keys(reader, chunks, t) if not solvers[t].trivial else ([], [])
         requests[t] = solvers[t].start(np.asarray(sk), np.asarray(sw))
     reader.release()
@@ -232,6 +247,7 @@ def compute_regions(cfg: PipelineConfig, base_dir: str | Path, probe_dirs: dict[
     write_json(stats_path, {
         "p": rc.p, "k": k, "D": total, "score": rc.score, "granularity": rc.granularity,
         "num_tensors": len(tensors), "num_chunks": len(chunks), "num_passes": npass,
+        "refinement": {"from_histogram": refined},
         "histogram": {"file": HIST_FILE, "shift": HIST_SHIFT,
                       "meaning": "bin b: elements whose float32 score bits >> shift == b"},
         "timing_s": {"plan_and_sample": round(t_plan, 3), "select": round(t_select, 3),
