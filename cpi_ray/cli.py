@@ -25,6 +25,9 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stages", help=f"comma-separated subset of: {','.join(STAGES)}")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set regions.p=5 (repeatable)")
+    p.add_argument("--tune", action="store_true",
+                   help="run the Ray Tune search of the config's `tune` section instead of one "
+                   "pipeline run (also when tune.enabled is true)")
 
 
 def run_command(args: argparse.Namespace) -> int:
@@ -45,10 +48,24 @@ def run_command(args: argparse.Namespace) -> int:
     if problem:
         print(f"error: storage: cannot write the run directory {run_dir}: {problem}", file=sys.stderr)
         return 1
+    tuning = getattr(args, "tune", False) or cfg.tune.enabled
+    if tuning:
+        from cpi_ray.tune.space import SpaceError, check_space
+
+        try:
+            check_space(cfg)
+        except SpaceError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return EXIT_CONFIG
     try:
         where = connect_ray(cfg)
         log.info("Ray: %s", where)
-        result = run_pipeline(cfg, run_dir)
+        if tuning:
+            from cpi_ray.tune.search import run_tune
+
+            result = run_tune(cfg, run_dir)
+        else:
+            result = run_pipeline(cfg, run_dir)
     except KeyboardInterrupt:
         print("interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
