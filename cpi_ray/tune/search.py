@@ -313,7 +313,6 @@ def run_tune(cfg: PipelineConfig, run_dir: Path) -> TuneOutcome:
     work."""
     import os
 
-    import ray
     from ray import tune
 
     from cpi_ray.models.loading import resolve_base_model
@@ -363,7 +362,6 @@ def run_tune(cfg: PipelineConfig, run_dir: Path) -> TuneOutcome:
         run_config=tune.RunConfig(name=name, storage_path=str(tune_dir / "_ray"), verbose=1,
                                   failure_config=tune.FailureConfig(max_failures=0)))
     grid = tuner.fit()
-    assert ray.is_initialized()
 
     trials = collect_trials(grid, tune_dir, cfg)
     outcome = TuneOutcome(tune_dir, trials, shared=shared)

@@ -62,7 +62,3 @@ def check_space(cfg: PipelineConfig) -> None:
         for v in dim.values() or [dim.uniform or dim.loguniform][0]:
             apply_knobs(cfg, {key: v})
 
-
-def value_sets(tc: TuneConfig) -> dict[str, list[Any]]:
-    """The finite values of each choice/grid dimension (for reports)."""
-    return {k: list(d.values()) for k, d in tc.search_space.items() if d.values() is not None}
