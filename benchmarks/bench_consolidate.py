@@ -67,17 +67,25 @@ def bench_worker(config: dict) -> None:
     micro = tc.batch_size // tc.grad_accum
     vocab = model.config.vocab_size
 
+    freezer_s: list[float] = []
+
     def step(frz) -> float:
         t = time.perf_counter()
+        tf = 0.0
         for _ in range(tc.grad_accum):
             ids = torch.randint(0, vocab, (micro, config["seq"]), generator=g).to(device)
             loss = engine(input_ids=ids, labels=ids).loss
             engine.backward(loss)
             if frz is not None and engine.is_gradient_accumulation_boundary():
+                t1 = time.perf_counter()
                 frz.zero_grads()
+                tf += time.perf_counter() - t1
             engine.step()
         if frz is not None:
+            t1 = time.perf_counter()
             frz.restore()
+            tf += time.perf_counter() - t1
+            freezer_s.append(tf)
         if tc.use_gpu:
             torch.cuda.synchronize()
         return time.perf_counter() - t
@@ -103,7 +111,8 @@ def bench_worker(config: dict) -> None:
     out = {
         "rank": rank, "world": world, "params": n_params,
         "step_s_plain": statistics.median(plain), "step_s_masked": statistics.median(masked),
-        "frozen_local": len(freezer), "state_bytes": state,
+        "freezer_s": statistics.median(freezer_s), "frozen_local": len(freezer),
+        "state_bytes": state,
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "tokens_per_step": tc.batch_size * config["seq"] * world,
     }
@@ -203,12 +212,17 @@ def main() -> None:
     print(f"model: {first['params'] / 1e6:.1f}M parameters, batch {args.batch}x{args.seq} tokens per "
           f"worker, accumulation {args.accum}, {args.density:.0%} of elements frozen, "
           f"{'bf16 GPU' if args.gpu else args.precision + ' CPU'}")
+    # `ratio` is the end-to-end masked/plain step time (noisy on a shared machine); `freezer`
+    # times the freezing calls alone, and `ratio*` is (plain + freezer) / plain.
     print(f"{'workers':>7} {'rank':>4} {'step plain':>11} {'step masked':>12} {'ratio':>6} "
-          f"{'state/rank':>11} {'peak RSS':>9}" + (f" {'GPU peak':>9}" if args.gpu else ""))
+          f"{'freezer':>9} {'ratio*':>6} {'state/rank':>11} {'peak RSS':>9}"
+          + (f" {'GPU peak':>9}" if args.gpu else ""))
     for w, rows in results.items():
         for r in rows:
             line = (f"{w:>7} {r['rank']:>4} {r['step_s_plain']:>10.3f}s {r['step_s_masked']:>11.3f}s "
                     f"{r['step_s_masked'] / r['step_s_plain']:>6.3f} "
+                    f"{r['freezer_s'] * 1000:>7.1f}ms "
+                    f"{(r['step_s_plain'] + r['freezer_s']) / r['step_s_plain']:>6.3f} "
                     f"{r['state_bytes'] / mib:>8.1f}MiB {r['peak_rss_bytes'] / mib:>6.0f}MiB")
             if args.gpu:
                 line += f" {r['gpu_peak_bytes'] / mib:>6.0f}MiB"

@@ -155,14 +155,16 @@ class ElementFreezer:
                 if e.direct_master is None:
                     e.direct_master = self._direct(safe_get_local_fp32_param, p)
                 master = safe_get_local_fp32_param(p)
+                aliased = e.direct_master and master.data_ptr() == p.ds_tensor.data_ptr()
                 if e.direct_master:
                     self._put(master.view(-1), e.sel, e.values)
                 else:
                     master = master.clone()
                     self._put(master.view(-1), e.sel, e.values)
                     safe_set_local_fp32_param(p, master)
-                # The working partition may be a separate (e.g. bf16) copy of the master.
-                self._put(p.ds_tensor.data.view(-1), e.sel, e.values)
+                if not aliased:
+                    # The working partition is a separate (e.g. bf16) copy of the master.
+                    self._put(p.ds_tensor.data.view(-1), e.sel, e.values)
             if e.full_sel is not None and p.ds_status == ZeroParamStatus.AVAILABLE:
                 # A persistent parameter stays gathered across steps: DeepSpeed re-gathered it
                 # from the updated partitions at the end of the step.
