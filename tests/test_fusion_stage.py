@@ -28,10 +28,9 @@ def tiny(tmp_path_factory):
 
 
 @pytest.fixture(scope="module", autouse=True)
-def ray_local():
-    ray.init(num_cpus=2, include_dashboard=False)
+def ray_local(ray_session):
+    """The session's Ray (one cluster for the whole test run)."""
     yield
-    ray.shutdown()
 
 
 def masks_of(ctx, names):

@@ -28,14 +28,12 @@ TASKS = ["a", "b", "d"]
 
 
 @pytest.fixture(scope="module")
-def ray_local():
-    import ray
+def ray_local(ray_session):
+    """The session's Ray, with Ray Data's progress bars off for quiet test logs."""
     from ray.data import DataContext
 
-    ray.init(num_cpus=2, include_dashboard=False)
     DataContext.get_current().enable_progress_bars = False
     yield
-    ray.shutdown()
 
 
 def load_dir(d):
@@ -85,7 +83,8 @@ def make_ctx(models, run_dir, **regions):
     return RunContext(make_cfg(**regions), run_dir, models["base"], "tiny-test")
 
 
-def reference(models, task, k_p, granularity="element", include=None, exclude=None):
+def reference(models, task, k_p, granularity="element", include=None, exclude=None,
+              fisher=None, score="delta"):
     """Plain in-memory top-k: every scored tensor loaded, scores concatenated in sorted-name
     order, a stable sort on descending score (equal scores keep flat order)."""
     import re
@@ -99,6 +98,10 @@ def reference(models, task, k_p, granularity="element", include=None, exclude=No
     unit_scores, unit_w, unit_src = [], [], []
     for n in names:
         s = (probe[n].float() - base[n].float()).abs()
+        if score == "fisher":
+            s = fisher[n].float()
+        elif score == "delta_fisher":
+            s = s * fisher[n].float().sqrt()
         if granularity == "row" and s.dim() >= 2:
             rows = s.reshape(s.shape[0], -1)
             us = (rows.double().sum(1) / rows.shape[1]).float()
@@ -240,3 +243,30 @@ def test_p_changes_only_the_masks(ray_local, models, tmp_path):
     assert ran and g5["fingerprint"] != g1["fingerprint"]
     # the probes are untouched
     assert probe_files == {p: file_sha256(p) for p in probe_files}
+
+
+@pytest.mark.parametrize("score", ["fisher", "delta_fisher"])
+def test_fisher_scores_match_in_memory_reference(ray_local, models, tmp_path, score):
+    from cpi_ray.io.safetensors_io import save_sharded
+    from cpi_ray.regions.stage import fisher_dir
+
+    run = tmp_path / "run"
+    shutil.copytree(models["run"], run)
+    g = torch.Generator().manual_seed(11)
+    fishers = {}
+    for t in TASKS:
+        # Squared-gradient-like values with exact ties (rounded) to exercise the tie-break.
+        f = {n: (torch.rand(v.shape, generator=g) ** 4 * 100).round() / 100
+             for n, v in models["state"].items() if v.is_floating_point()}
+        d = fisher_dir(run, t)
+        d.mkdir(parents=True)
+        save_sharded(f, d, 1_000_000)
+        fishers[t] = f
+    ctx = make_ctx(models, run, score=score, p=2.0)
+    RegionsStage().run(ctx)
+    for t in TASKS:
+        ref, k, _ = reference(models, t, 2.0, fisher=fishers[t], score=score)
+        m = MaskFile(mask_path(run, t))
+        assert m.count() == k and m.metadata["score"] == score
+        for n, want in ref.items():
+            assert torch.equal(m.flat(n), want), (t, n)
