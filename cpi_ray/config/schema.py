@@ -362,8 +362,11 @@ class TuneConfig(_Section):
                               "can be stopped")
     reduction_factor: float = Field(2.0, gt=1)
     cpus_per_trial: float = Field(
-        0.05, gt=0, description="CPUs of the trial's driver function itself (Tune needs some); "
-        "its trainers, actors and scoring tasks ask for their own")
+        0, ge=0, description="CPUs of the trial's driver function itself; its trainers, actors "
+        "and scoring tasks ask for their own")
+    trial_memory_mb: int = Field(
+        256, ge=1, description="memory (Ray's logical resource) the trial's driver function "
+        "reserves; also what lets it hold no CPU, as Tune needs a non-empty reservation")
     seed: int = 0
     export_best: bool = Field(True, description="copy the best trial's model to tune/best_model/")
 

@@ -348,8 +348,11 @@ def run_tune(cfg: PipelineConfig, run_dir: Path) -> TuneOutcome:
     setup = {"cfg": cfg.model_dump(mode="json"), "tune_dir": str(tune_dir),
              "base_dir": str(base_dir), "base_id": base_id, "probes_dir": str(run_dir / "probes"),
              "histograms_dir": str(run_dir / "regions"), "experts": experts}
+    # No CPU for the driver function by default: a fraction would keep a stage's actors (one
+    # CPU each) from all fitting on a small node, and they wait for each other.
     trainable = tune.with_resources(tune.with_parameters(trial_driver, setup=setup),
-                                    {"cpu": tc.cpus_per_trial})
+                                    {"cpu": tc.cpus_per_trial,
+                                     "memory": tc.trial_memory_mb * 2**20})
     name = time.strftime("search-%Y%m%d-%H%M%S")
     # Trials wait for their trainers' workers instead of failing start-up on a busy cluster.
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "3600")
