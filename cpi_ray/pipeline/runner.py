@@ -118,6 +118,10 @@ def connect_ray(cfg: PipelineConfig) -> str:
     else start a local Ray for this process. Returns a description for the log."""
     import ray
 
+    from cpi_ray.training.sft import train_env
+
+    # Trainers fitted from this process (consolidation, baselines) read these here.
+    os.environ.update(train_env())
     if ray.is_initialized():
         return "already connected"
     env = {"env_vars": {"DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "")}} \

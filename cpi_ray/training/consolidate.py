@@ -141,7 +141,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from cpi_ray.data.batching import iterate_batches
     from cpi_ray.io.sizes import parse_size
     from cpi_ray.training.freeze import ElementFreezer, check_freezable
-    from cpi_ray.training.sft import token_loss_sum
+    from cpi_ray.training.sft import should_report, token_loss_sum
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -224,12 +224,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         metrics = {"step": step + 1, "loss": loss, "lr": scheduler.get_last_lr()[0],
                    "grad_norm": float(engine.get_global_grad_norm() or 0.0),
                    "elapsed_s": time.time() - t0}
-        if val_batches is not None:
-            metrics["val_loss"] = val_loss = _val_loss(engine, val_batches, device)
-        if tc.checkpoint_every and (step + 1) % tc.checkpoint_every == 0 and step + 1 < tc.steps:
-            _report_checkpoint(engine, metrics, step + 1)
-        else:
-            ray.train.report(metrics)
+        checkpoint = bool(tc.checkpoint_every and (step + 1) % tc.checkpoint_every == 0
+                          and step + 1 < tc.steps)
+        if checkpoint or should_report(step + 1, tc.steps):
+            if val_batches is not None:
+                metrics["val_loss"] = val_loss = _val_loss(engine, val_batches, device)
+            if checkpoint:
+                _report_checkpoint(engine, metrics, step + 1)
+            else:
+                ray.train.report(metrics)
         if fault and step + 1 == fault["step"] and rank == fault["rank"]:
             marker = Path(fault["marker"])
             if not marker.exists():

@@ -23,7 +23,7 @@ from cpi_ray.config.schema import PipelineConfig
 from cpi_ray.io.atomic import read_json, write_json
 from cpi_ray.pipeline.stage import RunContext, Stage, stable_hash
 from cpi_ray.training.sft import (accumulate_loss, clip_grad, make_optimizer, make_scheduler,
-                                  micro_batch_size)
+                                  micro_batch_size, should_report, train_env)
 
 log = logging.getLogger("cpi_ray")
 
@@ -148,7 +148,7 @@ def _train(model, examples, tok, cfg: PipelineConfig, rank: int, world: int, dev
                    "grad_norm": gnorm, "elapsed_s": time.time() - t0}
         if (step + 1) % every == 0 and step + 1 < tc.steps:
             _report_checkpoint(metrics, model, opt, sched, step + 1, rank, save_file)
-        else:
+        elif should_report(step + 1, tc.steps):
             ray.train.report(metrics)
     return model, loss
 
@@ -202,11 +202,8 @@ class ProbeStage(Stage):
         if not pending:
             return outputs
 
-        # Trainers that find no free resources wait for them (they queue on a small cluster, or
-        # while the autoscaler adds nodes) instead of failing worker-group start-up every minute.
-        fit = ray.remote(num_cpus=0, max_retries=0)(_fit_probe).options(runtime_env={
-            "env_vars": {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": os.environ.get(
-                "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "3600")}})
+        fit = ray.remote(num_cpus=0, max_retries=0)(_fit_probe).options(
+            runtime_env={"env_vars": train_env()})
         refs = {task: fit.remote(cfg.model_dump(), task, str(ctx.base_model_dir),
                                  str(ctx.path("probes", task)), str(ctx.path("_ray")), fp, mode,
                                  fisher_batches)
