@@ -60,8 +60,12 @@ def run_fusion(base_dir: Path, task_dirs: dict[str, Path], mask_paths: dict[str,
         ranks = group_ranks(list(task_dirs), groups, "groups")
     settings = FuseSettings(method=fc.method, policy=fc.policy, eps=fc.epsilon, ranks=ranks,
                             buffer_bytes=fc.chunk_mib * 2**20, chunk_elems=chunk_elems)
-    # an actor holds one CPU; more actors than the cluster has CPUs would wait forever
-    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    from cpi_ray.pipeline.plan import worker_resources
+
+    res = worker_resources(cfg, "fuse")
+    per_actor = res.pop("CPU")
+    # more actors than the cluster has CPUs for would wait forever
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1) // per_actor))
     n_actors = max(1, min(fc.num_actors, len(plan.shards), cpus))
     if n_actors < fc.num_actors:
         log.info("fuse: %d actor(s) instead of %d (%d shard(s), %d CPU(s)); a smaller "
@@ -70,7 +74,8 @@ def run_fusion(base_dir: Path, task_dirs: dict[str, Path], mask_paths: dict[str,
     t_plan = time.perf_counter() - t0
     stats: list[dict] = []
     with atomic_dir(out_dir) as tmp:
-        actors = [FuseActor.options(num_cpus=1).remote(settings, str(tmp)) for _ in range(n_actors)]
+        actors = [FuseActor.options(num_cpus=per_actor, resources=res).remote(settings, str(tmp))
+                  for _ in range(n_actors)]
         try:
             # largest shards first, each to the next free actor
             todo = sorted(plan.shards, key=lambda s: -s.nbytes)
@@ -120,7 +125,8 @@ class FuseStage(Stage):
 
     def config_slice(self, cfg: PipelineConfig) -> dict:
         # actors and chunk size change how, not what: the output is bitwise the same
-        return {"fuse": cfg.fuse.model_dump(exclude={"num_actors", "chunk_mib"}),
+        return {"fuse": cfg.fuse.model_dump(exclude={"num_actors", "chunk_mib", "cpus_per_actor",
+                                                      "custom_resources"}),
                 "max_shard_size": cfg.model.max_shard_size,
                 "tasks": [t.name for t in cfg.tasks]}
 

@@ -326,6 +326,8 @@ def fit_group(cfg: PipelineConfig, *, stage: int, tasks: list[str], frozen: list
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from cpi_ray.pipeline.plan import worker_resources
+
     tc = cfg.consolidate
     if tc.zero_stage != 3:
         # Loading, export and element freezing all work on ZeRO-3 partitions.
@@ -344,7 +346,7 @@ def fit_group(cfg: PipelineConfig, *, stage: int, tasks: list[str], frozen: list
         },
         torch_config=TorchConfig(backend="nccl" if tc.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
-                                     resources_per_worker={"CPU": tc.cpus_per_worker}),
+                                     resources_per_worker=worker_resources(cfg, "consolidate")),
         run_config=RunConfig(name=f"consolidate-{stage}-{fingerprint}", storage_path=str(storage),
                              failure_config=FailureConfig(max_failures=tc.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=1),
@@ -410,7 +412,9 @@ class ConsolidateStage(Stage):
     def config_slice(self, cfg: PipelineConfig) -> dict:
         from cpi_ray.data.tasks import task_identity
 
-        return {"consolidate": cfg.consolidate.model_dump(), "data": cfg.data.model_dump(),
+        return {"consolidate": cfg.consolidate.model_dump(exclude={"cpus_per_worker",
+                                                                   "custom_resources"}),
+                "data": cfg.data.model_dump(),
                 "tasks": [task_identity(t) for t in cfg.tasks],
                 "max_shard_size": cfg.model.max_shard_size}
 
