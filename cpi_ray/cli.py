@@ -30,14 +30,19 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
                    "pipeline run (also when tune.enabled is true)")
 
 
+def config_from_args(args: argparse.Namespace):
+    """The validated config of `--config`, `--set` and `--stages` (raises ConfigError)."""
+    overrides = list(args.overrides)
+    if args.stages:
+        overrides.append(f"stages=[{args.stages}]")
+    return load_config(args.config, overrides)
+
+
 def run_command(args: argparse.Namespace) -> int:
     from cpi_ray.pipeline.runner import connect_ray, resolve_run_dir, run_pipeline
 
     try:
-        overrides = list(args.overrides)
-        if args.stages:
-            overrides.append(f"stages=[{args.stages}]")
-        cfg = load_config(args.config, overrides)
+        cfg = config_from_args(args)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_CONFIG
@@ -91,10 +96,7 @@ def plan_command(args: argparse.Namespace) -> int:
     from cpi_ray.pipeline.plan import PlanError, build_plan, plan_json
 
     try:
-        overrides = list(args.overrides)
-        if args.stages:
-            overrides.append(f"stages=[{args.stages}]")
-        cfg = load_config(args.config, overrides)
+        cfg = config_from_args(args)
         plan = build_plan(cfg, str(args.config))
     except (ConfigError, PlanError) as e:
         print(f"error: {e}", file=sys.stderr)
