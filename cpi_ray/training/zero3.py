@@ -189,6 +189,10 @@ def load_zero3_model(model_dir: str | os.PathLike, ds_config: Mapping[str, Any],
         stack.enter_context(set_zero3_state())
         model = AutoModelForCausalLM.from_config(config, dtype=dtype,
                                                  trust_remote_code=trust_remote_code)
+        # Under zero.Init the tied output embedding comes out as a parameter of its own: tie it
+        # again so that it is the input embedding's parameter, as in the checkpoint.
+        if getattr(config, "tie_word_embeddings", False):
+            model.tie_weights()
     with CheckpointReader(model_dir) as reader:
         fill_partitions(model, reader)
         fill_buffers(model, reader)
