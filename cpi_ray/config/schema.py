@@ -358,8 +358,8 @@ class TuneConfig(_Section):
     objective: Literal["mean_normalized", "min_normalized"] = Field(
         "mean_normalized", description="over the tasks, each task's validation score divided by "
         "its expert's (its probe's); min_normalized is the seesaw-aware choice")
-    grace_period: int = Field(2, ge=1, description="ASHA: consolidation steps before a trial "
-                              "can be stopped")
+    grace_period: int = Field(2, ge=1, description="ASHA: results a trial reports (one per "
+                              "consolidation report, about ten per group) before it can be stopped")
     reduction_factor: float = Field(2.0, gt=1)
     cpus_per_trial: float = Field(
         0, ge=0, description="CPUs of the trial's driver function itself; its trainers, actors "
