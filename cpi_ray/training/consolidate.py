@@ -321,7 +321,7 @@ def fit_group(cfg: PipelineConfig, *, stage: int, tasks: list[str], frozen: list
               callbacks: Optional[list] = None, val_examples: Optional[list[dict]] = None) -> dict:
     """Train one group with a TorchTrainer and return its record (read back from `out_dir`).
     `callbacks`: Ray Train callbacks (a Tune search passes TuneReportCallback); `val_examples`:
-    encoded validation rows whose loss every step reports as `val_loss`."""
+    encoded validation rows whose loss each metrics report carries as `val_loss`."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
