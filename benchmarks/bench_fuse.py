@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -296,7 +295,6 @@ def run_mergekit(work: Path, root: Path, out: Path, threads: int) -> dict:
 
 def compare(a_dir: Path, b_dir: Path) -> float:
     """Largest per-tensor max|a - b| / max|b| between two model directories."""
-    import torch
 
     from cpi_ray.io.safetensors_io import CheckpointReader
 
@@ -314,7 +312,6 @@ def compare_exact_slerp(root: Path, out: Path, t: float = 0.5) -> float:
     float64 from the formula: who is closer to the exact value, when stage and mergekit differ."""
     import math
 
-    import torch
 
     from cpi_ray.io.safetensors_io import CheckpointReader
 

@@ -1,6 +1,5 @@
 """The diagonal Fisher of the probe stage against independent computations."""
 
-import os
 
 import pytest
 import torch

@@ -12,7 +12,7 @@ import torch
 
 from cpi_ray.fusion.stage import FuseStage
 from cpi_ray.fusion.worker import FuseError
-from cpi_ray.io.safetensors_io import CheckpointError, save_model_dir
+from cpi_ray.io.safetensors_io import save_model_dir
 from cpi_ray.regions.masks import MaskFile
 
 from fusion_helpers import TASKS, load_state, make_run, with_fuse

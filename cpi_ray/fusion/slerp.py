@@ -91,7 +91,6 @@ def multislerp_coefficients(gram: np.ndarray, weights: Sequence[float],
     g = np.asarray(gram, dtype=np.float64)
     w = np.asarray(weights, dtype=np.float64)
     w = w / w.sum()
-    n = g.shape[0]
     norms = np.sqrt(np.maximum(np.diag(g), 0.0))
     if np.any(norms <= 0.0):
         return w.copy()

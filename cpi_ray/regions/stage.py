@@ -18,7 +18,7 @@ from cpi_ray.io.atomic import atomic_file, read_json, write_json
 from cpi_ray.io.safetensors_io import CheckpointError, CheckpointReader
 from cpi_ray.pipeline.stage import RunContext, Stage
 from cpi_ray.regions.grouping import connected_components, order_groups
-from cpi_ray.regions.masks import MaskFile, popcount, write_mask_file
+from cpi_ray.regions.masks import MaskFile, write_mask_file
 from cpi_ray.regions.overlap import jaccard, mask_intersections
 from cpi_ray.regions.plan import check_compatible, plan_chunks, scored_tensors
 from cpi_ray.regions.ray_ops import ChunkReader, densify, run_pass, sample_keys

@@ -35,7 +35,7 @@ from cpi_ray.io.atomic import atomic_file, read_json, write_json
 from cpi_ray.pipeline.stage import RECORD_NAME, STAGE_FOLDERS, RunContext
 from cpi_ray.regions.stage import HIST_FILE, RegionsStage, compute_regions, fisher_dir, mask_path
 from cpi_ray.tune.cache import RAN, StageCache, link_tree
-from cpi_ray.tune.space import SpaceError, apply_knobs, check_space, param_space
+from cpi_ray.tune.space import apply_knobs, check_space, param_space
 
 log = logging.getLogger("cpi_ray")
 
