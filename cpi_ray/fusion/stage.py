@@ -131,8 +131,6 @@ class FuseStage(Stage):
                 "tasks": [t.name for t in cfg.tasks]}
 
     def run(self, ctx: RunContext) -> list[Path]:
-        import ray
-
         tasks = ctx.task_names()
         task_dirs = {t: ctx.path("probes", t) for t in tasks}
         mask_paths = {}
@@ -144,10 +142,9 @@ class FuseStage(Stage):
         groups = None
         if ctx.cfg.fuse.policy == "priority":
             groups = read_groups(ctx.path("groups", "groups.json"))
-        if not ray.is_initialized():
-            rc = ctx.cfg.ray
-            ray.init(address=rc.address, namespace=rc.namespace,
-                     num_cpus=rc.num_cpus if rc.address is None else None)
+        from cpi_ray.pipeline.runner import connect_ray
+
+        connect_ray(ctx.cfg)  # a no-op inside the pipeline, which connected already
         out = ctx.path("fused")
         self.last_stats = run_fusion(ctx.base_model_dir, task_dirs, mask_paths, out, ctx.cfg,
                                      groups, self.chunk_elems)

@@ -16,6 +16,7 @@ import torch
 from cpi_ray.config.schema import PipelineConfig
 from cpi_ray.io.atomic import atomic_file, read_json, write_json
 from cpi_ray.io.safetensors_io import CheckpointError, CheckpointReader
+from cpi_ray.pipeline.runner import connect_ray
 from cpi_ray.pipeline.stage import RunContext, Stage
 from cpi_ray.regions.grouping import connected_components, order_groups
 from cpi_ray.regions.masks import MaskFile, write_mask_file
@@ -102,14 +103,6 @@ def module_of(name: str) -> str:
 # --------------------------------------------------------------------------- stage: regions
 
 
-def _ensure_ray(cfg: PipelineConfig) -> None:
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(address=cfg.ray.address, num_cpus=cfg.ray.num_cpus,
-                 namespace=cfg.ray.namespace, include_dashboard=False)
-
-
 class RegionsStage(Stage):
     name = "regions"
     folder = "regions"
@@ -192,7 +185,7 @@ def compute_regions(cfg: PipelineConfig, base_dir: str | Path, probe_dirs: dict[
         requests[t] = solvers[t].start(np.asarray(sk), np.asarray(sw))
     reader.release()
     t_plan = time.time() - t0
-    _ensure_ray(cfg)
+    connect_ray(cfg)  # a no-op inside the pipeline, which connected already
     npass = 0
     while requests:
         npass += 1
