@@ -6,7 +6,7 @@ Ray resources (placement groups, live actors) and memory growth.
 
 Each run gets a fresh run directory, so every stage really runs. After each run the script
 counts the cluster's placement groups that are not removed and its actors that are alive, and
-the resident memory of the driver and of all Ray processes on this machine.
+the resident memory of the driver and of the Ray processes it started.
 """
 
 from __future__ import annotations
@@ -25,21 +25,23 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def ray_rss_mib() -> float:
+    """Resident memory of the embedded Ray's processes: everything this driver started."""
     import psutil
 
     total = 0
-    for p in psutil.process_iter(["name", "cmdline", "memory_info"]):
-        cmd = " ".join(p.info.get("cmdline") or [])
-        if "ray" in (p.info.get("name") or "") or "ray::" in cmd or "raylet" in cmd or "gcs_server" in cmd:
-            total += p.info["memory_info"].rss if p.info.get("memory_info") else 0
+    for p in psutil.Process().children(recursive=True):
+        try:
+            total += p.memory_info().rss
+        except psutil.Error:
+            pass
     return total / 2**20
 
 
-def leaks() -> tuple[int, int]:
+def leaks(address: str) -> tuple[int, int]:
     from ray.util.state import list_actors, list_placement_groups
 
-    pgs = [p for p in list_placement_groups(limit=10_000) if p.state != "REMOVED"]
-    actors = [a for a in list_actors(limit=10_000) if a.state == "ALIVE"]
+    pgs = [p for p in list_placement_groups(address=address, limit=10_000) if p.state != "REMOVED"]
+    actors = [a for a in list_actors(address=address, limit=10_000) if a.state == "ALIVE"]
     return len(pgs), len(actors)
 
 
@@ -56,8 +58,12 @@ def main() -> int:
     ap.add_argument("--keep", action="store_true", help="keep the run directories")
     args = ap.parse_args()
 
-    cfg = load_config(args.config, args.overrides)
+    import ray
+
+    # Its own embedded Ray, so that other Ray clusters on the machine neither serve nor skew it.
+    cfg = load_config(args.config, ["ray.address=local", *args.overrides])
     print("Ray:", connect_ray(cfg))
+    address = ray.get_runtime_context().gcs_address
     me = psutil.Process()
     rows, failures = [], 0
     work = Path(tempfile.mkdtemp(prefix="cpi-soak-"))
@@ -72,7 +78,7 @@ def main() -> int:
             failures += 1
             traceback.print_exc()
         wall = time.time() - t0
-        pgs, actors = leaks()
+        pgs, actors = leaks(address)
         rows.append((i, ok, wall, pgs, actors, me.memory_info().rss / 2**20, ray_rss_mib()))
         print(f"run {i}: {'ok' if ok else 'FAILED'} in {wall:.0f}s; placement groups {pgs}, "
               f"live actors {actors}; driver RSS {rows[-1][5]:.0f} MiB, Ray RSS {rows[-1][6]:.0f} MiB",

@@ -227,6 +227,23 @@ def test_bitwise_determinism_across_actors_and_chunks(run3):
     assert sum(n.endswith(".safetensors") for n in outs[0]) > 2
 
 
+def test_actor_killed_mid_shard_is_retried_bitwise(run3, tmp_path):
+    """An actor dies (SIGKILL) half-way through writing a shard: Ray restarts it, the shard is
+    redone, and the output is bitwise the fault-free one, with no partial file left behind."""
+    from cpi_ray.fusion.stage import run_fusion
+
+    ctx = with_fuse(run3, num_actors=2)
+    inputs = (ctx.base_model_dir, {t: ctx.path("probes", t) for t in TASKS},
+              {t: ctx.path("regions", f"{t}.mask.safetensors") for t in TASKS})
+    run_fusion(*inputs, tmp_path / "clean", ctx.cfg, chunk_elems=1024)
+    clean = digest(tmp_path / "clean")
+    shards = sorted(n for n in clean if n.endswith(".safetensors"))
+    victim, marker = shards[len(shards) // 2], tmp_path / "killed"
+    run_fusion(*inputs, tmp_path / "faulty", ctx.cfg, chunk_elems=1024, fault=(victim, str(marker)))
+    assert marker.exists(), "the fault was not injected"
+    assert digest(tmp_path / "faulty") == clean
+
+
 def test_identical_inputs_return_the_base(tmp_path, tiny):
     ctx = make_run(tmp_path, base_dir=tiny, identical=True)
     for policy in ("magnitude", "mean"):

@@ -105,3 +105,35 @@ def test_stage_record_verifies_outputs(tmp_path, probe_cfg, caplog):
     assert (tmp_path / "probes" / "x.bin").read_bytes() == b"abcdef"
     # A changed config slice redoes it too.
     assert _Touch(b"other").execute(ctx)[1] is True
+
+
+@pytest.mark.slow
+def test_probe_worker_killed_resumes_from_checkpoint(ray_session, probe_cfg, tmp_path):
+    """A probe worker killed (SIGKILL) after step 3 of 4: Ray Train restarts the worker group, the
+    probe resumes from the step-3 checkpoint (weights, AdamW state, schedule, data position) and
+    ends bitwise equal to a probe that was never interrupted."""
+    from cpi_ray.models.loading import resolve_base_model
+    from cpi_ray.pipeline.stage import RunContext
+    from cpi_ray.training.probe import ProbeStage
+
+    cfg = probe_cfg.model_copy(deep=True)
+    cfg.tasks = cfg.tasks[:1]
+    task = cfg.tasks[0].name
+    base_dir, base_id = resolve_base_model(cfg)
+    marker = tmp_path / "killed"
+    outs = {}
+    for name, fault in (("clean", None),
+                        ("faulty", {"task": task, "step": 3, "rank": 0, "marker": str(marker)})):
+        ctx = RunContext(cfg=cfg, run_dir=tmp_path / name, base_model_dir=base_dir,
+                         base_model_id=base_id)
+        rec, ran = ProbeStage(fault=fault).execute(ctx)
+        assert ran
+        outs[name] = ctx.path("probes", task)
+    assert marker.exists(), "the fault was not injected"
+    rec = json.loads((outs["faulty"] / "probe.json").read_text())
+    assert rec["resumed_at_step"] == 3 and rec["steps"] == 4
+    assert json.loads((outs["clean"] / "probe.json").read_text())["resumed_at_step"] == 0
+    clean, faulty = CheckpointReader(outs["clean"]), CheckpointReader(outs["faulty"])
+    assert clean.names() == faulty.names()
+    for n in clean.names():
+        assert torch.equal(clean.read(n), faulty.read(n)), n

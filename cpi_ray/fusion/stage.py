@@ -42,7 +42,7 @@ def read_groups(path: Path) -> list[list[str]]:
 
 def run_fusion(base_dir: Path, task_dirs: dict[str, Path], mask_paths: dict[str, Optional[Path]],
                out_dir: Path, cfg: PipelineConfig, groups: Optional[list[list[str]]] = None,
-               chunk_elems: Optional[int] = None) -> dict:
+               chunk_elems: Optional[int] = None, fault: Optional[tuple[str, str]] = None) -> dict:
     """Fuse into `out_dir` (an HF model directory, created atomically). Returns timings and
     per-shard stats. Ray must be initialized."""
     import ray
@@ -59,7 +59,8 @@ def run_fusion(base_dir: Path, task_dirs: dict[str, Path], mask_paths: dict[str,
             raise FuseError("policy 'priority' needs the groups")
         ranks = group_ranks(list(task_dirs), groups, "groups")
     settings = FuseSettings(method=fc.method, policy=fc.policy, eps=fc.epsilon, ranks=ranks,
-                            buffer_bytes=fc.chunk_mib * 2**20, chunk_elems=chunk_elems)
+                            buffer_bytes=fc.chunk_mib * 2**20, chunk_elems=chunk_elems,
+                            fault=fault)
     from cpi_ray.pipeline.plan import worker_resources
 
     res = worker_resources(cfg, "fuse")
@@ -74,7 +75,10 @@ def run_fusion(base_dir: Path, task_dirs: dict[str, Path], mask_paths: dict[str,
     t_plan = time.perf_counter() - t0
     stats: list[dict] = []
     with atomic_dir(out_dir) as tmp:
-        actors = [FuseActor.options(num_cpus=per_actor, resources=res).remote(settings, str(tmp))
+        # A dead actor (node lost, OOM kill) is restarted and its shard redone from the start:
+        # shards are pure functions of the inputs, so the retry writes the same bits.
+        actors = [FuseActor.options(num_cpus=per_actor, resources=res, max_restarts=2,
+                                    max_task_retries=2).remote(settings, str(tmp))
                   for _ in range(n_actors)]
         try:
             # largest shards first, each to the next free actor
@@ -94,6 +98,8 @@ def run_fusion(base_dir: Path, task_dirs: dict[str, Path], mask_paths: dict[str,
         finally:
             for a in actors:
                 ray.kill(a)
+        for stale in tmp.glob(".*.tmp-*"):  # partial shards of actors that died mid-write
+            stale.unlink()
         write_index(tmp, plan.weight_map, plan.total_size)
         copy_model_side_files(base_dir, tmp)
     return {"plan_s": t_plan, "total_s": time.perf_counter() - t0, "shards": stats,
@@ -119,8 +125,9 @@ class FuseStage(Stage):
     depends = ("regions", "groups")
     version = 1
 
-    def __init__(self, chunk_elems: Optional[int] = None):
+    def __init__(self, chunk_elems: Optional[int] = None, fault: Optional[tuple[str, str]] = None):
         self.chunk_elems = chunk_elems  # fixed chunk length, for tests of the chunked path
+        self.fault = fault  # (shard, marker): an actor dies mid-shard once, for fault tests
         self.last_stats: Optional[dict] = None
 
     def config_slice(self, cfg: PipelineConfig) -> dict:
@@ -147,7 +154,7 @@ class FuseStage(Stage):
         connect_ray(ctx.cfg)  # a no-op inside the pipeline, which connected already
         out = ctx.path("fused")
         self.last_stats = run_fusion(ctx.base_model_dir, task_dirs, mask_paths, out, ctx.cfg,
-                                     groups, self.chunk_elems)
+                                     groups, self.chunk_elems, self.fault)
         return [out]
 
     def summary(self, ctx: RunContext) -> Optional[str]:

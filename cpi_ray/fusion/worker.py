@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,6 +75,9 @@ class FuseSettings:
     ranks: tuple[int, ...] = ()  # per task, for policy `priority`: its group's position
     buffer_bytes: int = 64 * 2**20  # budget for one actor's chunk buffers
     chunk_elems: Optional[int] = None  # fixed chunk length (a multiple of BLOCK); tests only
+    # Test hook: (shard file name, marker path): the actor dies (SIGKILL) in the middle of that
+    # shard, once (the marker records that it happened).
+    fault: Optional[tuple[str, str]] = None
 
 
 def shard_header(job: ShardJob) -> bytes:
@@ -326,11 +330,20 @@ class ShardFuser:
         try:
             with open(tmp, "wb") as f:
                 f.write(shard_header(job))
-                for t in job.tensors:
+                for i, t in enumerate(job.tensors):
                     self._write_tensor(f, t)
+                    if i == 0 and self.s.fault and self.s.fault[0] == job.filename:
+                        f.flush()
+                        _die_once(Path(self.s.fault[1]))
             os.replace(tmp, final)
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
         return {"shard": job.filename, "bytes": final.stat().st_size, "tensors": len(job.tensors),
                 "seconds": time.perf_counter() - t0, "peak_rss": peak_rss_bytes()}
+
+
+def _die_once(marker: Path) -> None:
+    if not marker.exists():
+        marker.write_text("killed\n")
+        os.kill(os.getpid(), signal.SIGKILL)

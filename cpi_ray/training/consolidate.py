@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
-import signal
 import tempfile
 import time
 from pathlib import Path
@@ -141,7 +139,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from cpi_ray.data.batching import iterate_batches
     from cpi_ray.io.sizes import parse_size
     from cpi_ray.training.freeze import ElementFreezer, check_freezable
-    from cpi_ray.training.sft import should_report, token_loss_sum
+    from cpi_ray.training.sft import kill_once, should_report, token_loss_sum
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -234,13 +232,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             else:
                 ray.train.report(metrics)
         if fault and step + 1 == fault["step"] and rank == fault["rank"]:
-            marker = Path(fault["marker"])
-            if not marker.exists():
-                marker.write_text("killed\n")
-                # Give the controller time to poll the reports (and register the checkpoint)
-                # already made, so that the test knows which checkpoint the restart must use.
-                time.sleep(float(fault.get("delay_s", 8.0)))
-                os.kill(os.getpid(), signal.SIGKILL)
+            kill_once(fault)
 
     record = {
         "fingerprint": config["fingerprint"], "stage": config["stage"],

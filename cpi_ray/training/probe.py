@@ -22,8 +22,8 @@ import torch
 from cpi_ray.config.schema import PipelineConfig
 from cpi_ray.io.atomic import read_json, write_json
 from cpi_ray.pipeline.stage import RunContext, Stage, stable_hash
-from cpi_ray.training.sft import (accumulate_loss, clip_grad, make_optimizer, make_scheduler,
-                                  micro_batch_size, should_report, train_env)
+from cpi_ray.training.sft import (accumulate_loss, clip_grad, kill_once, make_optimizer,
+                                  make_scheduler, micro_batch_size, should_report, train_env)
 
 log = logging.getLogger("cpi_ray")
 
@@ -65,9 +65,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     t0 = time.time()
     record = {} if train else (_probe_record(Path(out_dir)) or {})
     if train:
-        model, loss = _train(model, examples, tok, cfg, rank, world, device, task)
+        model, loss, start = _train(model, examples, tok, cfg, rank, world, device, task,
+                                    config.get("fault"))
         record = {"task": task, "fingerprint": config["fingerprint"], "steps": tc.steps,
-                  "final_loss": loss, "train_rows": len(examples),
+                  "final_loss": loss, "train_rows": len(examples), "resumed_at_step": start,
                   "train_time_s": round(time.time() - t0, 2)}
     raw = model.module if hasattr(model, "module") else model
 
@@ -104,7 +105,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         write_json(Path(out_dir) / PROBE_RECORD, record)
 
 
-def _train(model, examples, tok, cfg: PipelineConfig, rank: int, world: int, device, task: str):
+def _train(model, examples, tok, cfg: PipelineConfig, rank: int, world: int, device, task: str,
+           fault: dict | None = None):
     import ray.train
     import ray.train.torch
     from safetensors.torch import load_file, save_file
@@ -150,7 +152,9 @@ def _train(model, examples, tok, cfg: PipelineConfig, rank: int, world: int, dev
             _report_checkpoint(metrics, model, opt, sched, step + 1, rank, save_file)
         elif should_report(step + 1, tc.steps):
             ray.train.report(metrics)
-    return model, loss
+        if fault and step + 1 == fault["step"] and rank == fault["rank"]:
+            kill_once(fault)
+    return model, loss, start
 
 
 def _report_checkpoint(metrics, model, opt, sched, step, rank, save_file) -> None:
@@ -174,6 +178,11 @@ class ProbeStage(Stage):
     name = "probe"
     folder = "probes"
     depends = ()
+
+    def __init__(self, fault: dict | None = None):
+        # Test hook: {"task": t, "step": s, "rank": r, "marker": path} kills rank r of task t's
+        # trainer (SIGKILL) after step s, once.
+        self.fault = fault
 
     def config_slice(self, cfg: PipelineConfig) -> dict:
         # The Fisher is part of the stage's output only when a core score reads it.
@@ -206,7 +215,8 @@ class ProbeStage(Stage):
             runtime_env={"env_vars": train_env()})
         refs = {task: fit.remote(cfg.model_dump(), task, str(ctx.base_model_dir),
                                  str(ctx.path("probes", task)), str(ctx.path("_ray")), fp, mode,
-                                 fisher_batches)
+                                 fisher_batches,
+                                 self.fault if self.fault and self.fault["task"] == task else None)
                 for task, fp, mode in pending}
         log.info("probe: %d trainer(s) submitted (%s)", len(refs), ", ".join(refs))
         failures = {}
@@ -241,7 +251,7 @@ def fisher_batches_needed(cfg: PipelineConfig) -> int:
 
 
 def _fit_probe(cfg_dump: dict, task: str, base_dir: str, out_dir: str, storage: str,
-               fingerprint: str, mode: str, fisher_batches: int) -> dict:
+               fingerprint: str, mode: str, fisher_batches: int, fault: dict | None = None) -> dict:
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -253,7 +263,7 @@ def _fit_probe(cfg_dump: dict, task: str, base_dir: str, out_dir: str, storage: 
         train_loop_per_worker,
         train_loop_config={"cfg": cfg_dump, "task": task, "base_dir": base_dir,
                            "out_dir": out_dir, "fingerprint": fingerprint, "mode": mode,
-                           "fisher_batches": fisher_batches},
+                           "fisher_batches": fisher_batches, "fault": fault},
         scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
                                      resources_per_worker=worker_resources(cfg, "probe")),
         run_config=RunConfig(name=f"probe-{task}-{fingerprint}-{mode}", storage_path=storage,

@@ -96,3 +96,21 @@ def clip_grad(model: torch.nn.Module, tc: TrainConfig) -> Optional[float]:
     if tc.max_grad_norm is None:
         return None
     return float(torch.nn.utils.clip_grad_norm_(model.parameters(), tc.max_grad_norm))
+
+
+def kill_once(fault: dict) -> None:
+    """Fault injection for tests: SIGKILL this worker the first time it gets here (the marker
+    file records that it happened, so the restarted worker carries on)."""
+    import os
+    import signal
+    import time
+    from pathlib import Path
+
+    marker = Path(fault["marker"])
+    if marker.exists():
+        return
+    marker.write_text("killed\n")
+    # Give the controller time to poll the reports (and register the checkpoint) already
+    # made, so that the test knows which checkpoint the restart must use.
+    time.sleep(float(fault.get("delay_s", 8.0)))
+    os.kill(os.getpid(), signal.SIGKILL)
