@@ -402,8 +402,32 @@ class TuneConfig(_Section):
 
 
 class StorageConfig(_Section):
-    path: str = Field("runs", description="root of every run directory (local path or URI)")
+    path: str = Field("runs", description="root of every run directory: a local path, or an "
+                      "s3:// / gs:// URI that keeps the run durable (uploaded stage by stage)")
     run_name: str = "cpi-run"
+    local_path: str = Field(
+        "~/.cache/cpi-ray/runs", description="with an s3:// or gs:// path: where the stages "
+        "work on their copy of the run (on multi-node clusters, a mount every node shares)")
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, v: str) -> str:
+        scheme = v.split("://", 1)[0] if "://" in v else ""
+        if scheme not in ("", "file", "s3", "gs", "gcs"):
+            raise ValueError(f"storage.path: scheme {scheme!r} is not supported "
+                             "(a local path, s3://, gs://)")
+        if scheme in ("s3", "gs", "gcs") and not v.split("://", 1)[1].split("?")[0].strip("/"):
+            raise ValueError("storage.path: the URI names no bucket")
+        return v.removeprefix("file://")
+
+    @property
+    def remote(self) -> bool:
+        return "://" in self.path
+
+    @property
+    def work_root(self) -> str:
+        """Where run directories live on this machine (or shared mount)."""
+        return self.local_path if self.remote else self.path
 
     @field_validator("run_name")
     @classmethod

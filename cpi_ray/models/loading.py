@@ -35,7 +35,7 @@ DEMO_NAME = "SmolLM2-135M-Instruct"
 def model_cache_dir(cfg: PipelineConfig) -> Path:
     # Under the storage root by default, so that on a cluster with shared storage every node
     # sees the materialized base model.
-    return Path(cfg.model.cache_dir or Path(cfg.storage.path) / "_models").expanduser().resolve()
+    return Path(cfg.model.cache_dir or Path(cfg.storage.work_root) / "_models").expanduser().resolve()
 
 
 def resolve_base_model(cfg: PipelineConfig) -> tuple[Path, str]:

@@ -47,9 +47,13 @@ class PipelineResult:
     run_dir: Path
     outcomes: list[StageOutcome] = field(default_factory=list)
     summaries: list[str] = field(default_factory=list)
+    store_uri: Optional[str] = None  # where the run is kept when storage.path is a bucket
 
     def render(self) -> str:
-        lines = [f"run directory: {self.run_dir}", "", "stage        status                 wall    output"]
+        lines = [f"run directory: {self.run_dir}"]
+        if self.store_uri:
+            lines.append(f"kept in: {self.store_uri}")
+        lines += ["", "stage        status                 wall    output"]
         for o in self.outcomes:
             lines.append(f"{o.name:<12} {o.status:<22} {o.wall_s:6.1f}s  {self.run_dir / o.folder}")
         for s in self.summaries:
@@ -58,7 +62,18 @@ class PipelineResult:
 
 
 def resolve_run_dir(cfg: PipelineConfig, run_dir: Optional[str]) -> Path:
-    return Path(run_dir or Path(cfg.storage.path) / cfg.storage.run_name).expanduser().resolve()
+    """The run directory the stages work in (with an object-store path: the working copy)."""
+    root = Path(cfg.storage.work_root) / cfg.storage.run_name
+    return Path(run_dir or root).expanduser().resolve()
+
+
+def run_store(cfg: PipelineConfig):
+    """The object-store copy of the run when `storage.path` is a URI, else None."""
+    if not cfg.storage.remote:
+        return None
+    from cpi_ray.io.remote import RunStore, join_uri
+
+    return RunStore(join_uri(cfg.storage.path, cfg.storage.run_name))
 
 
 def run_pipeline(cfg: PipelineConfig, run_dir: Path, stages: Optional[list[str]] = None) -> PipelineResult:
@@ -66,11 +81,18 @@ def run_pipeline(cfg: PipelineConfig, run_dir: Path, stages: Optional[list[str]]
 
     selected = [s for s in STAGES if s in (stages or cfg.stages)]
     run_dir.mkdir(parents=True, exist_ok=True)
+    store = run_store(cfg)
+    if store is not None:
+        store.check()
+        # Every stage folder, not only the selected ones: later stages read earlier outputs.
+        store.pull(run_dir, list(STAGE_FOLDERS.values()))
     _write_config(cfg, run_dir)
+    if store is not None:
+        store.put_file(run_dir / "config.yaml", "config.yaml")
     base_dir, base_id = resolve_base_model(cfg)
     log.info("base model: %s", base_dir)
     ctx = RunContext(cfg=cfg, run_dir=run_dir, base_model_dir=base_dir, base_model_id=base_id)
-    result = PipelineResult(run_dir)
+    result = PipelineResult(run_dir, store_uri=store.uri if store is not None else None)
     log.info("stages to run: %s", ", ".join(selected))
     for name in selected:
         stage = load_stage(name)
@@ -80,6 +102,8 @@ def run_pipeline(cfg: PipelineConfig, run_dir: Path, stages: Optional[list[str]]
         wall = time.time() - t0
         status = "ran" if ran else "skipped (up to date)"
         log.info("stage %s: %s in %.1fs -> %s", name, status, wall, run_dir / STAGE_FOLDERS[name])
+        if store is not None:
+            store.push(run_dir, STAGE_FOLDERS[name])
         result.outcomes.append(StageOutcome(name, status, rec["wall_time_s"] if not ran else wall,
                                             STAGE_FOLDERS[name]))
     for o in result.outcomes:
