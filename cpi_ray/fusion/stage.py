@@ -9,7 +9,6 @@ neither is part of the stage's fingerprint.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -22,22 +21,9 @@ from cpi_ray.io.atomic import atomic_dir
 from cpi_ray.io.safetensors_io import copy_model_side_files, write_index
 from cpi_ray.io.sizes import parse_size
 from cpi_ray.pipeline.stage import RunContext, Stage
+from cpi_ray.regions.grouping import read_groups
 
 log = logging.getLogger("cpi_ray")
-
-
-def read_groups(path: Path) -> list[list[str]]:
-    """groups/groups.json: an ordered list of groups (lists of task names), bare or under
-    a "groups" key."""
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise FuseError(f"{path}: groups file is missing (policy 'priority' needs it)") from None
-    if isinstance(data, dict):
-        data = data.get("groups")
-    if not (isinstance(data, list) and all(isinstance(g, list) for g in data)):
-        raise FuseError(f"{path}: expected an ordered list of groups (lists of task names)")
-    return data
 
 
 def run_fusion(base_dir: Path, task_dirs: dict[str, Path], mask_paths: dict[str, Optional[Path]],

@@ -3,7 +3,9 @@ order in which consolidation visits them."""
 
 from __future__ import annotations
 
+import json
 import random
+from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
@@ -53,3 +55,21 @@ def order_groups(groups: list[list[str]], order: str, seed: int = 0,
             raise ValueError(f"groups.given lists {want}, the tasks are {have}")
         return [list(g) for g in given]
     raise ValueError(f"unknown group order {order!r}")
+
+
+def read_groups(path: str | Path) -> list[list[str]]:
+    """groups/groups.json: the ordered groups (lists of task names), bare or under a "groups"
+    key. Every reader of the groups goes through here."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: groups file is missing (run the groups stage)") from None
+    except ValueError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    groups = data.get("groups") if isinstance(data, dict) else data
+    if not (isinstance(groups, list) and groups
+            and all(isinstance(g, list) and g and all(isinstance(t, str) for t in g)
+                    for g in groups)):
+        raise ValueError(f"{path}: expected an ordered, non-empty list of non-empty task lists")
+    return [list(g) for g in groups]

@@ -18,7 +18,7 @@ from cpi_ray.io.atomic import atomic_file, read_json, write_json
 from cpi_ray.io.safetensors_io import CheckpointError, CheckpointReader
 from cpi_ray.pipeline.runner import connect_ray
 from cpi_ray.pipeline.stage import RunContext, Stage
-from cpi_ray.regions.grouping import connected_components, order_groups
+from cpi_ray.regions.grouping import connected_components, order_groups, read_groups
 from cpi_ray.regions.masks import MaskFile, write_mask_file
 from cpi_ray.regions.overlap import jaccard, mask_intersections
 from cpi_ray.regions.plan import check_compatible, plan_chunks, scored_tensors
@@ -70,7 +70,7 @@ def threshold_bin(hist: np.ndarray, k: int) -> tuple[int, int]:
 
 
 def load_groups(run_dir: str | Path) -> list[list[str]]:
-    return [list(g) for g in read_json(Path(run_dir) / "groups" / "groups.json")]
+    return read_groups(Path(run_dir) / "groups" / "groups.json")
 
 
 def load_overlap(run_dir: str | Path) -> dict:

@@ -25,8 +25,9 @@ from typing import Optional
 from cpi_ray.config.schema import PipelineConfig
 from cpi_ray.io.atomic import write_json
 from cpi_ray.pipeline.stage import RunContext, Stage, stable_hash
+from cpi_ray.regions.grouping import read_groups
 from cpi_ray.training.consolidate import (FROZEN_MASK, STAGE_RECORD, copy_model_dir, fit_group,
-                                          read_groups, stage_record, union_masks)
+                                          stage_record, union_masks)
 
 log = logging.getLogger("cpi_ray")
 

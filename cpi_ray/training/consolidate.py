@@ -26,6 +26,7 @@ from cpi_ray.config.schema import ConsolidateConfig, DataConfig, ModelConfig, Pi
 from cpi_ray.io.atomic import atomic_dir, read_json
 from cpi_ray.io.safetensors_io import INDEX_NAME, CheckpointReader
 from cpi_ray.pipeline.stage import RunContext, Stage, stable_hash
+from cpi_ray.regions.grouping import read_groups
 from cpi_ray.regions.masks import MaskFile, write_mask_file
 
 log = logging.getLogger("cpi_ray")
@@ -108,14 +109,6 @@ def check_frozen(start_dir: Path, out_dir: Path, mask_path: Path,
     finally:
         mask.close()
     return out
-
-
-def read_groups(path: Path) -> list[list[str]]:
-    data = read_json(path)
-    groups = data["groups"] if isinstance(data, dict) else data
-    if not groups or not all(isinstance(g, list) and g for g in groups):
-        raise ValueError(f"{path}: expected a non-empty list of non-empty task lists")
-    return [list(map(str, g)) for g in groups]
 
 
 # ---------------------------------------------------------------------------- worker

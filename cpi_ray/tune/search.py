@@ -33,7 +33,8 @@ import yaml
 from cpi_ray.config.schema import PipelineConfig
 from cpi_ray.io.atomic import atomic_file, read_json, write_json
 from cpi_ray.pipeline.stage import RECORD_NAME, STAGE_FOLDERS, RunContext
-from cpi_ray.regions.stage import HIST_FILE, RegionsStage, compute_regions, fisher_dir, mask_path
+from cpi_ray.regions.stage import (HIST_FILE, RegionsStage, compute_regions, fisher_dir, load_groups,
+                                   mask_path)
 from cpi_ray.tune.cache import RAN, StageCache, link_tree
 from cpi_ray.tune.space import apply_knobs, check_space, param_space
 
@@ -184,7 +185,7 @@ def _shared_stages(cfg_dump: dict, tdir: str, setup: dict[str, Any], doc: dict) 
         doc["stages"][stage.name] = {"status": how, "fingerprint": rec["fingerprint"],
                                      "wall_s": round(time.time() - t0, 3)}
         save()
-    doc["groups"] = read_json(tdir / "groups" / "groups.json")
+    doc["groups"] = load_groups(tdir)
     save()
     return doc
 
