@@ -37,12 +37,16 @@ def ray_rss_mib() -> float:
     return total / 2**20
 
 
-def leaks(address: str) -> tuple[int, int]:
+def leaks(address: str) -> tuple[int, int, str]:
+    """Placement groups not removed, live actors, and the live actors by class."""
+    from collections import Counter
+
     from ray.util.state import list_actors, list_placement_groups
 
     pgs = [p for p in list_placement_groups(address=address, limit=10_000) if p.state != "REMOVED"]
     actors = [a for a in list_actors(address=address, limit=10_000) if a.state == "ALIVE"]
-    return len(pgs), len(actors)
+    by_class = Counter(a.class_name for a in actors)
+    return len(pgs), len(actors), ", ".join(f"{c} x{n}" for c, n in sorted(by_class.items()))
 
 
 def main() -> int:
@@ -78,11 +82,12 @@ def main() -> int:
             failures += 1
             traceback.print_exc()
         wall = time.time() - t0
-        pgs, actors = leaks(address)
+        pgs, actors, classes = leaks(address)
         rows.append((i, ok, wall, pgs, actors, me.memory_info().rss / 2**20, ray_rss_mib()))
         print(f"run {i}: {'ok' if ok else 'FAILED'} in {wall:.0f}s; placement groups {pgs}, "
               f"live actors {actors}; driver RSS {rows[-1][5]:.0f} MiB, Ray RSS {rows[-1][6]:.0f} MiB",
               flush=True)
+        print(f"  live actors by class: {classes or '-'}", flush=True)
         if not args.keep:
             shutil.rmtree(run_dir, ignore_errors=True)
 
