@@ -1,5 +1,8 @@
 from pathlib import Path
 
+import pytest
+import torch
+
 from cpi_ray.config.load import load_config
 from cpi_ray.training.baselines import cpi_budget_rows, plan_modes, random_groups
 
@@ -36,3 +39,62 @@ def test_random_groups_partition_deterministically():
     g = random_groups(["a", "b", "c", "d", "e"], 2, seed=3)
     assert sorted(t for grp in g for t in grp) == ["a", "b", "c", "d", "e"]
     assert len(g) == 2 and g == random_groups(["a", "b", "c", "d", "e"], 2, seed=3)
+
+
+@pytest.mark.slow
+def test_every_mode_trains_on_smoke_and_the_report_holds_its_scores(ray_session, tmp_path):
+    """All four modes through the real stage (Ray Train + ZeRO-3) on the smoke config: each
+    model is trained from its documented start, sequential_cpi keeps A's core bitwise, the run
+    records equal budgets, and the report shows the numbers of eval/scores.json."""
+    import json
+
+    from cpi_ray.io.safetensors_io import CheckpointReader
+    from cpi_ray.models.loading import resolve_base_model
+    from cpi_ray.pipeline.runner import run_pipeline
+    from cpi_ray.regions.masks import MaskFile
+
+    cfg = _cfg("baselines.modes=[full_mtl, multistage, sequential, sequential_cpi]",
+               "baselines.sequential=[reverse, upper]", "baselines.multistage_num_groups=2",
+               f"storage.path={tmp_path}", "probe.steps=6", "consolidate.steps=3",
+               "consolidate.num_workers=1", "evaluate.max_new_tokens=4",
+               "stages=[probe, regions, groups, baselines, evaluate]")
+    run = tmp_path / "run"
+    run_pipeline(cfg, run)
+    base_dir, _ = resolve_base_model(cfg)
+
+    def moved(a, b) -> tuple[int, int]:
+        ra, rb = CheckpointReader(a), CheckpointReader(b)
+        assert ra.names() == rb.names()
+        diff = sum(int((ra.read(n) != rb.read(n)).sum()) for n in ra.names())
+        return diff, sum(ra.info(n).numel for n in ra.names())
+
+    starts = {"full_mtl": base_dir, "multistage": base_dir,
+              "sequential": run / "probes" / "reverse", "sequential_cpi": run / "probes" / "reverse"}
+    for mode, start in starts.items():
+        diff, total = moved(start, run / "baselines" / mode)
+        assert diff > total // 2, f"{mode}: trained model barely differs from its start"
+    core = MaskFile(run / "regions" / "reverse.mask.safetensors")
+    a, b = CheckpointReader(run / "probes" / "reverse"), CheckpointReader(run / "baselines" / "sequential_cpi")
+    plain = CheckpointReader(run / "baselines" / "sequential")
+    kept = moved_core = 0
+    for n in core.names():
+        sel = core.flat(n)
+        kept += int(torch.equal(a.read(n).reshape(-1)[sel], b.read(n).reshape(-1)[sel]))
+        moved_core += int(not torch.equal(a.read(n).reshape(-1)[sel], plain.read(n).reshape(-1)[sel]))
+    assert kept == len(core.names()) and moved_core > 0
+
+    budget = json.loads((run / "baselines" / "budget.json").read_text())
+    rows_per_step = cfg.consolidate.batch_size * cfg.consolidate.num_workers
+    for mode in ("full_mtl", "multistage"):
+        assert 0 <= budget["modes"][mode]["rows"] - budget["cpi_rows"] < rows_per_step * 2, mode
+    probe_rows = cfg.probe.steps * cfg.probe.batch_size
+    for mode in ("sequential", "sequential_cpi"):
+        assert 0 <= budget["modes"][mode]["rows"] - probe_rows < rows_per_step, mode
+
+    scores = json.loads((run / "eval" / "scores.json").read_text())
+    md = (run / "report" / "report.md").read_text()
+    for mode in starts:
+        row = scores["scores"][f"baseline:{mode}"]
+        cells = " | ".join(f"{row[t]:.1f}" for t in scores["tasks"])
+        assert f"| baseline:{mode} | {cells} |" in md, mode
+    assert "## Forgetting" in md and (run / "report" / "index.html").is_file()
