@@ -6,8 +6,14 @@ for every mode), then prints
            and CPI-FT, with the average and the worst task;
   Table 2: forgetting when task B is trained after task A, plainly and with A's core frozen.
 
+Settings (`--setting`):
+  balanced    the config's tasks with equal data and equal shares of every mix (default);
+  imbalanced  the first task with ten times the rows of the others and ten times their share of
+              every mixed batch (the case CPI-FT is meant to protect: the small tasks' cores);
+  forgetting  see bench_forgetting.py, which also sweeps the core score and p.
+
     python benchmarks/bench_quality.py                       # benchmarks/configs/quality.yaml
-    python benchmarks/bench_quality.py --seeds 0 1 2 --set regions.p=5
+    python benchmarks/bench_quality.py --setting imbalanced --seeds 0 1 2 --set regions.p=5
     python benchmarks/bench_quality.py --config jobs/configs/smoke.yaml --run-root runs/bq-smoke
 
 Reruns resume: each seed's run directory keeps its completed stages.
@@ -51,26 +57,42 @@ def mean_scores(per_seed: list[dict[str, dict[str, float]]]) -> dict[str, dict[s
             for m in models}
 
 
+def setting_overrides(cfg, setting: str) -> list[str]:
+    """Config overrides that turn the config's tasks into the setting."""
+    if setting == "balanced":
+        return []
+    first = cfg.tasks[0]
+    over = [f"tasks.{first.name}.weight={10 * first.weight:g}"]
+    if first.reasoning_gym is not None:
+        over.append(f"tasks.{first.name}.reasoning_gym.size={10 * first.reasoning_gym.size}")
+    else:
+        print(f"imbalanced: task {first.name} keeps its rows (not a generator); its share of "
+              "every mix is 10x")
+    return over
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default=str(HERE / "configs" / "quality.yaml"))
     ap.add_argument("--run-root", default="runs/bench-quality")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
+    ap.add_argument("--setting", choices=["balanced", "imbalanced"], default="balanced")
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     args = ap.parse_args()
 
     from cpi_ray.pipeline.runner import connect_ray, run_pipeline
 
     per_seed, budgets, tasks = [], [], []
+    setting = setting_overrides(load_config(args.config, args.overrides), args.setting)
     for seed in args.seeds:
         overrides = [f"baselines.modes={MODES}", f"probe.seed={seed}", f"consolidate.seed={seed}",
-                     f"groups.seed={seed}", f"baselines.seed={seed}", *args.overrides]
+                     f"groups.seed={seed}", f"baselines.seed={seed}", *setting, *args.overrides]
         cfg = load_config(args.config, overrides)
         if cfg.baselines.sequential is None:
             names = [t.name for t in cfg.tasks]
             cfg = load_config(args.config, [*overrides, f"baselines.sequential=[{names[0]}, {names[1]}]"])
         connect_ray(cfg)
-        run_dir = Path(args.run_root).resolve() / f"seed-{seed}"
+        run_dir = Path(args.run_root).resolve() / args.setting / f"seed-{seed}"
         run_pipeline(cfg, run_dir)
         doc = json.loads((run_dir / "eval" / "scores.json").read_text())
         per_seed.append(doc["scores"])
@@ -79,7 +101,7 @@ def main() -> int:
         print(f"\nseed {seed}: report at {run_dir / 'report' / 'index.html'}")
 
     scores = mean_scores(per_seed)
-    print(f"\nTable 1: per-task scores (0-100), mean over seeds {args.seeds}\n")
+    print(f"\nTable 1 ({args.setting}): per-task scores (0-100), mean over seeds {args.seeds}\n")
     print(table1(scores, tasks))
     print("\nTable 2: forgetting when B is trained after A\n")
     print(markdown_table(FORGETTING_HEADER, forgetting_rows(scores, budgets[0])))
