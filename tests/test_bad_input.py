@@ -34,3 +34,18 @@ def test_task_names_cannot_escape_the_run_dir(tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "tasks.0.name" in r.stderr
     assert not (tmp_path / "run").exists() and not (tmp_path / "evil").exists()
+
+
+def test_tokenizer_without_chat_template(tmp_path):
+    """Plain-text prompts (a base model) unless the config requires a chat template: then the
+    job stops before any work, naming the field and the model."""
+    from cpi_ray.models.tiny import save_tiny_model
+
+    base = save_tiny_model(tmp_path / "base")
+    (base / "chat_template.jinja").unlink(missing_ok=True)
+    r = subprocess.run([*JOB, "--run-dir", str(tmp_path / "run"), "--set", f"model.source={base}",
+                        "--set", "data.require_chat_template=true", "--set", "ray.address=local"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1, r.stderr[-2000:]
+    assert "data.require_chat_template" in r.stderr and str(base) in r.stderr
+    assert not (tmp_path / "run").exists()

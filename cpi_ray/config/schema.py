@@ -167,6 +167,9 @@ class DataConfig(_Section):
     max_seq_len: int = Field(256, ge=16, le=131072)
     split_seed: int = 0
     packing: bool = Field(False, description="pack several rows per sequence (else pad by length)")
+    require_chat_template: bool = Field(
+        False, description="stop when the tokenizer has no chat template (else prompts are "
+        "formatted as plain text, with a warning: right for base models)")
 
 
 class TrainConfig(_Section):

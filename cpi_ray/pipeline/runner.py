@@ -80,6 +80,9 @@ def run_pipeline(cfg: PipelineConfig, run_dir: Path, stages: Optional[list[str]]
     from cpi_ray.models.loading import resolve_base_model
 
     selected = [s for s in STAGES if s in (stages or cfg.stages)]
+    base_dir, base_id = resolve_base_model(cfg)
+    log.info("base model: %s", base_dir)
+    check_prompt_format(cfg, base_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     store = run_store(cfg)
     if store is not None:
@@ -89,8 +92,6 @@ def run_pipeline(cfg: PipelineConfig, run_dir: Path, stages: Optional[list[str]]
     _write_config(cfg, run_dir)
     if store is not None:
         store.put_file(run_dir / "config.yaml", "config.yaml")
-    base_dir, base_id = resolve_base_model(cfg)
-    log.info("base model: %s", base_dir)
     ctx = RunContext(cfg=cfg, run_dir=run_dir, base_model_dir=base_dir, base_model_id=base_id)
     result = PipelineResult(run_dir, store_uri=store.uri if store is not None else None)
     log.info("stages to run: %s", ", ".join(selected))
@@ -111,6 +112,21 @@ def run_pipeline(cfg: PipelineConfig, run_dir: Path, stages: Optional[list[str]]
         if summary:
             result.summaries.append(summary)
     return result
+
+
+def check_prompt_format(cfg: PipelineConfig, base_dir: Path) -> None:
+    """A tokenizer without a chat template formats prompts as plain text; with
+    `data.require_chat_template` that stops the run before any work."""
+    from cpi_ray.data.formatting import has_chat_template
+    from cpi_ray.models.loading import load_tokenizer
+
+    if has_chat_template(load_tokenizer(base_dir, cfg.model.trust_remote_code)):
+        return
+    if cfg.data.require_chat_template:
+        raise ValueError(f"data.require_chat_template: the tokenizer of {base_dir} has no chat "
+                         "template (set the field to false to format prompts as plain text)")
+    log.warning("the tokenizer of %s has no chat template: prompts are formatted as plain text "
+                "('{prompt}\\n')", base_dir)
 
 
 def _write_config(cfg: PipelineConfig, run_dir: Path) -> None:
