@@ -179,5 +179,14 @@ def connect_ray(cfg: PipelineConfig) -> str:
         except ConnectionError:
             pass
     # The dashboard stays on: Ray Train needs it to start more than one worker group reliably.
-    ray.init(num_cpus=cfg.ray.num_cpus, namespace=cfg.ray.namespace, runtime_env=env)
+    try:
+        ray.init(num_cpus=cfg.ray.num_cpus, namespace=cfg.ray.namespace, runtime_env=env)
+    except Exception as e:  # noqa: BLE001 - Ray raises a bare Exception for this
+        # On an overloaded machine the local raylet can miss Ray's start-up deadline; one more
+        # try after cleaning up usually gets through.
+        if "timed out during startup" not in str(e):
+            raise
+        log.warning("local Ray did not start in time (%s); trying once more", e)
+        ray.shutdown()
+        ray.init(num_cpus=cfg.ray.num_cpus, namespace=cfg.ray.namespace, runtime_env=env)
     return "embedded local Ray"
