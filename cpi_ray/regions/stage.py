@@ -109,6 +109,11 @@ class RegionsStage(Stage):
     depends = ("probe",)
     version = 1
 
+    def __init__(self, histograms: Optional[dict[str, np.ndarray]] = None):
+        # Stored score histograms of an earlier regions run over the same probes (a Tune
+        # search): the same masks and fingerprint, found by one scan of the k-th score's bin.
+        self.histograms = histograms
+
     def config_slice(self, cfg: PipelineConfig) -> dict:
         r = cfg.regions
         # chunking, actors and the candidate budget change the work, never the masks
@@ -127,6 +132,7 @@ class RegionsStage(Stage):
             out_dir,
             fisher_dirs=({t: fisher_dir(ctx.run_dir, t) for t in tasks}
                          if needs_fisher(ctx.cfg.regions.score) else None),
+            histograms=self.histograms,
         )
         return res
 

@@ -33,8 +33,7 @@ import yaml
 from cpi_ray.config.schema import PipelineConfig
 from cpi_ray.io.atomic import atomic_file, read_json, write_json
 from cpi_ray.pipeline.stage import RECORD_NAME, STAGE_FOLDERS, RunContext
-from cpi_ray.regions.stage import (HIST_FILE, RegionsStage, compute_regions, fisher_dir, load_groups,
-                                   mask_path)
+from cpi_ray.regions.stage import HIST_FILE, RegionsStage, load_groups
 from cpi_ray.tune.cache import RAN, StageCache, link_tree
 from cpi_ray.tune.space import apply_knobs, check_space, param_space
 
@@ -113,29 +112,6 @@ def expert_scores(ctx: RunContext, out: Path) -> dict[str, float]:
 # ---------------------------------------------------------------------------- stages
 
 
-class HistogramRegionsStage(RegionsStage):
-    """The regions stage (same fingerprint, bitwise the same masks) seeded with the stored
-    score histograms of an earlier regions run over the same probes: the new k-th score's bin is
-    known, so one scan of that bin replaces the sample, the histogram and any narrowing."""
-
-    def __init__(self, histograms: Optional[dict[str, np.ndarray]]):
-        self.histograms = histograms
-
-    def run(self, ctx: RunContext) -> list[Path]:
-        from cpi_ray.regions.scores import needs_fisher
-
-        out_dir = ctx.path("regions")
-        out_dir.mkdir(parents=True, exist_ok=True)
-        tasks = ctx.task_names()
-        for t in tasks:
-            mask_path(ctx.run_dir, t).unlink(missing_ok=True)
-        return compute_regions(
-            ctx.cfg, ctx.base_model_dir, {t: ctx.path("probes", t) for t in tasks}, out_dir,
-            fisher_dirs=({t: fisher_dir(ctx.run_dir, t) for t in tasks}
-                         if needs_fisher(ctx.cfg.regions.score) else None),
-            histograms=self.histograms)
-
-
 def load_histograms(regions_dir: Path) -> Optional[dict[str, np.ndarray]]:
     try:
         with np.load(regions_dir / HIST_FILE) as z:
@@ -179,7 +155,7 @@ def _shared_stages(cfg_dump: dict, tdir: str, setup: dict[str, Any], doc: dict) 
 
     cache = StageCache(tune_dir / "cache")
     hists = load_histograms(Path(setup["histograms_dir"]))
-    for stage in (HistogramRegionsStage(hists), GroupsStage(), FuseStage()):
+    for stage in (RegionsStage(hists), GroupsStage(), FuseStage()):
         t0 = time.time()
         rec, how = cache.materialize(stage, ctx)
         doc["stages"][stage.name] = {"status": how, "fingerprint": rec["fingerprint"],
@@ -319,6 +295,7 @@ def run_tune(cfg: PipelineConfig, run_dir: Path) -> TuneOutcome:
     from cpi_ray.models.loading import resolve_base_model
     from cpi_ray.pipeline.runner import _write_config
     from cpi_ray.training.probe import ProbeStage
+    from cpi_ray.training.sft import train_env
 
     check_space(cfg)
     t_start = time.time()
@@ -355,8 +332,8 @@ def run_tune(cfg: PipelineConfig, run_dir: Path) -> TuneOutcome:
                                     {"cpu": tc.cpus_per_trial,
                                      "memory": tc.trial_memory_mb * 2**20})
     name = time.strftime("search-%Y%m%d-%H%M%S")
-    # Trials wait for their trainers' workers instead of failing start-up on a busy cluster.
-    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "3600")
+    # Trials fit their trainers in processes started from here: they inherit these.
+    os.environ.update(train_env())
     tuner = tune.Tuner(
         trainable, param_space=param_space(tc),
         tune_config=tune.TuneConfig(num_samples=tc.num_samples,
