@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import resource
-import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import Optional
 import numpy as np
 
 from cpi_ray.fusion import slerp as S
+from cpi_ray.pipeline.faults import kill_once
 
 # safetensors dtype names -> numpy storage dtype (bfloat16 is stored as raw uint16 bits)
 NP_DTYPES: dict[str, np.dtype] = {
@@ -334,7 +334,7 @@ class ShardFuser:
                     self._write_tensor(f, t)
                     if i == 0 and self.s.fault and self.s.fault[0] == job.filename:
                         f.flush()
-                        _die_once(Path(self.s.fault[1]))
+                        kill_once(self.s.fault[1])
             os.replace(tmp, final)
         except BaseException:
             tmp.unlink(missing_ok=True)
@@ -342,8 +342,3 @@ class ShardFuser:
         return {"shard": job.filename, "bytes": final.stat().st_size, "tensors": len(job.tensors),
                 "seconds": time.perf_counter() - t0, "peak_rss": peak_rss_bytes()}
 
-
-def _die_once(marker: Path) -> None:
-    if not marker.exists():
-        marker.write_text("killed\n")
-        os.kill(os.getpid(), signal.SIGKILL)

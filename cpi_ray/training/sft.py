@@ -99,18 +99,9 @@ def clip_grad(model: torch.nn.Module, tc: TrainConfig) -> Optional[float]:
 
 
 def kill_once(fault: dict) -> None:
-    """Fault injection for tests: SIGKILL this worker the first time it gets here (the marker
-    file records that it happened, so the restarted worker carries on)."""
-    import os
-    import signal
-    import time
-    from pathlib import Path
+    """Fault injection for tests: SIGKILL this worker once, after `delay_s` (8 s by default),
+    which gives the controller time to poll the reports (and register the checkpoint) already
+    made, so that the test knows which checkpoint the restart must use."""
+    from cpi_ray.pipeline import faults
 
-    marker = Path(fault["marker"])
-    if marker.exists():
-        return
-    marker.write_text("killed\n")
-    # Give the controller time to poll the reports (and register the checkpoint) already
-    # made, so that the test knows which checkpoint the restart must use.
-    time.sleep(float(fault.get("delay_s", 8.0)))
-    os.kill(os.getpid(), signal.SIGKILL)
+    faults.kill_once(fault["marker"], float(fault.get("delay_s", 8.0)))
