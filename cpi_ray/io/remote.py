@@ -23,20 +23,15 @@ from typing import Optional
 from urllib.parse import urlsplit, urlunsplit
 
 from cpi_ray.io.atomic import atomic_file
+from cpi_ray.pipeline.stage import RECORD_NAME, output_problem
 
 log = logging.getLogger("cpi_ray")
 
-SCHEMES = ("s3", "gs", "gcs")
-RECORD_NAME = "stage.json"
 _COPY_BYTES = 8 * 2**20
 
 
 class StorageError(RuntimeError):
     pass
-
-
-def is_remote(path: str) -> bool:
-    return urlsplit(str(path)).scheme in SCHEMES
 
 
 def join_uri(uri: str, *parts: str) -> str:
@@ -84,7 +79,6 @@ class RunStore:
         """Bring each stage folder of the working copy up to date with the store: every output
         the store's record lists (unless an identical file is already here), then the record.
         Returns the folders that came from the store."""
-        from cpi_ray.pipeline.stage import file_sha256
 
         pulled = []
         for folder in folders:
@@ -96,10 +90,8 @@ class RunStore:
                 continue
             for out in rec.get("outputs", []):
                 dst = run_dir / out["path"]
-                if dst.is_file() and dst.stat().st_size == out["bytes"] \
-                        and file_sha256(dst) == out["sha256"]:
-                    continue
-                self._download(out["path"], dst)
+                if output_problem(dst, out) is not None:
+                    self._download(out["path"], dst)
             with atomic_file(local_rec, "w") as f:
                 json.dump(rec, f, indent=2)
             pulled.append(folder)

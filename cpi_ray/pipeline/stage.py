@@ -41,6 +41,18 @@ def file_sha256(path: Path, bufsize: int = 8 * 2**20) -> str:
     return h.hexdigest()
 
 
+def output_problem(path: Path, out: dict) -> Optional[str]:
+    """What is wrong with `path` as the output a stage record lists as `out` (its size and
+    sha256), or None when it is intact."""
+    if not path.is_file():
+        return "is missing"
+    if path.stat().st_size != out["bytes"]:
+        return f"has {path.stat().st_size} bytes, the record says {out['bytes']}"
+    if file_sha256(path) != out["sha256"]:
+        return "fails its sha256 check"
+    return None
+
+
 @dataclass
 class RunContext:
     """What every stage gets: the validated config, the run directory and the resolved base
@@ -114,18 +126,11 @@ class Stage(ABC):
         if rec.get("fingerprint") != fp:
             return None
         for out in rec.get("outputs", []):
-            p = ctx.path(out["path"])
-            if not p.is_file():
-                problem = "is missing"
-            elif p.stat().st_size != out["bytes"]:
-                problem = f"has {p.stat().st_size} bytes, the record says {out['bytes']}"
-            elif file_sha256(p) != out["sha256"]:
-                problem = "fails its sha256 check"
-            else:
-                continue
-            log.warning("stage %s: output %s %s; redoing the stage", self.name, out["path"],
-                        problem)
-            return None
+            problem = output_problem(ctx.path(out["path"]), out)
+            if problem is not None:
+                log.warning("stage %s: output %s %s; redoing the stage", self.name, out["path"],
+                            problem)
+                return None
         return rec
 
     def execute(self, ctx: RunContext) -> tuple[dict, bool]:
