@@ -178,9 +178,12 @@ def connect_ray(cfg: PipelineConfig) -> str:
             return "running local cluster"
         except ConnectionError:
             pass
-    # The dashboard stays on: Ray Train needs it to start more than one worker group reliably.
-    try:
+    def start_local() -> None:
+        # The dashboard stays on: Ray Train needs it to start more than one worker group reliably.
         ray.init(num_cpus=cfg.ray.num_cpus, namespace=cfg.ray.namespace, runtime_env=env)
+
+    try:
+        start_local()
     except Exception as e:  # noqa: BLE001 - Ray raises a bare Exception for this
         # On an overloaded machine the local raylet can miss Ray's start-up deadline; one more
         # try after cleaning up usually gets through.
@@ -188,5 +191,5 @@ def connect_ray(cfg: PipelineConfig) -> str:
             raise
         log.warning("local Ray did not start in time (%s); trying once more", e)
         ray.shutdown()
-        ray.init(num_cpus=cfg.ray.num_cpus, namespace=cfg.ray.namespace, runtime_env=env)
+        start_local()
     return "embedded local Ray"
