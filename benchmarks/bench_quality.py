@@ -1,46 +1,59 @@
-"""Quality benchmark: CPI-FT against its baselines, printed like the paper's tables.
+"""Quality benchmark: CPI-FT against its baselines, printed like the paper's Table 1.
 
-Runs the whole pipeline once per seed with every baseline mode on (same budget, data and seeds
-for every mode), then prints
-  Table 1: per-task scores of base, each single-task expert, full multi-task SFT, multi-stage SFT
-           and CPI-FT, with the average and the worst task;
-  Table 2: forgetting when task B is trained after task A, plainly and with A's core frozen.
+Runs the whole pipeline once per seed with the baselines `full_mtl` and `multistage` (same budget,
+data and seeds for every mode), then prints per-task scores of base, each single-task expert,
+full multi-task SFT, multi-stage SFT and CPI-FT, with the average and the worst task.
+
+Core score and ratio as a dimension (`--scores`, `--ps`): the first pair is the pipeline's own
+run (its report holds it); every further pair re-runs regions, groups, fuse and consolidate on
+the same probes and scores CPI-FT's final model, kept in `<run dir>/cells.json` so a rerun
+resumes. The baselines keep the budget of the first pair's groups.
 
 Settings (`--setting`):
   balanced    the config's tasks with equal data and equal shares of every mix (default);
   imbalanced  the first task with ten times the rows of the others and ten times their share of
               every mixed batch (the case CPI-FT is meant to protect: the small tasks' cores);
-  forgetting  see bench_forgetting.py, which also sweeps the core score and p.
+  forgetting  bench_forgetting.py (sequential A then B, by core score and p).
 
     python benchmarks/bench_quality.py                       # benchmarks/configs/quality.yaml
     python benchmarks/bench_quality.py --setting imbalanced --seeds 0 1 2 --set regions.p=5
+    python benchmarks/bench_quality.py --setting imbalanced --scores delta delta_fisher --ps 5 \
+        --probes-from runs/bench-quality/balanced/seed-0
     python benchmarks/bench_quality.py --config jobs/configs/smoke.yaml --run-root runs/bq-smoke
 
-Reruns resume: each seed's run directory keeps its completed stages.
+Reruns resume: each seed's run directory keeps its completed stages. `--probes-from` copies
+another run's probes in first; the probe stage keeps those whose task, data and recipe match
+(their fingerprint) and trains the rest, so the imbalanced setting reuses the balanced one's
+probes of the tasks it does not change.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
+import shutil
 import statistics
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cpi_ray.config.load import load_config  # noqa: E402
-from cpi_ray.evaluation.report import FORGETTING_HEADER, forgetting_rows, markdown_table  # noqa: E402
+from cpi_ray.evaluation.report import markdown_table  # noqa: E402
+from cpi_ray.io.atomic import read_json, write_json  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-MODES = "[full_mtl, multistage, sequential, sequential_cpi]"
+MODES = "[full_mtl, multistage]"
+CELL_STAGES = ["probe", "regions", "groups", "fuse", "consolidate"]
 
 
-def table1(scores: dict[str, dict[str, float]], tasks: list[str]) -> str:
+def table1(scores: dict[str, dict[str, float]], tasks: list[str], first_cell: str) -> str:
     rows_spec = [("base", "base")] + [(f"expert {t}", f"probe:{t}") for t in tasks] + [
         ("full multi-task SFT", "baseline:full_mtl"), ("multi-stage SFT", "baseline:multistage"),
-        ("CPI-FT (fused, before consolidation)", "fused"), ("CPI-FT", "final")]
+        (f"CPI-FT {first_cell}, fused (before consolidation)", "fused"),
+        (f"CPI-FT {first_cell}", "final")] + [
+        (f"CPI-FT {k}", k) for k in scores if "@" in k and k != first_cell]
     rows = []
     for label, key in rows_spec:
         if key not in scores:
@@ -71,42 +84,98 @@ def setting_overrides(cfg, setting: str) -> list[str]:
     return over
 
 
+def cell_name(score: str, p: float) -> str:
+    return f"{score}@{p:g}"
+
+
+def seed_probes(run_dir: Path, source: Path) -> None:
+    """Copy `source`'s probes into a new run; the probe stage keeps the ones whose fingerprint
+    matches this run's config and retrains the others."""
+    if (run_dir / "probes").exists() or not (source / "probes").is_dir():
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(source / "probes", run_dir / "probes.tmp")
+    (run_dir / "probes.tmp").rename(run_dir / "probes")
+    print(f"probes copied from {source}; those that do not match this config will be retrained")
+
+
+def run_cells(cfg, run_dir: Path, cells: list[tuple[str, float]]) -> dict[str, dict[str, float]]:
+    """CPI-FT's final model for each further (score, p) on the run's probes, scored on every
+    task's eval rows; results accumulate in `run_dir/cells.json`."""
+    from cpi_ray.data.tasks import load_splits
+    from cpi_ray.evaluation.evaluate import score_model
+    from cpi_ray.models.loading import resolve_base_model
+    from cpi_ray.pipeline.runner import run_pipeline
+
+    out = run_dir / "cells.json"
+    done = read_json(out) if out.is_file() else {"scores": {}, "wall_s": {}}
+    base_dir, _ = resolve_base_model(cfg)
+    rows = {t.name: load_splits(t, cfg.data.split_seed).eval for t in cfg.tasks}
+    for score, p in cells:
+        key = cell_name(score, p)
+        if key in done["scores"]:
+            continue
+        t0 = time.time()
+        c = cfg.model_copy(deep=True)
+        c.regions.score, c.regions.p = score, p
+        run_pipeline(c, run_dir, stages=CELL_STAGES)
+        done["scores"][key] = score_model(run_dir / "final", rows, c, base_dir)
+        done["wall_s"][key] = round(time.time() - t0, 1)
+        write_json(out, done)
+        print(f"{key}: " + ", ".join(f"{t}={v:.1f}" for t, v in done["scores"][key].items())
+              + f" ({done['wall_s'][key]:.0f}s)", flush=True)
+    return done["scores"]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default=str(HERE / "configs" / "quality.yaml"))
     ap.add_argument("--run-root", default="runs/bench-quality")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--setting", choices=["balanced", "imbalanced"], default="balanced")
+    ap.add_argument("--scores", nargs="+", choices=["delta", "fisher", "delta_fisher"],
+                    help="core scores to compare (default: the config's regions.score)")
+    ap.add_argument("--ps", type=float, nargs="+", help="core ratios in %% (default: regions.p)")
+    ap.add_argument("--probes-from", type=Path, metavar="RUN_DIR",
+                    help="start from another run's probes (kept where their fingerprint matches)")
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     args = ap.parse_args()
 
     from cpi_ray.pipeline.runner import connect_ray, run_pipeline
 
-    per_seed, budgets, tasks = [], [], []
-    setting = setting_overrides(load_config(args.config, args.overrides), args.setting)
+    per_seed, budgets, tasks, walls = [], [], [], []
+    base_cfg = load_config(args.config, args.overrides)
+    setting = setting_overrides(base_cfg, args.setting)
+    cells = [(s, p) for p in (args.ps or [base_cfg.regions.p])
+             for s in (args.scores or [base_cfg.regions.score])]
+    first = cell_name(*cells[0])
     for seed in args.seeds:
+        t0 = time.time()
         overrides = [f"baselines.modes={MODES}", f"probe.seed={seed}", f"consolidate.seed={seed}",
-                     f"groups.seed={seed}", f"baselines.seed={seed}", *setting, *args.overrides]
+                     f"groups.seed={seed}", f"baselines.seed={seed}", *setting, *args.overrides,
+                     f"regions.score={cells[0][0]}", f"regions.p={cells[0][1]:g}"]
         cfg = load_config(args.config, overrides)
-        if cfg.baselines.sequential is None:
-            names = [t.name for t in cfg.tasks]
-            cfg = load_config(args.config, [*overrides, f"baselines.sequential=[{names[0]}, {names[1]}]"])
         connect_ray(cfg)
         run_dir = Path(args.run_root).resolve() / args.setting / f"seed-{seed}"
+        if args.probes_from is not None:
+            seed_probes(run_dir, args.probes_from.resolve())
         run_pipeline(cfg, run_dir)
-        doc = json.loads((run_dir / "eval" / "scores.json").read_text())
-        per_seed.append(doc["scores"])
-        tasks = doc["tasks"]
-        budgets.append(json.loads((run_dir / "baselines" / "budget.json").read_text()))
+        doc = read_json(run_dir / "eval" / "scores.json")
         print(f"\nseed {seed}: report at {run_dir / 'report' / 'index.html'}")
+        scores = dict(doc["scores"])
+        scores.update(run_cells(cfg, run_dir, cells[1:]))
+        per_seed.append(scores)
+        tasks = doc["tasks"]
+        budgets.append(read_json(run_dir / "baselines" / "budget.json"))
+        walls.append(time.time() - t0)
 
     scores = mean_scores(per_seed)
     print(f"\nTable 1 ({args.setting}): per-task scores (0-100), mean over seeds {args.seeds}\n")
-    print(table1(scores, tasks))
-    print("\nTable 2: forgetting when B is trained after A\n")
-    print(markdown_table(FORGETTING_HEADER, forgetting_rows(scores, budgets[0])))
+    print(table1(scores, tasks, first))
     print("\nbudgets (training rows): CPI-FT", budgets[0]["cpi_rows"], "| " + ", ".join(
         f"{m} {p['rows']}" for m, p in budgets[0]["modes"].items()))
+    print(f"wall time of this invocation: {sum(walls) / 60:.1f} min (stages kept from an earlier "
+          "run take no time)")
     return 0
 
 
