@@ -314,6 +314,7 @@ def fit_group(cfg: PipelineConfig, *, stage: int, tasks: list[str], frozen: list
     from cpi_ray.pipeline.plan import worker_resources
 
     tc = cfg.consolidate
+    name = f"consolidate-{stage}-{fingerprint}"
     if tc.zero_stage != 3:
         # Loading, export and element freezing all work on ZeRO-3 partitions.
         raise ValueError(f"consolidate.zero_stage is {tc.zero_stage}: the consolidation engine "
@@ -332,7 +333,7 @@ def fit_group(cfg: PipelineConfig, *, stage: int, tasks: list[str], frozen: list
         torch_config=TorchConfig(backend="nccl" if tc.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
                                      resources_per_worker=worker_resources(cfg, "consolidate")),
-        run_config=RunConfig(name=f"consolidate-{stage}-{fingerprint}", storage_path=str(storage),
+        run_config=RunConfig(name=name, storage_path=str(storage),
                              failure_config=FailureConfig(max_failures=tc.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=1),
                              callbacks=list(callbacks) if callbacks else None),
@@ -342,6 +343,8 @@ def fit_group(cfg: PipelineConfig, *, stage: int, tasks: list[str], frozen: list
     if rec is None or rec.get("fingerprint") != fingerprint:
         raise RuntimeError(f"consolidate stage {stage}: training finished but {out_dir} was not "
                            "written")
+    # Its ZeRO-3 checkpoint only served resumption; the stage's model is written.
+    shutil.rmtree(Path(storage) / name, ignore_errors=True)
     return rec
 
 

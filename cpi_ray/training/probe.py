@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -252,12 +253,13 @@ def fisher_batches_needed(cfg: PipelineConfig) -> int:
 
 def _fit_probe(cfg_dump: dict, task: str, base_dir: str, out_dir: str, storage: str,
                fingerprint: str, mode: str, fisher_batches: int, fault: dict | None = None) -> dict:
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from cpi_ray.pipeline.plan import worker_resources
 
     cfg = PipelineConfig.model_validate(cfg_dump)
+    name = f"probe-{task}-{fingerprint}-{mode}"
     tc = cfg.probe
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -266,13 +268,16 @@ def _fit_probe(cfg_dump: dict, task: str, base_dir: str, out_dir: str, storage: 
                            "fisher_batches": fisher_batches, "fault": fault},
         scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
                                      resources_per_worker=worker_resources(cfg, "probe")),
-        run_config=RunConfig(name=f"probe-{task}-{fingerprint}-{mode}", storage_path=storage,
-                             failure_config=FailureConfig(max_failures=2)),
+        run_config=RunConfig(name=name, storage_path=storage,
+                             failure_config=FailureConfig(max_failures=2),
+                             checkpoint_config=CheckpointConfig(num_to_keep=1)),
     )
     trainer.fit()
     rec = _probe_record(Path(out_dir))
     if rec is None or rec.get("fingerprint") != fingerprint:
         raise RuntimeError(f"probe {task}: training finished but {out_dir} was not written")
+    # Its checkpoints (weights and optimizer state) only served resumption; the probe is written.
+    shutil.rmtree(Path(storage) / name, ignore_errors=True)
     return rec
 
 
