@@ -59,6 +59,8 @@ def test_consolidate_stage_prior_bf16(ray_session, tiny_model_dir, tmp_path):
         for n in a.names():
             assert a.read_flat(n).view(-1).equal(b.read_flat(n).view(-1))
     assert not (run / "final" / "frozen.mask.safetensors").exists()
+    # Each group's ZeRO-3 checkpoint goes once its model is written.
+    assert not list(run.glob("_ray/consolidate-*"))
     assert stage.summary(ctx).count("stage ") == 2
 
     # A rerun with the same config keeps everything.
