@@ -21,7 +21,7 @@ Settings (`--setting`):
         --probes-from runs/bench-quality/balanced/seed-0
     python benchmarks/bench_quality.py --config jobs/configs/smoke.yaml --run-root runs/bq-smoke
 
-Reruns resume: each seed's run directory keeps its completed stages. `--probes-from` copies
+Reruns resume: each seed's run directory keeps its completed stages. `--probes-from` links
 another run's probes in first; the probe stage keeps those whose task, data and recipe match
 (their fingerprint) and trains the rest, so the imbalanced setting reuses the balanced one's
 probes of the tasks it does not change.
@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import statistics
 import sys
 import time
@@ -42,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cpi_ray.config.load import load_config  # noqa: E402
 from cpi_ray.evaluation.report import markdown_table  # noqa: E402
 from cpi_ray.io.atomic import read_json, write_json  # noqa: E402
+from cpi_ray.tune.cache import link_tree  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 MODES = "[full_mtl, multistage]"
@@ -89,14 +89,14 @@ def cell_name(score: str, p: float) -> str:
 
 
 def seed_probes(run_dir: Path, source: Path) -> None:
-    """Copy `source`'s probes into a new run; the probe stage keeps the ones whose fingerprint
-    matches this run's config and retrains the others."""
+    """Link `source`'s probes into a new run (every probe write is atomic, so the two runs never
+    share a changed file); the probe stage keeps the ones whose fingerprint matches this run's
+    config and retrains the others."""
     if (run_dir / "probes").exists() or not (source / "probes").is_dir():
         return
     run_dir.mkdir(parents=True, exist_ok=True)
-    shutil.copytree(source / "probes", run_dir / "probes.tmp")
-    (run_dir / "probes.tmp").rename(run_dir / "probes")
-    print(f"probes copied from {source}; those that do not match this config will be retrained")
+    link_tree(source / "probes", run_dir / "probes")
+    print(f"probes linked from {source}; those that do not match this config will be retrained")
 
 
 def run_cells(cfg, run_dir: Path, cells: list[tuple[str, float]]) -> dict[str, dict[str, float]]:
