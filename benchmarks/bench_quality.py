@@ -6,8 +6,9 @@ full multi-task SFT, multi-stage SFT and CPI-FT, with the average and the worst 
 
 Core score and ratio as a dimension (`--scores`, `--ps`): the first pair is the pipeline's own
 run (its report holds it); every further pair re-runs regions, groups, fuse and consolidate on
-the same probes and scores CPI-FT's final model, kept in `<run dir>/cells.json` so a rerun
-resumes. The baselines keep the budget of the first pair's groups.
+the same probes and scores CPI-FT's final model, kept with the groups its cores formed (and their
+pairwise Jaccard range) in `<run dir>/cells.json` so a rerun resumes; a table of the pairs ends
+each seed. The baselines keep the budget of the first pair's groups.
 
 Settings (`--setting`):
   balanced    the config's tasks with equal data and equal shares of every mix (default);
@@ -99,9 +100,32 @@ def seed_probes(run_dir: Path, source: Path) -> None:
     print(f"probes linked from {source}; those that do not match this config will be retrained")
 
 
-def run_cells(cfg, run_dir: Path, cells: list[tuple[str, float]]) -> dict[str, dict[str, float]]:
+def grouping(run_dir: Path) -> dict:
+    """How the run's current cores grouped the tasks: the groups, τ and the range of the pairwise
+    Jaccard (the next cell overwrites `groups/`, so each cell keeps its own copy)."""
+    overlap = read_json(run_dir / "groups" / "overlap.json")
+    jac, n = overlap["jaccard"], len(overlap["tasks"])
+    pairs = [jac[a][b] for a in range(n) for b in range(a + 1, n)]
+    return {"groups": read_json(run_dir / "groups" / "groups.json"), "tau": overlap["tau"],
+            "jaccard": [min(pairs), max(pairs)] if pairs else None}
+
+
+def cells_table(scores: dict[str, dict[str, float]], groupings: dict[str, dict],
+                tasks: list[str]) -> str:
+    rows = []
+    for key in (k for k in scores if "@" in k):
+        vals = [scores[key][t] for t in tasks]
+        g = groupings.get(key)  # cells scored before groupings were recorded have none
+        jac = "—" if g is None or g["jaccard"] is None else "{:.3f}–{:.3f}".format(*g["jaccard"])
+        rows.append([key, "—" if g is None else str(len(g["groups"])), jac,
+                     f"{statistics.mean(vals):.1f}", f"{min(vals):.1f}"])
+    return markdown_table(["score@p %", "groups", "Jaccard (pairs)", "avg", "worst"], rows)
+
+
+def run_cells(cfg, run_dir: Path, cells: list[tuple[str, float]]) -> tuple[dict, dict]:
     """CPI-FT's final model for each further (score, p) on the run's probes, scored on every
-    task's eval rows; results accumulate in `run_dir/cells.json`."""
+    task's eval rows, with the grouping its cores gave; results accumulate in
+    `run_dir/cells.json`."""
     from cpi_ray.data.tasks import load_splits
     from cpi_ray.evaluation.evaluate import score_model
     from cpi_ray.models.loading import resolve_base_model
@@ -109,6 +133,7 @@ def run_cells(cfg, run_dir: Path, cells: list[tuple[str, float]]) -> dict[str, d
 
     out = run_dir / "cells.json"
     done = read_json(out) if out.is_file() else {"scores": {}, "wall_s": {}}
+    done.setdefault("groups", {})
     base_dir, _ = resolve_base_model(cfg)
     rows = {t.name: load_splits(t, cfg.data.split_seed).eval for t in cfg.tasks}
     for score, p in cells:
@@ -120,11 +145,12 @@ def run_cells(cfg, run_dir: Path, cells: list[tuple[str, float]]) -> dict[str, d
         c.regions.score, c.regions.p = score, p
         run_pipeline(c, run_dir, stages=CELL_STAGES)
         done["scores"][key] = score_model(run_dir / "final", rows, c, base_dir)
+        done["groups"][key] = grouping(run_dir)
         done["wall_s"][key] = round(time.time() - t0, 1)
         write_json(out, done)
         print(f"{key}: " + ", ".join(f"{t}={v:.1f}" for t, v in done["scores"][key].items())
               + f" ({done['wall_s'][key]:.0f}s)", flush=True)
-    return done["scores"]
+    return done["scores"], done["groups"]
 
 
 def main() -> int:
@@ -163,7 +189,12 @@ def main() -> int:
         doc = read_json(run_dir / "eval" / "scores.json")
         print(f"\nseed {seed}: report at {run_dir / 'report' / 'index.html'}")
         scores = dict(doc["scores"])
-        scores.update(run_cells(cfg, run_dir, cells[1:]))
+        scores[first], groupings = scores["final"], {first: grouping(run_dir)}
+        cell_scores, cell_groups = run_cells(cfg, run_dir, cells[1:])
+        scores.update(cell_scores)
+        groupings.update(cell_groups)
+        print(f"\nseed {seed}: CPI-FT by core score and ratio (τ = {cfg.groups.tau:g})\n")
+        print(cells_table(scores, groupings, doc["tasks"]))
         per_seed.append(scores)
         tasks = doc["tasks"]
         budgets.append(read_json(run_dir / "baselines" / "budget.json"))
