@@ -4,11 +4,13 @@ Runs the whole pipeline once per seed with the baselines `full_mtl` and `multist
 data and seeds for every mode), then prints per-task scores of base, each single-task expert,
 full multi-task SFT, multi-stage SFT and CPI-FT, with the average and the worst task.
 
-Core score and ratio as a dimension (`--scores`, `--ps`): the first pair is the pipeline's own
-run (its report holds it); every further pair re-runs regions, groups, fuse and consolidate on
+Core score, ratio and overlap threshold as dimensions (`--scores`, `--ps`, `--taus`; a cell is
+`score@p`, with `,tau=τ` when τ is not the first): the first cell is the pipeline's own
+run (its report holds it); every further cell re-runs regions, groups, fuse and consolidate on
 the same probes and scores CPI-FT's final model, kept with the groups its cores formed (and their
-pairwise Jaccard range) in `<run dir>/cells.json` so a rerun resumes; a table of the pairs ends
-each seed. The baselines keep the budget of the first pair's groups.
+pairwise Jaccard range) in `<run dir>/cells.json` so a rerun resumes; a table of the cells ends
+each seed; a cell whose cores and groups equal an earlier one's takes its scores. The baselines
+keep the budget of the first cell's groups.
 
 Settings (`--setting`):
   balanced    the config's tasks with equal data and equal shares of every mix (default);
@@ -20,6 +22,8 @@ Settings (`--setting`):
     python benchmarks/bench_quality.py --setting imbalanced --seeds 0 1 2 --set regions.p=5
     python benchmarks/bench_quality.py --setting imbalanced --scores delta delta_fisher --ps 5 \
         --probes-from runs/bench-quality/balanced/seed-0
+    python benchmarks/bench_quality.py --setting imbalanced --scores delta delta_fisher fisher \
+        --ps 5 --taus 0.1 0.3   # each cell again at tau = 0.3
     python benchmarks/bench_quality.py --config jobs/configs/smoke.yaml --run-root runs/bq-smoke
 
 Reruns resume: each seed's run directory keeps its completed stages. `--probes-from` links
@@ -66,7 +70,7 @@ def table1(scores: dict[str, dict[str, float]], tasks: list[str], first_cell: st
 
 
 def mean_scores(per_seed: list[dict[str, dict[str, float]]]) -> dict[str, dict[str, float]]:
-    models = set.intersection(*(set(s) for s in per_seed))
+    models = [m for m in per_seed[0] if all(m in s for s in per_seed)]  # first seed's order
     return {m: {t: statistics.mean(s[m][t] for s in per_seed) for t in per_seed[0][m]}
             for m in models}
 
@@ -85,8 +89,9 @@ def setting_overrides(cfg, setting: str) -> list[str]:
     return over
 
 
-def cell_name(score: str, p: float) -> str:
-    return f"{score}@{p:g}"
+def cell_name(score: str, p: float, tau: float, run_tau: float) -> str:
+    """`score@p`, with `,tau=τ` when the cell's τ is not the run's (the first τ)."""
+    return f"{score}@{p:g}" + ("" if tau == run_tau else f",tau={tau:g}")
 
 
 def seed_probes(run_dir: Path, source: Path) -> None:
@@ -107,7 +112,8 @@ def grouping(run_dir: Path) -> dict:
     jac, n = overlap["jaccard"], len(overlap["tasks"])
     pairs = [jac[a][b] for a in range(n) for b in range(a + 1, n)]
     return {"groups": read_json(run_dir / "groups" / "groups.json"), "tau": overlap["tau"],
-            "jaccard": [min(pairs), max(pairs)] if pairs else None}
+            "jaccard": [min(pairs), max(pairs)] if pairs else None,
+            "regions": read_json(run_dir / "regions" / "stage.json")["fingerprint"]}
 
 
 def cells_table(scores: dict[str, dict[str, float]], groupings: dict[str, dict],
@@ -119,13 +125,15 @@ def cells_table(scores: dict[str, dict[str, float]], groupings: dict[str, dict],
         jac = "—" if g is None or g["jaccard"] is None else "{:.3f}–{:.3f}".format(*g["jaccard"])
         rows.append([key, "—" if g is None else str(len(g["groups"])), jac,
                      f"{statistics.mean(vals):.1f}", f"{min(vals):.1f}"])
-    return markdown_table(["score@p %", "groups", "Jaccard (pairs)", "avg", "worst"], rows)
+    return markdown_table(["cell (score@p %)", "groups", "Jaccard (pairs)", "avg", "worst"], rows)
 
 
-def run_cells(cfg, run_dir: Path, cells: list[tuple[str, float]]) -> tuple[dict, dict]:
-    """CPI-FT's final model for each further (score, p) on the run's probes, scored on every
-    task's eval rows, with the grouping its cores gave; results accumulate in
-    `run_dir/cells.json`."""
+def run_cells(cfg, run_dir: Path, cells: list[tuple[str, float, float]], scores: dict,
+              groupings: dict) -> None:
+    """CPI-FT's final model for each further (score, p, τ) on the run's probes, scored on every
+    task's eval rows, with the grouping its cores gave, added to `scores` and `groupings`
+    (which hold the run's own cell); results accumulate in `run_dir/cells.json`. A cell whose
+    cores and groups equal an earlier cell's (a τ that changes nothing) takes its scores."""
     from cpi_ray.data.tasks import load_splits
     from cpi_ray.evaluation.evaluate import score_model
     from cpi_ray.models.loading import resolve_base_model
@@ -134,23 +142,34 @@ def run_cells(cfg, run_dir: Path, cells: list[tuple[str, float]]) -> tuple[dict,
     out = run_dir / "cells.json"
     done = read_json(out) if out.is_file() else {"scores": {}, "wall_s": {}}
     done.setdefault("groups", {})
+    scores.update(done["scores"])
+    groupings.update(done["groups"])
     base_dir, _ = resolve_base_model(cfg)
     rows = {t.name: load_splits(t, cfg.data.split_seed).eval for t in cfg.tasks}
-    for score, p in cells:
-        key = cell_name(score, p)
+    for score, p, tau in cells:
+        key = cell_name(score, p, tau, cfg.groups.tau)
         if key in done["scores"]:
             continue
         t0 = time.time()
         c = cfg.model_copy(deep=True)
-        c.regions.score, c.regions.p = score, p
-        run_pipeline(c, run_dir, stages=CELL_STAGES)
-        done["scores"][key] = score_model(run_dir / "final", rows, c, base_dir)
-        done["groups"][key] = grouping(run_dir)
+        c.regions.score, c.regions.p, c.groups.tau = score, p, tau
+        run_pipeline(c, run_dir, stages=CELL_STAGES[:3])
+        g = grouping(run_dir)
+        twin = next((k for k, kg in groupings.items() if k in scores
+                     and kg.get("regions") == g["regions"] and kg["groups"] == g["groups"]), None)
+        if twin is None:
+            run_pipeline(c, run_dir, stages=CELL_STAGES)
+            done["scores"][key] = score_model(run_dir / "final", rows, c, base_dir)
+        else:
+            done["scores"][key], g["same_as"] = scores[twin], twin
+        done["groups"][key] = g
         done["wall_s"][key] = round(time.time() - t0, 1)
         write_json(out, done)
-        print(f"{key}: " + ", ".join(f"{t}={v:.1f}" for t, v in done["scores"][key].items())
+        scores[key], groupings[key] = done["scores"][key], g
+        print(f"{key}: " + ", ".join(f"{t}={v:.1f}" for t, v in scores[key].items())
+              + f"; {len(g['groups'])} group(s)"
+              + (f", the same as {twin}'s" if twin else "")
               + f" ({done['wall_s'][key]:.0f}s)", flush=True)
-    return done["scores"], done["groups"]
 
 
 def main() -> int:
@@ -162,6 +181,8 @@ def main() -> int:
     ap.add_argument("--scores", nargs="+", choices=["delta", "fisher", "delta_fisher"],
                     help="core scores to compare (default: the config's regions.score)")
     ap.add_argument("--ps", type=float, nargs="+", help="core ratios in %% (default: regions.p)")
+    ap.add_argument("--taus", type=float, nargs="+",
+                    help="overlap thresholds τ (default: groups.tau); the first is the run's")
     ap.add_argument("--probes-from", type=Path, metavar="RUN_DIR",
                     help="start from another run's probes (kept where their fingerprint matches)")
     ap.add_argument("--set", dest="overrides", action="append", default=[])
@@ -172,14 +193,16 @@ def main() -> int:
     per_seed, budgets, tasks, walls = [], [], [], []
     base_cfg = load_config(args.config, args.overrides)
     setting = setting_overrides(base_cfg, args.setting)
-    cells = [(s, p) for p in (args.ps or [base_cfg.regions.p])
+    cells = [(s, p, tau) for tau in (args.taus or [base_cfg.groups.tau])
+             for p in (args.ps or [base_cfg.regions.p])
              for s in (args.scores or [base_cfg.regions.score])]
-    first = cell_name(*cells[0])
+    first = cell_name(*cells[0], run_tau=cells[0][2])
     for seed in args.seeds:
         t0 = time.time()
         overrides = [f"baselines.modes={MODES}", f"probe.seed={seed}", f"consolidate.seed={seed}",
                      f"groups.seed={seed}", f"baselines.seed={seed}", *setting, *args.overrides,
-                     f"regions.score={cells[0][0]}", f"regions.p={cells[0][1]:g}"]
+                     f"regions.score={cells[0][0]}", f"regions.p={cells[0][1]:g}",
+                     f"groups.tau={cells[0][2]:g}"]
         cfg = load_config(args.config, overrides)
         connect_ray(cfg)
         run_dir = Path(args.run_root).resolve() / args.setting / f"seed-{seed}"
@@ -190,9 +213,7 @@ def main() -> int:
         print(f"\nseed {seed}: report at {run_dir / 'report' / 'index.html'}")
         scores = dict(doc["scores"])
         scores[first], groupings = scores["final"], {first: grouping(run_dir)}
-        cell_scores, cell_groups = run_cells(cfg, run_dir, cells[1:])
-        scores.update(cell_scores)
-        groupings.update(cell_groups)
+        run_cells(cfg, run_dir, cells[1:], scores, groupings)
         print(f"\nseed {seed}: CPI-FT by core score and ratio (τ = {cfg.groups.tau:g})\n")
         print(cells_table(scores, groupings, doc["tasks"]))
         per_seed.append(scores)
