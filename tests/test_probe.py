@@ -65,6 +65,31 @@ def test_probe_trains_each_task_and_rerun_skips(ray_session, probe_cfg, tmp_path
     assert (run_dir / "probes" / "reverse" / "probe.json").stat().st_mtime_ns == mtime
     assert (run_dir / "probes" / "upper" / "probe.json").stat().st_mtime_ns != mtime
 
+    # A Fisher-based score adds each probe's Fisher beside it, without training it again.
+    weights = {t: CheckpointReader(run_dir / "probes" / t) for t in ("reverse", "upper")}
+    before = {t: {n: r.read(n).clone() for n in r.names()} for t, r in weights.items()}
+    records = {t: json.loads((run_dir / "probes" / t / "probe.json").read_text()) for t in weights}
+    cfg3 = cfg2.model_copy(deep=True)
+    cfg3.regions.score = "delta_fisher"
+    assert [o.status for o in run_pipeline(cfg3, run_dir).outcomes] == ["ran"]
+    for task in ("reverse", "upper"):
+        out = run_dir / "probes" / task
+        probe = CheckpointReader(out)
+        assert all(torch.equal(probe.read(n), before[task][n]) for n in probe.names())
+        rec = json.loads((out / "probe.json").read_text())
+        assert rec.pop("fisher")["batches"] == cfg3.probe.fisher_batches
+        assert rec == records[task]  # the training record (and its timing) is the first run's
+        fisher = CheckpointReader(out / "fisher")  # sharded safetensors with an index
+        assert (out / "fisher" / "model.safetensors.index.json").is_file() or len(
+            list((out / "fisher").glob("*.safetensors"))) == 1
+        assert set(fisher.names()) <= set(probe.names()) and "model.norm.weight" in fisher.names()
+        for n in fisher.names():
+            f = fisher.read(n)
+            assert f.dtype == torch.float32 and f.shape == probe.read(n).shape, n
+            assert torch.isfinite(f).all() and (f >= 0).all(), n
+        assert fisher.read("model.layers.0.mlp.up_proj.weight").sum() > 0
+    assert [o.status for o in run_pipeline(cfg3, run_dir).outcomes] == ["skipped (up to date)"]
+
 
 class _Touch:
     """A minimal stage writing one file, to test the protocol without training anything."""
