@@ -44,7 +44,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cpi_ray.config.load import load_config  # noqa: E402
-from cpi_ray.evaluation.report import markdown_table  # noqa: E402
+from cpi_ray.evaluation.report import markdown_table, summarize  # noqa: E402
 from cpi_ray.io.atomic import read_json, write_json  # noqa: E402
 from cpi_ray.tune.cache import link_tree  # noqa: E402
 
@@ -59,13 +59,12 @@ def table1(scores: dict[str, dict[str, float]], tasks: list[str], first_cell: st
         (f"CPI-FT {first_cell}, fused (before consolidation)", "fused"),
         (f"CPI-FT {first_cell}", "final")] + [
         (f"CPI-FT {k}", k) for k in scores if "@" in k and k != first_cell]
-    rows = []
+    summ, rows = summarize(scores, tasks), []
     for label, key in rows_spec:
         if key not in scores:
             continue
-        vals = [scores[key][t] for t in tasks]
-        rows.append([label, *(f"{v:.1f}" for v in vals), f"{statistics.mean(vals):.1f}",
-                     f"{min(vals):.1f}"])
+        rows.append([label, *(f"{scores[key][t]:.1f}" for t in tasks), f"{summ[key]['avg']:.1f}",
+                     f"{summ[key]['worst']:.1f}"])
     return markdown_table(["model", *tasks, "avg", "worst"], rows)
 
 
@@ -118,13 +117,12 @@ def grouping(run_dir: Path) -> dict:
 
 def cells_table(scores: dict[str, dict[str, float]], groupings: dict[str, dict],
                 tasks: list[str]) -> str:
-    rows = []
+    summ, rows = summarize(scores, tasks), []
     for key in (k for k in scores if "@" in k):
-        vals = [scores[key][t] for t in tasks]
         g = groupings.get(key)  # cells scored before groupings were recorded have none
         jac = "—" if g is None or g["jaccard"] is None else "{:.3f}–{:.3f}".format(*g["jaccard"])
         rows.append([key, "—" if g is None else str(len(g["groups"])), jac,
-                     f"{statistics.mean(vals):.1f}", f"{min(vals):.1f}"])
+                     f"{summ[key]['avg']:.1f}", f"{summ[key]['worst']:.1f}"])
     return markdown_table(["cell (score@p %)", "groups", "Jaccard (pairs)", "avg", "worst"], rows)
 
 
@@ -158,7 +156,7 @@ def run_cells(cfg, run_dir: Path, cells: list[tuple[str, float, float]], scores:
         twin = next((k for k, kg in groupings.items() if k in scores
                      and kg.get("regions") == g["regions"] and kg["groups"] == g["groups"]), None)
         if twin is None:
-            run_pipeline(c, run_dir, stages=CELL_STAGES)
+            run_pipeline(c, run_dir, stages=CELL_STAGES[3:])  # probe..groups are done above
             done["scores"][key] = score_model(run_dir / "final", rows, c, base_dir)
         else:
             done["scores"][key], g["same_as"] = scores[twin], twin
