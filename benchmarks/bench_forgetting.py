@@ -14,7 +14,9 @@ resumes at the first cell not yet measured.
         --run-root runs/bf-smoke
 
 Printed: per cell, A after A, A after B, A's drop and its ratio to the plain drop, B after B and
-the share of the plain run's gain on B that the frozen run kept.
+the share of the plain run's gain on B that the frozen run kept. With several `--seeds` (each in
+`<run-root>/seed-<n>/`), a last table gives each figure as mean ± standard error over the seeds,
+and `--results DIR` keeps it as `forgetting-<config>.json` and `.md`.
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cpi_ray.config.load import load_config  # noqa: E402
 from cpi_ray.evaluation.report import markdown_table  # noqa: E402
-from cpi_ray.io.atomic import write_json  # noqa: E402
+from cpi_ray.evaluation.stats import fmt_mean_se, mean_se  # noqa: E402
+from cpi_ray.io.atomic import atomic_file, write_json  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 
@@ -59,16 +62,85 @@ def table(results: dict, a: str, b: str) -> str:
                            f"{b} after B", "B's gain kept"], rows)
 
 
+def cell_figures(models: dict, a: str, b: str, key: str) -> dict[str, float]:
+    """One run's figures for a cell: A after B, A's drop from its expert, B after B, and the share
+    of the plain run's gain on B the cell kept (100 for plain itself)."""
+    before_a, before_b = models[f"probe:{a}"][a], models[f"probe:{a}"][b]
+    s, plain = models[key], models["plain"]
+    gain, plain_gain = s[b] - before_b, plain[b] - before_b
+    return {"a_after": s[a], "drop": s[a] - before_a, "b_after": s[b],
+            "b_kept": 100 * gain / plain_gain if plain_gain > 0 else float("nan")}
+
+
+def seeds_table(per_seed: dict[str, dict], a: str, b: str) -> tuple[list[str], list[list[str]], dict]:
+    """Mean ± standard error over seeds of each cell's figures, and the drop as a share of the
+    plain run's drop (the ratio of the mean drops)."""
+    seeds = list(per_seed)
+    keys = [k for k in per_seed[seeds[0]]["models"]
+            if (k == "plain" or "@" in k) and all(k in per_seed[s]["models"] for s in seeds)]
+    agg = {}
+    rows = []
+    for key in keys:
+        figs = [cell_figures(per_seed[s]["models"], a, b, key) for s in seeds]
+        agg[key] = {f: mean_se([x[f] for x in figs]) for f in figs[0]}
+    plain_drop = agg["plain"]["drop"][0] if "plain" in agg else float("nan")
+    for key in keys:
+        e = agg[key]
+        ratio = e["drop"][0] / plain_drop if plain_drop < 0 else float("nan")
+        e["drop_ratio"] = ratio
+        rows.append([key, fmt_mean_se(*e["a_after"]), fmt_mean_se(*e["drop"]),
+                     "—" if key == "plain" or ratio != ratio else f"{ratio:.2f}",
+                     fmt_mean_se(*e["b_after"]), "—" if key == "plain" else fmt_mean_se(*e["b_kept"])])
+    header = ["run", f"{a} after B", "A's drop", "drop / plain drop", f"{b} after B",
+              "B's gain kept (%)"]
+    return header, rows, agg
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default=str(HERE / "configs" / "quality.yaml"))
     ap.add_argument("--pair", nargs=2, default=["spell_backward", "letter_counting"], metavar=("A", "B"))
     ap.add_argument("--scores", nargs="+", default=["delta_fisher", "delta", "fisher"])
     ap.add_argument("--ps", type=float, nargs="+", default=[5, 1, 20])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--run-root", default="runs/bench-forgetting")
+    ap.add_argument("--results", type=Path, metavar="DIR",
+                    help="write forgetting-<config>.json and .md here after every seed")
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     args = ap.parse_args()
+    a, b = args.pair
+    root = Path(args.run_root).expanduser().resolve()
+    per_seed = {}
+    for seed in args.seeds:
+        # One seed's runs keep the layout of a single-seed run when only seed 0 is asked for.
+        seed_root = root if args.seeds == [0] else root / f"seed-{seed}"
+        per_seed[str(seed)] = run_seed(args, seed, seed_root)
+        header, rows, agg = seeds_table(per_seed, a, b)
+        if args.results is not None:
+            write_results(args, per_seed, header, rows, agg)
+    print(f"\nForgetting, {a} then {b}, over seeds {', '.join(per_seed)}: mean ± standard error\n")
+    print(markdown_table(header, rows))
+    return 0
 
+
+def write_results(args, per_seed: dict, header: list[str], rows: list[list[str]], agg: dict) -> None:
+    import shlex
+
+    stem = f"forgetting-{Path(args.config).stem}"
+    args.results.mkdir(parents=True, exist_ok=True)
+    command = "python benchmarks/bench_forgetting.py " + " ".join(shlex.quote(x) for x in sys.argv[1:])
+    write_json(args.results / f"{stem}.json", {"config": args.config, "pair": args.pair,
+                                               "seeds": list(per_seed), "per_seed": per_seed,
+                                               "aggregate": agg, "command": command})
+    a, b = args.pair
+    with atomic_file(args.results / f"{stem}.md", "w") as f:
+        f.write(f"# Forgetting: {a} then {b} ({Path(args.config).name})\n\n"
+                f"Seeds: {', '.join(per_seed)}. Mean ± standard error over seeds; A's drop is "
+                "from A's expert; B's gain kept is the share of the plain run's gain on B.\n\n"
+                + markdown_table(header, rows) + f"\n\n```\n{command}\n```\n")
+
+
+def run_seed(args, seed: int, root: Path) -> dict:
     from cpi_ray.data.tasks import load_splits
     from cpi_ray.evaluation.evaluate import score_model
     from cpi_ray.models.loading import resolve_base_model
@@ -77,13 +149,13 @@ def main() -> int:
     a, b = args.pair
     # Its own embedded Ray unless told otherwise (--set ray.address=auto on a cluster).
     cfg = load_config(args.config, ["ray.address=local", f"baselines.sequential=[{a}, {b}]",
-                                    *args.overrides])
+                                    f"probe.seed={seed}", f"consolidate.seed={seed}",
+                                    f"baselines.seed={seed}", *args.overrides])
     missing = {a, b} - {t.name for t in cfg.tasks}
     if missing:
         raise SystemExit(f"--pair: no task {sorted(missing)} in {args.config}")
     cfg.tasks = [t for t in cfg.tasks if t.name in (a, b)]
     connect_ray(cfg)
-    root = Path(args.run_root).resolve()
     run_dir = root / "run"
     out = root / "forgetting.json"
     results = json.loads(out.read_text()) if out.is_file() else {"models": {}, "wall_s": {}}
@@ -126,11 +198,12 @@ def main() -> int:
             measure(key, run_dir / "baselines" / "sequential_cpi", t0)
             print(table(results, a, b), flush=True)
 
-    print(f"\nForgetting: {a} then {b}, eval rows {', '.join(f'{t} {len(r)}' for t, r in rows.items())}\n")
+    print(f"\nForgetting (seed {seed}): {a} then {b}, eval rows "
+          f"{', '.join(f'{t} {len(r)}' for t, r in rows.items())}\n")
     print(table(results, a, b))
     print(f"\nwall time: {sum(results['wall_s'].values()) / 60:.1f} min "
           f"(plain and each cell: training plus scoring)")
-    return 0
+    return results
 
 
 if __name__ == "__main__":

@@ -1,16 +1,20 @@
-"""Quality benchmark: CPI-FT against its baselines, printed like the paper's Table 1.
+"""Quality benchmark: CPI-FT against its baselines over several seeds, printed like the paper's
+Table 1 with mean ± standard error, and kept as a results file.
 
-Runs the whole pipeline once per seed with the baselines `full_mtl` and `multistage` (same budget,
-data and seeds for every mode), then prints per-task scores of base, each single-task expert,
-full multi-task SFT, multi-stage SFT and CPI-FT, with the average and the worst task.
+Runs the whole pipeline once per seed with the baseline modes asked for (same budget, data and
+seeds for every mode), then scores further CPI-FT cells on the same probes. Printed and written
+(`--results DIR`: `quality-<config>-<setting>.json` and `.md`, rewritten after every seed): per
+task, for base, each single-task expert, every baseline, the fused model and each CPI-FT cell,
+the mean ± standard error over seeds, the average and the worst task (each computed per seed,
+then averaged), and each CPI-FT cell's paired difference to `full_mtl` and `multistage`, a tie
+when within its standard error. One seed gives no error: its differences are marked n/a.
 
-Core score, ratio and overlap threshold as dimensions (`--scores`, `--ps`, `--taus`; a cell is
-`score@p`, with `,tau=τ` when τ is not the first): the first cell is the pipeline's own
-run (its report holds it); every further cell re-runs regions, groups, fuse and consolidate on
-the same probes and scores CPI-FT's final model, kept with the groups its cores formed (and their
-pairwise Jaccard range) in `<run dir>/cells.json` so a rerun resumes; a table of the cells ends
-each seed; a cell whose cores and groups equal an earlier one's takes its scores. The baselines
-keep the budget of the first cell's groups.
+Cells (`--scores`, `--ps`, `--taus`, `--data`): `score@p,data`, with `,tau=τ` when τ is not the
+first. The first cell is the pipeline's own run (its report holds it); every further cell re-runs
+regions, groups, fuse and consolidate on the same probes and scores CPI-FT's final model, kept
+with the groups its cores formed in `<run dir>/cells.json` so a rerun resumes; a cell whose cores,
+groups and training data equal an earlier one's takes its scores. The baselines keep the budget
+of the first cell's groups.
 
 Settings (`--setting`):
   balanced    the config's tasks with equal data and equal shares of every mix (default);
@@ -18,25 +22,24 @@ Settings (`--setting`):
               every mixed batch (the case CPI-FT is meant to protect: the small tasks' cores);
   forgetting  bench_forgetting.py (sequential A then B, by core score and p).
 
-    python benchmarks/bench_quality.py                       # benchmarks/configs/quality.yaml
+    python benchmarks/bench_quality.py --config benchmarks/configs/quality-cpu.yaml \\
+        --seeds 0 1 2 --data mixed group --results benchmarks/results
     python benchmarks/bench_quality.py --setting imbalanced --seeds 0 1 2 --set regions.p=5
-    python benchmarks/bench_quality.py --setting imbalanced --scores delta delta_fisher --ps 5 \
+    python benchmarks/bench_quality.py --setting imbalanced --scores delta delta_fisher --ps 5 \\
         --probes-from runs/bench-quality/balanced/seed-0
-    python benchmarks/bench_quality.py --setting imbalanced --scores delta delta_fisher fisher \
-        --ps 5 --taus 0.1 0.3   # each cell again at tau = 0.3
     python benchmarks/bench_quality.py --config jobs/configs/smoke.yaml --run-root runs/bq-smoke
 
-Reruns resume: each seed's run directory keeps its completed stages. `--probes-from` links
-another run's probes in first; the probe stage keeps those whose task, data and recipe match
-(their fingerprint) and trains the rest, so the imbalanced setting reuses the balanced one's
-probes of the tasks it does not change.
+Reruns resume: each seed's run directory keeps its completed stages, and a baseline mode added
+later trains only itself. `--probes-from` links another run's probes in first; the probe stage
+keeps those whose task, data and recipe match (their fingerprint) and trains the rest, so the
+imbalanced setting reuses the balanced one's probes of the tasks it does not change.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import statistics
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -45,33 +48,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cpi_ray.config.load import load_config  # noqa: E402
 from cpi_ray.evaluation.report import markdown_table, summarize  # noqa: E402
-from cpi_ray.io.atomic import read_json, write_json  # noqa: E402
+from cpi_ray.evaluation.stats import fmt_mean_se, mean_se, paired_difference, verdict  # noqa: E402
+from cpi_ray.io.atomic import atomic_file, read_json, write_json  # noqa: E402
 from cpi_ray.tune.cache import link_tree  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-MODES = "[full_mtl, multistage]"
 CELL_STAGES = ["probe", "regions", "groups", "fuse", "consolidate"]
-
-
-def table1(scores: dict[str, dict[str, float]], tasks: list[str], first_cell: str) -> str:
-    rows_spec = [("base", "base")] + [(f"expert {t}", f"probe:{t}") for t in tasks] + [
-        ("full multi-task SFT", "baseline:full_mtl"), ("multi-stage SFT", "baseline:multistage"),
-        (f"CPI-FT {first_cell}, fused (before consolidation)", "fused"),
-        (f"CPI-FT {first_cell}", "final")] + [
-        (f"CPI-FT {k}", k) for k in scores if "@" in k and k != first_cell]
-    summ, rows = summarize(scores, tasks), []
-    for label, key in rows_spec:
-        if key not in scores:
-            continue
-        rows.append([label, *(f"{scores[key][t]:.1f}" for t in tasks), f"{summ[key]['avg']:.1f}",
-                     f"{summ[key]['worst']:.1f}"])
-    return markdown_table(["model", *tasks, "avg", "worst"], rows)
-
-
-def mean_scores(per_seed: list[dict[str, dict[str, float]]]) -> dict[str, dict[str, float]]:
-    models = [m for m in per_seed[0] if all(m in s for s in per_seed)]  # first seed's order
-    return {m: {t: statistics.mean(s[m][t] for s in per_seed) for t in per_seed[0][m]}
-            for m in models}
+BASELINE_LABELS = {"full_mtl": "full multi-task SFT",
+                   "full_mtl_light": "full multi-task SFT, CPI-FT's consolidation rows only",
+                   "multistage": "multi-stage SFT"}
+COMPARED = ("full_mtl", "multistage")  # the baselines each CPI-FT cell is tested against
 
 
 def setting_overrides(cfg, setting: str) -> list[str]:
@@ -81,16 +67,19 @@ def setting_overrides(cfg, setting: str) -> list[str]:
     first = cfg.tasks[0]
     over = [f"tasks.{first.name}.weight={10 * first.weight:g}"]
     if first.reasoning_gym is not None:
-        over.append(f"tasks.{first.name}.reasoning_gym.size={10 * first.reasoning_gym.size}")
+        # Ten times the training rows; the eval rows stay the same number.
+        size = first.reasoning_gym.size - first.eval_size - first.val_size
+        over.append(f"tasks.{first.name}.reasoning_gym.size="
+                    f"{10 * size + first.eval_size + first.val_size}")
     else:
         print(f"imbalanced: task {first.name} keeps its rows (not a generator); its share of "
               "every mix is 10x")
     return over
 
 
-def cell_name(score: str, p: float, tau: float, run_tau: float) -> str:
-    """`score@p`, with `,tau=τ` when the cell's τ is not the run's (the first τ)."""
-    return f"{score}@{p:g}" + ("" if tau == run_tau else f",tau={tau:g}")
+def cell_name(score: str, p: float, tau: float, data: str, run_tau: float) -> str:
+    """`score@p,data`, with `,tau=τ` when the cell's τ is not the run's (the first τ)."""
+    return f"{score}@{p:g}" + ("" if tau == run_tau else f",tau={tau:g}") + f",{data}"
 
 
 def seed_probes(run_dir: Path, source: Path) -> None:
@@ -105,69 +94,180 @@ def seed_probes(run_dir: Path, source: Path) -> None:
 
 
 def grouping(run_dir: Path) -> dict:
-    """How the run's current cores grouped the tasks: the groups, τ and the range of the pairwise
-    Jaccard (the next cell overwrites `groups/`, so each cell keeps its own copy)."""
+    """How the run's current cores grouped the tasks: the groups, τ, the range of the pairwise
+    Jaccard and the chance level (the next cell overwrites `groups/`, so each cell keeps its own
+    copy), and the rows each consolidation stage drew from each task."""
     overlap = read_json(run_dir / "groups" / "overlap.json")
     jac, n = overlap["jaccard"], len(overlap["tasks"])
     pairs = [jac[a][b] for a in range(n) for b in range(a + 1, n)]
-    return {"groups": read_json(run_dir / "groups" / "groups.json"), "tau": overlap["tau"],
+    stages = sorted((run_dir / "consolidate").glob("stage-*"), key=lambda d: int(d.name[6:]))
+    groups = read_json(run_dir / "groups" / "groups.json")
+    rows = []
+    for d in stages[:len(groups)]:
+        rec = read_json(d / "consolidate.json") if (d / "consolidate.json").is_file() else {}
+        rows.append(rec.get("rows_per_task"))
+    return {"groups": groups, "tau": overlap["tau"], "tau_mode": overlap.get("tau_mode", "absolute"),
             "jaccard": [min(pairs), max(pairs)] if pairs else None,
-            "regions": read_json(run_dir / "regions" / "stage.json")["fingerprint"]}
+            "chance": overlap.get("chance"),
+            "regions": read_json(run_dir / "regions" / "stage.json")["fingerprint"],
+            "consolidate_rows": rows}
 
 
-def cells_table(scores: dict[str, dict[str, float]], groupings: dict[str, dict],
-                tasks: list[str]) -> str:
-    summ, rows = summarize(scores, tasks), []
-    for key in (k for k in scores if "@" in k):
-        g = groupings.get(key)  # cells scored before groupings were recorded have none
-        jac = "—" if g is None or g["jaccard"] is None else "{:.3f}–{:.3f}".format(*g["jaccard"])
-        rows.append([key, "—" if g is None else str(len(g["groups"])), jac,
-                     f"{summ[key]['avg']:.1f}", f"{summ[key]['worst']:.1f}"])
-    return markdown_table(["cell (score@p %)", "groups", "Jaccard (pairs)", "avg", "worst"], rows)
+def same_training(a: dict, b: dict) -> bool:
+    """Two cells train the same model: the same cores and groups, and the same rows (with one
+    group holding every task, `mixed` and `group` data are the same mix)."""
+    if a.get("regions") != b.get("regions") or a["groups"] != b["groups"]:
+        return False
+    return a.get("data") == b.get("data") or len(a["groups"]) == 1
 
 
-def run_cells(cfg, run_dir: Path, cells: list[tuple[str, float, float]], scores: dict,
-              groupings: dict) -> None:
-    """CPI-FT's final model for each further (score, p, τ) on the run's probes, scored on every
-    task's eval rows, with the grouping its cores gave, added to `scores` and `groupings`
-    (which hold the run's own cell); results accumulate in `run_dir/cells.json`. A cell whose
-    cores and groups equal an earlier cell's (a τ that changes nothing) takes its scores."""
+def run_cells(cfg, run_dir: Path, cells: list[tuple[str, float, float, str]], scores: dict,
+              stderr: dict, groupings: dict) -> None:
+    """CPI-FT's final model for each further (score, p, τ, data) on the run's probes, scored on
+    every task's eval rows, with the grouping its cores gave, added to `scores`, `stderr` and
+    `groupings` (which hold the run's own cell); results accumulate in `run_dir/cells.json`."""
     from cpi_ray.data.tasks import load_splits
-    from cpi_ray.evaluation.evaluate import score_model
+    from cpi_ray.evaluation.evaluate import evaluate_model_dir
     from cpi_ray.models.loading import resolve_base_model
     from cpi_ray.pipeline.runner import run_pipeline
 
     out = run_dir / "cells.json"
-    done = read_json(out) if out.is_file() else {"scores": {}, "wall_s": {}}
-    done.setdefault("groups", {})
+    done = read_json(out) if out.is_file() else {}
+    for k in ("scores", "stderr", "wall_s", "groups"):
+        done.setdefault(k, {})
     scores.update(done["scores"])
+    stderr.update(done["stderr"])
     groupings.update(done["groups"])
     base_dir, _ = resolve_base_model(cfg)
     rows = {t.name: load_splits(t, cfg.data.split_seed).eval for t in cfg.tasks}
-    for score, p, tau in cells:
-        key = cell_name(score, p, tau, cfg.groups.tau)
+    for score, p, tau, data in cells:
+        key = cell_name(score, p, tau, data, cfg.groups.tau)
         if key in done["scores"]:
             continue
         t0 = time.time()
         c = cfg.model_copy(deep=True)
-        c.regions.score, c.regions.p, c.groups.tau = score, p, tau
+        c.regions.score, c.regions.p, c.groups.tau, c.consolidate.data = score, p, tau, data
         run_pipeline(c, run_dir, stages=CELL_STAGES[:3])
         g = grouping(run_dir)
-        twin = next((k for k, kg in groupings.items() if k in scores
-                     and kg.get("regions") == g["regions"] and kg["groups"] == g["groups"]), None)
+        g["data"] = data
+        twin = next((k for k, kg in groupings.items() if k in scores and same_training(kg, g)), None)
         if twin is None:
             run_pipeline(c, run_dir, stages=CELL_STAGES[3:])  # probe..groups are done above
-            done["scores"][key] = score_model(run_dir / "final", rows, c, base_dir)
+            g = {**grouping(run_dir), "data": data}
+            result = evaluate_model_dir(run_dir / "final", rows, c, base_dir)
+            done["scores"][key] = {t: r["score"] for t, r in result.items()}
+            done["stderr"][key] = {t: 100.0 * mean_se(r["row_scores"])[1] for t, r in result.items()}
         else:
             done["scores"][key], g["same_as"] = scores[twin], twin
+            done["stderr"][key] = stderr.get(twin, {})
+            g["consolidate_rows"] = groupings[twin].get("consolidate_rows")
         done["groups"][key] = g
         done["wall_s"][key] = round(time.time() - t0, 1)
         write_json(out, done)
-        scores[key], groupings[key] = done["scores"][key], g
+        scores[key], stderr[key], groupings[key] = done["scores"][key], done["stderr"][key], g
         print(f"{key}: " + ", ".join(f"{t}={v:.1f}" for t, v in scores[key].items())
               + f"; {len(g['groups'])} group(s)"
               + (f", the same as {twin}'s" if twin else "")
               + f" ({done['wall_s'][key]:.0f}s)", flush=True)
+
+
+# ------------------------------------------------------------------------------ aggregation
+
+
+def model_rows(first_cell: str, cells: list[str], tasks: list[str]) -> list[tuple[str, str]]:
+    """(label, key) of every row of the table, in the paper's order."""
+    return ([("base", "base")] + [(f"expert {t}", f"probe:{t}") for t in tasks]
+            + [(label, f"baseline:{m}") for m, label in BASELINE_LABELS.items()]
+            + [(f"CPI-FT {first_cell}, fused (before consolidation)", "fused")]
+            + [(f"CPI-FT {c}", c) for c in cells])
+
+
+def aggregate(per_seed: dict[str, dict], tasks: list[str], rows: list[tuple[str, str]]) -> dict:
+    """Per model present in every seed: per task, average and worst, the mean and standard error
+    over seeds (average and worst computed within each seed first); per CPI-FT cell, the paired
+    difference of its average and worst task to each compared baseline."""
+    seeds = list(per_seed)
+    out: dict = {"models": {}, "versus": {}}
+    summaries = {s: summarize(per_seed[s]["scores"], tasks) for s in seeds}
+    for label, key in rows:
+        if not seeds or not all(key in per_seed[s]["scores"] for s in seeds):
+            continue
+        entry = {"label": label, "n_seeds": len(seeds)}
+        for t in tasks:
+            entry[t] = mean_se([per_seed[s]["scores"][key][t] for s in seeds])
+        for stat in ("avg", "worst"):
+            entry[stat] = mean_se([summaries[s][key][stat] for s in seeds])
+        out["models"][key] = entry
+    for label, key in rows:
+        if "@" not in key or key not in out["models"]:
+            continue
+        for base in COMPARED:
+            bkey = f"baseline:{base}"
+            if bkey not in out["models"]:
+                continue
+            v = {}
+            for stat in ("avg", "worst"):
+                d, se = paired_difference([summaries[s][key][stat] for s in seeds],
+                                          [summaries[s][bkey][stat] for s in seeds])
+                v[stat] = {"diff": d, "se": se, "verdict": verdict(d, se)}
+            out["versus"].setdefault(key, {})[base] = v
+    return out
+
+
+def results_markdown(doc: dict) -> str:
+    tasks, agg = doc["tasks"], doc["aggregate"]
+    n = ", ".join(f"{t} {k}" for t, k in doc["n_eval"].items())
+    lines = [f"# Quality benchmark: {doc['setting']} ({Path(doc['config']).name})", "",
+             f"Seeds: {', '.join(map(str, doc['seeds']))} ({len(doc['seeds'])}); eval rows per "
+             f"task: {n}. Scores 0-100, mean ± standard error over seeds (no error with one "
+             "seed); avg and worst are computed per seed, then averaged.", ""]
+    header = ["model", *tasks, "avg", "worst"]
+    body = []
+    for key, e in agg["models"].items():
+        body.append([e["label"], *(fmt_mean_se(*e[t]) for t in tasks), fmt_mean_se(*e["avg"]),
+                     fmt_mean_se(*e["worst"])])
+    lines += [markdown_table(header, body), ""]
+    if agg["versus"]:
+        vs = []
+        for key, per in agg["versus"].items():
+            for base, v in per.items():
+                vs.append([f"CPI-FT {key}", base, *(
+                    f"{v[s]['diff']:+.1f}" + ("" if v[s]["se"] != v[s]["se"] else
+                                             f" ± {v[s]['se']:.1f}") + f" ({v[s]['verdict']})"
+                    for s in ("avg", "worst"))])
+        lines += ["Paired differences over seeds (CPI-FT minus baseline); within one standard "
+                  "error is a tie, n/a with one seed:", "",
+                  markdown_table(["cell", "against", "avg", "worst"], vs), ""]
+    lines += ["## Budgets (training rows)", ""]
+    for seed, b in doc["budgets"].items():
+        modes = ", ".join(f"{m} {p['rows']}" for m, p in b["modes"].items())
+        lines.append(f"- seed {seed}: CPI-FT {b['cpi_rows']} (probes and consolidation); {modes}")
+    lines += ["", "## Groups per cell", ""]
+    grows = []
+    for seed, cells in doc["groupings"].items():
+        for key, g in cells.items():
+            jac = "—" if not g.get("jaccard") else "{:.3f}–{:.3f}".format(*g["jaccard"])
+            ch = g.get("chance")
+            vs_chance = "—" if not (g.get("jaccard") and ch) else "{:.1f}–{:.1f}x".format(
+                g["jaccard"][0] / ch, g["jaccard"][1] / ch)
+            rows = g.get("consolidate_rows") or []
+            grows.append([str(seed), key, " → ".join("{" + ", ".join(x) + "}" for x in g["groups"]),
+                          jac, vs_chance, "; ".join(
+                              " ".join(f"{t}:{c}" for t, c in r.items()) for r in rows if r)
+                          or ("same as " + g["same_as"] if g.get("same_as") else "—")])
+    lines += [markdown_table(["seed", "cell", "groups (training order)", "Jaccard", "vs chance",
+                              "rows per task, stage by stage"], grows), ""]
+    lines += ["## Commands", "", "```", *doc["commands"], "```", ""]
+    return "\n".join(lines)
+
+
+def write_results(results_dir: Path, doc: dict) -> Path:
+    stem = f"quality-{Path(doc['config']).stem}-{doc['setting']}"
+    results_dir.mkdir(parents=True, exist_ok=True)
+    write_json(results_dir / f"{stem}.json", doc)
+    with atomic_file(results_dir / f"{stem}.md", "w") as f:
+        f.write(results_markdown(doc))
+    return results_dir / f"{stem}.md"
 
 
 def main() -> int:
@@ -176,56 +276,79 @@ def main() -> int:
     ap.add_argument("--run-root", default="runs/bench-quality")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--setting", choices=["balanced", "imbalanced"], default="balanced")
+    ap.add_argument("--modes", nargs="+", default=["full_mtl", "multistage"],
+                    choices=list(BASELINE_LABELS), help="baseline modes trained on every seed")
     ap.add_argument("--scores", nargs="+", choices=["delta", "fisher", "delta_fisher"],
                     help="core scores to compare (default: the config's regions.score)")
     ap.add_argument("--ps", type=float, nargs="+", help="core ratios in %% (default: regions.p)")
     ap.add_argument("--taus", type=float, nargs="+",
                     help="overlap thresholds τ (default: groups.tau); the first is the run's")
+    ap.add_argument("--data", nargs="+", choices=["mixed", "group"],
+                    help="consolidation data (default: consolidate.data); the first is the run's")
     ap.add_argument("--probes-from", type=Path, metavar="RUN_DIR",
                     help="start from another run's probes (kept where their fingerprint matches)")
+    ap.add_argument("--results", type=Path, metavar="DIR",
+                    help="write quality-<config>-<setting>.json and .md here after every seed")
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     args = ap.parse_args()
 
     from cpi_ray.pipeline.runner import connect_ray, run_pipeline
 
-    per_seed, budgets, tasks, walls = [], [], [], []
+    # Its own embedded Ray unless told otherwise (--set ray.address=auto on a cluster).
+    args.overrides = ["ray.address=local", *args.overrides]
     base_cfg = load_config(args.config, args.overrides)
     setting = setting_overrides(base_cfg, args.setting)
-    cells = [(s, p, tau) for tau in (args.taus or [base_cfg.groups.tau])
+    cells = [(s, p, tau, d) for d in (args.data or [base_cfg.consolidate.data])
+             for tau in (args.taus or [base_cfg.groups.tau])
              for p in (args.ps or [base_cfg.regions.p])
              for s in (args.scores or [base_cfg.regions.score])]
-    first = cell_name(*cells[0], run_tau=cells[0][2])
+    run_tau = cells[0][2]
+    names = [cell_name(*c, run_tau=run_tau) for c in cells]
+    command = "python benchmarks/bench_quality.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    doc = {"setting": args.setting, "config": args.config, "overrides": args.overrides,
+           "seeds": [], "tasks": [], "n_eval": {}, "per_seed": {}, "budgets": {},
+           "groupings": {}, "wall_s": {}, "commands": [command]}
+    if args.results is not None:
+        old = args.results / f"quality-{Path(args.config).stem}-{args.setting}.json"
+        if old.is_file():  # seeds of earlier invocations stay in the file
+            prev = read_json(old)
+            for k in ("per_seed", "budgets", "groupings", "wall_s"):
+                doc[k].update(prev.get(k, {}))
+            doc["commands"] = list(dict.fromkeys([*prev.get("commands", []), command]))
     for seed in args.seeds:
         t0 = time.time()
-        overrides = [f"baselines.modes={MODES}", f"probe.seed={seed}", f"consolidate.seed={seed}",
-                     f"groups.seed={seed}", f"baselines.seed={seed}", *setting, *args.overrides,
-                     f"regions.score={cells[0][0]}", f"regions.p={cells[0][1]:g}",
-                     f"groups.tau={cells[0][2]:g}"]
+        overrides = [f"baselines.modes=[{', '.join(args.modes)}]", f"probe.seed={seed}",
+                     f"consolidate.seed={seed}", f"groups.seed={seed}", f"baselines.seed={seed}",
+                     *setting, *args.overrides, f"regions.score={cells[0][0]}",
+                     f"regions.p={cells[0][1]:g}", f"groups.tau={cells[0][2]:g}",
+                     f"consolidate.data={cells[0][3]}"]
         cfg = load_config(args.config, overrides)
         connect_ray(cfg)
-        run_dir = Path(args.run_root).resolve() / args.setting / f"seed-{seed}"
+        run_dir = Path(args.run_root).expanduser().resolve() / args.setting / f"seed-{seed}"
         if args.probes_from is not None:
             seed_probes(run_dir, args.probes_from.resolve())
         run_pipeline(cfg, run_dir)
-        doc = read_json(run_dir / "eval" / "scores.json")
+        ev = read_json(run_dir / "eval" / "scores.json")
         print(f"\nseed {seed}: report at {run_dir / 'report' / 'index.html'}")
-        scores = dict(doc["scores"])
-        scores[first], groupings = scores["final"], {first: grouping(run_dir)}
-        run_cells(cfg, run_dir, cells[1:], scores, groupings)
-        print(f"\nseed {seed}: CPI-FT by core score and ratio (τ = {cfg.groups.tau:g})\n")
-        print(cells_table(scores, groupings, doc["tasks"]))
-        per_seed.append(scores)
-        tasks = doc["tasks"]
-        budgets.append(read_json(run_dir / "baselines" / "budget.json"))
-        walls.append(time.time() - t0)
+        scores, stderr = dict(ev["scores"]), dict(ev.get("stderr", {}))
+        scores[names[0]], stderr[names[0]] = scores.pop("final"), stderr.pop("final", {})
+        groupings = {names[0]: {**grouping(run_dir), "data": cells[0][3]}}
+        run_cells(cfg, run_dir, cells[1:], scores, stderr, groupings)
+        doc["tasks"], doc["n_eval"] = ev["tasks"], ev["n_eval"]
+        doc["per_seed"][str(seed)] = {"scores": scores, "stderr": stderr}
+        doc["budgets"][str(seed)] = read_json(run_dir / "baselines" / "budget.json")
+        doc["groupings"][str(seed)] = groupings
+        doc["wall_s"][str(seed)] = round(time.time() - t0, 1)
+        doc["seeds"] = sorted(int(s) for s in doc["per_seed"])
+        rows = model_rows(names[0], names[1:], doc["tasks"])
+        doc["aggregate"] = aggregate({s: doc["per_seed"][str(s)] for s in doc["seeds"]},
+                                     doc["tasks"], rows)
+        print(f"\nseed {seed} done in {doc['wall_s'][str(seed)] / 60:.1f} min")
+        if args.results is not None:
+            print(f"results: {write_results(args.results, doc)}")
 
-    scores = mean_scores(per_seed)
-    print(f"\nTable 1 ({args.setting}): per-task scores (0-100), mean over seeds {args.seeds}\n")
-    print(table1(scores, tasks, first))
-    print("\nbudgets (training rows): CPI-FT", budgets[0]["cpi_rows"], "| " + ", ".join(
-        f"{m} {p['rows']}" for m, p in budgets[0]["modes"].items()))
-    print(f"wall time of this invocation: {sum(walls) / 60:.1f} min (stages kept from an earlier "
-          "run take no time)")
+    print()
+    print(results_markdown(doc))
     return 0
 
 

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from cpi_ray.config.load import load_config
-from cpi_ray.training.baselines import cpi_budget_rows, plan_modes, random_groups
+from cpi_ray.training.baselines import cpi_budget, cpi_budget_rows, plan_modes, random_groups
+from cpi_ray.training.consolidate import stage_data, stage_rows_per_task
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -23,7 +24,9 @@ def test_budgets_match_cpi_ft():
     assert cpi_budget_rows(cfg, 2) == 240 + 64
     plans = plan_modes(cfg, groups)
     assert plans["full_mtl"]["stages"] == [{"tasks": ["reverse", "upper", "digits"], "frozen": [],
-                                            "steps": 38, "lr": cfg.consolidate.lr}]
+                                            "steps": 38, "lr": cfg.consolidate.lr,
+                                            "rows_per_task": {"digits": 102, "reverse": 101,
+                                                              "upper": 101}}]
     assert plans["full_mtl"]["rows"] == 38 * 8 >= 304
     ms = plans["multistage"]["stages"]
     assert [s["tasks"] for s in ms] == groups and [s["steps"] for s in ms] == [13, 25]
@@ -33,6 +36,51 @@ def test_budgets_match_cpi_ft():
     # B gets the probe's budget: 10 steps x 8 rows = 80 rows = 10 steps of 8 rows.
     assert seq["stages"][0]["steps"] == 10 and seq["stages"][0]["lr"] == cfg.probe.lr
     assert seq["stages"][0]["frozen"] == [] and cpi["stages"][0]["frozen"] == ["reverse"]
+
+
+def test_light_mode_has_cpi_fts_consolidation_rows_and_plans_count_rows_per_task():
+    cfg = _cfg("baselines.modes=[full_mtl, full_mtl_light]", "tasks.digits.weight=2")
+    groups = [["digits"], ["reverse", "upper"]]
+    plans = plan_modes(cfg, groups)
+    light = plans["full_mtl_light"]
+    # 2 groups x 4 steps: the rows CPI-FT spends after its probes.
+    assert light["stages"][0]["steps"] == 8 and light["rows"] == 8 * 8
+    for plan in plans.values():
+        for st in plan["stages"]:
+            rows = st["rows_per_task"]
+            assert sum(rows.values()) == st["steps"] * 8
+            assert abs(rows["digits"] - 2 * rows["reverse"]) <= 2  # weights 2:1:1
+
+
+@pytest.mark.parametrize("data", ["mixed", "group"])
+def test_consolidation_data_by_stage(data):
+    """mixed: every stage draws from every task by weight; group: only the group's tasks, plus
+    the replay share of earlier groups; the budget file shows the rows per task and stage."""
+    over = [f"consolidate.data={data}", "tasks.upper.weight=3"]
+    if data == "group":
+        over.append("consolidate.replay=0.25")
+    cfg = _cfg(*over)
+    groups = [["digits"], ["reverse", "upper"]]
+    n = 32
+    r1, r2 = stage_rows_per_task(cfg, groups, 0, n), stage_rows_per_task(cfg, groups, 1, n)
+    assert sum(r1.values()) == sum(r2.values()) == n
+    if data == "mixed":
+        assert r1 == r2 == {"digits": 7, "reverse": 6, "upper": 19}  # 32 at 1:1:3, largest remainder
+        assert len(stage_data(cfg, groups, 1, n)) == 1
+    else:
+        assert r1 == {"digits": 32}  # nothing earlier to replay
+        assert r2 == {"digits": 8, "reverse": 6, "upper": 18}  # 8 replayed, 24 at 1:3
+    budget = cpi_budget(cfg, groups)
+    assert budget["rows"] == cpi_budget_rows(cfg, 2)
+    assert budget["consolidate"]["data"] == data
+    assert [s["rows_per_task"] for s in budget["consolidate"]["stages"]] == [r1, r2]
+
+
+def test_replay_needs_group_data():
+    from cpi_ray.config.load import ConfigError
+
+    with pytest.raises(ConfigError, match="consolidate.replay"):
+        _cfg("consolidate.replay=0.5")
 
 
 def test_random_groups_partition_deterministically():

@@ -34,7 +34,8 @@ def test_consolidate_stage_prior_bf16(ray_session, tiny_model_dir, tmp_path):
         "data": {"max_seq_len": 64},
         # bf16 with no persistent parameters: the working copy is a separate bf16 partition.
         "consolidate": {"steps": 2, "batch_size": 4, "lr": 1e-2, "weight_decay": 0.1,
-                        "num_workers": 2, "precision": "bf16", "freeze": "prior", "replay": 0.25,
+                        "num_workers": 2, "precision": "bf16", "freeze": "prior", "data": "group",
+                        "replay": 0.25,
                         "deepspeed": {"zero_optimization": {"stage3_param_persistence_threshold": 0}}},
     })
     ctx = RunContext(cfg=cfg, run_dir=run, base_model_dir=tiny_model_dir, base_model_id="tiny",

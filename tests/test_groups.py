@@ -1,6 +1,9 @@
-"""Overlap and grouping, no Ray: Jaccard against sets, components at the edges of tau."""
+"""Overlap and grouping, no Ray: Jaccard against sets, components at the edges of tau, and tau
+relative to the chance overlap of two p% cores."""
 
 import itertools
+import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,6 +12,8 @@ import torch
 from cpi_ray.regions.grouping import connected_components, order_groups
 from cpi_ray.regions.masks import pack_mask, write_mask_file
 from cpi_ray.regions.overlap import intersections, jaccard, mask_intersections
+
+DATA = Path(__file__).resolve().parents[1] / "jobs" / "data"
 
 
 def set_jaccard(a: set, b: set) -> float:
@@ -88,3 +93,68 @@ def test_order_groups():
     assert order_groups(groups, "given", given=given) == given
     with pytest.raises(ValueError, match="given"):
         order_groups(groups, "given", given=[["a"]])
+
+
+def test_chance_jaccard_matches_random_cores():
+    """p/(200-p) is the Jaccard two independent random p% cores reach on average."""
+    from cpi_ray.regions.grouping import chance_jaccard
+
+    rng = np.random.default_rng(0)
+    d = 200_000
+    for p in (1.0, 5.0, 20.0):
+        k = int(p * d / 100)
+        js = []
+        for _ in range(5):
+            a = np.zeros(d, bool)
+            b = np.zeros(d, bool)
+            a[rng.choice(d, k, replace=False)] = True
+            b[rng.choice(d, k, replace=False)] = True
+            js.append((a & b).sum() / (a | b).sum())
+        assert abs(np.mean(js) - chance_jaccard(p)) < 0.1 * chance_jaccard(p)
+    assert chance_jaccard(100) == 1.0
+
+
+def test_chance_threshold_keeps_its_grouping_across_p():
+    """The same cores relative to chance link the same tasks at every p in chance mode, while one
+    absolute tau links them at one p and not at another."""
+    from cpi_ray.regions.grouping import chance_jaccard, link_threshold
+
+    for p in (1.0, 5.0, 20.0):
+        c = chance_jaccard(p)
+        sim = np.array([[1.0, 3 * c, c], [3 * c, 1.0, c], [c, c, 1.0]])
+        comps = connected_components(["a", "b", "c"], sim, link_threshold(2.0, "chance", p))
+        assert comps == [["a", "b"], ["c"]]
+        assert link_threshold(0.1, "absolute", p) == 0.1
+    with pytest.raises(ValueError):
+        link_threshold(1.0, "relative", 5.0)
+
+
+def test_groups_stage_records_threshold_and_chance(tmp_path):
+    """compute_groups links at tau x chance in chance mode and records both in overlap.json."""
+    from cpi_ray.config.schema import PipelineConfig
+    from cpi_ray.regions.grouping import chance_jaccard, overlap_summary
+    from cpi_ray.regions.masks import write_mask_file
+    from cpi_ray.regions.stage import compute_groups
+
+    d = 4000
+    rng = np.random.default_rng(1)
+    k = d // 20  # 5 % cores
+    shared = rng.choice(d, k, replace=False)
+    cores = {"a": shared, "b": np.concatenate([shared[: k // 4], rng.choice(d, k, replace=False)])[:k],
+             "c": rng.choice(d, k, replace=False)}
+    reg = tmp_path / "regions"
+    for t, idx in cores.items():
+        m = np.zeros(d, bool)
+        m[idx] = True
+        write_mask_file(reg / f"{t}.mask.safetensors",
+                        {"w": pack_mask(torch.from_numpy(m))}, {"w": d})
+    cfg = PipelineConfig.model_validate({
+        "model": {"source": "tiny"}, "tasks": [{"name": t, "path": str(DATA / "reverse.jsonl")}
+                                               for t in ("a", "b", "c")],
+        "regions": {"p": 5}, "groups": {"tau_mode": "chance", "tau": 3, "order": "given",
+                                        "given": [["a", "b"], ["c"]]}})
+    compute_groups(cfg, reg, tmp_path / "groups", ["a", "b", "c"])
+    ov = json.loads((tmp_path / "groups" / "overlap.json").read_text())
+    assert ov["chance"] == chance_jaccard(5) and ov["threshold"] == 3 * chance_jaccard(5)
+    assert ov["components"] == [["a", "b"], ["c"]]  # a-b share a quarter; c is at chance
+    assert "x chance" in overlap_summary(ov)

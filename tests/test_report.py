@@ -53,3 +53,34 @@ def test_report_files(tmp_path):
     page = (out / "index.html").read_text()
     assert '<img src="overlap.png"' in page and "<td>final</td>" in page
     assert (out / "scores.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_scores_table_shows_n_and_standard_errors():
+    from cpi_ray.evaluation.report import scores_table
+
+    header, rows = scores_table({"final": {"a": 50.0, "b": 25.0}}, ["a", "b"],
+                                stderr={"final": {"a": 7.1, "b": float("nan")}},
+                                n_eval={"a": 80, "b": 80})
+    assert header == ["model", "a (n=80)", "b (n=80)", "avg", "worst"]
+    assert rows == [["final", "50.0 ± 7.1", "25.0", "37.5", "25.0"]]
+
+
+def test_mean_se_and_verdicts_match_independent_formulas():
+    import math
+    import statistics
+
+    from cpi_ray.evaluation.stats import mean_se, paired_difference, verdict
+
+    xs = [19.1, 23.4, 21.0]
+    m, se = mean_se(xs)
+    assert math.isclose(m, statistics.mean(xs))
+    assert math.isclose(se, statistics.stdev(xs) / math.sqrt(3))
+    # One row-level score list: 0/1 scores of 40 rows, 10 right -> 25 % ± sqrt(p(1-p)/(n-1)) x 100.
+    m, se = mean_se([1.0] * 10 + [0.0] * 30)
+    assert math.isclose(m, 0.25) and math.isclose(se, math.sqrt(0.25 * 0.75 * 40 / 39 / 40))
+    assert math.isnan(mean_se([3.0])[1])
+    d, se = paired_difference([20.0, 22.0, 24.0], [19.0, 23.0, 22.0])
+    assert math.isclose(d, 2 / 3) and verdict(d, se) == "tie"
+    assert verdict(*paired_difference([30.0, 31.0, 32.0], [20.0, 22.0, 21.0])) == "win"
+    assert verdict(*paired_difference([10.0, 11.0, 12.0], [20.0, 22.0, 21.0])) == "loss"
+    assert verdict(*paired_difference([10.0], [20.0])) == "n/a"

@@ -10,7 +10,8 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator,
+                      model_validator)
 
 STAGES: tuple[str, ...] = (
     "probe", "regions", "groups", "fuse", "consolidate", "baselines", "evaluate")
@@ -225,10 +226,23 @@ class RegionsConfig(_Section):
 
 
 class GroupsConfig(_Section):
-    tau: float = Field(0.1, ge=0, le=1, description="overlap threshold: 0 <= tau <= 1")
+    tau_mode: Literal["absolute", "chance"] = Field(
+        "absolute", description="absolute: link tasks whose cores' Jaccard >= tau (the paper); "
+        "chance: >= tau x p/(200-p), the expected Jaccard of two independent p% cores, so that a "
+        "change of regions.p or regions.score does not by itself change what tau means")
+    tau: float = Field(0.1, ge=0, description="overlap threshold: a Jaccard in [0, 1] "
+                       "(tau_mode absolute), or a multiple of the chance Jaccard (tau_mode chance)")
     order: Literal["random", "given", "size"] = "random"
     given: Optional[list[list[str]]] = None
     seed: int = 0
+
+    @field_validator("tau")
+    @classmethod
+    def _tau(cls, v: float, info: ValidationInfo) -> float:
+        if info.data.get("tau_mode", "absolute") == "absolute" and v > 1:
+            raise ValueError(f"{v:g} is above 1, which no Jaccard reaches with tau_mode absolute "
+                             "(tau_mode chance takes a multiple of the chance level)")
+        return v
 
 
 class FuseConfig(_Section):
@@ -259,7 +273,12 @@ class FuseConfig(_Section):
 
 class ConsolidateConfig(TrainConfig):
     freeze: Literal["prior", "others", "all", "none"] = "prior"
-    replay: float = Field(0.0, ge=0, lt=1, description="share of earlier groups' data")
+    data: Literal["mixed", "group"] = Field(
+        "mixed", description="what each stage trains on: mixed, a mix of every task by its "
+        "weight (the paper's mixed-task phase); group, the stage's own group's tasks (plus a "
+        "replay share of earlier groups)")
+    replay: float = Field(0.0, ge=0, lt=1, description="with data group: share of earlier "
+                          "groups' data in each stage")
     zero_stage: Literal[0, 1, 2, 3] = 3
     deepspeed: dict[str, Any] = Field(
         default_factory=dict, description="merged over the generated DeepSpeed config"
@@ -267,14 +286,25 @@ class ConsolidateConfig(TrainConfig):
     max_failures: int = Field(2, ge=0)
     checkpoint_every: int = Field(0, ge=0, description="steps between checkpoints; 0 = once per stage")
 
+    @field_validator("replay")
+    @classmethod
+    def _replay(cls, v: float, info: ValidationInfo) -> float:
+        data = info.data.get("data", "mixed")
+        if v and data != "group":
+            raise ValueError(f"{v:g} needs consolidate.data group: with data {data} every stage "
+                             "already trains on every task")
+        return v
+
 
 class BaselinesConfig(_Section):
     """Comparison modes trained on the same engine (ZeRO-3 trainer), data and seeds as CPI-FT."""
 
-    modes: list[Literal["full_mtl", "multistage", "sequential", "sequential_cpi"]] = Field(
+    modes: list[Literal["full_mtl", "full_mtl_light", "multistage", "sequential",
+                        "sequential_cpi"]] = Field(
         default_factory=list,
-        description="full_mtl: all tasks mixed, CPI-FT's whole budget; multistage: group by group, "
-        "no freezing; sequential: task A then B; sequential_cpi: A then B with A's core frozen")
+        description="full_mtl: all tasks mixed, CPI-FT's whole budget; full_mtl_light: all tasks "
+        "mixed, only CPI-FT's consolidation rows; multistage: group by group, no freezing; "
+        "sequential: task A then B; sequential_cpi: A then B with A's core frozen")
     multistage_grouping: Literal["random", "given", "cpi"] = Field(
         "random", description="random (seeded), given (multistage_groups) or cpi (CPI-FT's groups)")
     multistage_groups: Optional[list[list[str]]] = None

@@ -48,19 +48,25 @@ def apportion(n: int, weights: Sequence[float]) -> list[int]:
     return counts
 
 
+def mix_counts(tasks: Sequence[str], weights: Optional[Mapping[str, float]],
+               n: int) -> dict[str, int]:
+    """How many of n mixed rows each task gets (`mix_examples`'s split): proportional to
+    `weights` (equal when None), by task name."""
+    names = sorted(tasks)
+    w = [1.0 if weights is None else float(weights.get(t, 1.0)) for t in names]
+    return dict(zip(names, apportion(n, w)))
+
+
 def mix_examples(per_task: Mapping[str, list[dict]], weights: Optional[Mapping[str, float]],
                  n: int, seed: int) -> list[dict]:
     """n examples mixed from the tasks in proportion to `weights` (equal when None), whatever
     the tasks' sizes: a small task is cycled (a new permutation per pass), a large one sampled
     without replacement. Shuffled; deterministic in (per_task, weights, n, seed), independent of
     the mapping's order."""
-    names = sorted(per_task)
-    if not names:
+    if not per_task:
         raise ValueError("mix_examples needs at least one task")
-    w = [1.0 if weights is None else float(weights.get(t, 1.0)) for t in names]
-    counts = apportion(n, w)
     mixed: list[dict] = []
-    for name, count in zip(names, counts):
+    for name, count in mix_counts(per_task, weights, n).items():
         pool = per_task[name]
         if count and not pool:
             raise ValueError(f"task {name!r} has no training examples to mix")

@@ -21,6 +21,7 @@ from cpi_ray.config.schema import PipelineConfig
 from cpi_ray.data.formatting import format_prompt
 from cpi_ray.data.scorers import get_scorer
 from cpi_ray.data.tasks import answer_text, load_splits, task_identity
+from cpi_ray.evaluation.stats import mean_se
 from cpi_ray.io.atomic import atomic_file, read_json, write_json
 from cpi_ray.pipeline.stage import STAGE_FOLDERS, RECORD_NAME, RunContext, Stage, _load_record
 
@@ -220,6 +221,9 @@ class EvaluateStage(Stage):
             "models": {m: str(models[m]) for m in order},
             "scores": {m: {t: results[m]["tasks"][t]["score"] for t in tasks_rows} for m in order},
             "n_eval": {t: len(r) for t, r in tasks_rows.items()},
+            # The standard error of each score over its eval rows (the rows are a sample).
+            "stderr": {m: {t: 100.0 * mean_se(results[m]["tasks"][t]["row_scores"])[1]
+                           for t in tasks_rows} for m in order},
             "skipped": skipped,
         }
         out_dir = ctx.path(self.folder)

@@ -15,7 +15,9 @@ import math
 from pathlib import Path
 from typing import Any, Optional
 
+from cpi_ray.evaluation.stats import fmt_mean_se
 from cpi_ray.io.atomic import atomic_dir
+from cpi_ray.regions.grouping import overlap_summary
 
 REPORT_DIR = "report"
 
@@ -54,11 +56,17 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def scores_table(scores: dict[str, dict[str, float]], tasks: list[str]) -> tuple[list[str], list[list[str]]]:
+def scores_table(scores: dict[str, dict[str, float]], tasks: list[str],
+                 stderr: Optional[dict[str, dict[str, float]]] = None,
+                 n_eval: Optional[dict[str, int]] = None) -> tuple[list[str], list[list[str]]]:
+    """Per model: each task's score (± its standard error over the eval rows when known), the
+    average and the worst task; the header names each task's number of eval rows when known."""
     summ = summarize(scores, tasks)
-    header = ["model", *tasks, "avg", "worst"]
-    rows = [[m, *(f"{s.get(t, float('nan')):.1f}" for t in tasks), f"{summ[m]['avg']:.1f}",
-             f"{summ[m]['worst']:.1f}"] for m, s in scores.items()]
+    header = ["model", *(f"{t} (n={n_eval[t]})" if n_eval and t in n_eval else t for t in tasks),
+              "avg", "worst"]
+    rows = [[m, *(fmt_mean_se(s.get(t, float("nan")), (stderr or {}).get(m, {}).get(t, float("nan")))
+                  for t in tasks), f"{summ[m]['avg']:.1f}", f"{summ[m]['worst']:.1f}"]
+            for m, s in scores.items()]
     return header, rows
 
 
@@ -212,8 +220,11 @@ def build_report(run_dir: str | Path, extra_sections: Optional[list[tuple[str, s
     figures: list[tuple[str, str]] = []
     with atomic_dir(run_dir / REPORT_DIR) as out:
         if scores:
-            header, rows = scores_table(scores, tasks)
-            md += ["## Per-task scores", "", markdown_table(header, rows), ""]
+            header, rows = scores_table(scores, tasks, scores_doc.get("stderr"),
+                                        scores_doc.get("n_eval"))
+            md += ["## Per-task scores", "", "Scores 0-100 on held-out rows, ± the standard error "
+                   "over those rows (n per task in the header): a difference within it is noise.",
+                   "", markdown_table(header, rows), ""]
             plot_scores(scores, tasks, out / "scores.png")
             figures.append(("Per-task scores", "scores.png"))
             deltas = seesaw(scores, tasks)
@@ -233,6 +244,9 @@ def build_report(run_dir: str | Path, extra_sections: Optional[list[tuple[str, s
             md += ["## Core overlap (Jaccard) and groups", "",
                    markdown_table(["", *names], [[a, *(f"{v:.3f}" for v in row)] for a, row in zip(names, matrix)]),
                    "", "Groups, in training order: " + " → ".join("{" + ", ".join(g) + "}" for g in groups), ""]
+            detail = overlap_summary(overlap)
+            if detail:
+                md += [detail[0].upper() + detail[1:] + ".", ""]
         if stats and plot_core_locations(stats, out / "cores.png"):
             figures.append(("Where the cores live", "cores.png"))
         forgetting = forgetting_rows(scores, _load(run_dir / "baselines" / "budget.json"))

@@ -6,9 +6,27 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
+
+
+def chance_jaccard(p: float) -> float:
+    """Expected Jaccard of two independent random cores of p% of D elements each:
+    |A∩B| = q²D, |A∪B| = (2q − q²)D with q = p/100, so J = q/(2 − q) = p/(200 − p)."""
+    if not 0 < p <= 100:
+        raise ValueError(f"core ratio p must be in (0, 100], got {p}")
+    return p / (200.0 - p)
+
+
+def link_threshold(tau: float, tau_mode: str, p: float) -> float:
+    """The Jaccard at or above which two tasks are linked: tau itself (`absolute`), or tau times
+    the chance level of p% cores (`chance`)."""
+    if tau_mode == "absolute":
+        return tau
+    if tau_mode == "chance":
+        return tau * chance_jaccard(p)
+    raise ValueError(f"unknown tau_mode {tau_mode!r}")
 
 
 def connected_components(names: Sequence[str], sim: np.ndarray, tau: float) -> list[list[str]]:
@@ -73,3 +91,16 @@ def read_groups(path: str | Path) -> list[list[str]]:
                     for g in groups)):
         raise ValueError(f"{path}: expected an ordered, non-empty list of non-empty task lists")
     return [list(g) for g in groups]
+
+
+def overlap_summary(overlap: dict[str, Any]) -> Optional[str]:
+    """One line: the range of the pairwise Jaccard against the chance level of the run's cores,
+    and the threshold that linked them."""
+    jac, n = overlap["jaccard"], len(overlap["tasks"])
+    pairs = [jac[a][b] for a in range(n) for b in range(a + 1, n)]
+    if not pairs or "chance" not in overlap:
+        return None
+    ch = overlap["chance"]
+    return (f"pairwise Jaccard {min(pairs):.3f}-{max(pairs):.3f}, {min(pairs) / ch:.1f}-"
+            f"{max(pairs) / ch:.1f}x chance ({ch:.4f} for p = {overlap['p']:g}%); linked at "
+            f">= {overlap['threshold']:.4f} (tau {overlap['tau']:g}, {overlap['tau_mode']})")

@@ -18,7 +18,8 @@ from cpi_ray.io.atomic import atomic_file, read_json, write_json
 from cpi_ray.io.safetensors_io import CheckpointError, CheckpointReader
 from cpi_ray.pipeline.runner import connect_ray
 from cpi_ray.pipeline.stage import RunContext, Stage
-from cpi_ray.regions.grouping import connected_components, order_groups, read_groups
+from cpi_ray.regions.grouping import (chance_jaccard, connected_components, link_threshold,
+                                      order_groups, overlap_summary, read_groups)
 from cpi_ray.regions.masks import MaskFile, write_mask_file
 from cpi_ray.regions.overlap import jaccard, mask_intersections
 from cpi_ray.regions.plan import check_compatible, plan_chunks, scored_tensors
@@ -284,14 +285,23 @@ class GroupsStage(Stage):
 
     def config_slice(self, cfg: PipelineConfig) -> dict:
         g = cfg.groups
-        return {"tau": g.tau, "order": g.order, "given": g.given, "seed": g.seed,
-                "tasks": [t.name for t in cfg.tasks]}
+        out = {"tau": g.tau, "order": g.order, "given": g.given, "seed": g.seed,
+               "tasks": [t.name for t in cfg.tasks]}
+        if g.tau_mode != "absolute":  # absent when absolute: runs recorded before it stay current
+            out["tau_mode"] = g.tau_mode
+        return out
 
     def run(self, ctx: RunContext) -> list[Path]:
         return compute_groups(ctx.cfg, ctx.path("regions"), ctx.path("groups"), ctx.task_names())
 
     def summary(self, ctx: RunContext) -> Optional[str]:
-        return " -> ".join("{" + ", ".join(g) + "}" for g in load_groups(ctx.run_dir))
+        line = " -> ".join("{" + ", ".join(g) + "}" for g in load_groups(ctx.run_dir))
+        try:
+            ov = read_json(ctx.path(self.folder, "overlap.json"))
+        except (FileNotFoundError, ValueError):
+            return line
+        detail = overlap_summary(ov)
+        return f"{line}\n{detail}" if detail else line
 
 
 def compute_groups(cfg: PipelineConfig, regions_dir: str | Path, out_dir: str | Path,
@@ -304,12 +314,15 @@ def compute_groups(cfg: PipelineConfig, regions_dir: str | Path, out_dir: str | 
             raise CheckpointError(f"{p}: mask is missing; rerun stage 'regions'")
     inter, _ = mask_intersections(paths, cfg.regions.chunk_mib * 2**20)
     sim = jaccard(inter)
-    comps = connected_components(tasks, sim, g.tau)
+    p = cfg.regions.p
+    threshold = link_threshold(g.tau, g.tau_mode, p)
+    comps = connected_components(tasks, sim, threshold)
     groups = order_groups(comps, g.order, g.seed, g.given)
     ov = out_dir / "overlap.json"
     write_json(ov, {"tasks": tasks, "jaccard": sim.round(8).tolist(),
                     "intersection": inter.tolist(), "core_sizes": np.diag(inter).tolist(),
-                    "tau": g.tau, "components": comps})
+                    "tau": g.tau, "tau_mode": g.tau_mode, "p": p, "chance": chance_jaccard(p),
+                    "threshold": threshold, "components": comps})
     gp = out_dir / "groups.json"
     write_json(gp, groups)
     return [ov, gp]

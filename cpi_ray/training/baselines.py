@@ -3,6 +3,8 @@
 
 - `full_mtl`: from the base model, all tasks mixed, CPI-FT's whole training budget (its probes
   and its consolidation stages together, in rows).
+- `full_mtl_light`: the same with only CPI-FT's consolidation rows (the paper's framing of the
+  consolidation as a lightweight phase; the comparison at equal total rows is `full_mtl`).
 - `multistage`: from the base model, group by group with no freezing, the same budget split over
   the stages by task count; groups random (seeded), given, or CPI-FT's own (`cpi`).
 - `sequential`: task A's probe (its single-task SFT) trained further on task B alone with the
@@ -23,15 +25,28 @@ from pathlib import Path
 from typing import Optional
 
 from cpi_ray.config.schema import PipelineConfig
-from cpi_ray.io.atomic import write_json
-from cpi_ray.pipeline.stage import RunContext, Stage, stable_hash
+from cpi_ray.io.atomic import read_json, write_json
+from cpi_ray.io.safetensors_io import INDEX_NAME
+from cpi_ray.pipeline.stage import (RECORD_NAME, STAGE_FOLDERS, RunContext, Stage, _load_record,
+                                    stable_hash)
 from cpi_ray.regions.grouping import read_groups
+from cpi_ray.data.batching import mix_counts
 from cpi_ray.training.consolidate import (FROZEN_MASK, STAGE_RECORD, copy_model_dir, fit_group,
-                                          stage_record, union_masks)
+                                          stage_record, stage_rows_per_task, union_masks)
 
 log = logging.getLogger("cpi_ray")
 
 BUDGET_FILE = "budget.json"
+MODE_RECORD = "baseline.json"  # in each mode's model directory: what it was trained from
+
+
+def _read_mode_record(model_dir: Path) -> Optional[dict]:
+    if not (model_dir / INDEX_NAME).is_file():
+        return None
+    try:
+        return read_json(model_dir / MODE_RECORD)
+    except (FileNotFoundError, ValueError):
+        return None
 
 
 def cpi_budget_rows(cfg: PipelineConfig, n_groups: int) -> int:
@@ -61,6 +76,9 @@ def plan_modes(cfg: PipelineConfig, cpi_groups: Optional[list[list[str]]]) -> di
         if mode == "full_mtl":
             plans[mode] = {"start": "base", "stages": [
                 {"tasks": names, "frozen": [], "steps": total_steps, "lr": c.lr}]}
+        elif mode == "full_mtl_light":
+            plans[mode] = {"start": "base", "stages": [
+                {"tasks": names, "frozen": [], "steps": c.steps * n_groups, "lr": c.lr}]}
         elif mode == "multistage":
             if b.multistage_grouping == "given":
                 groups = b.multistage_groups
@@ -80,9 +98,25 @@ def plan_modes(cfg: PipelineConfig, cpi_groups: Optional[list[list[str]]]) -> di
             plans[mode] = {"start": f"probe:{a}", "stages": [
                 {"tasks": [bt], "frozen": [a] if mode == "sequential_cpi" else [],
                  "steps": steps, "lr": p.lr}]}
+    weights = {t.name: t.weight for t in cfg.tasks}
     for plan in plans.values():
+        for st in plan["stages"]:
+            st["rows_per_task"] = mix_counts(st["tasks"], weights, st["steps"] * rows_per_step)
         plan["rows"] = sum(s["steps"] for s in plan["stages"]) * rows_per_step
     return plans
+
+
+def cpi_budget(cfg: PipelineConfig, groups: Optional[list[list[str]]]) -> dict:
+    """CPI-FT's training rows: in all, per probe, and per consolidation stage by task (as
+    `consolidate.data` draws them), for `budget.json` beside the baselines' plans."""
+    p, c = cfg.probe, cfg.consolidate
+    groups = groups or [[t.name] for t in cfg.tasks]
+    n = c.steps * c.batch_size * c.num_workers
+    return {"rows": cpi_budget_rows(cfg, len(groups)),
+            "probe_rows": {t.name: p.steps * p.batch_size * p.num_workers for t in cfg.tasks},
+            "consolidate": {"data": c.data, "stages": [
+                {"tasks": g, "rows_per_task": stage_rows_per_task(cfg, groups, k, n)}
+                for k, g in enumerate(groups)]}}
 
 
 class BaselinesStage(Stage):
@@ -95,7 +129,8 @@ class BaselinesStage(Stage):
         deps = ["probe"]
         if "sequential_cpi" in b.modes:
             deps.append("regions")
-        if "multistage" in b.modes and b.multistage_grouping == "cpi" or "full_mtl" in b.modes:
+        if ("multistage" in b.modes and b.multistage_grouping == "cpi"
+                or {"full_mtl", "full_mtl_light"} & set(b.modes)):
             deps.append("groups")  # the budget counts CPI-FT's stages
         return tuple(dict.fromkeys(deps))
 
@@ -117,17 +152,24 @@ class BaselinesStage(Stage):
         out_dir = ctx.path(self.folder)
         if not plans:
             log.info("baselines: no modes configured (baselines.modes)")
-        stage_fp, _ = self.fingerprint(ctx)
+        self.fingerprint(ctx)  # fails early, naming the stage that has not run
         tok = load_tokenizer(ctx.base_model_dir, cfg.model.trust_remote_code)
         outputs: list[Path] = []
         for mode, plan in plans.items():
             start = ctx.base_model_dir if plan["start"] == "base" else ctx.path(
                 "probes", plan["start"].split(":", 1)[1])
+            final = out_dir / mode
+            mode_fp = self.mode_fingerprint(ctx, mode, plan)
+            kept = _read_mode_record(final)
+            if kept is not None and kept.get("fingerprint") == mode_fp:
+                log.info("baselines %s: already trained, kept (%s)", mode, final)
+                outputs.append(final)
+                continue
             prev = start
             work = out_dir / "stages" / mode
             for k, st in enumerate(plan["stages"]):
                 out = work / f"stage-{k + 1}"
-                fp = stable_hash({"stage": stage_fp, "mode": mode, "k": k, "plan": st})
+                fp = stable_hash({"mode": mode_fp, "k": k})
                 rec = stage_record(out)
                 if rec is None or rec.get("fingerprint") != fp:
                     mask_path = work / f"frozen-{k + 1}.mask.safetensors"
@@ -148,16 +190,35 @@ class BaselinesStage(Stage):
                     fit_group(stage_cfg, stage=k + 1, tasks=st["tasks"], frozen=st["frozen"],
                               start_dir=prev, out_dir=out, mask_path=mask_path, examples=examples,
                               pad_id=tok.pad_token_id, storage=ctx.path("_ray"),
-                              fingerprint=fp)
+                              fingerprint=fp, rows_per_task=st["rows_per_task"])
                 prev = out
-            final = copy_model_dir(prev, out_dir / mode, skip=(FROZEN_MASK, STAGE_RECORD))
+            copy_model_dir(prev, final, skip=(FROZEN_MASK, STAGE_RECORD),
+                           extra={MODE_RECORD: {"fingerprint": mode_fp, "mode": mode, **plan}})
             outputs.append(final)
-        budget = {"cpi_rows": cpi_budget_rows(cfg, len(cpi_groups) if cpi_groups else len(cfg.tasks)),
-                  "modes": plans}
+        cpi = cpi_budget(cfg, cpi_groups)
+        budget = {"cpi_rows": cpi["rows"], "cpi": cpi, "modes": plans}
         write_json(out_dir / BUDGET_FILE, budget)
         # Intermediate stages only serve resumption within this stage; the finals are copied out.
         shutil.rmtree(out_dir / "stages", ignore_errors=True)
         return [*outputs, out_dir / BUDGET_FILE]
+
+    def mode_fingerprint(self, ctx: RunContext, mode: str, plan: dict) -> str:
+        """What one mode's model depends on: the stage's config except the list of modes (adding
+        a mode keeps the others), the base model, the plan, and the fingerprints of the stages
+        it reads (the probe it starts from, the regions of the cores it freezes)."""
+        sl = self.config_slice(ctx.cfg)
+        sl["baselines"] = {k: v for k, v in sl["baselines"].items() if k != "modes"}
+        reads = []
+        if plan["start"] != "base":
+            reads.append("probe")
+        if any(st["frozen"] for st in plan["stages"]):
+            reads.append("regions")
+        inputs = {}
+        for dep in reads:
+            rec = ctx.records.get(dep) or _load_record(ctx.path(STAGE_FOLDERS[dep], RECORD_NAME))
+            inputs[dep] = None if rec is None else rec["fingerprint"]
+        return stable_hash({"config": sl, "base_model": ctx.base_model_id, "mode": mode,
+                            "plan": plan, "inputs": inputs, "version": self.version})
 
     def summary(self, ctx: RunContext) -> Optional[str]:
         from cpi_ray.io.atomic import read_json

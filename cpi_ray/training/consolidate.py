@@ -1,6 +1,7 @@
 """Stage `consolidate`: groups G1..GK in order, each a Ray Train `TorchTrainer` running DeepSpeed
-ZeRO-3 on a balanced mix of the group's tasks (plus an optional replay share of earlier groups),
-with a frozen set F_k held element-exactly (see `cpi_ray.training.freeze`).
+ZeRO-3 with a frozen set F_k held element-exactly (see `cpi_ray.training.freeze`), on a mix of
+every task (`consolidate.data: mixed`) or of the group's own tasks plus an optional replay share
+of earlier groups (`group`).
 
 Stage k starts from `fused/` (k = 1) or from `consolidate/stage-<k-1>/` and exports
 `consolidate/stage-<k>/`: an HF sharded safetensors model plus `frozen.mask.safetensors` (F_k in
@@ -232,7 +233,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         "tasks": config["tasks"], "frozen_tasks": config["frozen_tasks"],
         "freeze": tc.freeze, "frozen_elements": frozen_total, "steps": tc.steps,
         "final_loss": loss, "val_loss": val_loss, "resumed_at_step": start,
-        "train_rows": len(examples), "world_size": world,
+        "train_rows": len(examples), "rows_per_task": config.get("rows_per_task"),
+        "data": tc.data, "world_size": world,
         "step_time_s": (sum(step_times) / len(step_times)) if step_times else None,
         "train_time_s": round(time.time() - t0, 2), "start": str(start_dir),
     }
@@ -303,8 +305,10 @@ def _report_checkpoint(engine, metrics: dict, step: int) -> None:
 def fit_group(cfg: PipelineConfig, *, stage: int, tasks: list[str], frozen: list[str],
               start_dir: Path, out_dir: Path, mask_path: Path, examples: list[dict], pad_id: int,
               storage: Path, fingerprint: str, fault: Optional[dict] = None,
-              callbacks: Optional[list] = None, val_examples: Optional[list[dict]] = None) -> dict:
+              callbacks: Optional[list] = None, val_examples: Optional[list[dict]] = None,
+              rows_per_task: Optional[dict[str, int]] = None) -> dict:
     """Train one group with a TorchTrainer and return its record (read back from `out_dir`).
+    `rows_per_task`: how many of `examples` came from each task, kept in the record.
     `callbacks`: Ray Train callbacks (a Tune search passes TuneReportCallback); `val_examples`:
     encoded validation rows whose loss each metrics report carries as `val_loss`."""
     import ray
@@ -327,7 +331,7 @@ def fit_group(cfg: PipelineConfig, *, stage: int, tasks: list[str], frozen: list
             "model": cfg.model.model_dump(), "stage": stage, "tasks": tasks, "frozen_tasks": frozen,
             "start_dir": str(start_dir), "out_dir": str(out_dir), "mask_path": str(mask_path),
             "examples": ray.put(examples), "pad_id": pad_id, "fingerprint": fingerprint,
-            "fault": fault,
+            "fault": fault, "rows_per_task": rows_per_task,
             "val_examples": ray.put(val_examples) if val_examples else None,
         },
         torch_config=TorchConfig(backend="nccl" if tc.use_gpu else "gloo"),
@@ -355,31 +359,59 @@ def stage_record(out: Path) -> Optional[dict]:
         return None
 
 
-def group_examples(cfg: PipelineConfig, tokenizer, groups: list[list[str]], k: int,
-                   n: int) -> list[dict]:
-    """n training rows for stage k: the group's tasks balanced by their weights, and a `replay`
-    share drawn the same way from the tasks of earlier groups."""
-    from cpi_ray.data.batching import build_train_examples, mix_examples
-
+def stage_data(cfg: PipelineConfig, groups: list[list[str]], k: int,
+               n: int) -> list[tuple[list[str], int, int]]:
+    """Stage k's n training rows as parts (tasks, rows, mixing seed), each part mixed by the
+    tasks' weights. `consolidate.data` mixed: one part, every task; group: the group's tasks,
+    and a `replay` share from the tasks of earlier groups."""
     tc = cfg.consolidate
+    if tc.data == "mixed":
+        return [([t.name for t in cfg.tasks], n, tc.seed + k)]
     earlier = [t for g in groups[:k] for t in g]
     n_replay = int(round(tc.replay * n)) if earlier else 0
-    current = groups[k]
-    per_task = build_train_examples(cfg, tokenizer, current + earlier)
-    weights = {t: cfg.task(t).weight for t in per_task}
-    rows = mix_examples({t: per_task[t] for t in current}, weights, n - n_replay,
-                        seed=tc.seed + k)
+    parts = [(list(groups[k]), n - n_replay, tc.seed + k)]
     if n_replay:
-        rows += mix_examples({t: per_task[t] for t in earlier}, weights, n_replay,
-                             seed=tc.seed + 1000 + k)
+        parts.append((earlier, n_replay, tc.seed + 1000 + k))
+    return parts
+
+
+def stage_rows_per_task(cfg: PipelineConfig, groups: list[list[str]], k: int,
+                        n: int) -> dict[str, int]:
+    """Rows stage k draws from each task (what its record and the budget file show)."""
+    from cpi_ray.data.batching import mix_counts
+
+    weights = {t.name: t.weight for t in cfg.tasks}
+    out: dict[str, int] = {}
+    for tasks, rows, _ in stage_data(cfg, groups, k, n):
+        for t, c in mix_counts(tasks, weights, rows).items():
+            out[t] = out.get(t, 0) + c
+    return out
+
+
+def group_examples(cfg: PipelineConfig, tokenizer, groups: list[list[str]], k: int,
+                   n: int) -> list[dict]:
+    """n encoded training rows for stage k, as `stage_data` plans them."""
+    from cpi_ray.data.batching import build_train_examples, mix_examples
+
+    parts = stage_data(cfg, groups, k, n)
+    per_task = build_train_examples(cfg, tokenizer, list(dict.fromkeys(
+        t for tasks, _, _ in parts for t in tasks)))
+    weights = {t: cfg.task(t).weight for t in per_task}
+    rows: list[dict] = []
+    for tasks, count, seed in parts:
+        rows += mix_examples({t: per_task[t] for t in tasks}, weights, count, seed=seed)
     return rows
 
 
-def copy_model_dir(src: Path, dst: Path, skip: tuple[str, ...] = ()) -> Path:
+def copy_model_dir(src: Path, dst: Path, skip: tuple[str, ...] = (),
+                   extra: Optional[dict[str, Any]] = None) -> Path:
+    """Copy a model directory atomically, less the `skip` files, plus `extra` JSON files."""
     with atomic_dir(dst) as tmp:
         for p in src.iterdir():
             if p.is_file() and p.name not in skip and not p.name.startswith("."):
                 shutil.copy2(p, tmp / p.name)
+        for name, doc in (extra or {}).items():
+            (tmp / name).write_text(json.dumps(doc, indent=2, default=str) + "\n")
     return dst
 
 
@@ -436,12 +468,15 @@ class ConsolidateStage(Stage):
                 log.info("consolidate stage %d/%d: tasks %s, freeze %s (%s): %d elements",
                          k + 1, len(groups), tasks, tc.freeze, frozen or "-", n_frozen)
                 examples = group_examples(cfg, tok, groups, k, n_rows)
+                rows = stage_rows_per_task(cfg, groups, k, n_rows)
+                log.info("consolidate stage %d: %s data, rows per task %s", k + 1, tc.data, rows)
                 fault = self.fault if self.fault and self.fault.get("stage") == k + 1 else None
                 rec = fit_group(cfg, stage=k + 1, tasks=tasks, frozen=frozen,
                                 start_dir=start_dir, out_dir=out, mask_path=mask_path,
                                 examples=examples, pad_id=tok.pad_token_id,
                                 storage=ctx.path("_ray"), fingerprint=fp, fault=fault,
-                                callbacks=self.callbacks, val_examples=self.val_examples)
+                                callbacks=self.callbacks, val_examples=self.val_examples,
+                                rows_per_task=rows)
                 log.info("consolidate stage %d: final loss %.4f, %.2fs/step", k + 1,
                          rec["final_loss"], rec["step_time_s"] or 0.0)
                 chk = check_frozen(start_dir, out, out / FROZEN_MASK)
@@ -461,7 +496,10 @@ class ConsolidateStage(Stage):
         for d in sorted(ctx.path("consolidate").glob("stage-*"), key=lambda p: int(p.name[6:])):
             rec = stage_record(d)
             if rec:
-                lines.append(f"stage {rec['stage']}: tasks {','.join(rec['tasks'])}, "
+                rows = rec.get("rows_per_task")
+                data = (f", {rec.get('data')} data " + " ".join(f"{t}:{n}" for t, n in rows.items())
+                        if rows else "")
+                lines.append(f"stage {rec['stage']}: group {','.join(rec['tasks'])}{data}, "
                              f"frozen {rec['frozen_elements']} ({rec['freeze']}), "
                              f"loss {rec['final_loss']:.4f}")
         return "\n".join(lines) or None
