@@ -9,12 +9,14 @@ the mean ± standard error over seeds, the average and the worst task (each comp
 then averaged), and each CPI-FT cell's paired difference to `full_mtl` and `multistage`, a tie
 when within its standard error. One seed gives no error: its differences are marked n/a.
 
-Cells (`--scores`, `--ps`, `--taus`, `--data`): `score@p,data`, with `,tau=τ` when τ is not the
-first. The first cell is the pipeline's own run (its report holds it); every further cell re-runs
-regions, groups, fuse and consolidate on the same probes and scores CPI-FT's final model, kept
-with the groups its cores formed in `<run dir>/cells.json` so a rerun resumes; a cell whose cores,
-groups and training data equal an earlier one's takes its scores. The baselines keep the budget
-of the first cell's groups.
+Cells (`--scores`, `--ps`, `--taus`, `--data`, `--variants`): `score@p,data`, with `,tau=τ` when
+τ is not the first and a variant's overrides after it (`--variants '' 'fuse.backbone=word_sorting'`
+measures what a fuse knob does; `--score-fused` scores each cell's fused model as well). The first
+cell is the pipeline's own run (its report holds it); every further cell re-runs regions, groups,
+fuse and consolidate on the same probes and scores CPI-FT's final model, kept with the groups its
+cores formed in `<run dir>/cells.json` so a rerun resumes; a cell whose cores, groups, variant and
+training data equal an earlier one's takes its scores. The baselines keep the budget of the first
+cell's groups.
 
 Settings (`--setting`):
   balanced    the config's tasks with equal data and equal shares of every mix (default);
@@ -77,9 +79,18 @@ def setting_overrides(cfg, setting: str) -> list[str]:
     return over
 
 
-def cell_name(score: str, p: float, tau: float, data: str, run_tau: float) -> str:
-    """`score@p,data`, with `,tau=τ` when the cell's τ is not the run's (the first τ)."""
-    return f"{score}@{p:g}" + ("" if tau == run_tau else f",tau={tau:g}") + f",{data}"
+def cell_name(score: str, p: float, tau: float, data: str, variant: tuple[str, ...],
+              run_tau: float) -> str:
+    """`score@p,data`, with `,tau=τ` when the cell's τ is not the run's (the first τ) and the
+    variant's overrides after it."""
+    return (f"{score}@{p:g}" + ("" if tau == run_tau else f",tau={tau:g}") + f",{data}"
+            + "".join(f",{o}" for o in variant))
+
+
+def cell_overrides(cell: tuple) -> list[str]:
+    score, p, tau, data, variant = cell
+    return [f"regions.score={score}", f"regions.p={p:g}", f"groups.tau={tau:g}",
+            f"consolidate.data={data}", *variant]
 
 
 def seed_probes(run_dir: Path, source: Path) -> None:
@@ -114,18 +125,21 @@ def grouping(run_dir: Path) -> dict:
 
 
 def same_training(a: dict, b: dict) -> bool:
-    """Two cells train the same model: the same cores and groups, and the same rows (with one
-    group holding every task, `mixed` and `group` data are the same mix)."""
-    if a.get("regions") != b.get("regions") or a["groups"] != b["groups"]:
+    """Two cells train the same model: the same cores, groups and variant, and the same rows
+    (with one group holding every task, `mixed` and `group` data are the same mix)."""
+    if (a.get("regions") != b.get("regions") or a["groups"] != b["groups"]
+            or a.get("variant", []) != b.get("variant", [])):
         return False
     return a.get("data") == b.get("data") or len(a["groups"]) == 1
 
 
-def run_cells(cfg, run_dir: Path, cells: list[tuple[str, float, float, str]], scores: dict,
-              stderr: dict, groupings: dict) -> None:
-    """CPI-FT's final model for each further (score, p, τ, data) on the run's probes, scored on
-    every task's eval rows, with the grouping its cores gave, added to `scores`, `stderr` and
-    `groupings` (which hold the run's own cell); results accumulate in `run_dir/cells.json`."""
+def run_cells(make_cfg, run_dir: Path, cells: list[tuple], run_tau: float, scores: dict,
+              stderr: dict, groupings: dict, score_fused: bool) -> None:
+    """CPI-FT's final model for each further cell (score, p, τ, data, variant overrides) on the
+    run's probes, scored on every task's eval rows, with the grouping its cores gave, added to
+    `scores`, `stderr` and `groupings` (which hold the run's own cell); with `score_fused`, its
+    fused model too (`<cell> fused`). Results accumulate in `run_dir/cells.json`.
+    `make_cfg(overrides)` is the seed's config with a cell's overrides."""
     from cpi_ray.data.tasks import load_splits
     from cpi_ray.evaluation.evaluate import evaluate_model_dir
     from cpi_ray.models.loading import resolve_base_model
@@ -138,25 +152,29 @@ def run_cells(cfg, run_dir: Path, cells: list[tuple[str, float, float, str]], sc
     scores.update(done["scores"])
     stderr.update(done["stderr"])
     groupings.update(done["groups"])
-    base_dir, _ = resolve_base_model(cfg)
-    rows = {t.name: load_splits(t, cfg.data.split_seed).eval for t in cfg.tasks}
-    for score, p, tau, data in cells:
-        key = cell_name(score, p, tau, data, cfg.groups.tau)
+
+    def measure(key: str, model_dir: Path, c) -> None:
+        base_dir, _ = resolve_base_model(c)
+        rows = {t.name: load_splits(t, c.data.split_seed).eval for t in c.tasks}
+        result = evaluate_model_dir(model_dir, rows, c, base_dir)
+        done["scores"][key] = {t: r["score"] for t, r in result.items()}
+        done["stderr"][key] = {t: 100.0 * mean_se(r["row_scores"])[1] for t, r in result.items()}
+
+    for cell in cells:
+        key = cell_name(*cell, run_tau=run_tau)
         if key in done["scores"]:
             continue
         t0 = time.time()
-        c = cfg.model_copy(deep=True)
-        c.regions.score, c.regions.p, c.groups.tau, c.consolidate.data = score, p, tau, data
+        c = make_cfg(cell_overrides(cell))
         run_pipeline(c, run_dir, stages=CELL_STAGES[:3])
-        g = grouping(run_dir)
-        g["data"] = data
+        g = {**grouping(run_dir), "data": cell[3], "variant": list(cell[4])}
         twin = next((k for k, kg in groupings.items() if k in scores and same_training(kg, g)), None)
         if twin is None:
             run_pipeline(c, run_dir, stages=CELL_STAGES[3:])  # probe..groups are done above
-            g = {**grouping(run_dir), "data": data}
-            result = evaluate_model_dir(run_dir / "final", rows, c, base_dir)
-            done["scores"][key] = {t: r["score"] for t, r in result.items()}
-            done["stderr"][key] = {t: 100.0 * mean_se(r["row_scores"])[1] for t, r in result.items()}
+            g = {**grouping(run_dir), "data": cell[3], "variant": list(cell[4])}
+            measure(key, run_dir / "final", c)
+            if score_fused:
+                measure(f"{key} fused", run_dir / "fused", c)
         else:
             done["scores"][key], g["same_as"] = scores[twin], twin
             done["stderr"][key] = stderr.get(twin, {})
@@ -164,7 +182,9 @@ def run_cells(cfg, run_dir: Path, cells: list[tuple[str, float, float, str]], sc
         done["groups"][key] = g
         done["wall_s"][key] = round(time.time() - t0, 1)
         write_json(out, done)
-        scores[key], stderr[key], groupings[key] = done["scores"][key], done["stderr"][key], g
+        scores.update(done["scores"])
+        stderr.update(done["stderr"])
+        groupings[key] = g
         print(f"{key}: " + ", ".join(f"{t}={v:.1f}" for t, v in scores[key].items())
               + f"; {len(g['groups'])} group(s)"
               + (f", the same as {twin}'s" if twin else "")
@@ -179,7 +199,9 @@ def model_rows(first_cell: str, cells: list[str], tasks: list[str]) -> list[tupl
     return ([("base", "base")] + [(f"expert {t}", f"probe:{t}") for t in tasks]
             + [(label, f"baseline:{m}") for m, label in BASELINE_LABELS.items()]
             + [(f"CPI-FT {first_cell}, fused (before consolidation)", "fused")]
-            + [(f"CPI-FT {c}", c) for c in cells])
+            + [(f"CPI-FT {first_cell}", first_cell)]
+            + [row for c in cells for row in ((f"CPI-FT {c}, fused", f"{c} fused"),
+                                               (f"CPI-FT {c}", c))])
 
 
 def aggregate(per_seed: dict[str, dict], tasks: list[str], rows: list[tuple[str, str]]) -> dict:
@@ -285,6 +307,11 @@ def main() -> int:
                     help="overlap thresholds τ (default: groups.tau); the first is the run's")
     ap.add_argument("--data", nargs="+", choices=["mixed", "group"],
                     help="consolidation data (default: consolidate.data); the first is the run's")
+    ap.add_argument("--variants", nargs="+", default=[""], metavar="KEY=VALUE[;KEY=VALUE]",
+                    help="further config overrides as a cell dimension, e.g. '' "
+                    "'fuse.backbone=word_sorting' 'fuse.omega=0.3;fuse.policy=mean' ('' = none)")
+    ap.add_argument("--score-fused", action="store_true",
+                    help="score each further cell's fused model too (the fuse knobs act there)")
     ap.add_argument("--probes-from", type=Path, metavar="RUN_DIR",
                     help="start from another run's probes (kept where their fingerprint matches)")
     ap.add_argument("--results", type=Path, metavar="DIR",
@@ -298,10 +325,13 @@ def main() -> int:
     args.overrides = ["ray.address=local", *args.overrides]
     base_cfg = load_config(args.config, args.overrides)
     setting = setting_overrides(base_cfg, args.setting)
-    cells = [(s, p, tau, d) for d in (args.data or [base_cfg.consolidate.data])
+    variants = [tuple(o for o in v.split(";") if o) for v in args.variants]
+    cells = [(s, p, tau, d, v) for v in variants for d in (args.data or [base_cfg.consolidate.data])
              for tau in (args.taus or [base_cfg.groups.tau])
              for p in (args.ps or [base_cfg.regions.p])
              for s in (args.scores or [base_cfg.regions.score])]
+    for cell in cells:  # a bad cell stops here, before any training
+        load_config(args.config, [*args.overrides, *cell_overrides(cell)])
     run_tau = cells[0][2]
     names = [cell_name(*c, run_tau=run_tau) for c in cells]
     command = "python benchmarks/bench_quality.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
@@ -319,10 +349,8 @@ def main() -> int:
         t0 = time.time()
         overrides = [f"baselines.modes=[{', '.join(args.modes)}]", f"probe.seed={seed}",
                      f"consolidate.seed={seed}", f"groups.seed={seed}", f"baselines.seed={seed}",
-                     *setting, *args.overrides, f"regions.score={cells[0][0]}",
-                     f"regions.p={cells[0][1]:g}", f"groups.tau={cells[0][2]:g}",
-                     f"consolidate.data={cells[0][3]}"]
-        cfg = load_config(args.config, overrides)
+                     *setting, *args.overrides]
+        cfg = load_config(args.config, [*overrides, *cell_overrides(cells[0])])
         connect_ray(cfg)
         run_dir = Path(args.run_root).expanduser().resolve() / args.setting / f"seed-{seed}"
         if args.probes_from is not None:
@@ -332,8 +360,10 @@ def main() -> int:
         print(f"\nseed {seed}: report at {run_dir / 'report' / 'index.html'}")
         scores, stderr = dict(ev["scores"]), dict(ev.get("stderr", {}))
         scores[names[0]], stderr[names[0]] = scores.pop("final"), stderr.pop("final", {})
-        groupings = {names[0]: {**grouping(run_dir), "data": cells[0][3]}}
-        run_cells(cfg, run_dir, cells[1:], scores, stderr, groupings)
+        groupings = {names[0]: {**grouping(run_dir), "data": cells[0][3],
+                                "variant": list(cells[0][4])}}
+        run_cells(lambda extra, o=overrides: load_config(args.config, [*o, *extra]), run_dir,
+                  cells[1:], run_tau, scores, stderr, groupings, args.score_fused)
         doc["tasks"], doc["n_eval"] = ev["tasks"], ev["n_eval"]
         doc["per_seed"][str(seed)] = {"scores": scores, "stderr": stderr}
         doc["budgets"][str(seed)] = read_json(run_dir / "baselines" / "budget.json")
