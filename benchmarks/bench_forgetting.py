@@ -207,5 +207,10 @@ def run_seed(args, seed: int, root: Path) -> dict:
 
 
 if __name__ == "__main__":
+    import logging
+
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # The pipeline's own progress lines (stages, groups, rows per task), as the job prints them.
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
     sys.exit(main())

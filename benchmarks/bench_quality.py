@@ -383,5 +383,10 @@ def main() -> int:
 
 
 if __name__ == "__main__":
+    import logging
+
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # The pipeline's own progress lines (stages, groups, rows per task), as the job prints them.
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
     sys.exit(main())

@@ -142,7 +142,22 @@ def test_every_mode_trains_on_smoke_and_the_report_holds_its_scores(ray_session,
     scores = json.loads((run / "eval" / "scores.json").read_text())
     md = (run / "report" / "report.md").read_text()
     for mode in starts:
-        row = scores["scores"][f"baseline:{mode}"]
-        cells = " | ".join(f"{row[t]:.1f}" for t in scores["tasks"])
+        row, err = scores["scores"][f"baseline:{mode}"], scores["stderr"][f"baseline:{mode}"]
+        cells = " | ".join(f"{row[t]:.1f} ± {err[t]:.1f}" for t in scores["tasks"])
         assert f"| baseline:{mode} | {cells} |" in md, mode
+        # A mode's model records what it was trained from, so adding a mode keeps it.
+        assert json.loads((run / "baselines" / mode / "baseline.json").read_text())["mode"] == mode
     assert "## Forgetting" in md and (run / "report" / "index.html").is_file()
+
+    # A mode added later trains alone: the four finished ones stay as they are.
+    weights = {m: [(f.name, f.stat().st_mtime_ns) for f in sorted((run / "baselines" / m).glob("*.safetensors"))]
+               for m in starts}
+    more = cfg.model_copy(deep=True)
+    more.baselines.modes = [*cfg.baselines.modes, "full_mtl_light"]
+    run_pipeline(more, run, stages=["baselines"])
+    for m, files in weights.items():
+        assert [(f.name, f.stat().st_mtime_ns)
+                for f in sorted((run / "baselines" / m).glob("*.safetensors"))] == files, m
+    light = json.loads((run / "baselines" / "full_mtl_light" / "baseline.json").read_text())
+    n_groups = len(json.loads((run / "groups" / "groups.json").read_text()))
+    assert light["stages"][0]["steps"] == cfg.consolidate.steps * n_groups
