@@ -17,13 +17,15 @@ from typing import Optional
 from cpi_ray.config.schema import PipelineConfig
 from cpi_ray.fusion.plan import FusePlan, build_plan, group_ranks
 from cpi_ray.fusion.worker import FuseError, FuseSettings
-from cpi_ray.io.atomic import atomic_dir
+from cpi_ray.io.atomic import atomic_dir, read_json, write_json
 from cpi_ray.io.safetensors_io import copy_model_side_files, write_index
 from cpi_ray.io.sizes import parse_size
 from cpi_ray.pipeline.stage import RunContext, Stage
 from cpi_ray.regions.grouping import read_groups
 
 log = logging.getLogger("cpi_ray")
+
+STATS_NAME = "fuse.json"  # timings, actors and per-shard figures of the last fusion
 
 
 def run_fusion(base_dir: Path, task_dirs: dict[str, Path], mask_paths: dict[str, Optional[Path]],
@@ -114,7 +116,6 @@ class FuseStage(Stage):
     def __init__(self, chunk_elems: Optional[int] = None, fault: Optional[tuple[str, str]] = None):
         self.chunk_elems = chunk_elems  # fixed chunk length, for tests of the chunked path
         self.fault = fault  # (shard, marker): an actor dies mid-shard once, for fault tests
-        self.last_stats: Optional[dict] = None
 
     def config_slice(self, cfg: PipelineConfig) -> dict:
         # actors and chunk size change how, not what: the output is bitwise the same
@@ -139,13 +140,16 @@ class FuseStage(Stage):
 
         connect_ray(ctx.cfg)  # a no-op inside the pipeline, which connected already
         out = ctx.path("fused")
-        self.last_stats = run_fusion(ctx.base_model_dir, task_dirs, mask_paths, out, ctx.cfg,
-                                     groups, self.chunk_elems, self.fault)
+        stats = run_fusion(ctx.base_model_dir, task_dirs, mask_paths, out, ctx.cfg, groups,
+                           self.chunk_elems, self.fault)
+        # Kept beside the model: the runner's summary and later readers see them after the run.
+        write_json(out / STATS_NAME, stats)
         return [out]
 
     def summary(self, ctx: RunContext) -> Optional[str]:
-        if self.last_stats is None:
+        try:
+            s = read_json(ctx.path(self.folder, STATS_NAME))
+        except (FileNotFoundError, ValueError):
             return None
-        s = self.last_stats
         return (f"fused {len(s['shards'])} shard(s) with {s['actors']} actor(s) in "
                 f"{s['total_s']:.1f} s (fold: {' -> '.join(s['fold'])})")
