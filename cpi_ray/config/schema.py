@@ -472,8 +472,10 @@ class StorageConfig(_Section):
 
 class RayConfig(_Section):
     address: Optional[str] = Field(
-        None, description="a cluster address; 'local' always starts an embedded Ray; None joins "
-        "the cluster named by RAY_ADDRESS or running on this machine, else starts a local one")
+        None, description="a cluster address ('auto': any Ray running on this machine); "
+        "'local' always starts an embedded Ray; None joins the cluster named by RAY_ADDRESS or "
+        "started with `ray start` on this machine, else starts its own embedded Ray (never "
+        "another run's)")
     num_cpus: Optional[int] = Field(None, ge=1, description="for a local Ray only")
     namespace: str = "cpi-ray"
 

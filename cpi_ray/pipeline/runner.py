@@ -154,8 +154,10 @@ def _check_reachable(address: str, timeout_s: float = 10.0) -> None:
 
 
 def connect_ray(cfg: PipelineConfig) -> str:
-    """Join the cluster when there is one (`ray.address`, RAY_ADDRESS, or a running cluster),
-    else start a local Ray for this process. Returns a description for the log."""
+    """Join the cluster when there is one (`ray.address`, RAY_ADDRESS, or a cluster started with
+    `ray start` on this machine), else start a local Ray for this process. Never another
+    process's embedded Ray: a run that joined one would run in that process's environment and
+    die with it. Returns a description for the log."""
     import ray
 
     from cpi_ray.training.sft import train_env
@@ -173,11 +175,19 @@ def connect_ray(cfg: PipelineConfig) -> str:
                  log_to_driver=True)
         return f"cluster at {address}"
     if address is None:
-        try:
-            ray.init(address="auto", namespace=cfg.ray.namespace, runtime_env=env)
-            return "running local cluster"
-        except ConnectionError:
-            pass
+        # Only `ray start` records its cluster as this machine's current one; address="auto"
+        # would join any Ray found running here, embedded ones included.
+        from ray._private.services import find_bootstrap_address
+
+        started = find_bootstrap_address(None)
+        if started:
+            try:
+                ray.init(address=started, namespace=cfg.ray.namespace, runtime_env=env)
+                return f"cluster started with `ray start` at {started}"
+            except ConnectionError as e:
+                log.warning("the cluster `ray start` recorded at %s does not answer (%s); "
+                            "starting a local Ray", started, e)
+
     def start_local() -> None:
         # The dashboard stays on: Ray Train needs it to start more than one worker group reliably.
         ray.init(num_cpus=cfg.ray.num_cpus, namespace=cfg.ray.namespace, runtime_env=env)

@@ -1,0 +1,48 @@
+"""Which Ray a run joins when the config names none: never another process's embedded Ray (the
+run would live in that process's environment and die with it), always its own."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+OTHER_RUN = textwrap.dedent("""
+    import sys, time, ray
+    ray.init(num_cpus=1, include_dashboard=False)
+    print(ray.get_runtime_context().gcs_address, flush=True)
+    sys.stdin.read()  # held until the test closes stdin
+""")
+
+THIS_RUN = textwrap.dedent("""
+    import ray
+    from cpi_ray.config.load import load_config
+    from cpi_ray.pipeline.runner import connect_ray
+    cfg = load_config(sys.argv[1], ["ray.num_cpus=1"])
+    how = connect_ray(cfg)
+    print(how + "|" + ray.get_runtime_context().gcs_address, flush=True)
+    ray.shutdown()
+""")
+
+
+def test_a_run_with_no_address_starts_its_own_ray_beside_an_embedded_one():
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    other = subprocess.Popen([sys.executable, "-c", OTHER_RUN], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        other_gcs = other.stdout.readline().strip()
+        assert other_gcs, "the other process's Ray did not start"
+        out = subprocess.run([sys.executable, "-c", "import sys\n" + THIS_RUN,
+                              str(ROOT / "jobs" / "configs" / "smoke.yaml")],
+                             capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
+        assert out.returncode == 0, out.stderr[-2000:]
+        how, gcs = out.stdout.strip().splitlines()[-1].split("|")
+        assert how == "embedded local Ray" and gcs != other_gcs
+        assert other.poll() is None  # the other run's Ray is untouched
+    finally:
+        other.stdin.close()
+        other.wait(timeout=60)
