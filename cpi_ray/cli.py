@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 from typing import Optional
@@ -39,7 +40,8 @@ def config_from_args(args: argparse.Namespace):
 
 
 def run_command(args: argparse.Namespace) -> int:
-    from cpi_ray.pipeline.runner import connect_ray, resolve_run_dir, run_pipeline
+    from cpi_ray.io.lease import RunBusyError, run_lease
+    from cpi_ray.pipeline.runner import resolve_run_dir
 
     try:
         cfg = config_from_args(args)
@@ -62,6 +64,19 @@ def run_command(args: argparse.Namespace) -> int:
         except SpaceError as e:
             print(f"error: {e}", file=sys.stderr)
             return EXIT_CONFIG
+    with contextlib.ExitStack() as held:
+        try:
+            # Before Ray starts: a second job on this run directory stops here, writing nothing.
+            held.enter_context(run_lease(run_dir))
+        except RunBusyError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        return _run(cfg, run_dir, tuning, log)
+
+
+def _run(cfg, run_dir, tuning: bool, log: logging.Logger) -> int:
+    from cpi_ray.pipeline.runner import connect_ray, run_pipeline
+
     try:
         where = connect_ray(cfg)
         log.info("Ray: %s", where)

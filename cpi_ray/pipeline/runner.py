@@ -13,6 +13,7 @@ from typing import Optional
 import yaml
 
 from cpi_ray.config.schema import STAGES, PipelineConfig
+from cpi_ray.io.lease import run_lease
 from cpi_ray.pipeline.stage import STAGE_FOLDERS, RunContext, Stage
 
 log = logging.getLogger("cpi_ray")
@@ -77,6 +78,13 @@ def run_store(cfg: PipelineConfig):
 
 
 def run_pipeline(cfg: PipelineConfig, run_dir: Path, stages: Optional[list[str]] = None) -> PipelineResult:
+    """Run the selected stages in order, holding the run directory's lease throughout (a second
+    run on the same directory stops at once, naming the holder)."""
+    with run_lease(run_dir):
+        return _run_stages(cfg, run_dir, stages)
+
+
+def _run_stages(cfg: PipelineConfig, run_dir: Path, stages: Optional[list[str]]) -> PipelineResult:
     from cpi_ray.models.loading import resolve_base_model
 
     selected = [s for s in STAGES if s in (stages or cfg.stages)]
