@@ -155,15 +155,33 @@ def test_evaluate_stage_scores_existing_models_and_reruns_when_more_exist(
     assert table.splitlines()[1].split() == ["model", "a", "b", "avg", "worst"]
     assert "skipped fused: stage fuse has not run" in table
 
-    # Nothing changed: skipped. A fused model appears: evaluate runs again and includes it.
+    # Nothing changed: skipped. A fused model appears: evaluate runs again and includes it,
+    # scoring only the new model (the others' weights are unchanged, their scores kept).
     assert stage.execute(ctx)[1] is False
+    cache = run_dir / "eval" / "models"
+    kept = {f.name: f.stat().st_mtime_ns for f in cache.iterdir()}
+    assert set(kept) == {"base.json", "probe--a.json"}
     shutil.copytree(tiny_model_dir, run_dir / "fused")
     _fake_record(ctx, "fused", "fuse", "f1")
     assert stage.dependencies(ctx) == ("probe", "fuse")
     assert stage.completed(ctx) is None
     rec, ran = stage.execute(ctx)
-    assert ran and list(read_json(run_dir / "eval" / "scores.json")["scores"]) == [
-        "base", "probe:a", "fused"]
+    after = read_json(run_dir / "eval" / "scores.json")
+    assert ran and list(after["scores"]) == ["base", "probe:a", "fused"]
+    assert {f.name: f.stat().st_mtime_ns for f in cache.iterdir() if f.name in kept} == kept
+    assert after["scores"]["base"] == data["scores"]["base"] == after["scores"]["fused"]
+    # A model whose weights change is scored again.
+    from safetensors.torch import load_file, save_file
+
+    shard = sorted((run_dir / "probes" / "a").glob("*.safetensors"))[0]
+    tensors = load_file(shard)
+    name = next(iter(tensors))
+    tensors[name] = tensors[name] + 1.0
+    save_file(tensors, shard, metadata={"format": "pt"})
+    _fake_record(ctx, "probes", "probe", "p2")
+    stage.execute(ctx)
+    assert (cache / "probe--a.json").stat().st_mtime_ns != kept["probe--a.json"]
+    assert (cache / "base.json").stat().st_mtime_ns == kept["base.json"]
 
 
 def test_format_table():

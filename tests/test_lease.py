@@ -43,8 +43,8 @@ def test_second_holder_is_refused_with_the_holders_name(tmp_path):
     finally:
         other.stdin.close()
         other.wait(timeout=30)
-    # Released on exit: the file is empty and the lease free.
-    assert (tmp_path / "run" / LEASE_NAME).read_text() == ""
+    # Released on exit; the holder wrote nothing, so the directory it created is gone again.
+    assert not (tmp_path / "run").exists()
     with run_lease(tmp_path / "run"):
         held = json.loads((tmp_path / "run" / LEASE_NAME).read_text())
         assert held["pid"] == os.getpid()
@@ -55,7 +55,9 @@ def test_reentrant_in_one_process_and_released_by_the_outermost(tmp_path):
         with run_lease(tmp_path):
             pass
         assert json.loads((tmp_path / LEASE_NAME).read_text())["pid"] == os.getpid()
-    assert (tmp_path / LEASE_NAME).read_text() == ""
+        (tmp_path / "config.yaml").write_text("x")  # the run wrote something: all stays
+    assert (tmp_path / LEASE_NAME).read_text() == ""  # released cleanly
+    assert (tmp_path / "config.yaml").is_file()
 
 
 def test_lease_of_a_killed_run_is_taken_over_and_logged(tmp_path, caplog):
@@ -76,9 +78,10 @@ def test_second_job_on_a_held_run_dir_exits_non_zero_and_writes_nothing(tmp_path
         out = subprocess.run([sys.executable, "jobs/cpi_pipeline.py", "--config",
                               "jobs/configs/smoke.yaml", "--run-dir", str(run_dir)],
                              capture_output=True, text=True, cwd=ROOT, timeout=120)
+        assert [p.name for p in run_dir.iterdir()] == [LEASE_NAME]
+        assert json.loads((run_dir / LEASE_NAME).read_text())["pid"] == other.pid
     finally:
         other.stdin.close()
         other.wait(timeout=30)
     assert out.returncode == 1
     assert f"is in use by pid {other.pid}" in out.stderr.strip().splitlines()[-1]
-    assert [p.name for p in run_dir.iterdir()] == [LEASE_NAME]

@@ -11,6 +11,7 @@ runs again once more of them exist.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -23,7 +24,8 @@ from cpi_ray.data.scorers import get_scorer
 from cpi_ray.data.tasks import answer_text, load_splits, task_identity
 from cpi_ray.evaluation.stats import mean_se
 from cpi_ray.io.atomic import atomic_file, read_json, write_json
-from cpi_ray.pipeline.stage import STAGE_FOLDERS, RECORD_NAME, RunContext, Stage, _load_record
+from cpi_ray.pipeline.stage import (STAGE_FOLDERS, RECORD_NAME, RunContext, Stage, _load_record,
+                                    file_sha256, stable_hash)
 
 log = logging.getLogger("cpi_ray")
 
@@ -101,6 +103,31 @@ def _evaluate_task(model_dir: str, tasks_rows: dict[str, list[dict]], cfg: Pipel
 
 
 # ---------------------------------------------------------------------------------- stage
+
+MODEL_CACHE = "models"  # eval/models/<model>.json: one model's scores, with the key they hold for
+
+
+def weights_digest(model_dir: Path) -> str:
+    """sha256 over a model directory's weight files and index (names and contents)."""
+    h = hashlib.sha256()
+    for f in sorted(Path(model_dir).iterdir()):
+        if f.suffix == ".safetensors" or f.name.endswith(".index.json") or f.name == "config.json":
+            h.update(f.name.encode())
+            h.update(file_sha256(f).encode())
+    return h.hexdigest()
+
+
+def _safe(model: str) -> str:
+    return model.replace(":", "--")
+
+
+def _read_cached(path: Path, key: str) -> Optional[dict]:
+    try:
+        doc = read_json(path)
+    except (FileNotFoundError, ValueError):
+        return None
+    return doc if doc.get("key") == key else None
+
 
 
 def _is_model_dir(d: Path) -> bool:
@@ -199,7 +226,19 @@ class EvaluateStage(Stage):
         rows_ref = ray.put(tasks_rows)
         results: dict[str, dict] = {}
         pending: dict[Any, str] = {}
-        queue = list(models.items())
+        # Each model's scores are kept as soon as it is scored, under a key of its weights and
+        # of what scoring reads: a rerun (a model added, a run interrupted) scores only the rest.
+        cache_dir = ctx.path(self.folder, MODEL_CACHE)
+        keys = {m: stable_hash({"weights": weights_digest(d), "scoring": self.config_slice(cfg)})
+                for m, d in models.items()}
+        queue = []
+        for m, d in models.items():
+            cached = _read_cached(cache_dir / f"{_safe(m)}.json", keys[m])
+            if cached is not None:
+                results[m] = cached
+                log.info("evaluate: %s already scored (its weights unchanged), kept", m)
+            else:
+                queue.append((m, d))
         while queue or pending:
             while queue and len(pending) < cfg.evaluate.num_workers:
                 m, d = queue.pop(0)
@@ -212,6 +251,7 @@ class EvaluateStage(Stage):
                 for ref in pending:
                     ray.cancel(ref)
                 raise RuntimeError(f"evaluate: scoring model {m!r} ({models[m]}) failed: {e}") from e
+            write_json(cache_dir / f"{_safe(m)}.json", {"key": keys[m], **results[m]})
             log.info("evaluate: %s scored in %.1fs: %s", m, results[m]["wall_s"], ", ".join(
                 f"{t}={r['score']:.1f}" for t, r in results[m]["tasks"].items()))
 
@@ -242,7 +282,8 @@ class EvaluateStage(Stage):
 
         report = build_report(ctx.run_dir)
         log.info("evaluate: report written to %s", report / "index.html")
-        return [out_dir / SCORES_NAME, out_dir / PREDICTIONS_NAME, report]
+        return [out_dir / SCORES_NAME, out_dir / PREDICTIONS_NAME, report,
+                *(cache_dir / f"{_safe(m)}.json" for m in order)]
 
     def summary(self, ctx: RunContext) -> Optional[str]:
         try:

@@ -24,7 +24,7 @@ log = logging.getLogger("cpi_ray")
 
 LEASE_NAME = ".lease"
 
-_held: dict[Path, list] = {}  # run dir -> [open lease file, depth]
+_held: dict[Path, list] = {}  # run dir -> [open lease file, depth, directories it created]
 _lock = threading.Lock()
 
 
@@ -52,6 +52,7 @@ def run_lease(run_dir: str | os.PathLike) -> Iterator[Path]:
         else:
             reentered = False
     if not reentered:
+        created = [d for d in (run_dir, *run_dir.parents) if not d.exists()]
         run_dir.mkdir(parents=True, exist_ok=True)
         f = open(run_dir / LEASE_NAME, "a+")
         try:
@@ -60,6 +61,7 @@ def run_lease(run_dir: str | os.PathLike) -> Iterator[Path]:
             f.seek(0)
             holder = _holder_text(f.read())
             f.close()
+            _remove_if_unused(run_dir, created)
             raise RunBusyError(f"run directory {run_dir} is in use by {holder}; wait for that "
                                "run to end or use another run directory") from None
         f.seek(0)
@@ -73,7 +75,7 @@ def run_lease(run_dir: str | os.PathLike) -> Iterator[Path]:
                             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}) + "\n")
         f.flush()
         with _lock:
-            _held[run_dir] = [f, 1]
+            _held[run_dir] = [f, 1, created]
     try:
         yield run_dir
     finally:
@@ -90,3 +92,17 @@ def run_lease(run_dir: str | os.PathLike) -> Iterator[Path]:
             f.flush()
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
             f.close()
+            _remove_if_unused(run_dir, entry[2])
+
+
+def _remove_if_unused(run_dir: Path, created: list[Path]) -> None:
+    """A run that stopped before writing anything leaves no trace: the directories the lease
+    created, if they hold nothing but the lease file."""
+    if not created or any(p.name != LEASE_NAME for p in run_dir.iterdir()):
+        return
+    (run_dir / LEASE_NAME).unlink(missing_ok=True)
+    for d in created:  # innermost first
+        try:
+            d.rmdir()
+        except OSError:
+            return
