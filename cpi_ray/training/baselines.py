@@ -25,12 +25,12 @@ from pathlib import Path
 from typing import Optional
 
 from cpi_ray.config.schema import PipelineConfig
+from cpi_ray.data.batching import mix_counts
 from cpi_ray.io.atomic import read_json, write_json
 from cpi_ray.io.safetensors_io import INDEX_NAME
 from cpi_ray.pipeline.stage import (RECORD_NAME, STAGE_FOLDERS, RunContext, Stage, _load_record,
                                     stable_hash)
 from cpi_ray.regions.grouping import read_groups
-from cpi_ray.data.batching import mix_counts
 from cpi_ray.training.consolidate import (FROZEN_MASK, STAGE_RECORD, copy_model_dir, fit_group,
                                           stage_record, stage_rows_per_task, union_masks)
 

@@ -234,7 +234,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         "freeze": tc.freeze, "frozen_elements": frozen_total, "steps": tc.steps,
         "final_loss": loss, "val_loss": val_loss, "resumed_at_step": start,
         "train_rows": len(examples), "rows_per_task": config.get("rows_per_task"),
-        "data": tc.data, "world_size": world,
+        "world_size": world,
         "step_time_s": (sum(step_times) / len(step_times)) if step_times else None,
         "train_time_s": round(time.time() - t0, 2), "start": str(start_dir),
     }
@@ -497,8 +497,8 @@ class ConsolidateStage(Stage):
             rec = stage_record(d)
             if rec:
                 rows = rec.get("rows_per_task")
-                data = (f", {rec.get('data')} data " + " ".join(f"{t}:{n}" for t, n in rows.items())
-                        if rows else "")
+                data = (f", {ctx.cfg.consolidate.data} data "
+                        + " ".join(f"{t}:{n}" for t, n in rows.items()) if rows else "")
                 lines.append(f"stage {rec['stage']}: group {','.join(rec['tasks'])}{data}, "
                              f"frozen {rec['frozen_elements']} ({rec['freeze']}), "
                              f"loss {rec['final_loss']:.4f}")
