@@ -248,3 +248,14 @@ def test_module_function_scorers(tmp_path, monkeypatch):
         get_scorer(_task(p, scorer="my_scorers:broken"))("cba", ROW)
     with pytest.raises(ValueError, match="cannot be imported"):
         get_scorer(_task(p, scorer="my_scorers:missing"))
+
+
+def test_module_function_scorers_read_the_tasks_answer_field(tmp_path):
+    """A task whose answer lives in another field (llama7b.yaml's `response`, `output`) is scored
+    on that field, not on a missing or unrelated "answer" column."""
+    rows = [{"query": "q", "response": "cba", "answer": "unrelated"}]
+    p = _jsonl(tmp_path / "r.jsonl", rows)
+    ca = get_scorer(_task(p, scorer="cpi_ray.data.scorers:char_accuracy", prompt_field="query",
+                          answer_field="response"))
+    assert ca("cba", rows[0]) == 1.0
+    assert ca("cba", {"query": "q", "response": "cba"}) == 1.0  # no "answer" column at all

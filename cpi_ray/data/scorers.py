@@ -3,7 +3,8 @@
 `exact_match` compares the stripped prediction with the stripped answer, case-sensitively;
 `reasoning_gym` asks the generating dataset's own `score_answer(answer, entry)`; any other value
 `module:function` names a callable with the same signature (e.g.
-`cpi_ray.data.scorers:exact_match_ignore_case` or `cpi_ray.data.scorers:char_accuracy`).
+`cpi_ray.data.scorers:exact_match_ignore_case` or `cpi_ray.data.scorers:char_accuracy`), whose
+row holds the task's answer text under "answer" whatever the task's `answer_field` is.
 """
 
 from __future__ import annotations
@@ -62,7 +63,8 @@ def get_scorer(task: TaskConfig) -> Scorer:
             raise ValueError(f"task {task.name!r}: scorer {task.scorer!r} is not callable")
 
         def score(prediction: str, row: dict) -> float:
-            return float(fn(prediction, row))
+            # The answer as the task defines it (answer_field may be nested or named otherwise).
+            return float(fn(prediction, {**row, "answer": answer_text(task, row)}))
 
     return _checked(task.name, score)
 
