@@ -1,5 +1,6 @@
-"""Command line: `cpi-ray run --config ...` (same as jobs/cpi_pipeline.py) and
-`cpi-ray plan --config ...` (the resources and memory each stage needs, before anything runs)."""
+"""Command line: `cpi-ray run --config ...` (same as jobs/cpi_pipeline.py),
+`cpi-ray check --config ...` (the data, tokenizer and storage, in seconds, before a cluster spends
+anything) and `cpi-ray plan --config ...` (the resources and memory each stage needs)."""
 
 from __future__ import annotations
 
@@ -11,8 +12,10 @@ from typing import Optional
 
 from cpi_ray.config.load import ConfigError, load_config
 from cpi_ray.config.schema import STAGES
+from cpi_ray.pipeline.check import CheckError, check_config
 
 EXIT_CONFIG = 2
+EXIT_CHECK = 3
 
 
 def _setup_logging() -> None:
@@ -34,7 +37,7 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace):
     """The validated config of `--config`, `--set` and `--stages` (raises ConfigError)."""
     overrides = list(args.overrides)
-    if args.stages:
+    if getattr(args, "stages", None):
         overrides.append(f"stages=[{args.stages}]")
     return load_config(args.config, overrides)
 
@@ -51,10 +54,13 @@ def run_command(args: argparse.Namespace) -> int:
     _setup_logging()
     log = logging.getLogger("cpi_ray")
     run_dir = resolve_run_dir(cfg, args.run_dir)
-    problem = unwritable(run_dir)
-    if problem:
-        print(f"error: storage: cannot write the run directory {run_dir}: {problem}", file=sys.stderr)
-        return 1
+    try:
+        # Before Ray starts: a bad row or field costs seconds, not a cluster's start-up.
+        report = check_config(cfg, run_dir)
+    except CheckError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_CHECK
+    log.info("check passed:\n%s", report.render())
     tuning = getattr(args, "tune", False) or cfg.tune.enabled
     if tuning:
         from cpi_ray.tune.space import SpaceError, check_space
@@ -120,19 +126,29 @@ def plan_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def unwritable(run_dir) -> Optional[str]:
-    """Why `run_dir` cannot be written, or None; checked before any work, creating nothing."""
-    import os
-    from pathlib import Path
+def check_command(args: argparse.Namespace) -> int:
+    """Print the resolved config and what `check_config` found; exit non-zero on a problem."""
+    import yaml
 
-    p = Path(run_dir)
-    while not p.exists():
-        p = p.parent
-    if not p.is_dir():
-        return f"{p} is not a directory"
-    if not os.access(p, os.W_OK | os.X_OK):
-        return f"{p} is not writable"
-    return None
+    from cpi_ray.pipeline.runner import resolve_run_dir
+
+    try:
+        cfg = config_from_args(args)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    run_dir = resolve_run_dir(cfg, args.run_dir)
+    print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False).rstrip())
+    print()
+    try:
+        report = check_config(cfg, run_dir)
+    except CheckError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_CHECK
+    print(report.render())
+    print("ok")
+    return 0
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -140,11 +156,18 @@ def main(argv: Optional[list[str]] = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     add_run_args(sub.add_parser("run", help="run the pipeline"))
     add_plan_args(sub.add_parser("plan", help="print each stage's resources and memory per worker"))
+    check = sub.add_parser("check", help="check the data, tokenizer and storage before a run")
+    check.add_argument("--config", required=True, help="pipeline YAML")
+    check.add_argument("--run-dir", help="run directory (default: storage.path/storage.run_name)")
+    check.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config value (repeatable)")
     args = parser.parse_args(argv)
     if args.command == "run":
         return run_command(args)
     if args.command == "plan":
         return plan_command(args)
+    if args.command == "check":
+        return check_command(args)
     return 2
 
 

@@ -46,6 +46,6 @@ def test_tokenizer_without_chat_template(tmp_path):
     r = subprocess.run([*JOB, "--run-dir", str(tmp_path / "run"), "--set", f"model.source={base}",
                         "--set", "data.require_chat_template=true", "--set", "ray.address=local"],
                        capture_output=True, text=True, timeout=300)
-    assert r.returncode == 1, r.stderr[-2000:]
+    assert r.returncode != 0, r.stderr[-2000:]
     assert "data.require_chat_template" in r.stderr and str(base) in r.stderr
     assert not (tmp_path / "run").exists()

@@ -13,7 +13,9 @@ from cpi_ray.data.formatting import (
     IGNORE_INDEX, AnswerTooLongError, encode_example, encode_rows, format_prompt,
 )
 from cpi_ray.data.scorers import get_scorer
-from cpi_ray.data.tasks import load_rows, split_rows, task_identity, to_json_safe
+from cpi_ray.data.tasks import (
+    answer_text, load_rows, render_template, split_rows, task_identity, to_json_safe,
+)
 from cpi_ray.models.tiny import build_tiny_tokenizer
 
 
@@ -259,3 +261,190 @@ def test_module_function_scorers_read_the_tasks_answer_field(tmp_path):
                           answer_field="response"))
     assert ca("cba", rows[0]) == 1.0
     assert ca("cba", {"query": "q", "response": "cba"}) == 1.0  # no "answer" column at all
+
+
+# ---------------------------------------------------------------------------------- task formats
+
+CHAT = {"messages": [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "hi"},
+    {"role": "assistant", "content": "yo"},
+    {"role": "user", "content": "reverse: abc"},
+    {"role": "assistant", "content": "cba"},
+    {"role": "user", "content": "thanks"},  # after the last answer: nothing to learn
+]}
+
+
+def _learned_spans(tok, ex):
+    """The decoded runs of labelled tokens, in order."""
+    spans, cur = [], []
+    for t, lab in zip(ex["input_ids"], ex["labels"]):
+        if lab != IGNORE_INDEX:
+            assert lab == t
+            cur.append(t)
+        elif cur:
+            spans.append(tok.decode(cur))
+            cur = []
+    return spans + ([tok.decode(cur)] if cur else [])
+
+
+def test_messages_learn_every_assistant_turn_and_score_the_last(tok, tmp_path):
+    task = _task(_jsonl(tmp_path / "c.jsonl", [CHAT]), format="messages")
+    assert load_rows(task) == [CHAT]
+    assert answer_text(task, CHAT) == "cba"
+    prompt = format_prompt(tok, task, CHAT)
+    assert prompt == ("<|system|>Be brief.</s><|user|>hi</s><|assistant|>yo</s>"
+                      "<|user|>reverse: abc</s><|assistant|>")
+    ex = encode_example(tok, task, CHAT, max_seq_len=256)
+    assert _learned_spans(tok, ex) == ["yo</s>", "cba</s>"]
+    # the whole sequence is the template's rendering of the conversation up to the answer
+    assert tok.decode(ex["input_ids"]) == prompt + "cba</s>"
+    # a task system prompt does not replace the row's own
+    with_sys = _task(tmp_path / "c.jsonl", format="messages", system_prompt="other")
+    assert format_prompt(tok, with_sys, CHAT).startswith("<|system|>Be brief.</s>")
+
+
+def test_messages_without_chat_template_keep_earlier_turns_as_context(tmp_path):
+    plain = build_tiny_tokenizer()
+    plain.chat_template = None
+    task = _task(_jsonl(tmp_path / "c.jsonl", [CHAT]), format="messages")
+    assert format_prompt(plain, task, CHAT) == "Be brief.\n\nhi\nyo\nreverse: abc\n"
+    assert _learned_spans(plain, encode_example(plain, task, CHAT, 256)) == ["cba</s>"]
+
+
+def test_template_that_rewrites_history_keeps_earlier_turns_as_context(tmp_path):
+    t = build_tiny_tokenizer()
+    # Like templates that drop earlier reasoning: an assistant turn renders differently once
+    # another turn follows it, so a longer conversation does not extend a shorter one.
+    t.chat_template = (
+        "{% for m in messages %}{% if m['role'] == 'assistant' and not loop.last %}"
+        "{{ '<|assistant|>' + m['content'][:1] + '</s>' }}{% else %}"
+        "{{ '<|' + m['role'] + '|>' + m['content'] + '</s>' }}{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}")
+    task = _task(_jsonl(tmp_path / "c.jsonl", [CHAT]), format="messages")
+    ex = encode_example(t, task, CHAT, 256)
+    assert _learned_spans(t, ex) == ["cba</s>"]
+    assert t.decode(ex["input_ids"]) == format_prompt(t, task, CHAT) + "cba</s>"
+
+
+@pytest.mark.parametrize("row", [
+    {"prompt": "reverse: abc", "completion": "cba"},
+    {"prompt": [{"role": "user", "content": "reverse: abc"}],
+     "completion": [{"role": "assistant", "content": "cba"}]},
+])
+def test_prompt_completion_text_or_turns(tok, tmp_path, row):
+    task = _task(_jsonl(tmp_path / "pc.jsonl", [row]), format="prompt_completion")
+    assert (task.prompt_field, task.answer_field) == ("prompt", "completion")
+    load_rows(task)
+    assert format_prompt(tok, task, row) == "<|user|>reverse: abc</s><|assistant|>"
+    assert answer_text(task, row) == "cba"
+    assert _learned_spans(tok, encode_example(tok, task, row, 64)) == ["cba</s>"]
+
+
+def test_prompt_template_drops_empty_fields_with_their_label(tok, tmp_path):
+    rows = [{"instruction": "Sort", "input": "b a", "output": "a b"},
+            {"instruction": "Greet", "input": "", "output": "hi"},
+            {"instruction": "Greet", "output": "hi"}]
+    alpaca = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:"
+    task = _task(_jsonl(tmp_path / "a.jsonl", rows[:2]), prompt_template=alpaca,
+                 answer_field="output")
+    assert task.prompt_field is None
+    load_rows(task)
+    assert render_template(alpaca, rows[0]) == (
+        "### Instruction:\nSort\n\n### Input:\nb a\n\n### Response:")
+    assert render_template(alpaca, rows[1]) == "### Instruction:\nGreet\n\n### Response:"
+    assert render_template(alpaca, rows[2]) == render_template(alpaca, rows[1])
+    assert render_template("{instruction}\n\n{input}", rows[1]) == "Greet"
+    assert render_template("{input}\n\n{instruction}", rows[1]) == "Greet"
+    assert format_prompt(tok, task, rows[1]) == (
+        "<|user|>### Instruction:\nGreet\n\n### Response:</s><|assistant|>")
+
+
+@pytest.mark.parametrize("task_kw, rows, match", [
+    ({}, [{"question": [{"role": "user", "content": "x"}], "answer": "a"}],
+     r"task 'bad': row 0: prompt field 'question' is a list, expected text \(chat turns: set the "
+     r"task's format to messages\)"),
+    ({}, [{"question": "q", "answer": {"text": "a"}}],
+     r"task 'bad': row 0: answer field 'answer' is a dict, expected text"),
+    ({"format": "messages"}, [{"messages": "hello"}],
+     r"task 'bad': row 0: field 'messages' is a str, expected a list of chat turns"),
+    ({"format": "messages"}, [{"messages": [{"role": "user", "content": "q"},
+                                            {"role": "assistant", "content": "a"}]},
+                              {"messages": [{"role": "user", "content": "q"},
+                                            {"role": "bot", "content": "a"}]}],
+     r"task 'bad': row 1: messages\[1\] has role 'bot', expected one of system, user, assistant"),
+    ({"format": "messages"}, [{"messages": [{"role": "user", "content": "q"},
+                                            {"role": "assistant", "content": None}]}],
+     r"task 'bad': row 0: messages\[1\].content is a NoneType, expected text"),
+    ({"format": "messages"}, [{"messages": [{"role": "user", "content": "q"}]}],
+     r"task 'bad': row 0: field 'messages' has no assistant turn"),
+    ({"format": "messages"}, [{"messages": [{"role": "assistant", "content": "a"}]}],
+     r"task 'bad': row 0 has no user turn before its last assistant turn"),
+    ({"format": "messages"}, [{"messages": [{"role": "user", "content": "q"},
+                                            {"role": "assistant", "content": "  "}]}],
+     r"task 'bad': row 0 has an empty last assistant turn"),
+    ({"format": "prompt_completion"}, [{"prompt": "q", "completion": [{"role": "user",
+                                                                       "content": "a"}]}],
+     r"task 'bad': row 0: field 'completion' has no assistant turn"),
+    ({"prompt_template": "{a} {b}"}, [{"a": "", "b": None, "answer": "x"}],
+     r"task 'bad': row 0: every field of prompt_template '\{a\} \{b\}' is empty"),
+    ({"prompt_template": "{a}"}, [{"a": [1], "answer": "x"}],
+     r"task 'bad': row 0: prompt_template field 'a' is a list, expected text"),
+])
+def test_wrongly_typed_fields_name_task_row_field_and_type(tmp_path, task_kw, rows, match):
+    task = _task(_jsonl(tmp_path / "bad.jsonl", rows), name="bad", **task_kw)
+    with pytest.raises(ValueError, match=match):
+        load_rows(task)
+
+
+def test_hub_source_takes_config_name_split_and_data_files(tmp_path):
+    """A dataset repository laid out as on the hub (a README declaring configurations), loaded by
+    `datasets.load_dataset` through the task's hub fields."""
+    repo = tmp_path / "repo"
+    (repo / "data").mkdir(parents=True)
+    (repo / "README.md").write_text(textwrap.dedent("""\
+        ---
+        configs:
+        - config_name: main
+          data_files:
+          - {split: train, path: data/main-*.jsonl}
+          - {split: test, path: data/main-test.jsonl}
+        - config_name: socratic
+          data_files:
+          - {split: train, path: data/soc-*.jsonl}
+        ---
+        """))
+    _jsonl(repo / "data" / "main-0.jsonl", [{"question": "1+1", "answer": "so #### 2"}])
+    _jsonl(repo / "data" / "main-test.jsonl", [{"question": "2+2", "answer": "#### 4"}])
+    _jsonl(repo / "data" / "soc-0.jsonl", [{"question": "3+3", "answer": "#### 6"}])
+    hub = dict(name="g", hub_id=str(repo), scorer="numeric")
+    assert load_rows(TaskConfig(**hub, hub_name="main"))[0]["question"] == "1+1"
+    assert load_rows(TaskConfig(**hub, hub_name="main", hub_split="test"))[0]["question"] == "2+2"
+    assert load_rows(TaskConfig(**hub, hub_name="socratic"))[0]["question"] == "3+3"
+    assert load_rows(TaskConfig(**hub, hub_data_files="data/soc-*.jsonl"))[0]["question"] == "3+3"
+    with pytest.raises(ValueError, match=r"task 'g': cannot load hub dataset .*name='nope'"):
+        load_rows(TaskConfig(**hub, hub_name="nope"))
+
+
+def test_numeric_scorer_compares_final_numbers(tmp_path):
+    row = {"question": "q", "answer": "She pays 3 * 24 = 72.\n#### 72"}
+    score = get_scorer(_task(_jsonl(tmp_path / "n.jsonl", [row]), scorer="numeric"))
+    assert score("72", row) == 1.0
+    assert score("The total is 72.00 dollars", row) == 1.0
+    assert score("3 * 24 = 72 so #### 72", row) == 1.0
+    assert score("#### 72 ... 1", row) == 1.0  # the text after #### decides
+    assert score("72 or 73", row) == 0.0  # the last number decides
+    assert score("seventy-two", row) == 0.0
+    big = {"question": "q", "answer": "#### 1,000"}
+    assert score("$1000", big) == 1.0 and score("1,000.0", big) == 1.0 and score("-1000", big) == 0.0
+
+
+def test_new_task_fields_at_defaults_keep_fingerprints(tmp_path):
+    """Runs written before the formats existed resume: a prompt_answer task fingerprints as it
+    did, a task that uses a new field does not."""
+    task = _task(_jsonl(tmp_path / "t.jsonl", ROWS))
+    assert not {"format", "messages_field", "prompt_template", "hub_name", "hub_revision",
+                "hub_data_files"} & set(task_identity(task))
+    assert task_identity(task)["prompt_field"] == "question"
+    templated = _task(tmp_path / "t.jsonl", prompt_template="{question}")
+    assert task_identity(templated)["prompt_template"] == "{question}"

@@ -19,6 +19,29 @@ STAGES: tuple[str, ...] = (
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
+def template_fields(template: str) -> list[str]:
+    """The field names of a prompt template (`{instruction}`, `{meta.context}`); ValueError for a
+    template without fields or with positional, converted or formatted ones."""
+    import string
+
+    try:
+        parts = list(string.Formatter().parse(template))
+    except ValueError as e:
+        raise ValueError(f"prompt_template {template!r}: {e}") from None
+    names = []
+    for _, name, spec, conversion in parts:
+        if name is None:
+            continue
+        if not name or name.isdigit() or spec or conversion or "[" in name:
+            raise ValueError(f"prompt_template {template!r}: placeholders must be field names "
+                             f"like {{instruction}}, got {{{name}{'!' + conversion if conversion else ''}"
+                             f"{':' + spec if spec else ''}}}")
+        names.append(name)
+    if not names:
+        raise ValueError(f"prompt_template {template!r} names no field")
+    return names
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -101,17 +124,52 @@ class ReasoningGymSource(_Section):
     options: dict[str, Any] = Field(default_factory=dict)
 
 
+TaskFormat = Literal["prompt_answer", "messages", "prompt_completion"]
+
+# Default prompt/answer fields per format (`messages` reads `messages_field` instead).
+_FORMAT_FIELDS: dict[str, tuple[Optional[str], Optional[str]]] = {
+    "prompt_answer": ("question", "answer"),
+    "prompt_completion": ("prompt", "completion"),
+    "messages": (None, None),
+}
+
+# Fields added after run directories existed: left out of a task's fingerprint while at their
+# default, so that runs written before them still resume.
+_TASK_FIELDS_ADDED: dict[str, Any] = {
+    "format": "prompt_answer", "messages_field": "messages", "prompt_template": None,
+    "hub_name": None, "hub_revision": None, "hub_data_files": None,
+}
+
+BUILTIN_SCORERS = ("exact_match", "reasoning_gym", "numeric")
+
+
 class TaskConfig(_Section):
     name: str
     # Exactly one source: a local jsonl/parquet file, a hub dataset id, or a reasoning-gym generator.
     path: Optional[str] = None
     hub_id: Optional[str] = None
+    hub_name: Optional[str] = Field(None, description="the hub dataset's configuration, e.g. main")
+    hub_revision: Optional[str] = Field(None, description="branch, tag or commit of the hub dataset")
     hub_split: str = "train"
+    hub_data_files: Optional[str | list[str] | dict[str, str | list[str]]] = Field(
+        None, description="data_files of datasets.load_dataset (file patterns in the hub repo)")
     reasoning_gym: Optional[ReasoningGymSource] = None
-    prompt_field: str = "question"
-    answer_field: str = "answer"
+    format: TaskFormat = Field(
+        "prompt_answer", description=(
+            "prompt_answer: a prompt field (or prompt_template) and an answer field; messages: "
+            "chat turns (role/content) in messages_field, every assistant turn learned, the last "
+            "one scored; prompt_completion: prompt and completion, each text or chat turns"))
+    prompt_field: Optional[str] = Field(None, description="default: question (prompt_answer), "
+                                        "prompt (prompt_completion)")
+    answer_field: Optional[str] = Field(None, description="default: answer (prompt_answer), "
+                                        "completion (prompt_completion)")
+    messages_field: str = "messages"
+    prompt_template: Optional[str] = Field(
+        None, description="prompt_answer: the prompt built from several fields, e.g. "
+        "'{instruction}\\n\\n{input}'; an empty field is dropped with the text before it")
     scorer: str = Field(
-        "exact_match", description="exact_match, reasoning_gym, or module:function(prediction, row)"
+        "exact_match",
+        description="exact_match, numeric, reasoning_gym, or module:function(prediction, row)"
     )
     system_prompt: Optional[str] = None
     eval_size: int = Field(40, ge=1, description="rows held out for evaluation")
@@ -141,9 +199,37 @@ class TaskConfig(_Section):
     @field_validator("scorer")
     @classmethod
     def _scorer(cls, v: str) -> str:
-        if v not in ("exact_match", "reasoning_gym") and not re.match(r"^[\w.]+:\w+$", v):
-            raise ValueError("scorer must be exact_match, reasoning_gym or module:function")
+        if v not in BUILTIN_SCORERS and not re.match(r"^[\w.]+:\w+$", v):
+            raise ValueError("scorer must be exact_match, numeric, reasoning_gym or module:function")
         return v
+
+    @field_validator("prompt_template")
+    @classmethod
+    def _template(cls, v: Optional[str]) -> Optional[str]:
+        if v is not None:
+            template_fields(v)
+        return v
+
+    @model_validator(mode="before")
+    @classmethod
+    def _format_defaults(cls, data: Any) -> Any:
+        # Filled before validation: the defaults depend on the format.
+        if isinstance(data, dict):
+            prompt, answer = _FORMAT_FIELDS.get(data.get("format", "prompt_answer"), (None, None))
+            data = dict(data)
+            if data.get("prompt_field") is None and prompt and not data.get("prompt_template"):
+                data["prompt_field"] = prompt
+            if data.get("answer_field") is None and answer:
+                data["answer_field"] = answer
+        return data
+
+    def fingerprint_dump(self) -> dict[str, Any]:
+        """`model_dump` without the later-added fields that are at their defaults."""
+        d = self.model_dump(mode="json")
+        for k, default in _TASK_FIELDS_ADDED.items():
+            if d.get(k) == default:
+                d.pop(k, None)
+        return d
 
     @model_validator(mode="after")
     def _one_source(self) -> "TaskConfig":
@@ -161,6 +247,21 @@ class TaskConfig(_Section):
                 raise ValueError(f"task file {self.path!r} does not exist")
         if self.scorer == "reasoning_gym" and self.reasoning_gym is None:
             raise ValueError("scorer reasoning_gym needs a reasoning_gym source")
+        if self.hub_id is None:
+            extra = [f for f in ("hub_name", "hub_revision", "hub_data_files")
+                     if getattr(self, f) is not None]
+            if extra:
+                raise ValueError(f"task {self.name!r}: {', '.join(extra)} need a hub_id")
+        if self.format == "messages":
+            given = [f for f in ("prompt_field", "answer_field", "prompt_template")
+                     if getattr(self, f) is not None]
+            if given:
+                raise ValueError(f"task {self.name!r}: format messages reads messages_field, not "
+                                 f"{', '.join(given)}")
+        elif self.prompt_template is not None and self.format != "prompt_answer":
+            raise ValueError(f"task {self.name!r}: prompt_template needs format prompt_answer")
+        elif self.prompt_template is not None and self.prompt_field is not None:
+            raise ValueError(f"task {self.name!r}: give prompt_field or prompt_template, not both")
         return self
 
 
@@ -325,7 +426,7 @@ class BaselinesConfig(_Section):
 class EvaluateConfig(_Section):
     max_new_tokens: int = Field(64, ge=1, le=8192)
     batch_size: int = Field(16, ge=1)
-    models: list[str] = Field(
+    models: list[Literal["base", "probes", "fused", "final", "baselines"]] = Field(
         default_factory=lambda: ["base", "probes", "fused", "final", "baselines"],
         description="which models to score: base, probes, fused, final, baselines",
     )

@@ -10,7 +10,7 @@ import logging
 from typing import Any
 
 from cpi_ray.config.schema import TaskConfig
-from cpi_ray.data.tasks import answer_text, prompt_text
+from cpi_ray.data.tasks import answer_text, conversation
 
 log = logging.getLogger("cpi_ray")
 
@@ -26,26 +26,59 @@ def has_chat_template(tokenizer: Any) -> bool:
 
 
 def format_prompt(tokenizer: Any, task: TaskConfig, row: dict) -> str:
-    """The text the model continues with its answer: the tokenizer's chat template (system prompt
-    if the task has one, then the user turn, then the assistant header) where it has one, else
-    `"{system}\\n\\n{prompt}\\n"` / `"{prompt}\\n"`."""
-    prompt = prompt_text(task, row)
+    """The text the model continues with its answer: every turn before the scored assistant turn,
+    through the tokenizer's chat template with the assistant header, where it has one; else plain
+    text (`"{system}\\n\\n{user}\\n"`, earlier assistant turns as `"{assistant}\\n"`)."""
+    return _prompt_of(tokenizer, conversation(task, row)[:-1])
+
+
+def _prompt_of(tokenizer: Any, turns: list[dict]) -> str:
     if not has_chat_template(tokenizer):
-        return f"{task.system_prompt}\n\n{prompt}\n" if task.system_prompt else f"{prompt}\n"
-    messages = [{"role": "user", "content": prompt}]
-    if task.system_prompt:
-        try:
-            return _apply(tokenizer, [{"role": "system", "content": task.system_prompt}, *messages])
-        except Exception:  # some templates reject a system role: fold it into the user turn
-            messages = [{"role": "user", "content": f"{task.system_prompt}\n\n{prompt}"}]
-    return _apply(tokenizer, messages)
+        return "".join(f"{t['content']}\n\n" if t["role"] == "system" else f"{t['content']}\n"
+                       for t in turns)
+    return _render(tokenizer, turns, generation_prompt=True)
 
 
-def _apply(tokenizer: Any, messages: list[dict]) -> str:
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+def _render(tokenizer: Any, turns: list[dict], generation_prompt: bool) -> str:
+    try:
+        text = tokenizer.apply_chat_template(turns, tokenize=False,
+                                             add_generation_prompt=generation_prompt)
+    except Exception:
+        if turns[0]["role"] != "system":
+            raise
+        # Some templates reject a system role: fold it into the first user turn.
+        system, rest = turns[0]["content"], [dict(t) for t in turns[1:]]
+        first_user = next(i for i, t in enumerate(rest) if t["role"] == "user")
+        rest[first_user]["content"] = f"{system}\n\n{rest[first_user]['content']}"
+        text = tokenizer.apply_chat_template(rest, tokenize=False,
+                                             add_generation_prompt=generation_prompt)
     if not isinstance(text, str):
         raise TypeError(f"chat template returned {type(text).__name__}, expected str")
     return text
+
+
+def _context_segments(tokenizer: Any, turns: list[dict]) -> list[tuple[str, bool]]:
+    """The text before the scored answer as (text, learned) pieces: with a chat template, each
+    earlier assistant turn as the template writes it (its end-of-turn tokens included) is learned,
+    everything else is not. A template that rewrites earlier turns as the conversation goes on
+    (so that a longer conversation does not extend a shorter one) keeps them as context only."""
+    prompt = _prompt_of(tokenizer, turns)
+    if not has_chat_template(tokenizer) or all(t["role"] != "assistant" for t in turns):
+        return [(prompt, False)]
+    segments: list[tuple[str, bool]] = []
+    done = ""
+    for i, t in enumerate(turns):
+        if t["role"] != "assistant":
+            continue
+        before = _render(tokenizer, turns[:i], generation_prompt=True)
+        after = _render(tokenizer, turns[: i + 1], generation_prompt=False)
+        if not (before.startswith(done) and after.startswith(before)):
+            return [(prompt, False)]
+        segments += [(before[len(done):], False), (after[len(before):], True)]
+        done = after
+    if not prompt.startswith(done):
+        return [(prompt, False)]
+    return [*segments, (prompt[len(done):], False)]
 
 
 def prompt_ids(tokenizer: Any, text: str) -> list[int]:
@@ -62,15 +95,25 @@ def eos_id(tokenizer: Any) -> int:
 
 
 def encode_example(tokenizer: Any, task: TaskConfig, row: dict, max_seq_len: int) -> dict:
-    """`{"input_ids": [...], "labels": [...]}`: prompt tokens then answer tokens then EOS; labels
-    are IGNORE_INDEX on the prompt and the token ids on answer+EOS. Over `max_seq_len`, the prompt
-    loses tokens from its left (the answer is what is learned); an answer that cannot fit with at
-    least one prompt token before it raises AnswerTooLongError (the first position is never a
-    prediction target, so the answer's first token needs a token to its left)."""
-    p_ids = prompt_ids(tokenizer, format_prompt(tokenizer, task, row))
+    """`{"input_ids": [...], "labels": [...]}`: the prompt (`format_prompt`), then the answer
+    tokens then EOS; labels are the token ids on the answer+EOS and on earlier assistant turns of
+    a conversation, IGNORE_INDEX elsewhere (system and user turns, template headers). Over
+    `max_seq_len`, the sequence loses tokens from its left (the answer is what is learned); an
+    answer that cannot fit with at least one token before it raises AnswerTooLongError (the first
+    position is never a prediction target, so the answer's first token needs a token to its
+    left)."""
+    turns = conversation(task, row)
+    ids: list[int] = []
+    labels: list[int] = []
+    for k, (text, learned) in enumerate(_context_segments(tokenizer, turns[:-1])):
+        # The first piece is tokenized as a prompt is (`prompt_ids`); the rest continue it.
+        seg = prompt_ids(tokenizer, text) if k == 0 else list(
+            tokenizer(text, add_special_tokens=False)["input_ids"])
+        ids += seg
+        labels += seg if learned else [IGNORE_INDEX] * len(seg)
     a_ids = list(tokenizer(answer_text(task, row), add_special_tokens=False)["input_ids"])
     a_ids.append(eos_id(tokenizer))
-    if not p_ids:
+    if not ids:
         raise ValueError(f"task {task.name!r}: a prompt tokenized to nothing")
     if len(a_ids) + 1 > max_seq_len:
         raise AnswerTooLongError(
@@ -78,9 +121,9 @@ def encode_example(tokenizer: Any, task: TaskConfig, row: dict, max_seq_len: int
             f" max_seq_len={max_seq_len}"
         )
     budget = max_seq_len - len(a_ids)
-    if len(p_ids) > budget:
-        p_ids = p_ids[len(p_ids) - budget:]
-    return {"input_ids": p_ids + a_ids, "labels": [IGNORE_INDEX] * len(p_ids) + a_ids}
+    if len(ids) > budget:
+        ids, labels = ids[len(ids) - budget:], labels[len(labels) - budget:]
+    return {"input_ids": ids + a_ids, "labels": labels + a_ids}
 
 
 def encode_rows(tokenizer: Any, task: TaskConfig, rows: list[dict], max_seq_len: int) -> list[dict]:

@@ -1,7 +1,8 @@
 """Per-task scorers: `scorer(prediction, row) -> float in [0, 1]`.
 
 `exact_match` compares the stripped prediction with the stripped answer, case-sensitively;
-`reasoning_gym` asks the generating dataset's own `score_answer(answer, entry)`; any other value
+`numeric` compares the final numbers of the two (GSM8K style: the number after `####` when there
+is one, else the last number; `1,000`, `1000.0` and `$1000` are equal); `reasoning_gym` asks the generating dataset's own `score_answer(answer, entry)`; any other value
 `module:function` names a callable with the same signature (e.g.
 `cpi_ray.data.scorers:exact_match_ignore_case` or `cpi_ray.data.scorers:char_accuracy`), whose
 row holds the task's answer text under "answer" whatever the task's `answer_field` is.
@@ -14,7 +15,9 @@ import importlib
 import json
 import logging
 import math
-from typing import Callable
+import re
+from decimal import Decimal, InvalidOperation
+from typing import Callable, Optional
 
 from cpi_ray.config.schema import TaskConfig
 from cpi_ray.data.tasks import answer_text
@@ -37,10 +40,35 @@ def char_accuracy(prediction: str, row: dict) -> float:
     return sum(a == b for a, b in zip(pred, ans)) / max(len(pred), len(ans))
 
 
+_NUMBER = re.compile(r"-?(?:\d[\d,]*(?:\.\d+)?|\.\d+)")
+
+
+def final_number(text: str) -> Optional[Decimal]:
+    """A text's final answer as a number: the number right after its last `####` if it has one
+    (GSM8K's convention, lm-eval's strict match), else its last number (lm-eval's flexible
+    extract); thousands separators ignored. None when there is no number."""
+    marked = "####" in text
+    found = _NUMBER.findall(text.rsplit("####", 1)[1] if marked else text)
+    if not found:
+        return None
+    try:
+        return Decimal((found[0] if marked else found[-1]).replace(",", ""))
+    except InvalidOperation:  # e.g. "-," cannot be, but a stray pattern must cost the row only
+        return None
+
+
+def numeric_match(prediction: str, row: dict) -> float:
+    pred, ans = final_number(prediction), final_number(str(row["answer"]))
+    return float(pred is not None and ans is not None and pred == ans)
+
+
 def get_scorer(task: TaskConfig) -> Scorer:
     if task.scorer == "exact_match":
         def score(prediction: str, row: dict) -> float:
             return float(prediction.strip() == answer_text(task, row))
+    elif task.scorer == "numeric":
+        def score(prediction: str, row: dict) -> float:
+            return numeric_match(prediction, {"answer": answer_text(task, row)})
     elif task.scorer == "reasoning_gym":
         if task.reasoning_gym is None:
             raise ValueError(f"task {task.name!r}: scorer reasoning_gym needs a reasoning_gym source")

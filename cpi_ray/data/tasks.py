@@ -45,13 +45,74 @@ def get_field(row: dict, field: str) -> Any:
     return cur
 
 
+_SCALARS = (str, int, float, bool)
+CHAT_ROLES = ("system", "user", "assistant")
+
+
+def render_template(template: str, row: dict) -> str:
+    """`prompt_template` filled from the row. Each placeholder owns the literal text just before
+    it, so an empty or missing field drops with its label: `"{instruction}\\n\\n{input}"` with no
+    input gives the instruction alone; text after the last placeholder is kept."""
+    import string
+
+    out: list[str] = []
+    for literal, name, _, _ in string.Formatter().parse(template):
+        if name is None:
+            out.append(literal)
+            continue
+        try:
+            value = get_field(row, name)
+        except KeyError:
+            value = None
+        if value is not None and str(value).strip():
+            out.append(literal + str(value))
+    return "".join(out).strip()
+
+
 def prompt_text(task: TaskConfig, row: dict) -> str:
+    """The user turn of a prompt_answer / text prompt_completion row."""
+    if task.prompt_template is not None:
+        return render_template(task.prompt_template, row)
     return str(get_field(row, task.prompt_field))
 
 
+def conversation(task: TaskConfig, row: dict) -> list[dict]:
+    """The row as chat turns (`{"role", "content"}`) ending with the assistant turn that is
+    scored: what every format is trained and evaluated through. Turns after the last assistant
+    turn carry nothing to learn and are dropped; the task's `system_prompt` is the first turn
+    unless the row has a system turn of its own."""
+    if task.format == "messages":
+        turns = [_turn(m) for m in get_field(row, task.messages_field)]
+    elif task.format == "prompt_completion":
+        turns = _as_turns(get_field(row, task.prompt_field), "user")
+        turns += _as_turns(get_field(row, task.answer_field), "assistant")
+    else:
+        turns = [{"role": "user", "content": prompt_text(task, row)},
+                 {"role": "assistant", "content": str(get_field(row, task.answer_field))}]
+    last = max(i for i, t in enumerate(turns) if t["role"] == "assistant")
+    turns = turns[: last + 1]
+    if task.system_prompt and turns[0]["role"] != "system":
+        turns.insert(0, {"role": "system", "content": task.system_prompt})
+    return turns
+
+
+def _turn(m: dict) -> dict:
+    return {"role": m["role"], "content": m["content"]}
+
+
+def _as_turns(value: Any, role: str) -> list[dict]:
+    # TRL's prompt-completion rows hold text ("standard") or chat turns ("conversational").
+    if isinstance(value, list):
+        return [_turn(m) for m in value]
+    return [{"role": role, "content": str(value)}]
+
+
 def answer_text(task: TaskConfig, row: dict) -> str:
-    # Surrounding whitespace is never part of what a model should learn or be scored on.
-    return str(get_field(row, task.answer_field)).strip()
+    """The text the model is scored on: the last assistant turn. Surrounding whitespace is never
+    part of what a model should learn or be scored on."""
+    if task.format == "prompt_answer":  # the common case, without building the turns
+        return str(get_field(row, task.answer_field)).strip()
+    return conversation(task, row)[-1]["content"].strip()
 
 
 # ---------------------------------------------------------------------------------- loading
@@ -102,8 +163,15 @@ def _load_local(task: TaskConfig) -> list[dict]:
 def _load_hub(task: TaskConfig) -> list[dict]:
     import datasets
 
-    with _quiet_datasets():
-        ds = datasets.load_dataset(task.hub_id, split=task.hub_split)
+    try:
+        with _quiet_datasets():
+            ds = datasets.load_dataset(task.hub_id, name=task.hub_name, revision=task.hub_revision,
+                                       data_files=task.hub_data_files, split=task.hub_split)
+    except Exception as e:  # datasets' own errors do not say which task failed
+        what = ", ".join(f"{k}={v!r}" for k, v in (("name", task.hub_name), ("revision",
+                         task.hub_revision), ("split", task.hub_split)) if v is not None)
+        raise ValueError(f"task {task.name!r}: cannot load hub dataset {task.hub_id!r} ({what}): "
+                         f"{e}") from e
     return [to_json_safe(r) for r in ds.to_list()]
 
 
@@ -142,27 +210,91 @@ def to_json_safe(obj: Any) -> Any:
 
 
 def validate_rows(task: TaskConfig, rows: list[dict]) -> None:
-    """ValueError naming the task, the row and the field for: no rows, a row without the prompt
-    or answer field, an empty prompt or answer."""
+    """ValueError naming the task, the row and the field for: no rows, a missing, null, empty or
+    wrongly typed field of the task's format (a chat list where text is expected, a turn without
+    role or content), a conversation with no assistant turn or no user turn before it."""
     if not rows:
         raise ValueError(f"task {task.name!r}: the dataset is empty")
     for i, row in enumerate(rows):
         if not isinstance(row, dict):
             raise ValueError(f"task {task.name!r}: row {i} is not a mapping")
-        for field, kind in ((task.prompt_field, "prompt"), (task.answer_field, "answer")):
-            try:
-                value = get_field(row, field)
-            except KeyError:
-                raise ValueError(
-                    f"task {task.name!r}: row {i} has no {kind} field {field!r}"
-                    f" (fields: {', '.join(sorted(row))})"
-                ) from None
-            if value is None:  # datasets fills a key missing from some rows with null
-                raise ValueError(
-                    f"task {task.name!r}: row {i} has no {kind} field {field!r} (missing or null)"
-                )
-            if not str(value).strip():
-                raise ValueError(f"task {task.name!r}: row {i} has an empty {kind} field {field!r}")
+        where = f"task {task.name!r}: row {i}"
+        if task.format == "messages":
+            _check_turns(where, task.messages_field, _field(where, row, task.messages_field,
+                                                             "messages"))
+        elif task.format == "prompt_completion":
+            for field, kind in ((task.prompt_field, "prompt"), (task.answer_field, "completion")):
+                value = _field(where, row, field, kind)
+                if isinstance(value, list):
+                    _check_turns(where, field, value, need_assistant=kind == "completion")
+                else:
+                    _check_text(where, field, kind, value)
+        else:
+            if task.prompt_template is None:
+                _check_text(where, task.prompt_field, "prompt",
+                            _field(where, row, task.prompt_field, "prompt"))
+            else:
+                _check_template(where, task.prompt_template, row)
+            _check_text(where, task.answer_field, "answer",
+                        _field(where, row, task.answer_field, "answer"))
+        turns = conversation(task, row)
+        last = len(turns) - 1
+        if not any(t["role"] == "user" for t in turns[:last]):
+            raise ValueError(f"{where} has no user turn before its last assistant turn")
+        if not turns[last]["content"].strip():
+            raise ValueError(f"{where} has an empty last assistant turn")
+
+
+def _field(where: str, row: dict, field: str, kind: str) -> Any:
+    try:
+        value = get_field(row, field)
+    except KeyError:
+        raise ValueError(f"{where} has no {kind} field {field!r} (fields: {', '.join(sorted(row))})"
+                         ) from None
+    if value is None:  # datasets fills a key missing from some rows with null
+        raise ValueError(f"{where} has no {kind} field {field!r} (missing or null)")
+    return value
+
+
+def _check_text(where: str, field: str, kind: str, value: Any) -> None:
+    if not isinstance(value, _SCALARS):
+        hint = " (chat turns: set the task's format to messages)" if isinstance(value, list) else ""
+        raise ValueError(f"{where}: {kind} field {field!r} is a {type(value).__name__}, expected "
+                         f"text{hint}")
+    if not str(value).strip():
+        raise ValueError(f"{where} has an empty {kind} field {field!r}")
+
+
+def _check_template(where: str, template: str, row: dict) -> None:
+    from cpi_ray.config.schema import template_fields
+
+    for name in template_fields(template):
+        try:
+            value = get_field(row, name)
+        except KeyError:
+            continue  # an absent field drops like an empty one
+        if value is not None and not isinstance(value, _SCALARS):
+            raise ValueError(f"{where}: prompt_template field {name!r} is a "
+                             f"{type(value).__name__}, expected text")
+    if not render_template(template, row):
+        raise ValueError(f"{where}: every field of prompt_template {template!r} is empty")
+
+
+def _check_turns(where: str, field: str, turns: Any, need_assistant: bool = True) -> None:
+    if not isinstance(turns, list):
+        raise ValueError(f"{where}: field {field!r} is a {type(turns).__name__}, expected a list "
+                         "of chat turns")
+    for j, m in enumerate(turns):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise ValueError(f"{where}: {field}[{j}] is not a turn with role and content")
+        if m["role"] not in CHAT_ROLES:
+            raise ValueError(f"{where}: {field}[{j}] has role {m['role']!r}, expected one of "
+                             f"{', '.join(CHAT_ROLES)}")
+        if not isinstance(m["content"], str):
+            raise ValueError(f"{where}: {field}[{j}].content is a {type(m['content']).__name__}, "
+                             "expected text")
+    if need_assistant and not any(m["role"] == "assistant" for m in turns):
+        raise ValueError(f"{where}: field {field!r} has no assistant turn")
 
 
 # ---------------------------------------------------------------------------------- splits
@@ -206,7 +338,7 @@ def load_splits(task: TaskConfig, split_seed: int) -> TaskSplits:
 def task_identity(task: TaskConfig) -> dict:
     """What a stage fingerprint needs to know about a task: its config and, for a local file, the
     file's content hash (editing the file must redo the stages that read it)."""
-    ident: dict[str, Any] = task.model_dump(mode="json")
+    ident: dict[str, Any] = task.fingerprint_dump()
     if task.path is not None and Path(task.path).is_file():
         h = hashlib.sha256()
         with open(task.path, "rb") as f:

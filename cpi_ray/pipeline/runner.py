@@ -127,12 +127,11 @@ def check_prompt_format(cfg: PipelineConfig, base_dir: Path) -> None:
     `data.require_chat_template` that stops the run before any work."""
     from cpi_ray.data.formatting import has_chat_template
     from cpi_ray.models.loading import load_tokenizer
+    from cpi_ray.pipeline.check import require_chat_template
 
     if has_chat_template(load_tokenizer(base_dir, cfg.model.trust_remote_code)):
         return
-    if cfg.data.require_chat_template:
-        raise ValueError(f"data.require_chat_template: the tokenizer of {base_dir} has no chat "
-                         "template (set the field to false to format prompts as plain text)")
+    require_chat_template(cfg, False, str(base_dir))
     log.warning("the tokenizer of %s has no chat template: prompts are formatted as plain text "
                 "('{prompt}\\n')", base_dir)
 
