@@ -85,7 +85,7 @@ def test_probe_memory_is_four_weight_copies_plus_activations(tmp_path):
                                       "probe.num_workers=2"])).stages[0]
     static = sum(b for k, b in fp32.memory if not k.startswith("activations"))
     assert static == 16 * P7 + 4 * P7
-    assert fp32.units == 3 * 2  # three tasks' trainers at once, two workers each
+    assert fp32.units == 4 * 2  # four tasks' trainers at once, two workers each
     assert any("80 GiB" in n for n in fp32.notes)
 
 
@@ -130,7 +130,7 @@ def test_streaming_stages_do_not_grow_with_the_model(tmp_path):
     assert big["fuse"].memory_per_worker == 512 * 2**20  # fuse.chunk_mib is the actor's budget
     assert small["regions"].memory_per_worker == big["regions"].memory_per_worker
     # ... but the driver's packed masks do: one bit per parameter per task.
-    assert dict(big["regions"].driver_memory)["bit-packed masks (3 task(s) x P/8 bytes)"] == 3 * P7 // 8
+    assert dict(big["regions"].driver_memory)["bit-packed masks (4 task(s) x P/8 bytes)"] == 4 * P7 // 8
     assert big["regions"].units == 32 and big["fuse"].units == 16
 
 
@@ -144,7 +144,7 @@ def test_worker_resources_carry_custom_resources(tmp_path):
     assert worker_resources(cfg, "groups") == {}
     total = build_plan(cfg).total_resources()
     assert total["consolidate"] == {"CPU": 80, "GPU": 8, "zero3_gpu": 8}
-    assert total["probe"] == {"CPU": 24, "GPU": 3, "probe_gpu": 3}
+    assert total["probe"] == {"CPU": 32, "GPU": 4, "probe_gpu": 4}
 
 
 @pytest.mark.parametrize("bad", ["probe.custom_resources={GPU: 1}",
