@@ -75,3 +75,23 @@ def test_tiny_model_loads_with_transformers(tiny_model_dir):
     r = CheckpointReader(tiny_model_dir)
     for k, v in model.state_dict().items():
         assert torch.equal(r.read(k), v)
+
+
+def test_model_side_files_carry_remote_code_never_weights(tmp_path):
+    """A `trust_remote_code` model's modeling/tokenization code travels with every model the
+    pipeline writes from it; weights, indexes and stage records never do."""
+    from cpi_ray.io.safetensors_io import save_model_dir
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("config.json", "tokenizer.json", "modeling_x.py", "tokenization_x.py",
+                 "chat_template.jinja", INDEX_NAME, "stage.json", "model-00001.safetensors"):
+        (src / name).write_text(name)
+    out = save_model_dir({"w": torch.zeros(2)}, tmp_path / "out", 2**20, copy_from=src)
+    for name in ("config.json", "tokenizer.json", "modeling_x.py", "tokenization_x.py",
+                 "chat_template.jinja"):
+        assert (out / name).read_text() == name
+    assert (out / "stage.json").exists() is False
+    assert "model-00001.safetensors" not in {p.name for p in out.iterdir()}
+    if (out / INDEX_NAME).exists():  # the writer's own index, not the copied one
+        assert (out / INDEX_NAME).read_text() != INDEX_NAME

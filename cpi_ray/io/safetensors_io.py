@@ -315,11 +315,13 @@ def save_model_dir(state: Mapping[str, torch.Tensor] | Iterator[tuple[str, torch
     return out_dir
 
 
-SIDE_FILE_SUFFIXES = (".json", ".txt", ".model", ".jinja", ".tiktoken")
+# `.py`: a model of `trust_remote_code` needs its modeling/tokenization code beside its weights.
+SIDE_FILE_SUFFIXES = (".json", ".txt", ".model", ".jinja", ".tiktoken", ".py")
 
 
 def copy_model_side_files(src: str | os.PathLike, dst: str | os.PathLike) -> None:
-    """Copy config, generation config and tokenizer files, never weights or indexes."""
+    """Copy config, generation config, tokenizer and model code files, never weights or
+    indexes."""
     import shutil
 
     src, dst = Path(src), Path(dst)

@@ -86,9 +86,11 @@ def _download_hub_model(m: ModelConfig, cache: Path) -> Path:
     path = cache / m.source.replace("/", "--")
     if not _complete(path):
         log.info("downloading %s (safetensors only) into %s", m.source, path)
+        patterns = ["*.safetensors", "*.json", "*.txt", "*.model", "*.jinja", "*.tiktoken"]
+        if m.trust_remote_code:  # the model's own code, which transformers will then run
+            patterns.append("*.py")
         with atomic_dir(path) as tmp:
-            snapshot_download(m.source, local_dir=tmp, allow_patterns=[
-                "*.safetensors", "*.json", "*.txt", "*.model", "*.jinja", "*.tiktoken"])
+            snapshot_download(m.source, local_dir=tmp, allow_patterns=patterns)
     return path
 
 
