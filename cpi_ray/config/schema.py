@@ -423,6 +423,9 @@ class BaselinesConfig(_Section):
         return self
 
 
+HARNESS_FIELDS = ("harness_tasks", "harness_include_path", "harness_num_fewshot", "harness_limit")
+
+
 class EvaluateConfig(_Section):
     max_new_tokens: int = Field(64, ge=1, le=8192)
     batch_size: int = Field(16, ge=1)
@@ -434,6 +437,32 @@ class EvaluateConfig(_Section):
     cpus_per_worker: float = Field(1, gt=0)
     use_gpu: bool = Field(False, description="one GPU per model being scored")
     custom_resources: CustomResources = _custom_resources_field()
+    harness_tasks: list[str] = Field(
+        default_factory=list, description="lm-evaluation-harness tasks run on every scored "
+        "model (e.g. [gsm8k, mmlu]); needs the harness extra")
+    harness_include_path: Optional[str] = Field(
+        None, description="a folder of your own lm-eval task YAMLs")
+    harness_num_fewshot: Optional[int] = Field(None, ge=0, description="None: each task's own")
+    harness_limit: Optional[int] = Field(
+        None, ge=1, description="rows per harness task (a quick look; not a comparable score)")
+
+    @field_validator("harness_include_path")
+    @classmethod
+    def _include_path(cls, v: Optional[str]) -> Optional[str]:
+        if v is None:
+            return v
+        p = Path(v).expanduser().resolve()  # resolved on the driver: workers do not share its cwd
+        if not p.is_dir():
+            raise ValueError(f"harness_include_path: {v!r} is not a directory")
+        return str(p)
+
+    def scoring_dump(self) -> dict[str, Any]:
+        """What the per-task scores depend on: neither resources nor the harness settings."""
+        return self.model_dump(exclude={"num_workers", "cpus_per_worker", "custom_resources",
+                                        *HARNESS_FIELDS})
+
+    def harness_dump(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in (*HARNESS_FIELDS, "batch_size")}
 
 
 # Knobs a search may vary: probes are computed once and shared by every trial, so nothing of

@@ -22,6 +22,7 @@ from cpi_ray.config.schema import PipelineConfig
 from cpi_ray.data.formatting import format_prompt
 from cpi_ray.data.scorers import get_scorer
 from cpi_ray.data.tasks import answer_text, load_splits, task_identity
+from cpi_ray.evaluation.harness import HARNESS_NAME, backend
 from cpi_ray.evaluation.stats import mean_se
 from cpi_ray.io.atomic import atomic_file, read_json, write_json
 from cpi_ray.pipeline.stage import (STAGE_FOLDERS, RECORD_NAME, RunContext, Stage, _load_record,
@@ -95,9 +96,14 @@ def score_model(model_dir: str | Path, tasks_rows: dict[str, list[dict]], cfg: P
 
 
 def _evaluate_task(model_dir: str, tasks_rows: dict[str, list[dict]], cfg: PipelineConfig,
-                   tokenizer_dir: str) -> dict[str, dict]:
-    """Body of the Ray task scoring one model."""
+                   tokenizer_dir: str, what: str) -> dict[str, dict]:
+    """Body of the Ray task scoring one model: on the tasks' rows (`what="scores"`) or on the
+    lm-eval harness tasks (`what="harness"`)."""
     t0 = time.time()
+    if what == "harness":
+        from cpi_ray.evaluation.harness import run_harness
+
+        return {"harness": run_harness(model_dir, cfg, tokenizer_dir), "wall_s": time.time() - t0}
     result = evaluate_model_dir(model_dir, tasks_rows, cfg, tokenizer_dir)
     return {"tasks": result, "wall_s": time.time() - t0}
 
@@ -119,6 +125,10 @@ def weights_digest(model_dir: Path) -> str:
 
 def _safe(model: str) -> str:
     return model.replace(":", "--")
+
+
+def _cache_name(model: str, what: str) -> str:
+    return f"{_safe(model)}.json" if what == "scores" else f"{_safe(model)}.{what}.json"
 
 
 def _read_cached(path: Path, key: str) -> Optional[dict]:
@@ -196,10 +206,18 @@ class EvaluateStage(Stage):
             deps.append("baselines")
         return tuple(deps)
 
-    def config_slice(self, cfg: PipelineConfig) -> dict:
-        ev = cfg.evaluate.model_dump(exclude={"num_workers", "cpus_per_worker", "custom_resources"})
-        return {"evaluate": ev, "tasks": [task_identity(t) for t in cfg.tasks],
+    @staticmethod
+    def scoring_slice(cfg: PipelineConfig) -> dict:
+        """What a model's per-task scores depend on, besides its weights."""
+        return {"evaluate": cfg.evaluate.scoring_dump(),
+                "tasks": [task_identity(t) for t in cfg.tasks],
                 "split_seed": cfg.data.split_seed, "dtype": cfg.model.dtype}
+
+    def config_slice(self, cfg: PipelineConfig) -> dict:
+        out = self.scoring_slice(cfg)
+        if cfg.evaluate.harness_tasks:  # absent otherwise: runs from before the harness resume
+            out["harness"] = cfg.evaluate.harness_dump()
+        return out
 
     # ------------------------------------------------------------------ run
 
@@ -229,31 +247,46 @@ class EvaluateStage(Stage):
         # Each model's scores are kept as soon as it is scored, under a key of its weights and
         # of what scoring reads: a rerun (a model added, a run interrupted) scores only the rest.
         cache_dir = ctx.path(self.folder, MODEL_CACHE)
-        keys = {m: stable_hash({"weights": weights_digest(d), "scoring": self.config_slice(cfg)})
-                for m, d in models.items()}
+        digests = {m: weights_digest(d) for m, d in models.items()}
+        jobs = {"scores": self.scoring_slice(cfg)}
+        if cfg.evaluate.harness_tasks:
+            jobs["harness"] = {"harness": cfg.evaluate.harness_dump(), "dtype": cfg.model.dtype}
+        harness: dict[str, dict] = {}
+        done_by = {"scores": results, "harness": harness}
+        keys = {(m, what): stable_hash({"weights": digests[m], "scoring": sl})
+                for m in models for what, sl in jobs.items()}
         queue = []
-        for m, d in models.items():
-            cached = _read_cached(cache_dir / f"{_safe(m)}.json", keys[m])
+        for (m, what), key in keys.items():
+            cached = _read_cached(cache_dir / _cache_name(m, what), key)
             if cached is not None:
-                results[m] = cached
-                log.info("evaluate: %s already scored (its weights unchanged), kept", m)
+                done_by[what][m] = cached
+                log.info("evaluate: %s already %s (its weights unchanged), kept", m,
+                         "scored" if what == "scores" else "run through the harness")
             else:
-                queue.append((m, d))
+                queue.append((m, what))
         while queue or pending:
             while queue and len(pending) < cfg.evaluate.num_workers:
-                m, d = queue.pop(0)
-                pending[remote.remote(str(d), rows_ref, cfg, str(ctx.base_model_dir))] = m
+                m, what = queue.pop(0)
+                ref = remote.remote(str(models[m]), rows_ref, cfg, str(ctx.base_model_dir), what)
+                pending[ref] = (m, what)
             done, _ = ray.wait(list(pending), num_returns=1)
-            m = pending.pop(done[0])
+            m, what = pending.pop(done[0])
             try:
-                results[m] = ray.get(done[0])
+                done_by[what][m] = ray.get(done[0])
             except Exception as e:
                 for ref in pending:
                     ray.cancel(ref)
-                raise RuntimeError(f"evaluate: scoring model {m!r} ({models[m]}) failed: {e}") from e
-            write_json(cache_dir / f"{_safe(m)}.json", {"key": keys[m], **results[m]})
-            log.info("evaluate: %s scored in %.1fs: %s", m, results[m]["wall_s"], ", ".join(
-                f"{t}={r['score']:.1f}" for t, r in results[m]["tasks"].items()))
+                raise RuntimeError(f"evaluate: {'scoring' if what == 'scores' else 'the harness on'}"
+                                   f" model {m!r} ({models[m]}) failed: {e}") from e
+            write_json(cache_dir / _cache_name(m, what), {"key": keys[m, what], **done_by[what][m]})
+            r = done_by[what][m]
+            if what == "scores":
+                log.info("evaluate: %s scored in %.1fs: %s", m, r["wall_s"], ", ".join(
+                    f"{t}={x['score']:.1f}" for t, x in r["tasks"].items()))
+            else:
+                log.info("evaluate: %s through the harness in %.1fs: %s", m, r["wall_s"], ", ".join(
+                    f"{t} {k}={v:.4f}" for t, x in r["harness"].items()
+                    for k, v in x["metrics"].items()))
 
         order = list(models)  # config order, not completion order
         scores = {
@@ -278,12 +311,22 @@ class EvaluateStage(Stage):
                                             "prediction": r["predictions"][i],
                                             "answer": answer_text(task, row),
                                             "score": r["row_scores"][i]}) + "\n")
+        outputs = [out_dir / SCORES_NAME, out_dir / PREDICTIONS_NAME,
+                   *(cache_dir / _cache_name(m, what) for m, what in keys)]
+        if harness:
+            write_json(out_dir / HARNESS_NAME, {
+                "tasks": list(cfg.evaluate.harness_tasks), "backend": backend(cfg),
+                "num_fewshot": cfg.evaluate.harness_num_fewshot,
+                "limit": cfg.evaluate.harness_limit,
+                "models": {m: harness[m]["harness"] for m in order}})
+            outputs.append(out_dir / HARNESS_NAME)
+        else:  # a harness table of an earlier run with other settings would mislead
+            (out_dir / HARNESS_NAME).unlink(missing_ok=True)
         from cpi_ray.evaluation.report import build_report
 
         report = build_report(ctx.run_dir)
         log.info("evaluate: report written to %s", report / "index.html")
-        return [out_dir / SCORES_NAME, out_dir / PREDICTIONS_NAME, report,
-                *(cache_dir / f"{_safe(m)}.json" for m in order)]
+        return [*outputs, report]
 
     def summary(self, ctx: RunContext) -> Optional[str]:
         try:

@@ -15,6 +15,7 @@ import math
 from pathlib import Path
 from typing import Any, Optional
 
+from cpi_ray.evaluation.harness import HARNESS_NAME, harness_rows
 from cpi_ray.evaluation.stats import fmt_mean_se
 from cpi_ray.io.atomic import atomic_dir
 from cpi_ray.regions.grouping import overlap_summary
@@ -253,6 +254,14 @@ def build_report(run_dir: str | Path, extra_sections: Optional[list[tuple[str, s
         if forgetting:
             md += ["## Forgetting (sequential training)", "",
                    markdown_table(FORGETTING_HEADER, forgetting), ""]
+        harness = _load(run_dir / "eval" / HARNESS_NAME)
+        if harness and harness.get("models"):
+            header, rows = harness_rows(harness)
+            md += ["## lm-evaluation-harness", "",
+                   f"`{', '.join(harness['tasks'])}` through lm-eval ({harness['backend']} backend"
+                   + (f", {harness['limit']} rows per task: a quick look, not a comparable score"
+                      if harness.get("limit") else "") + "), ± lm-eval's standard error.", "",
+                   markdown_table(header, rows), ""]
         for title, body in extra_sections or []:
             md += [f"## {title}", "", body, ""]
         md += ["## Figures", ""] + [f"![{t}]({f})" for t, f in figures] if figures else []

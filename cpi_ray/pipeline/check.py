@@ -166,7 +166,22 @@ def check_config(cfg: PipelineConfig, run_dir: Path) -> CheckReport:
     report = CheckReport(where, chat, str(run_dir))
     for t in cfg.tasks:
         report.tasks.append(check_task(cfg, t.name, tokenizer))
+    if cfg.evaluate.harness_tasks:
+        check_harness(cfg)
     return report
+
+
+def check_harness(cfg: PipelineConfig) -> None:
+    from cpi_ray.evaluation.harness import harness_missing, unknown_tasks
+
+    missing = harness_missing()
+    if missing:
+        raise CheckError(missing)
+    unknown = unknown_tasks(cfg)
+    if unknown:
+        where = cfg.evaluate.harness_include_path
+        raise CheckError(f"evaluate.harness_tasks: lm-eval knows no task {', '.join(unknown)}"
+                         + (f" (its own nor in {where})" if where else ""))
 
 
 def report_json(report: CheckReport) -> str:
