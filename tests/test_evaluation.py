@@ -151,6 +151,15 @@ def test_evaluate_stage_scores_existing_models_and_reruns_when_more_exist(
             row_scores = [p["score"] for p in preds if p["model"] == m and p["task"] == t]
             assert per[t] == pytest.approx(100 * sum(row_scores) / len(row_scores))
 
+    # Every scored model but the base gets a model card with its scores and n.
+    card = (run_dir / "probes" / "a" / "README.md").read_text()
+    assert card.startswith("---\nbase_model: tiny\nlibrary_name: transformers\n")
+    assert "A probe: a short SFT of the base model on task `a` alone" in card
+    assert (f"| a | file a.jsonl | prompt_answer | {data['scores']['probe:a']['a']:.1f} | "
+            f"{data['stderr']['probe:a']['a']:.1f} | 3 |") in card
+    assert "## Settings" in card and "steps:" in card
+    assert not (tiny_model_dir / "README.md").exists()
+
     table = stage.summary(ctx)
     assert table.splitlines()[1].split() == ["model", "a", "b", "avg", "worst"]
     assert "skipped fused: stage fuse has not run" in table

