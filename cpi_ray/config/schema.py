@@ -600,6 +600,21 @@ class StorageConfig(_Section):
         return v
 
 
+class ExportConfig(_Section):
+    """Optional upload of a finished model (with its model card) to the Hugging Face hub."""
+
+    hub_repo_id: Optional[str] = Field(None, description="e.g. my-org/llama-cpi-ft; None: no upload")
+    model: Literal["final", "fused"] = "final"
+    private: bool = True
+
+    @field_validator("hub_repo_id")
+    @classmethod
+    def _repo(cls, v: Optional[str]) -> Optional[str]:
+        if v is not None and not re.match(r"^[\w.-]+/[\w.-]+$", v):
+            raise ValueError("hub_repo_id must be namespace/name")
+        return v
+
+
 class RayConfig(_Section):
     address: Optional[str] = Field(
         None, description="a cluster address ('auto': any Ray running on this machine); "
@@ -621,6 +636,7 @@ class PipelineConfig(_Section):
     consolidate: ConsolidateConfig = ConsolidateConfig()
     baselines: BaselinesConfig = BaselinesConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    export: ExportConfig = ExportConfig()
     tune: TuneConfig = TuneConfig()
     storage: StorageConfig = StorageConfig()
     ray: RayConfig = RayConfig()

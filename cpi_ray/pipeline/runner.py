@@ -115,6 +115,11 @@ def _run_stages(cfg: PipelineConfig, run_dir: Path, stages: Optional[list[str]])
             store.push(run_dir, STAGE_FOLDERS[name])
         result.outcomes.append(StageOutcome(name, status, rec["wall_time_s"] if not ran else wall,
                                             STAGE_FOLDERS[name]))
+    if cfg.export.hub_repo_id and "evaluate" in selected:
+        from cpi_ray.models.export import push_to_hub
+
+        # After evaluate, so that the model card carries the scores.
+        push_to_hub(cfg, run_dir)
     for o in result.outcomes:
         summary = load_stage(o.name).summary(ctx)
         if summary:
