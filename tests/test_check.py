@@ -101,3 +101,31 @@ def test_relative_storage_under_job_submission_is_refused(tmp_path):
     r = subprocess.run([*CHECK, "--set", f"storage.path={tmp_path}"], capture_output=True,
                        text=True, timeout=300, cwd=ROOT, env=env)
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_storage_not_shared_by_every_node_is_refused(tmp_path, monkeypatch):
+    """The driver writes a marker in the run directory; each node must read it there. A node
+    that sees another filesystem (simulated: it looks under another root) stops the run."""
+    import ray
+
+    from cpi_ray.pipeline.check import CheckError, check_shared_storage
+
+    monkeypatch.setattr(ray, "nodes", lambda: [{"NodeID": "a", "Alive": True},
+                                               {"NodeID": "b", "Alive": True},
+                                               {"NodeID": "c", "Alive": False}])
+    elsewhere = tmp_path / "node-b-disk"
+    seen = []
+
+    def visit(node, fn, path, token):
+        seen.append(node)
+        if node == "b":  # node b mounts something else at the same path
+            path = str(elsewhere / Path(path).relative_to(tmp_path))
+        return fn(path, token)
+
+    run = tmp_path / "run"
+    with pytest.raises(CheckError, match=r"storage: the run directory .*run is not shared by "
+                       r"every node .*No such file"):
+        check_shared_storage(run, visit)
+    assert seen == ["a", "b"]
+    assert not list(run.iterdir())  # the marker is removed either way
+    check_shared_storage(run, lambda node, fn, *args: fn(*args))  # all nodes share it: passes

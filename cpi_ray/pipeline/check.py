@@ -188,3 +188,54 @@ def report_json(report: CheckReport) -> str:
     from dataclasses import asdict
 
     return json.dumps(asdict(report), indent=2)
+
+
+def _sees(path: str, token: str) -> Optional[str]:
+    """On one node: None if `path` holds `token` and the directory is writable there, else why."""
+    import socket
+
+    p = Path(path)
+    try:
+        if p.read_text() != token:
+            return f"{socket.gethostname()}: {p} holds other content"
+        probe = p.with_name(p.name + "." + socket.gethostname())
+        probe.write_text(token)
+        probe.unlink()
+    except OSError as e:
+        return f"{socket.gethostname()}: {e.strerror or e} ({p})"
+    return None
+
+
+def check_shared_storage(run_dir: Path, visit=None) -> None:
+    """With several alive Ray nodes, every node must see the run directory the driver writes
+    (stages on one node read what stages on another wrote). `visit(node_id, fn, *args)` runs
+    `fn` on that node; by default a Ray task pinned to it."""
+    import uuid
+
+    import ray
+
+    nodes = [n["NodeID"] for n in ray.nodes() if n.get("Alive")]
+    if len(nodes) < 2:
+        return
+    visit = visit or _visit_node
+    run_dir.mkdir(parents=True, exist_ok=True)
+    token = uuid.uuid4().hex
+    marker = run_dir / f".storage-check-{token[:8]}"
+    marker.write_text(token)
+    try:
+        problems = [p for p in (visit(n, _sees, str(marker), token) for n in nodes) if p]
+    finally:
+        marker.unlink(missing_ok=True)
+    if problems:
+        raise CheckError(f"storage: the run directory {run_dir} is not shared by every node of "
+                         f"the Ray cluster ({'; '.join(problems)}); give storage.path (or "
+                         "storage.local_path with a bucket) on a mount every node shares")
+
+
+def _visit_node(node_id: str, fn, *args):
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    task = ray.remote(fn).options(num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(
+        node_id, soft=False))
+    return ray.get(task.remote(*args), timeout=120)

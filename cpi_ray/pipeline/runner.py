@@ -92,6 +92,9 @@ def _run_stages(cfg: PipelineConfig, run_dir: Path, stages: Optional[list[str]])
     log.info("base model: %s", base_dir)
     check_prompt_format(cfg, base_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    from cpi_ray.pipeline.check import check_shared_storage
+
+    check_shared_storage(run_dir)
     store = run_store(cfg)
     if store is not None:
         store.check()
