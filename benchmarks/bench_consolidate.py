@@ -36,8 +36,8 @@ def bench_worker(config: dict) -> None:
     import ray.train
 
     from cpi_ray.config.schema import ConsolidateConfig
+    from cpi_ray.io.masks import MaskFile
     from cpi_ray.io.safetensors_io import CheckpointReader
-    from cpi_ray.regions.masks import MaskFile
     from cpi_ray.training import zero3
 
     tc = ConsolidateConfig.model_validate(config["consolidate"])
@@ -172,9 +172,9 @@ def main() -> None:
 
     import ray
 
+    from cpi_ray.io.masks import pack_mask, write_mask_file
     from cpi_ray.io.safetensors_io import CheckpointReader
     from cpi_ray.models.tiny import save_tiny_model
-    from cpi_ray.regions.masks import pack_mask, write_mask_file
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -8,7 +8,7 @@ consolidation engine), and once mode `sequential` (the same without freezing). E
 scored on A's and B's eval rows; results accumulate in `<run-root>/forgetting.json`, so a rerun
 resumes at the first cell not yet measured.
 
-    python benchmarks/bench_forgetting.py                              # quality.yaml, spell_backward -> letter_counting
+    python benchmarks/bench_forgetting.py          # quality.yaml, spell_backward -> letter_counting
     python benchmarks/bench_forgetting.py --scores delta_fisher --ps 5
     python benchmarks/bench_forgetting.py --config jobs/configs/smoke.yaml --pair reverse upper \\
         --run-root runs/bf-smoke
@@ -144,7 +144,8 @@ def run_seed(args, seed: int, root: Path) -> dict:
     from cpi_ray.data.tasks import load_splits
     from cpi_ray.evaluation.evaluate import score_model
     from cpi_ray.models.loading import resolve_base_model
-    from cpi_ray.pipeline.runner import connect_ray, run_pipeline
+    from cpi_ray.pipeline.runner import run_pipeline
+    from cpi_ray.run.runtime import connect_ray
 
     a, b = args.pair
     # Its own embedded Ray unless told otherwise (--set ray.address=auto on a cluster).

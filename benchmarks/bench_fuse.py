@@ -59,8 +59,8 @@ def build_inputs(work: Path, size: str, n_tasks: int) -> Path:
     import torch
     from transformers import LlamaForCausalLM
 
+    from cpi_ray.io.masks import pack_mask, write_mask_file
     from cpi_ray.io.safetensors_io import save_model_dir
-    from cpi_ray.regions.masks import pack_mask, write_mask_file
 
     root = work / size
     cfg = llama_config(size)
@@ -172,7 +172,7 @@ def child_plain(a) -> dict:
     import torch
     from safetensors.torch import load_file, save_file
 
-    from cpi_ray.regions.masks import MaskFile
+    from cpi_ray.io.masks import MaskFile
 
     root = Path(a.root)
     t0 = time.perf_counter()
@@ -311,7 +311,6 @@ def compare_exact_slerp(root: Path, out: Path, t: float = 0.5) -> float:
     """Largest per-tensor relative error of `out` against slerp(task0, task1, t) evaluated in
     float64 from the formula: who is closer to the exact value, when stage and mergekit differ."""
     import math
-
 
     from cpi_ray.io.safetensors_io import CheckpointReader
 

@@ -220,7 +220,7 @@ def aggregate(per_seed: dict[str, dict], tasks: list[str], rows: list[tuple[str,
         for stat in ("avg", "worst"):
             entry[stat] = mean_se([summaries[s][key][stat] for s in seeds])
         out["models"][key] = entry
-    for label, key in rows:
+    for _, key in rows:
         if "@" not in key or key not in out["models"]:
             continue
         for base in COMPARED:
@@ -245,7 +245,7 @@ def results_markdown(doc: dict) -> str:
              "seed); avg and worst are computed per seed, then averaged.", ""]
     header = ["model", *tasks, "avg", "worst"]
     body = []
-    for key, e in agg["models"].items():
+    for e in agg["models"].values():
         body.append([e["label"], *(fmt_mean_se(*e[t]) for t in tasks), fmt_mean_se(*e["avg"]),
                      fmt_mean_se(*e["worst"])])
     lines += [markdown_table(header, body), ""]
@@ -319,7 +319,8 @@ def main() -> int:
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     args = ap.parse_args()
 
-    from cpi_ray.pipeline.runner import connect_ray, run_pipeline
+    from cpi_ray.pipeline.runner import run_pipeline
+    from cpi_ray.run.runtime import connect_ray
 
     # Its own embedded Ray unless told otherwise (--set ray.address=auto on a cluster).
     args.overrides = ["ray.address=local", *args.overrides]

@@ -175,7 +175,7 @@ def run_child(code: str, args: list[str], sample: bool) -> tuple[dict, int]:
 
 
 def compare(root: Path) -> bool:
-    from cpi_ray.regions.masks import MaskFile
+    from cpi_ray.io.masks import MaskFile
 
     ref = np.load(root / "reference_masks.npz")
     ok = True

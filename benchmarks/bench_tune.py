@@ -43,10 +43,17 @@ def main() -> int:
 
     from cpi_ray.config.load import load_config
     from cpi_ray.models.loading import resolve_base_model
-    from cpi_ray.pipeline.runner import connect_ray, run_pipeline
-    from cpi_ray.pipeline.stage import RunContext
-    from cpi_ray.tune.search import (_score_remote, expert_scores, normalized_scores,
-                                     objective_of, run_tune, validation_rows)
+    from cpi_ray.pipeline.runner import run_pipeline
+    from cpi_ray.run.runtime import connect_ray
+    from cpi_ray.run.stage import RunContext
+    from cpi_ray.tune.search import (
+        _score_remote,
+        expert_scores,
+        normalized_scores,
+        objective_of,
+        run_tune,
+        validation_rows,
+    )
     from cpi_ray.tune.space import apply_knobs
 
     cfg = load_config(args.config, args.overrides)
@@ -85,7 +92,7 @@ def main() -> int:
         t1 = time.time()
         run_pipeline(c, run_dir, ["probe", "regions", "groups", "fuse", "consolidate"])
         ctx = RunContext(cfg=c, run_dir=run_dir, base_model_dir=base_dir, base_model_id=base_id)
-        from cpi_ray.pipeline.stage import _load_record
+        from cpi_ray.run.stage import _load_record
 
         ctx.records["probe"] = _load_record(run_dir / "probes" / "stage.json")
         experts = expert_scores(ctx, run_dir / "experts.json")

@@ -53,7 +53,8 @@ def main() -> int:
     import psutil
 
     from cpi_ray.config.load import load_config
-    from cpi_ray.pipeline.runner import connect_ray, run_pipeline
+    from cpi_ray.pipeline.runner import run_pipeline
+    from cpi_ray.run.runtime import connect_ray
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default=str(ROOT / "jobs" / "configs" / "smoke.yaml"))
@@ -93,7 +94,8 @@ def main() -> int:
 
     print("\nrun  ok   wall_s  placement_groups  live_actors  driver_rss_MiB  ray_rss_MiB")
     for i, ok, wall, pgs, actors, drss, rrss in rows:
-        print(f"{i:>3}  {'yes' if ok else 'NO ':<3}  {wall:6.0f}  {pgs:>16}  {actors:>11}  {drss:>14.0f}  {rrss:>11.0f}")
+        print(f"{i:>3}  {'yes' if ok else 'NO ':<3}  {wall:6.0f}  {pgs:>16}  {actors:>11}  "
+              f"{drss:>14.0f}  {rrss:>11.0f}")
     if len(rows) > 1:
         print(f"\nfailures: {failures}/{len(rows)}; driver RSS growth {rows[-1][5] - rows[0][5]:+.0f} MiB, "
               f"Ray RSS growth {rows[-1][6] - rows[0][6]:+.0f} MiB, placement groups "

@@ -11,7 +11,7 @@ import sys
 from typing import Optional
 
 from cpi_ray.config.load import ConfigError, load_config
-from cpi_ray.config.schema import STAGES
+from cpi_ray.config.stages import STAGES
 from cpi_ray.pipeline.check import CheckError, check_config
 
 EXIT_CONFIG = 2
@@ -81,7 +81,8 @@ def run_command(args: argparse.Namespace) -> int:
 
 
 def _run(cfg, run_dir, tuning: bool, log: logging.Logger) -> int:
-    from cpi_ray.pipeline.runner import connect_ray, run_pipeline
+    from cpi_ray.pipeline.runner import run_pipeline
+    from cpi_ray.run.runtime import connect_ray
 
     try:
         where = connect_ray(cfg)

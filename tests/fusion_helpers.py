@@ -9,10 +9,10 @@ from typing import Optional
 import torch
 
 from cpi_ray.config.schema import PipelineConfig
+from cpi_ray.io.masks import pack_mask, write_mask_file
 from cpi_ray.io.safetensors_io import CheckpointReader, save_model_dir
 from cpi_ray.models.tiny import save_tiny_model
-from cpi_ray.pipeline.stage import RunContext
-from cpi_ray.regions.masks import pack_mask, write_mask_file
+from cpi_ray.run.stage import RunContext
 
 TASKS = ["a", "b", "c"]
 

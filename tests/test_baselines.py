@@ -96,10 +96,10 @@ def test_every_mode_trains_on_smoke_and_the_report_holds_its_scores(ray_session,
     records equal budgets, and the report shows the numbers of eval/scores.json."""
     import json
 
+    from cpi_ray.io.masks import MaskFile
     from cpi_ray.io.safetensors_io import CheckpointReader
     from cpi_ray.models.loading import resolve_base_model
     from cpi_ray.pipeline.runner import run_pipeline
-    from cpi_ray.regions.masks import MaskFile
 
     cfg = _cfg("baselines.modes=[full_mtl, multistage, sequential, sequential_cpi]",
                "baselines.sequential=[reverse, upper]", "baselines.multistage_num_groups=2",
@@ -122,7 +122,8 @@ def test_every_mode_trains_on_smoke_and_the_report_holds_its_scores(ray_session,
         diff, total = moved(start, run / "baselines" / mode)
         assert diff > total // 2, f"{mode}: trained model barely differs from its start"
     core = MaskFile(run / "regions" / "reverse.mask.safetensors")
-    a, b = CheckpointReader(run / "probes" / "reverse"), CheckpointReader(run / "baselines" / "sequential_cpi")
+    a = CheckpointReader(run / "probes" / "reverse")
+    b = CheckpointReader(run / "baselines" / "sequential_cpi")
     plain = CheckpointReader(run / "baselines" / "sequential")
     kept = moved_core = 0
     for n in core.names():
@@ -150,7 +151,8 @@ def test_every_mode_trains_on_smoke_and_the_report_holds_its_scores(ray_session,
     assert "## Forgetting" in md and (run / "report" / "index.html").is_file()
 
     # A mode added later trains alone: the four finished ones stay as they are.
-    weights = {m: [(f.name, f.stat().st_mtime_ns) for f in sorted((run / "baselines" / m).glob("*.safetensors"))]
+    weights = {m: [(f.name, f.stat().st_mtime_ns)
+                   for f in sorted((run / "baselines" / m).glob("*.safetensors"))]
                for m in starts}
     more = cfg.model_copy(deep=True)
     more.baselines.modes = [*cfg.baselines.modes, "full_mtl_light"]

@@ -58,7 +58,7 @@ def _bad_task(tmp_path, lines: list[str]) -> str:
 GOOD = [json.dumps({"question": f"q{i}", "answer": f"a{i}"}) for i in range(6)]
 
 
-@pytest.mark.parametrize("case, sets, expect", [
+BAD_DATA = [
     ("malformed line", lambda t: [_bad_task(t, [*GOOD, '{"question": "q", "answer"'])],
      [r"task 'bad'", "cannot read", "bad.jsonl"]),
     ("missing field", lambda t: [_bad_task(t, [*GOOD, json.dumps({"question": "q"})])],
@@ -71,14 +71,36 @@ GOOD = [json.dumps({"question": f"q{i}", "answer": f"a{i}"}) for i in range(6)]
     ("no row fits max_seq_len", lambda t: [_bad_task(t, [json.dumps(
         {"question": "q", "answer": "x" * 40})] * 6), "data.max_seq_len=16"],
      ["task 'bad' (", "bad.jsonl): no training row fits in data.max_seq_len=16"]),
-])
-def test_bad_data_stops_the_run_before_ray_in_one_line(tmp_path, case, sets, expect):
-    overrides = [*sets(tmp_path), f"model.cache_dir={tmp_path / 'models'}"]
-    r = _run(CHECK, tmp_path, *overrides)
-    line = _one_line_error(r)
+]
+
+
+@pytest.fixture(scope="module")
+def models_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("models")
+
+
+@pytest.mark.parametrize("case, sets, expect", BAD_DATA, ids=[c[0] for c in BAD_DATA])
+def test_bad_data_is_one_line_naming_task_row_and_field(tmp_path, models_dir, case, sets, expect):
+    from cpi_ray.config.load import load_config
+    from cpi_ray.pipeline.check import CheckError, check_config
+
+    cfg = load_config(SMOKE, [*sets(tmp_path), f"model.cache_dir={models_dir}"])
+    with pytest.raises(CheckError) as err:
+        check_config(cfg, tmp_path / "run")
+    line = str(err.value)
+    assert "\n" not in line
     for part in expect:
         assert part in line, line
-    # the run itself refuses the same way, before Ray starts and without a run directory
+    assert not (tmp_path / "run").exists()
+
+
+def test_bad_data_stops_check_and_run_before_ray(tmp_path):
+    """Both entries print the same single line, exit non-zero, start no Ray, write nothing."""
+    overrides = [_bad_task(tmp_path, [*GOOD, json.dumps({"question": "q"})]),
+                 f"model.cache_dir={tmp_path / 'models'}"]
+    r = _run(CHECK, tmp_path, *overrides)
+    line = _one_line_error(r)
+    assert r.returncode == 3 and "task 'bad': row 6 has no answer field 'answer'" in line
     r = _run(JOB, tmp_path, *overrides, "ray.address=local")
     assert _one_line_error(r) == line
     assert "Ray:" not in r.stderr and "Started a local Ray" not in r.stderr
@@ -90,17 +112,16 @@ def test_unknown_model_to_evaluate_is_a_config_error(tmp_path):
     assert r.returncode == 2 and "evaluate.models.1" in r.stderr
 
 
-def test_relative_storage_under_job_submission_is_refused(tmp_path):
-    import os
+def test_relative_storage_under_job_submission_is_refused(tmp_path, monkeypatch):
+    from cpi_ray.config.load import load_config
+    from cpi_ray.pipeline.check import CheckError, check_storage
 
-    env = {**os.environ, "RAY_JOB_CONFIG_JSON_ENV_VAR": "{}"}
-    r = subprocess.run([*CHECK, "--set", f"model.cache_dir={tmp_path / 'models'}"],
-                       capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
-    line = _one_line_error(r)
-    assert "storage.path: 'runs' is relative" in line and "ray job submit" in line
-    r = subprocess.run([*CHECK, "--set", f"storage.path={tmp_path}"], capture_output=True,
-                       text=True, timeout=300, cwd=ROOT, env=env)
-    assert r.returncode == 0, r.stderr[-2000:]
+    check_storage(load_config(SMOKE), tmp_path / "run")  # a relative path is fine on a laptop
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")  # what Ray's job supervisor sets
+    with pytest.raises(CheckError, match=r"storage.path: 'runs' is relative; under `ray job "
+                       r"submit` it would land in the job's temporary working directory"):
+        check_storage(load_config(SMOKE), tmp_path / "run")
+    check_storage(load_config(SMOKE, [f"storage.path={tmp_path}"]), tmp_path / "run")
 
 
 def test_storage_not_shared_by_every_node_is_refused(tmp_path, monkeypatch):

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from cpi_ray.config.load import load_config
-from cpi_ray.pipeline.plan import worker_resources
+from cpi_ray.run.runtime import worker_resources
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "cluster"

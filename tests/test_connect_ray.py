@@ -21,7 +21,7 @@ OTHER_RUN = textwrap.dedent("""
 THIS_RUN = textwrap.dedent("""
     import ray
     from cpi_ray.config.load import load_config
-    from cpi_ray.pipeline.runner import connect_ray
+    from cpi_ray.run.runtime import connect_ray
     cfg = load_config(sys.argv[1], ["ray.num_cpus=1"])
     how = connect_ray(cfg)
     print(how + "|" + ray.get_runtime_context().gcs_address, flush=True)

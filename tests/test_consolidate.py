@@ -8,13 +8,13 @@ import shutil
 from pathlib import Path
 
 import pytest
+from test_freeze import assert_frozen_exact, random_mask_file
 
 from cpi_ray.config.schema import PipelineConfig
+from cpi_ray.io.masks import MaskFile
 from cpi_ray.io.safetensors_io import CheckpointReader
-from cpi_ray.pipeline.stage import RunContext
-from cpi_ray.regions.masks import MaskFile
+from cpi_ray.run.stage import RunContext
 from cpi_ray.training.consolidate import ConsolidateStage, check_frozen, stage_record
-from test_freeze import assert_frozen_exact, random_mask_file
 
 DATA = Path(__file__).resolve().parents[1] / "jobs" / "data"
 

@@ -10,11 +10,20 @@ import pytest
 
 from cpi_ray.config.schema import TaskConfig
 from cpi_ray.data.formatting import (
-    IGNORE_INDEX, AnswerTooLongError, encode_example, encode_rows, format_prompt,
+    IGNORE_INDEX,
+    AnswerTooLongError,
+    encode_example,
+    encode_rows,
+    format_prompt,
 )
 from cpi_ray.data.scorers import get_scorer
 from cpi_ray.data.tasks import (
-    answer_text, load_rows, render_template, split_rows, task_identity, to_json_safe,
+    answer_text,
+    load_rows,
+    render_template,
+    split_rows,
+    task_identity,
+    to_json_safe,
 )
 from cpi_ray.models.tiny import build_tiny_tokenizer
 

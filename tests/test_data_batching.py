@@ -158,7 +158,7 @@ def test_packing_masks_a_supervised_first_token():
     ex = [{"input_ids": [MARK + i, 5, 6], "labels": [MARK + i, 5, 6]} for i in range(8)]
     batch = next(iterate_batches(ex, 2, PAD, 0, packing=True, max_seq_len=12))
     for ids, lab in _rows(batch):
-        for seg_ids, seg_lab in _segments(ids, lab):
+        for _, seg_lab in _segments(ids, lab):
             assert seg_lab == [IGNORE_INDEX, 5, 6]
 
 

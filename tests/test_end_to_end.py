@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from cpi_ray.io.masks import MaskFile
 from cpi_ray.io.safetensors_io import CheckpointReader
-from cpi_ray.regions.masks import MaskFile
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -14,7 +14,7 @@ from cpi_ray.config.schema import PipelineConfig
 from cpi_ray.evaluation.evaluate import EvaluateStage, format_table, score_model, score_rows
 from cpi_ray.io.atomic import read_json, write_json
 from cpi_ray.models.tiny import build_tiny_tokenizer
-from cpi_ray.pipeline.stage import RunContext
+from cpi_ray.run.stage import RunContext
 
 
 def _write(path, rows):

@@ -18,9 +18,8 @@ class _Recorder:
         return f"https://huggingface.co/{repo_id}"
 
     def upload_folder(self, folder_path, repo_id, commit_message, ignore_patterns):
-        from pathlib import Path
-
         import fnmatch
+        from pathlib import Path
 
         files = sorted(p.name for p in Path(folder_path).iterdir()
                        if not any(fnmatch.fnmatch(p.name, pat) for pat in ignore_patterns))

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from cpi_ray.config.schema import ConsolidateConfig, PipelineConfig
+from cpi_ray.io.masks import MaskFile, pack_mask, write_mask_file
 from cpi_ray.io.safetensors_io import CheckpointReader
-from cpi_ray.regions.masks import MaskFile, pack_mask, write_mask_file
 from cpi_ray.training.consolidate import fit_group, frozen_tasks, union_masks
 from cpi_ray.training.zero3 import build_ds_config, deep_merge, lr_lambda
 

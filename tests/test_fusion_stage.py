@@ -9,13 +9,12 @@ import re
 
 import pytest
 import torch
+from fusion_helpers import TASKS, load_state, make_run, with_fuse
 
 from cpi_ray.fusion.stage import STATS_NAME, FuseStage
 from cpi_ray.fusion.worker import FuseError
+from cpi_ray.io.masks import MaskFile
 from cpi_ray.io.safetensors_io import save_model_dir
-from cpi_ray.regions.masks import MaskFile
-
-from fusion_helpers import TASKS, load_state, make_run, with_fuse
 
 ray = pytest.importorskip("ray")
 
@@ -300,7 +299,7 @@ def test_missing_tensor_and_shape_mismatch(tmp_path, tiny):
 
 
 def test_bad_mask_is_reported(tmp_path, tiny):
-    from cpi_ray.regions.masks import pack_mask, write_mask_file
+    from cpi_ray.io.masks import pack_mask, write_mask_file
 
     ctx = make_run(tmp_path, base_dir=tiny, tasks=["a", "b"])
     name = "model.norm.weight"

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
+from cpi_ray.io.masks import pack_mask, write_mask_file
 from cpi_ray.regions.grouping import connected_components, order_groups
-from cpi_ray.regions.masks import pack_mask, write_mask_file
 from cpi_ray.regions.overlap import intersections, jaccard, mask_intersections
 
 DATA = Path(__file__).resolve().parents[1] / "jobs" / "data"
@@ -132,8 +132,8 @@ def test_chance_threshold_keeps_its_grouping_across_p():
 def test_groups_stage_records_threshold_and_chance(tmp_path):
     """compute_groups links at tau x chance in chance mode and records both in overlap.json."""
     from cpi_ray.config.schema import PipelineConfig
+    from cpi_ray.io.masks import write_mask_file
     from cpi_ray.regions.grouping import chance_jaccard, overlap_summary
-    from cpi_ray.regions.masks import write_mask_file
     from cpi_ray.regions.stage import compute_groups
 
     d = 4000

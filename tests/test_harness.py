@@ -72,7 +72,7 @@ def test_harness_runs_on_each_scored_model(ray_session, tiny_model_dir, tmp_path
     from cpi_ray.evaluation.evaluate import EvaluateStage
     from cpi_ray.models.loading import load_model, load_tokenizer
     from cpi_ray.pipeline.check import CheckError, check_harness
-    from cpi_ray.pipeline.stage import RunContext
+    from cpi_ray.run.stage import RunContext
 
     rows = tmp_path / "a.jsonl"
     rows.write_text("".join(json.dumps({"question": f"c{i}", "answer": str(i)}) + "\n"

@@ -4,8 +4,7 @@ import pytest
 import torch
 
 from cpi_ray.io.atomic import atomic_dir
-from cpi_ray.io.safetensors_io import (INDEX_NAME, CheckpointError, CheckpointReader, plan_shards,
-                                       save_sharded)
+from cpi_ray.io.safetensors_io import INDEX_NAME, CheckpointError, CheckpointReader, plan_shards, save_sharded
 
 
 def _state():

@@ -10,8 +10,14 @@ import pytest
 
 from cpi_ray.cli import main
 from cpi_ray.config.load import ConfigError, load_config
-from cpi_ray.pipeline.plan import (GIB, activation_bytes, build_plan, model_facts,
-                                   train_state_bytes, worker_resources)
+from cpi_ray.pipeline.plan import (
+    GIB,
+    activation_bytes,
+    build_plan,
+    model_facts,
+    train_state_bytes,
+    worker_resources,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 LLAMA7B = str(REPO / "jobs/configs/llama7b.yaml")

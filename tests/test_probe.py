@@ -29,8 +29,9 @@ def test_probe_trains_each_task_and_rerun_skips(ray_session, probe_cfg, tmp_path
     result = run_pipeline(probe_cfg, run_dir)
     assert [o.status for o in result.outcomes] == ["ran"]
 
-    from cpi_ray.models.loading import resolve_base_model
     from transformers import AutoModelForCausalLM
+
+    from cpi_ray.models.loading import resolve_base_model
 
     base_dir, _ = resolve_base_model(probe_cfg)
     base = CheckpointReader(base_dir)
@@ -95,7 +96,7 @@ class _Touch:
     """A minimal stage writing one file, to test the protocol without training anything."""
 
     def __new__(cls, payload: bytes):
-        from cpi_ray.pipeline.stage import Stage
+        from cpi_ray.run.stage import Stage
 
         class Writer(Stage):
             name = "probe"
@@ -115,7 +116,7 @@ class _Touch:
 
 
 def test_stage_record_verifies_outputs(tmp_path, probe_cfg, caplog):
-    from cpi_ray.pipeline.stage import RunContext
+    from cpi_ray.run.stage import RunContext
 
     ctx = RunContext(cfg=probe_cfg, run_dir=tmp_path, base_model_dir=tmp_path, base_model_id="b")
     stage = _Touch(b"abcdef")
@@ -138,7 +139,7 @@ def test_probe_worker_killed_resumes_from_checkpoint(ray_session, probe_cfg, tmp
     probe resumes from the step-3 checkpoint (weights, AdamW state, schedule, data position) and
     ends bitwise equal to a probe that was never interrupted."""
     from cpi_ray.models.loading import resolve_base_model
-    from cpi_ray.pipeline.stage import RunContext
+    from cpi_ray.run.stage import RunContext
     from cpi_ray.training.probe import ProbeStage
 
     cfg = probe_cfg.model_copy(deep=True)

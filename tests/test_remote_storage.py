@@ -42,7 +42,7 @@ def s3_uri():
 
 def _stage(payloads: dict[str, bytes]):
     """A stage writing the given files: the protocol without training anything."""
-    from cpi_ray.pipeline.stage import Stage
+    from cpi_ray.run.stage import Stage
 
     class Writer(Stage):
         name = "regions"
@@ -64,7 +64,7 @@ def _stage(payloads: dict[str, bytes]):
 
 
 def _ctx(cfg, run_dir):
-    from cpi_ray.pipeline.stage import RunContext
+    from cpi_ray.run.stage import RunContext
 
     return RunContext(cfg=cfg, run_dir=run_dir, base_model_dir=run_dir, base_model_id="b")
 

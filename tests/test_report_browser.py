@@ -12,7 +12,6 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shuti
 @pytest.mark.skipif(CHROMIUM is None, reason="no Chromium on this machine")
 def test_report_renders_in_headless_browser(tmp_path):
     from PIL import Image
-
     from test_report import _build_example_report
 
     out = _build_example_report(tmp_path)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from cpi_ray.config.load import ConfigError, load_config
-from cpi_ray.pipeline.stage import RECORD_NAME
+from cpi_ray.run.stage import RECORD_NAME
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "jobs" / "configs" / "smoke.yaml"
@@ -205,7 +205,7 @@ def test_shared_stages_run_once(search):
 @pytest.mark.slow
 def test_histogram_refinement_matches_a_fresh_selection(search, tmp_path):
     """The refined masks of p=20 are bitwise those of a plain regions run."""
-    from cpi_ray.regions.masks import MaskFile
+    from cpi_ray.io.masks import MaskFile
     from cpi_ray.regions.stage import compute_regions
     from cpi_ray.tune.space import apply_knobs
 

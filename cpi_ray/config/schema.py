@@ -10,11 +10,17 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional
 
-from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator,
-                      model_validator)
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
-STAGES: tuple[str, ...] = (
-    "probe", "regions", "groups", "fuse", "consolidate", "baselines", "evaluate")
+from cpi_ray.config.stages import MODEL_KINDS, STAGES
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
@@ -278,7 +284,8 @@ class TrainConfig(_Section):
     """One SFT recipe; the probe and every consolidation stage use one each."""
 
     steps: int = Field(40, ge=1)
-    batch_size: int = Field(8, ge=1, description="rows per optimizer step per worker, before accumulation split")
+    batch_size: int = Field(
+        8, ge=1, description="rows per optimizer step per worker, before accumulation split")
     grad_accum: int = Field(1, ge=1)
     lr: float = Field(5e-5, gt=0, le=1.0)
     warmup_ratio: float = Field(0.1, ge=0, lt=1)
@@ -429,8 +436,8 @@ HARNESS_FIELDS = ("harness_tasks", "harness_include_path", "harness_num_fewshot"
 class EvaluateConfig(_Section):
     max_new_tokens: int = Field(64, ge=1, le=8192)
     batch_size: int = Field(16, ge=1)
-    models: list[Literal["base", "probes", "fused", "final", "baselines"]] = Field(
-        default_factory=lambda: ["base", "probes", "fused", "final", "baselines"],
+    models: list[Literal[tuple(MODEL_KINDS)]] = Field(  # type: ignore[valid-type]
+        default_factory=lambda: list(MODEL_KINDS),
         description="which models to score: base, probes, fused, final, baselines",
     )
     num_workers: int = Field(1, ge=1, description="models scored at the same time, at most")

@@ -2,10 +2,11 @@
 
 `exact_match` compares the stripped prediction with the stripped answer, case-sensitively;
 `numeric` compares the final numbers of the two (GSM8K style: the number after `####` when there
-is one, else the last number; `1,000`, `1000.0` and `$1000` are equal); `reasoning_gym` asks the generating dataset's own `score_answer(answer, entry)`; any other value
-`module:function` names a callable with the same signature (e.g.
-`cpi_ray.data.scorers:exact_match_ignore_case` or `cpi_ray.data.scorers:char_accuracy`), whose
-row holds the task's answer text under "answer" whatever the task's `answer_field` is.
+is one, else the last number; `1,000`, `1000.0` and `$1000` are equal); `reasoning_gym` asks
+the generating dataset's own `score_answer(answer, entry)`; any other value `module:function`
+names a callable with the same signature (e.g. `cpi_ray.data.scorers:exact_match_ignore_case`
+or `cpi_ray.data.scorers:char_accuracy`), whose row holds the task's answer text under "answer"
+whatever the task's format and fields.
 """
 
 from __future__ import annotations

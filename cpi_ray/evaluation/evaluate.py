@@ -19,25 +19,19 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 from cpi_ray.config.schema import PipelineConfig
+from cpi_ray.config.stages import MODEL_KINDS, STAGE_FOLDERS
 from cpi_ray.data.formatting import format_prompt
 from cpi_ray.data.scorers import get_scorer
 from cpi_ray.data.tasks import answer_text, load_splits, task_identity
 from cpi_ray.evaluation.harness import HARNESS_NAME, backend
 from cpi_ray.evaluation.stats import mean_se
 from cpi_ray.io.atomic import atomic_file, read_json, write_json
-from cpi_ray.pipeline.stage import (STAGE_FOLDERS, RECORD_NAME, RunContext, Stage, _load_record,
-                                    file_sha256, stable_hash)
+from cpi_ray.run.stage import RECORD_NAME, RunContext, Stage, _load_record, file_sha256, stable_hash
 
 log = logging.getLogger("cpi_ray")
 
 SCORES_NAME = "scores.json"
 PREDICTIONS_NAME = "predictions.jsonl"
-
-# Which stage produces each kind of model listed in `evaluate.models` (None: the base model).
-MODEL_KINDS: dict[str, Optional[str]] = {
-    "base": None, "probes": "probe", "fused": "fuse", "final": "consolidate",
-    "baselines": "baselines",
-}
 
 # generate_fn(prompts, max_new_tokens) -> predictions, one per prompt
 GenerateFn = Callable[[list[str], int], list[str]]
@@ -150,7 +144,6 @@ def _record_exists(ctx: RunContext, stage: str) -> bool:
 
 class EvaluateStage(Stage):
     name = "evaluate"
-    folder = "eval"
     depends = ("probe",)  # when probes are evaluated; fuse/consolidate when their models exist
     version = 1
 
@@ -235,7 +228,7 @@ class EvaluateStage(Stage):
         log.info("evaluate: %d model(s) on %s", len(models),
                  ", ".join(f"{t} ({len(r)} rows)" for t, r in tasks_rows.items()))
 
-        from cpi_ray.pipeline.plan import worker_resources
+        from cpi_ray.run.runtime import worker_resources
 
         res = worker_resources(cfg, "evaluate")
         remote = ray.remote(_evaluate_task).options(

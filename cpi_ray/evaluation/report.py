@@ -124,7 +124,7 @@ def plot_overlap(names: list[str], matrix: list[list[float]], groups: list[list[
                     color="black" if v > 0.6 else "white", fontsize=8)
     # Outline each group's block (tasks of a group are contiguous once rows follow group order).
     pos = {t: i for i, t in enumerate(names)}
-    for gi, g in enumerate(groups):
+    for g in groups:
         idx = sorted(pos[t] for t in g if t in pos)
         if idx and idx == list(range(idx[0], idx[-1] + 1)):
             ax.add_patch(plt.Rectangle((idx[0] - 0.5, idx[0] - 0.5), len(idx), len(idx),
@@ -231,20 +231,24 @@ def build_report(run_dir: str | Path, extra_sections: Optional[list[tuple[str, s
             deltas = seesaw(scores, tasks)
             if deltas and any(deltas.values()):
                 md += ["## Seesaw: change against each task's expert", "",
-                       markdown_table(["model", *tasks], [[m, *(f"{d.get(t, float('nan')):+.1f}" for t in tasks)]
-                                                          for m, d in deltas.items()]), ""]
+                       markdown_table(["model", *tasks],
+                                      [[m, *(f"{d.get(t, float('nan')):+.1f}" for t in tasks)]
+                                       for m, d in deltas.items()]), ""]
                 if plot_seesaw(deltas, tasks, out / "seesaw.png"):
                     figures.append(("Seesaw", "seesaw.png"))
         if overlap:
             names, matrix = overlap["tasks"], overlap.get("jaccard", overlap.get("matrix"))
-            order = [t for g in groups for t in g if t in names] + [t for t in names if not any(t in g for g in groups)]
+            order = [t for g in groups for t in g if t in names] + [
+                t for t in names if not any(t in g for g in groups)]
             idx = [names.index(t) for t in order]
             reordered = [[matrix[i][j] for j in idx] for i in idx]
             plot_overlap(order, reordered, groups, out / "overlap.png")
             figures.append(("Core overlap", "overlap.png"))
             md += ["## Core overlap (Jaccard) and groups", "",
-                   markdown_table(["", *names], [[a, *(f"{v:.3f}" for v in row)] for a, row in zip(names, matrix)]),
-                   "", "Groups, in training order: " + " → ".join("{" + ", ".join(g) + "}" for g in groups), ""]
+                   markdown_table(["", *names], [[a, *(f"{v:.3f}" for v in row)]
+                                                 for a, row in zip(names, matrix)]),
+                   "", "Groups, in training order: "
+                   + " → ".join("{" + ", ".join(g) + "}" for g in groups), ""]
             detail = overlap_summary(overlap)
             if detail:
                 md += [detail[0].upper() + detail[1:] + ".", ""]

@@ -20,8 +20,8 @@ from cpi_ray.fusion.worker import FuseError, FuseSettings
 from cpi_ray.io.atomic import atomic_dir, read_json, write_json
 from cpi_ray.io.safetensors_io import copy_model_side_files, write_index
 from cpi_ray.io.sizes import parse_size
-from cpi_ray.pipeline.stage import RunContext, Stage
 from cpi_ray.regions.grouping import read_groups
+from cpi_ray.run.stage import RunContext, Stage
 
 log = logging.getLogger("cpi_ray")
 
@@ -49,7 +49,7 @@ def run_fusion(base_dir: Path, task_dirs: dict[str, Path], mask_paths: dict[str,
     settings = FuseSettings(method=fc.method, policy=fc.policy, eps=fc.epsilon, ranks=ranks,
                             buffer_bytes=fc.chunk_mib * 2**20, chunk_elems=chunk_elems,
                             fault=fault)
-    from cpi_ray.pipeline.plan import worker_resources
+    from cpi_ray.run.runtime import worker_resources
 
     res = worker_resources(cfg, "fuse")
     per_actor = res.pop("CPU")
@@ -109,7 +109,6 @@ def _get(ref):
 
 class FuseStage(Stage):
     name = "fuse"
-    folder = "fused"
     depends = ("regions", "groups")
     version = 1
 
@@ -136,7 +135,7 @@ class FuseStage(Stage):
         groups = None
         if ctx.cfg.fuse.policy == "priority":
             groups = read_groups(ctx.path("groups", "groups.json"))
-        from cpi_ray.pipeline.runner import connect_ray
+        from cpi_ray.run.runtime import connect_ray
 
         connect_ray(ctx.cfg)  # a no-op inside the pipeline, which connected already
         out = ctx.path("fused")

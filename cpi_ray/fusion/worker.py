@@ -19,7 +19,7 @@ from typing import Optional
 import numpy as np
 
 from cpi_ray.fusion import slerp as S
-from cpi_ray.pipeline.faults import kill_once
+from cpi_ray.run.faults import kill_once
 
 # safetensors dtype names -> numpy storage dtype (bfloat16 is stored as raw uint16 bits)
 NP_DTYPES: dict[str, np.dtype] = {
@@ -197,7 +197,7 @@ class ShardFuser:
 
     @staticmethod
     def _unpack(packed: np.ndarray, start: int, stop: int) -> np.ndarray:
-        # The bit layout of cpi_ray.regions.masks: numpy.packbits, big bit order, C order.
+        # The bit layout of cpi_ray.io.masks: numpy.packbits, big bit order, C order.
         # Chunks start on a multiple of BLOCK, hence on a byte boundary.
         bits = np.unpackbits(packed[start // 8 : (stop + 7) // 8], bitorder="big")
         return bits[: stop - start].view(bool)

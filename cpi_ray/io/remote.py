@@ -23,7 +23,7 @@ from typing import Optional
 from urllib.parse import urlsplit, urlunsplit
 
 from cpi_ray.io.atomic import atomic_file
-from cpi_ray.pipeline.stage import RECORD_NAME, output_problem
+from cpi_ray.io.records import RECORD_NAME, output_problem
 
 log = logging.getLogger("cpi_ray")
 

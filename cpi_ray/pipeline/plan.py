@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from cpi_ray.config.schema import PipelineConfig
+from cpi_ray.run.runtime import worker_resources
 
 GIB = 2**30
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "fp32": 4, "bf16": 2}
@@ -267,33 +268,6 @@ def activation_bytes(facts: ModelFacts, micro_batch: int, seq_len: int, compute_
     return facts.num_layers * per_layer + logits
 
 
-def _train_resources(tc) -> dict[str, float]:
-    res = {"CPU": float(tc.cpus_per_worker)}
-    if tc.use_gpu:
-        res["GPU"] = 1.0
-    res.update(tc.custom_resources)
-    return res
-
-
-def worker_resources(cfg: PipelineConfig, stage: str) -> dict[str, float]:
-    """The Ray resources one worker (trainers) or actor/task (the others) of `stage` asks for:
-    the single place that turns the config into a resource request."""
-    if stage in ("probe", "consolidate"):
-        return _train_resources(getattr(cfg, stage))
-    if stage in ("regions", "fuse"):
-        sc = getattr(cfg, stage)
-        return {"CPU": float(sc.cpus_per_actor), **sc.custom_resources}
-    if stage == "evaluate":
-        ec = cfg.evaluate
-        res = {"CPU": float(ec.cpus_per_worker)}
-        if ec.use_gpu:
-            res["GPU"] = 1.0
-        return {**res, **ec.custom_resources}
-    if stage == "groups":
-        return {}
-    raise KeyError(stage)
-
-
 # ------------------------------------------------------------------------------ the plan
 
 
@@ -428,7 +402,8 @@ def _evaluate(cfg: PipelineConfig, f: ModelFacts, name: str = "") -> StagePlan:
         seq = cfg.data.max_seq_len + ec.max_new_tokens
         mem.append((f"KV cache (batch {ec.batch_size} x {seq} tokens)",
                     2 * f.num_layers * ec.batch_size * seq * f.kv_dim * w))
-        mem.append(("logits of the prompt pass (rough)", ec.batch_size * cfg.data.max_seq_len * f.vocab_size * 4))
+        mem.append(("logits of the prompt pass (rough)",
+                    ec.batch_size * cfg.data.max_seq_len * f.vocab_size * 4))
     models = []
     for kind in ec.models:
         if kind == "probes":

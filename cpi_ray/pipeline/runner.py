@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,26 +11,15 @@ from typing import Optional
 
 import yaml
 
-from cpi_ray.config.schema import STAGES, PipelineConfig
+from cpi_ray.config.schema import PipelineConfig
+from cpi_ray.config.stages import STAGE_FOLDERS, STAGES, stage_spec
 from cpi_ray.io.lease import run_lease
-from cpi_ray.pipeline.stage import STAGE_FOLDERS, RunContext, Stage
+from cpi_ray.run.stage import RunContext, Stage
 
 log = logging.getLogger("cpi_ray")
 
-# Each stage lives in the package that owns its concern; imported only when it runs.
-STAGE_CLASSES: dict[str, str] = {
-    "probe": "cpi_ray.training.probe:ProbeStage",
-    "regions": "cpi_ray.regions.stage:RegionsStage",
-    "groups": "cpi_ray.regions.stage:GroupsStage",
-    "fuse": "cpi_ray.fusion.stage:FuseStage",
-    "consolidate": "cpi_ray.training.consolidate:ConsolidateStage",
-    "baselines": "cpi_ray.training.baselines:BaselinesStage",
-    "evaluate": "cpi_ray.evaluation.evaluate:EvaluateStage",
-}
-
-
 def load_stage(name: str) -> Stage:
-    module, cls = STAGE_CLASSES[name].split(":")
+    module, cls = stage_spec(name).cls.split(":")
     return getattr(importlib.import_module(module), cls)()
 
 
@@ -149,72 +137,3 @@ def _write_config(cfg: PipelineConfig, run_dir: Path) -> None:
 
     with atomic_file(run_dir / "config.yaml", "w") as f:
         yaml.safe_dump(cfg.model_dump(mode="json"), f, sort_keys=False)
-
-
-def _check_reachable(address: str, timeout_s: float = 10.0) -> None:
-    """Fail fast, naming the address, when nothing answers there: `ray.init` would otherwise
-    retry for minutes."""
-    import socket
-
-    host_port = address.split("://", 1)[-1]
-    if address == "auto" or ":" not in host_port:
-        return
-    host, _, port = host_port.rpartition(":")
-    if not port.isdigit():
-        return
-    try:
-        socket.create_connection((host, int(port)), timeout=timeout_s).close()
-    except OSError as e:
-        raise ConnectionError(f"ray.address {address!r}: no Ray cluster answers there ({e})") from None
-
-
-def connect_ray(cfg: PipelineConfig) -> str:
-    """Join the cluster when there is one (`ray.address`, RAY_ADDRESS, or a cluster started with
-    `ray start` on this machine), else start a local Ray for this process. Never another
-    process's embedded Ray: a run that joined one would run in that process's environment and
-    die with it. Returns a description for the log."""
-    import ray
-
-    from cpi_ray.training.sft import train_env
-
-    # Trainers fitted from this process (consolidation, baselines) read these here.
-    os.environ.update(train_env())
-    if ray.is_initialized():
-        return "already connected"
-    env = {"env_vars": {"DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "")}} \
-        if os.environ.get("DS_ACCELERATOR") else None
-    address = cfg.ray.address or ("auto" if os.environ.get("RAY_ADDRESS") else None)
-    if address is not None and address != "local":
-        _check_reachable(address)
-        ray.init(address=address, namespace=cfg.ray.namespace, runtime_env=env,
-                 log_to_driver=True)
-        return f"cluster at {address}"
-    if address is None:
-        # Only `ray start` records its cluster as this machine's current one; address="auto"
-        # would join any Ray found running here, embedded ones included.
-        from ray._private.services import find_bootstrap_address
-
-        started = find_bootstrap_address(None)
-        if started:
-            try:
-                ray.init(address=started, namespace=cfg.ray.namespace, runtime_env=env)
-                return f"cluster started with `ray start` at {started}"
-            except ConnectionError as e:
-                log.warning("the cluster `ray start` recorded at %s does not answer (%s); "
-                            "starting a local Ray", started, e)
-
-    def start_local() -> None:
-        # The dashboard stays on: Ray Train needs it to start more than one worker group reliably.
-        ray.init(num_cpus=cfg.ray.num_cpus, namespace=cfg.ray.namespace, runtime_env=env)
-
-    try:
-        start_local()
-    except Exception as e:  # noqa: BLE001 - Ray raises a bare Exception for this
-        # On an overloaded machine the local raylet can miss Ray's start-up deadline; one more
-        # try after cleaning up usually gets through.
-        if "timed out during startup" not in str(e):
-            raise
-        log.warning("local Ray did not start in time (%s); trying once more", e)
-        ray.shutdown()
-        start_local()
-    return "embedded local Ray"

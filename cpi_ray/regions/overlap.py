@@ -8,7 +8,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from cpi_ray.regions.masks import MaskFile
+from cpi_ray.io.masks import MaskFile
 
 
 def _np(t) -> np.ndarray:

@@ -15,18 +15,31 @@ import torch
 
 from cpi_ray.config.schema import PipelineConfig
 from cpi_ray.io.atomic import atomic_file, read_json, write_json
+from cpi_ray.io.masks import MaskFile, write_mask_file
 from cpi_ray.io.safetensors_io import CheckpointError, CheckpointReader
-from cpi_ray.pipeline.runner import connect_ray
-from cpi_ray.pipeline.stage import RunContext, Stage
-from cpi_ray.regions.grouping import (chance_jaccard, connected_components, link_threshold,
-                                      order_groups, overlap_summary, read_groups)
-from cpi_ray.regions.masks import MaskFile, write_mask_file
+from cpi_ray.regions.grouping import (
+    chance_jaccard,
+    connected_components,
+    link_threshold,
+    order_groups,
+    overlap_summary,
+    read_groups,
+)
 from cpi_ray.regions.overlap import jaccard, mask_intersections
 from cpi_ray.regions.plan import check_compatible, plan_chunks, scored_tensors
 from cpi_ray.regions.ray_ops import ChunkReader, densify, run_pass, sample_keys
 from cpi_ray.regions.scores import needs_fisher
-from cpi_ray.regions.topk import (HIST_BINS, HIST_SHIFT, LOW_MASK, ChunkMeta, ScanRequest,
-                                   TopKSolver, core_size)
+from cpi_ray.regions.topk import (
+    HIST_BINS,
+    HIST_SHIFT,
+    LOW_MASK,
+    ChunkMeta,
+    ScanRequest,
+    TopKSolver,
+    core_size,
+)
+from cpi_ray.run.runtime import connect_ray
+from cpi_ray.run.stage import RunContext, Stage
 
 log = logging.getLogger("cpi_ray")
 
@@ -106,7 +119,6 @@ def module_of(name: str) -> str:
 
 class RegionsStage(Stage):
     name = "regions"
-    folder = "regions"
     depends = ("probe",)
     version = 1
 
@@ -279,7 +291,6 @@ def _assemble(solver: TopKSolver, chunks, tensors) -> tuple[dict[str, np.ndarray
 
 class GroupsStage(Stage):
     name = "groups"
-    folder = "groups"
     depends = ("regions",)
     version = 1
 

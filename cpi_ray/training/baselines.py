@@ -25,14 +25,21 @@ from pathlib import Path
 from typing import Optional
 
 from cpi_ray.config.schema import PipelineConfig
+from cpi_ray.config.stages import STAGE_FOLDERS
 from cpi_ray.data.batching import mix_counts
 from cpi_ray.io.atomic import read_json, write_json
 from cpi_ray.io.safetensors_io import INDEX_NAME
-from cpi_ray.pipeline.stage import (RECORD_NAME, STAGE_FOLDERS, RunContext, Stage, _load_record,
-                                    stable_hash)
 from cpi_ray.regions.grouping import read_groups
-from cpi_ray.training.consolidate import (FROZEN_MASK, STAGE_RECORD, copy_model_dir, fit_group,
-                                          stage_record, stage_rows_per_task, union_masks)
+from cpi_ray.run.stage import RECORD_NAME, RunContext, Stage, _load_record, stable_hash
+from cpi_ray.training.consolidate import (
+    FROZEN_MASK,
+    STAGE_RECORD,
+    copy_model_dir,
+    fit_group,
+    stage_record,
+    stage_rows_per_task,
+    union_masks,
+)
 
 log = logging.getLogger("cpi_ray")
 
@@ -121,7 +128,6 @@ def cpi_budget(cfg: PipelineConfig, groups: Optional[list[list[str]]]) -> dict:
 
 class BaselinesStage(Stage):
     name = "baselines"
-    folder = "baselines"
     depends = ("probe",)
 
     def dependencies(self, ctx: RunContext) -> tuple[str, ...]:
@@ -247,8 +253,8 @@ def _empty_mask(model_dir: Path, out: Path) -> None:
     """An all-zero mask over the model's floating-point tensors: the trainer's 'nothing frozen'."""
     import torch
 
+    from cpi_ray.io.masks import write_mask_file
     from cpi_ray.io.safetensors_io import CheckpointReader
-    from cpi_ray.regions.masks import write_mask_file
 
     with CheckpointReader(model_dir) as r:
         numels = {n: r.info(n).numel for n in r.names() if r.info(n).dtype.is_floating_point}

@@ -25,10 +25,10 @@ import torch
 
 from cpi_ray.config.schema import ConsolidateConfig, DataConfig, ModelConfig, PipelineConfig
 from cpi_ray.io.atomic import atomic_dir, read_json
+from cpi_ray.io.masks import MaskFile, write_mask_file
 from cpi_ray.io.safetensors_io import INDEX_NAME, CheckpointReader
-from cpi_ray.pipeline.stage import RunContext, Stage, stable_hash
 from cpi_ray.regions.grouping import read_groups
-from cpi_ray.regions.masks import MaskFile, write_mask_file
+from cpi_ray.run.stage import RunContext, Stage, stable_hash
 
 log = logging.getLogger("cpi_ray")
 
@@ -201,7 +201,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         mbs = [next(batches) for _ in range(tc.grad_accum)]
         tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in mbs)
         loss = 0.0
-        for i, b in enumerate(mbs):
+        for b in mbs:
             b = {k: v.to(device) for k, v in b.items()}
             logits = engine(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
             # Token-mean over the whole accumulated batch, as the probe trainer does.
@@ -315,7 +315,7 @@ def fit_group(cfg: PipelineConfig, *, stage: int, tasks: list[str], frozen: list
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from cpi_ray.pipeline.plan import worker_resources
+    from cpi_ray.run.runtime import worker_resources
 
     tc = cfg.consolidate
     name = f"consolidate-{stage}-{fingerprint}"
@@ -417,7 +417,6 @@ def copy_model_dir(src: Path, dst: Path, skip: tuple[str, ...] = (),
 
 class ConsolidateStage(Stage):
     name = "consolidate"
-    folder = "consolidate"
     depends = ("fuse", "groups", "regions")
 
     def __init__(self, fault: Optional[dict] = None, callbacks: Optional[list] = None,

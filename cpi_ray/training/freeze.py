@@ -23,8 +23,8 @@ from typing import Optional
 
 import torch
 
+from cpi_ray.io.masks import MaskFile
 from cpi_ray.io.safetensors_io import CheckpointReader
-from cpi_ray.regions.masks import MaskFile
 from cpi_ray.training.zero3 import local_range
 
 # Below this density a frozen set is kept as indices (8 B each), above it as a bool mask

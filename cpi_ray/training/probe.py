@@ -22,9 +22,17 @@ import torch
 
 from cpi_ray.config.schema import PipelineConfig
 from cpi_ray.io.atomic import read_json, write_json
-from cpi_ray.pipeline.stage import RunContext, Stage, stable_hash
-from cpi_ray.training.sft import (accumulate_loss, clip_grad, kill_once, make_optimizer,
-                                  make_scheduler, micro_batch_size, should_report, train_env)
+from cpi_ray.run.runtime import train_env
+from cpi_ray.run.stage import RunContext, Stage, stable_hash
+from cpi_ray.training.sft import (
+    accumulate_loss,
+    clip_grad,
+    kill_once,
+    make_optimizer,
+    make_scheduler,
+    micro_batch_size,
+    should_report,
+)
 
 log = logging.getLogger("cpi_ray")
 
@@ -177,7 +185,6 @@ def _report_checkpoint(metrics, model, opt, sched, step, rank, save_file) -> Non
 
 class ProbeStage(Stage):
     name = "probe"
-    folder = "probes"
     depends = ()
 
     def __init__(self, fault: dict | None = None):
@@ -256,7 +263,7 @@ def _fit_probe(cfg_dump: dict, task: str, base_dir: str, out_dir: str, storage: 
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from cpi_ray.pipeline.plan import worker_resources
+    from cpi_ray.run.runtime import worker_resources
 
     cfg = PipelineConfig.model_validate(cfg_dump)
     name = f"probe-{task}-{fingerprint}-{mode}"

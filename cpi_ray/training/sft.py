@@ -45,22 +45,6 @@ def should_report(step: int, total: int, reports: int = 10) -> bool:
     return step % max(1, total // reports) == 0 or step == total
 
 
-TRAIN_POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
-TRAIN_START_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
-
-
-def train_env() -> dict[str, str]:
-    """Environment for a process that calls `TorchTrainer.fit` (Ray Train reads these there):
-    the controller polls reports every 0.5 s instead of 2 s, and a trainer that finds no free
-    resources waits an hour for them (queued behind other trainers on a small cluster, or while
-    the autoscaler adds nodes) instead of failing start-up after a minute. Values already set
-    in the environment win."""
-    import os
-
-    return {TRAIN_POLL_ENV: os.environ.get(TRAIN_POLL_ENV, "0.5"),
-            TRAIN_START_ENV: os.environ.get(TRAIN_START_ENV, "3600")}
-
-
 def micro_batch_size(tc: TrainConfig) -> int:
     return tc.batch_size // tc.grad_accum
 
@@ -102,6 +86,6 @@ def kill_once(fault: dict) -> None:
     """Fault injection for tests: SIGKILL this worker once, after `delay_s` (8 s by default),
     which gives the controller time to poll the reports (and register the checkpoint) already
     made, so that the test knows which checkpoint the restart must use."""
-    from cpi_ray.pipeline import faults
+    from cpi_ray.run import faults
 
     faults.kill_once(fault["marker"], float(fault.get("delay_s", 8.0)))

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 from cpi_ray.io.atomic import read_json
-from cpi_ray.pipeline.stage import RECORD_NAME, RunContext, Stage
+from cpi_ray.run.stage import RECORD_NAME, RunContext, Stage
 
 log = logging.getLogger("cpi_ray")
 

@@ -31,9 +31,10 @@ import numpy as np
 import yaml
 
 from cpi_ray.config.schema import PipelineConfig
+from cpi_ray.config.stages import STAGE_FOLDERS
 from cpi_ray.io.atomic import atomic_file, read_json, write_json
-from cpi_ray.pipeline.stage import RECORD_NAME, STAGE_FOLDERS, RunContext
 from cpi_ray.regions.stage import HIST_FILE, RegionsStage, load_groups
+from cpi_ray.run.stage import RECORD_NAME, RunContext
 from cpi_ray.tune.cache import RAN, StageCache, link_tree
 from cpi_ray.tune.space import apply_knobs, check_space, param_space
 
@@ -87,7 +88,7 @@ def expert_scores(ctx: RunContext, out: Path) -> dict[str, float]:
     import ray
 
     from cpi_ray.data.tasks import task_identity
-    from cpi_ray.pipeline.stage import stable_hash
+    from cpi_ray.run.stage import stable_hash
 
     cfg = ctx.cfg
     key = stable_hash({"probe": ctx.records["probe"]["fingerprint"],
@@ -294,8 +295,8 @@ def run_tune(cfg: PipelineConfig, run_dir: Path) -> TuneOutcome:
 
     from cpi_ray.models.loading import resolve_base_model
     from cpi_ray.pipeline.runner import _write_config
+    from cpi_ray.run.runtime import train_env
     from cpi_ray.training.probe import ProbeStage
-    from cpi_ray.training.sft import train_env
 
     check_space(cfg)
     t_start = time.time()

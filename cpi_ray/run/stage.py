@@ -11,7 +11,6 @@ never leaves a record that claims outputs it did not finish).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
@@ -22,36 +21,11 @@ from pathlib import Path
 from typing import Any, ClassVar, Optional
 
 from cpi_ray.config.schema import PipelineConfig
+from cpi_ray.config.stages import STAGE_FOLDERS
 from cpi_ray.io.atomic import read_json, remove_stale_temps, write_json
+from cpi_ray.io.records import RECORD_NAME, file_sha256, output_problem, stable_hash
 
 log = logging.getLogger("cpi_ray")
-
-RECORD_NAME = "stage.json"
-
-
-def stable_hash(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def file_sha256(path: Path, bufsize: int = 8 * 2**20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(bufsize):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def output_problem(path: Path, out: dict) -> Optional[str]:
-    """What is wrong with `path` as the output a stage record lists as `out` (its size and
-    sha256), or None when it is intact."""
-    if not path.is_file():
-        return "is missing"
-    if path.stat().st_size != out["bytes"]:
-        return f"has {path.stat().st_size} bytes, the record says {out['bytes']}"
-    if file_sha256(path) != out["sha256"]:
-        return "fails its sha256 check"
-    return None
-
 
 @dataclass
 class RunContext:
@@ -73,9 +47,15 @@ class RunContext:
 
 class Stage(ABC):
     name: ClassVar[str]
-    folder: ClassVar[str]  # relative to the run dir; holds the record
+    folder: ClassVar[str]  # relative to the run dir; holds the record (from the registry)
     depends: ClassVar[tuple[str, ...]] = ()
     version: ClassVar[int] = 1  # bump when the stage's output format or math changes
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # A registered stage's folder is the registry's (config/stages.py), never its own.
+        if getattr(cls, "name", None) in STAGE_FOLDERS:
+            cls.folder = STAGE_FOLDERS[cls.name]
 
     @abstractmethod
     def config_slice(self, cfg: PipelineConfig) -> dict:
@@ -164,18 +144,6 @@ class Stage(ABC):
         write_json(self.record_path(ctx), rec)
         ctx.records[self.name] = rec
         return rec, True
-
-
-# Where each stage keeps its record; stages that exist register themselves in pipeline.registry.
-STAGE_FOLDERS: dict[str, str] = {
-    "probe": "probes",
-    "regions": "regions",
-    "groups": "groups",
-    "fuse": "fused",
-    "consolidate": "consolidate",
-    "baselines": "baselines",
-    "evaluate": "eval",
-}
 
 
 def _load_record(path: Path) -> Optional[dict]:

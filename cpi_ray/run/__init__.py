@@ -1,0 +1,1 @@
+"""The run layer: stage protocol and records, the Ray runtime, fault injection for tests."""
