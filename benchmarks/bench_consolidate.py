@@ -28,8 +28,15 @@ from pathlib import Path
 import torch
 
 # Dense bf16 peak of common GPUs (TFLOP/s), for the MFU figure.
-PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0,
-               "L4": 121.0, "4090": 165.0}
+PEAK_TFLOPS = {
+    "H200": 989.0,
+    "H100": 989.0,
+    "A100": 312.0,
+    "L40S": 362.0,
+    "A10G": 125.0,
+    "L4": 121.0,
+    "4090": 165.0,
+}
 
 
 def bench_worker(config: dict) -> None:
@@ -52,12 +59,12 @@ def bench_worker(config: dict) -> None:
     device = zero3.worker_device(tc.use_gpu)
     zero3.init_distributed(tc.use_gpu)
     ds_config = zero3.build_ds_config(tc, world, tc.use_gpu)
-    model, _keep = zero3.load_zero3_model(config["model_dir"], ds_config,
-                                          zero3.PRECISION_DTYPES[tc.precision])
+    model, _keep = zero3.load_zero3_model(
+        config["model_dir"], ds_config, zero3.PRECISION_DTYPES[tc.precision]
+    )
     model.config.use_cache = False
     params = zero3.named_parameters(model)
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=[p for _, p in params],
-                                      config=ds_config)
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=[p for _, p in params], config=ds_config)
     mask = MaskFile(config["mask"])
     with CheckpointReader(config["model_dir"]) as reader:
         freezer = ElementFreezer(params, mask, reader)
@@ -109,9 +116,13 @@ def bench_worker(config: dict) -> None:
             state += s.numel() * s.element_size()
         state += part * 4  # fp32 gradient partition
     out = {
-        "rank": rank, "world": world, "params": n_params,
-        "step_s_plain": statistics.median(plain), "step_s_masked": statistics.median(masked),
-        "freezer_s": statistics.median(freezer_s), "frozen_local": len(freezer),
+        "rank": rank,
+        "world": world,
+        "params": n_params,
+        "step_s_plain": statistics.median(plain),
+        "step_s_masked": statistics.median(masked),
+        "freezer_s": statistics.median(freezer_s),
+        "frozen_local": len(freezer),
         "state_bytes": state,
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "tokens_per_step": tc.batch_size * config["seq"] * world,
@@ -129,18 +140,32 @@ def run(workers: int, args, model_dir: Path, mask: Path, out: Path) -> list[dict
 
     from cpi_ray.config.schema import ConsolidateConfig
 
-    tc = ConsolidateConfig(steps=1000, batch_size=args.batch, grad_accum=args.accum,
-                           weight_decay=0.1, max_grad_norm=1.0, use_gpu=args.gpu,
-                           precision="bf16" if args.gpu else args.precision,
-                           num_workers=workers)
+    tc = ConsolidateConfig(
+        steps=1000,
+        batch_size=args.batch,
+        grad_accum=args.accum,
+        weight_decay=0.1,
+        max_grad_norm=1.0,
+        use_gpu=args.gpu,
+        precision="bf16" if args.gpu else args.precision,
+        num_workers=workers,
+    )
     TorchTrainer(
         bench_worker,
-        train_loop_config={"consolidate": tc.model_dump(), "model_dir": str(model_dir),
-                           "mask": str(mask), "seq": args.seq, "warmup": args.warmup,
-                           "steps": args.steps, "blocks": args.blocks, "out": str(out)},
+        train_loop_config={
+            "consolidate": tc.model_dump(),
+            "model_dir": str(model_dir),
+            "mask": str(mask),
+            "seq": args.seq,
+            "warmup": args.warmup,
+            "steps": args.steps,
+            "blocks": args.blocks,
+            "out": str(out),
+        },
         torch_config=TorchConfig(backend="nccl" if args.gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=workers, use_gpu=args.gpu,
-                                     resources_per_worker={"CPU": args.cpus_per_worker}),
+        scaling_config=ScalingConfig(
+            num_workers=workers, use_gpu=args.gpu, resources_per_worker={"CPU": args.cpus_per_worker}
+        ),
         run_config=RunConfig(name=f"bench-consolidate-{workers}", storage_path=str(out / "_ray")),
     ).fit()
     return [json.loads((out / f"w{workers}-r{r}.json").read_text()) for r in range(workers)]
@@ -181,10 +206,16 @@ def main() -> None:
         if args.model:
             model_dir = Path(args.model)
         else:
-            model_dir = save_tiny_model(tmp / "model", max_shard_size=50 * 2**20,
-                                        hidden_size=args.hidden, intermediate_size=args.hidden * 8 // 3,
-                                        num_hidden_layers=args.layers, num_attention_heads=6,
-                                        num_key_value_heads=2, vocab_size=8192)
+            model_dir = save_tiny_model(
+                tmp / "model",
+                max_shard_size=50 * 2**20,
+                hidden_size=args.hidden,
+                intermediate_size=args.hidden * 8 // 3,
+                num_hidden_layers=args.layers,
+                num_attention_heads=6,
+                num_key_value_heads=2,
+                vocab_size=8192,
+            )
         mask = tmp / "frozen.mask.safetensors"
         g = torch.Generator().manual_seed(0)
         packed, numels = {}, {}
@@ -199,9 +230,12 @@ def main() -> None:
         if not ray.is_initialized():
             # Logical CPUs: the workers need theirs, Train's controller one more.
             need = int(max(counts) * args.cpus_per_worker) + 1
-            ray.init(num_cpus=max(os.cpu_count() or 1, need), include_dashboard=False,
-                     log_to_driver=False,
-                     runtime_env={"env_vars": {**env, "TOKENIZERS_PARALLELISM": "false"}})
+            ray.init(
+                num_cpus=max(os.cpu_count() or 1, need),
+                include_dashboard=False,
+                log_to_driver=False,
+                runtime_env={"env_vars": {**env, "TOKENIZERS_PARALLELISM": "false"}},
+            )
         results = {}
         for w in counts:
             results[w] = run(w, args, model_dir, mask, tmp)
@@ -209,21 +243,27 @@ def main() -> None:
 
     mib = 2**20
     first = next(iter(results.values()))[0]
-    print(f"model: {first['params'] / 1e6:.1f}M parameters, batch {args.batch}x{args.seq} tokens per "
-          f"worker, accumulation {args.accum}, {args.density:.0%} of elements frozen, "
-          f"{'bf16 GPU' if args.gpu else args.precision + ' CPU'}")
+    print(
+        f"model: {first['params'] / 1e6:.1f}M parameters, batch {args.batch}x{args.seq} tokens per "
+        f"worker, accumulation {args.accum}, {args.density:.0%} of elements frozen, "
+        f"{'bf16 GPU' if args.gpu else args.precision + ' CPU'}"
+    )
     # `ratio` is the end-to-end masked/plain step time (noisy on a shared machine); `freezer`
     # times the freezing calls alone, and `ratio*` is (plain + freezer) / plain.
-    print(f"{'workers':>7} {'rank':>4} {'step plain':>11} {'step masked':>12} {'ratio':>6} "
-          f"{'freezer':>9} {'ratio*':>6} {'state/rank':>11} {'peak RSS':>9}"
-          + (f" {'GPU peak':>9}" if args.gpu else ""))
+    print(
+        f"{'workers':>7} {'rank':>4} {'step plain':>11} {'step masked':>12} {'ratio':>6} "
+        f"{'freezer':>9} {'ratio*':>6} {'state/rank':>11} {'peak RSS':>9}"
+        + (f" {'GPU peak':>9}" if args.gpu else "")
+    )
     for w, rows in results.items():
         for r in rows:
-            line = (f"{w:>7} {r['rank']:>4} {r['step_s_plain']:>10.3f}s {r['step_s_masked']:>11.3f}s "
-                    f"{r['step_s_masked'] / r['step_s_plain']:>6.3f} "
-                    f"{r['freezer_s'] * 1000:>7.1f}ms "
-                    f"{(r['step_s_plain'] + r['freezer_s']) / r['step_s_plain']:>6.3f} "
-                    f"{r['state_bytes'] / mib:>8.1f}MiB {r['peak_rss_bytes'] / mib:>6.0f}MiB")
+            line = (
+                f"{w:>7} {r['rank']:>4} {r['step_s_plain']:>10.3f}s {r['step_s_masked']:>11.3f}s "
+                f"{r['step_s_masked'] / r['step_s_plain']:>6.3f} "
+                f"{r['freezer_s'] * 1000:>7.1f}ms "
+                f"{(r['step_s_plain'] + r['freezer_s']) / r['step_s_plain']:>6.3f} "
+                f"{r['state_bytes'] / mib:>8.1f}MiB {r['peak_rss_bytes'] / mib:>6.0f}MiB"
+            )
             if args.gpu:
                 line += f" {r['gpu_peak_bytes'] / mib:>6.0f}MiB"
             print(line)
@@ -235,9 +275,14 @@ def main() -> None:
             name = r0["gpu_name"]
             peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
             mfu = (6 * r0["params"] * tps / (peak * 1e12 * w)) if peak else None
-            print(f"{w} GPU(s) {name}: {tps:,.0f} tokens/s"
-                  + (f", MFU {mfu:.1%} (6N FLOPs/token, peak {peak:.0f} TFLOP/s)" if mfu
-                     else " (MFU: pass --peak-tflops)"))
+            print(
+                f"{w} GPU(s) {name}: {tps:,.0f} tokens/s"
+                + (
+                    f", MFU {mfu:.1%} (6N FLOPs/token, peak {peak:.0f} TFLOP/s)"
+                    if mfu
+                    else " (MFU: pass --peak-tflops)"
+                )
+            )
 
 
 if __name__ == "__main__":

@@ -42,8 +42,10 @@ def table(results: dict, a: str, b: str) -> str:
     models = results["models"]
     before_a, before_b = models[f"probe:{a}"][a], models[f"probe:{a}"][b]
     plain = models.get("plain")
-    rows = [["base", "-", "-", f"{models['base'][a]:.1f}", "", "", f"{models['base'][b]:.1f}", ""],
-            [f"expert {b}", "-", "-", "", "", "", f"{models[f'probe:{b}'][b]:.1f}", ""]]
+    rows = [
+        ["base", "-", "-", f"{models['base'][a]:.1f}", "", "", f"{models['base'][b]:.1f}", ""],
+        [f"expert {b}", "-", "-", "", "", "", f"{models[f'probe:{b}'][b]:.1f}", ""],
+    ]
     cells = [("plain", "none", "-")] + [(k, *k.split("@")) for k in models if "@" in k]
     for key, score, p in cells:
         if key not in models:
@@ -55,11 +57,22 @@ def table(results: dict, a: str, b: str) -> str:
             plain_drop, plain_gain = plain[a] - before_a, plain[b] - before_b
             ratio = f"{drop / plain_drop:.2f}" if plain_drop < 0 else "n/a"
             kept = f"{100 * gain / plain_gain:.0f}%" if plain_gain > 0 else "n/a"
-        rows.append([key if key == "plain" else "frozen A core", score, p, f"{before_a:.1f}",
-                     f"{s[a]:.1f}", f"{drop:+.1f} {('(' + ratio + ' of plain)') if ratio else ''}".strip(),
-                     f"{s[b]:.1f}", kept])
-    return markdown_table(["run", "score", "p %", f"{a} after A", f"{a} after B", "A's drop",
-                           f"{b} after B", "B's gain kept"], rows)
+        rows.append(
+            [
+                key if key == "plain" else "frozen A core",
+                score,
+                p,
+                f"{before_a:.1f}",
+                f"{s[a]:.1f}",
+                f"{drop:+.1f} {('(' + ratio + ' of plain)') if ratio else ''}".strip(),
+                f"{s[b]:.1f}",
+                kept,
+            ]
+        )
+    return markdown_table(
+        ["run", "score", "p %", f"{a} after A", f"{a} after B", "A's drop", f"{b} after B", "B's gain kept"],
+        rows,
+    )
 
 
 def cell_figures(models: dict, a: str, b: str, key: str) -> dict[str, float]:
@@ -68,16 +81,23 @@ def cell_figures(models: dict, a: str, b: str, key: str) -> dict[str, float]:
     before_a, before_b = models[f"probe:{a}"][a], models[f"probe:{a}"][b]
     s, plain = models[key], models["plain"]
     gain, plain_gain = s[b] - before_b, plain[b] - before_b
-    return {"a_after": s[a], "drop": s[a] - before_a, "b_after": s[b],
-            "b_kept": 100 * gain / plain_gain if plain_gain > 0 else float("nan")}
+    return {
+        "a_after": s[a],
+        "drop": s[a] - before_a,
+        "b_after": s[b],
+        "b_kept": 100 * gain / plain_gain if plain_gain > 0 else float("nan"),
+    }
 
 
 def seeds_table(per_seed: dict[str, dict], a: str, b: str) -> tuple[list[str], list[list[str]], dict]:
     """Mean ± standard error over seeds of each cell's figures, and the drop as a share of the
     plain run's drop (the ratio of the mean drops)."""
     seeds = list(per_seed)
-    keys = [k for k in per_seed[seeds[0]]["models"]
-            if (k == "plain" or "@" in k) and all(k in per_seed[s]["models"] for s in seeds)]
+    keys = [
+        k
+        for k in per_seed[seeds[0]]["models"]
+        if (k == "plain" or "@" in k) and all(k in per_seed[s]["models"] for s in seeds)
+    ]
     agg = {}
     rows = []
     for key in keys:
@@ -88,11 +108,17 @@ def seeds_table(per_seed: dict[str, dict], a: str, b: str) -> tuple[list[str], l
         e = agg[key]
         ratio = e["drop"][0] / plain_drop if plain_drop < 0 else float("nan")
         e["drop_ratio"] = ratio
-        rows.append([key, fmt_mean_se(*e["a_after"]), fmt_mean_se(*e["drop"]),
-                     "—" if key == "plain" or ratio != ratio else f"{ratio:.2f}",
-                     fmt_mean_se(*e["b_after"]), "—" if key == "plain" else fmt_mean_se(*e["b_kept"])])
-    header = ["run", f"{a} after B", "A's drop", "drop / plain drop", f"{b} after B",
-              "B's gain kept (%)"]
+        rows.append(
+            [
+                key,
+                fmt_mean_se(*e["a_after"]),
+                fmt_mean_se(*e["drop"]),
+                "—" if key == "plain" or ratio != ratio else f"{ratio:.2f}",
+                fmt_mean_se(*e["b_after"]),
+                "—" if key == "plain" else fmt_mean_se(*e["b_kept"]),
+            ]
+        )
+    header = ["run", f"{a} after B", "A's drop", "drop / plain drop", f"{b} after B", "B's gain kept (%)"]
     return header, rows, agg
 
 
@@ -104,8 +130,12 @@ def main() -> int:
     ap.add_argument("--ps", type=float, nargs="+", default=[5, 1, 20])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--run-root", default="runs/bench-forgetting")
-    ap.add_argument("--results", type=Path, metavar="DIR",
-                    help="write forgetting-<config>.json and .md here after every seed")
+    ap.add_argument(
+        "--results",
+        type=Path,
+        metavar="DIR",
+        help="write forgetting-<config>.json and .md here after every seed",
+    )
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     args = ap.parse_args()
     a, b = args.pair
@@ -129,15 +159,26 @@ def write_results(args, per_seed: dict, header: list[str], rows: list[list[str]]
     stem = f"forgetting-{Path(args.config).stem}"
     args.results.mkdir(parents=True, exist_ok=True)
     command = "python benchmarks/bench_forgetting.py " + " ".join(shlex.quote(x) for x in sys.argv[1:])
-    write_json(args.results / f"{stem}.json", {"config": args.config, "pair": args.pair,
-                                               "seeds": list(per_seed), "per_seed": per_seed,
-                                               "aggregate": agg, "command": command})
+    write_json(
+        args.results / f"{stem}.json",
+        {
+            "config": args.config,
+            "pair": args.pair,
+            "seeds": list(per_seed),
+            "per_seed": per_seed,
+            "aggregate": agg,
+            "command": command,
+        },
+    )
     a, b = args.pair
     with atomic_file(args.results / f"{stem}.md", "w") as f:
-        f.write(f"# Forgetting: {a} then {b} ({Path(args.config).name})\n\n"
-                f"Seeds: {', '.join(per_seed)}. Mean ± standard error over seeds; A's drop is "
-                "from A's expert; B's gain kept is the share of the plain run's gain on B.\n\n"
-                + markdown_table(header, rows) + f"\n\n```\n{command}\n```\n")
+        f.write(
+            f"# Forgetting: {a} then {b} ({Path(args.config).name})\n\n"
+            f"Seeds: {', '.join(per_seed)}. Mean ± standard error over seeds; A's drop is "
+            "from A's expert; B's gain kept is the share of the plain run's gain on B.\n\n"
+            + markdown_table(header, rows)
+            + f"\n\n```\n{command}\n```\n"
+        )
 
 
 def run_seed(args, seed: int, root: Path) -> dict:
@@ -149,9 +190,17 @@ def run_seed(args, seed: int, root: Path) -> dict:
 
     a, b = args.pair
     # Its own embedded Ray unless told otherwise (--set ray.address=auto on a cluster).
-    cfg = load_config(args.config, ["ray.address=local", f"baselines.sequential=[{a}, {b}]",
-                                    f"probe.seed={seed}", f"consolidate.seed={seed}",
-                                    f"baselines.seed={seed}", *args.overrides])
+    cfg = load_config(
+        args.config,
+        [
+            "ray.address=local",
+            f"baselines.sequential=[{a}, {b}]",
+            f"probe.seed={seed}",
+            f"consolidate.seed={seed}",
+            f"baselines.seed={seed}",
+            *args.overrides,
+        ],
+    )
     missing = {a, b} - {t.name for t in cfg.tasks}
     if missing:
         raise SystemExit(f"--pair: no task {sorted(missing)} in {args.config}")
@@ -167,8 +216,12 @@ def run_seed(args, seed: int, root: Path) -> dict:
         results["models"][key] = score_model(model_dir, rows, cfg, base_dir)
         results["wall_s"][key] = round(time.time() - t0, 1)
         write_json(out, results)
-        print(f"{key}: " + ", ".join(f"{t}={v:.1f}" for t, v in results["models"][key].items())
-              + f" ({results['wall_s'][key]:.0f}s)", flush=True)
+        print(
+            f"{key}: "
+            + ", ".join(f"{t}={v:.1f}" for t, v in results["models"][key].items())
+            + f" ({results['wall_s'][key]:.0f}s)",
+            flush=True,
+        )
 
     def cell_cfg(score: str, p: float, mode: str):
         c = cfg.model_copy(deep=True)
@@ -179,8 +232,11 @@ def run_seed(args, seed: int, root: Path) -> dict:
     first = cell_cfg(args.scores[0], args.ps[0], "sequential")
     t0 = time.time()
     run_pipeline(first, run_dir, stages=["probe"])
-    for key, d in (("base", base_dir), (f"probe:{a}", run_dir / "probes" / a),
-                   (f"probe:{b}", run_dir / "probes" / b)):
+    for key, d in (
+        ("base", base_dir),
+        (f"probe:{a}", run_dir / "probes" / a),
+        (f"probe:{b}", run_dir / "probes" / b),
+    ):
         if key not in results["models"]:
             measure(key, d, t0)
             t0 = time.time()
@@ -194,16 +250,21 @@ def run_seed(args, seed: int, root: Path) -> dict:
             if key in results["models"]:
                 continue
             t0 = time.time()
-            run_pipeline(cell_cfg(score, p, "sequential_cpi"), run_dir,
-                         stages=["probe", "regions", "baselines"])
+            run_pipeline(
+                cell_cfg(score, p, "sequential_cpi"), run_dir, stages=["probe", "regions", "baselines"]
+            )
             measure(key, run_dir / "baselines" / "sequential_cpi", t0)
             print(table(results, a, b), flush=True)
 
-    print(f"\nForgetting (seed {seed}): {a} then {b}, eval rows "
-          f"{', '.join(f'{t} {len(r)}' for t, r in rows.items())}\n")
+    print(
+        f"\nForgetting (seed {seed}): {a} then {b}, eval rows "
+        f"{', '.join(f'{t} {len(r)}' for t, r in rows.items())}\n"
+    )
     print(table(results, a, b))
-    print(f"\nwall time: {sum(results['wall_s'].values()) / 60:.1f} min "
-          f"(plain and each cell: training plus scoring)")
+    print(
+        f"\nwall time: {sum(results['wall_s'].values()) / 60:.1f} min "
+        f"(plain and each cell: training plus scoring)"
+    )
     return results
 
 
@@ -212,6 +273,7 @@ if __name__ == "__main__":
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # The pipeline's own progress lines (stages, groups, rows per task), as the job prints them.
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
+    )
     sys.exit(main())

@@ -28,11 +28,23 @@ HERE = Path(__file__).resolve()
 
 SIZES = {
     # SmolLM2-135M's shapes
-    "demo": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                 num_attention_heads=9, num_key_value_heads=3),
+    "demo": dict(
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+    ),
     # about 1.1 GB in fp32
-    "1gb": dict(vocab_size=49152, hidden_size=1024, intermediate_size=2816, num_hidden_layers=20,
-                num_attention_heads=16, num_key_value_heads=4),
+    "1gb": dict(
+        vocab_size=49152,
+        hidden_size=1024,
+        intermediate_size=2816,
+        num_hidden_layers=20,
+        num_attention_heads=16,
+        num_key_value_heads=4,
+    ),
 }
 CORE_P = 0.01  # share of each task's elements in its (random) core region
 
@@ -49,8 +61,13 @@ def peak_rss() -> int:
 def llama_config(size: str):
     from transformers import LlamaConfig
 
-    return LlamaConfig(**SIZES[size], tie_word_embeddings=True, max_position_embeddings=2048,
-                       torch_dtype="float32", architectures=["LlamaForCausalLM"])
+    return LlamaConfig(
+        **SIZES[size],
+        tie_word_embeddings=True,
+        max_position_embeddings=2048,
+        torch_dtype="float32",
+        architectures=["LlamaForCausalLM"],
+    )
 
 
 def build_inputs(work: Path, size: str, n_tasks: int) -> Path:
@@ -65,8 +82,9 @@ def build_inputs(work: Path, size: str, n_tasks: int) -> Path:
     root = work / size
     cfg = llama_config(size)
     with torch.device("meta"):
-        shapes = {n: tuple(p.shape) for n, p in LlamaForCausalLM(cfg).state_dict().items()
-                  if n != "lm_head.weight"}  # tied to the embedding
+        shapes = {
+            n: tuple(p.shape) for n, p in LlamaForCausalLM(cfg).state_dict().items() if n != "lm_head.weight"
+        }  # tied to the embedding
     side = {"config.json": cfg.to_json_string()}
 
     def state(seed: int, base=None):
@@ -114,17 +132,18 @@ def build_inputs(work: Path, size: str, n_tasks: int) -> Path:
     return root
 
 
-def pipeline_config(n_tasks: int, actors: int, chunk_mib: int, shard_size: str, backbone: str,
-                    omega):
+def pipeline_config(n_tasks: int, actors: int, chunk_mib: int, shard_size: str, backbone: str, omega):
     from cpi_ray.config.schema import PipelineConfig
 
-    return PipelineConfig.model_validate({
-        "tasks": [{"name": f"task{t}", "reasoning_gym": {"name": "spell_backward"}}
-                  for t in range(n_tasks)],
-        "model": {"max_shard_size": shard_size},
-        "fuse": {"num_actors": actors, "chunk_mib": chunk_mib, "backbone": backbone,
-                 "omega": omega},
-    })
+    return PipelineConfig.model_validate(
+        {
+            "tasks": [
+                {"name": f"task{t}", "reasoning_gym": {"name": "spell_backward"}} for t in range(n_tasks)
+            ],
+            "model": {"max_shard_size": shard_size},
+            "fuse": {"num_actors": actors, "chunk_mib": chunk_mib, "backbone": backbone, "omega": omega},
+        }
+    )
 
 
 # ---------------------------------------------------------------------------- runners (children)
@@ -144,9 +163,13 @@ def child_stage(a) -> dict:
     ray.init(num_cpus=a.actors, include_dashboard=False, log_to_driver=False)
     t_ray = time.perf_counter() - t0
     rss_before = peak_rss()
-    stats = run_fusion(root / "base", {t: root / t for t in tasks},
-                       {t: root / "masks" / a.masks / f"{t}.mask.safetensors" for t in tasks},
-                       Path(a.out), cfg)
+    stats = run_fusion(
+        root / "base",
+        {t: root / t for t in tasks},
+        {t: root / "masks" / a.masks / f"{t}.mask.safetensors" for t in tasks},
+        Path(a.out),
+        cfg,
+    )
     daemons = 0
     for p in psutil.Process().children(recursive=True):
         try:
@@ -157,11 +180,17 @@ def child_stage(a) -> dict:
     ray.shutdown()
     driver = peak_rss()
     actors = sum(stats["actor_peak_rss"])
-    return {"wall_s": stats["total_s"], "ray_init_s": t_ray,
-            "process_s": time.perf_counter() - t_start, "driver_peak_rss": driver,
-            "driver_rss_before_stage": rss_before, "actors_peak_rss": stats["actor_peak_rss"],
-            "peak_rss": driver + actors, "ray_daemons_rss": daemons,
-            "shards": len(stats["shards"])}
+    return {
+        "wall_s": stats["total_s"],
+        "ray_init_s": t_ray,
+        "process_s": time.perf_counter() - t_start,
+        "driver_peak_rss": driver,
+        "driver_rss_before_stage": rss_before,
+        "actors_peak_rss": stats["actor_peak_rss"],
+        "peak_rss": driver + actors,
+        "ray_daemons_rss": daemons,
+        "shards": len(stats["shards"]),
+    }
 
 
 def child_plain(a) -> dict:
@@ -228,8 +257,11 @@ def child_plain(a) -> dict:
         out[name] = theta.to(b.dtype).contiguous()
     Path(a.out).mkdir(parents=True, exist_ok=True)
     save_file(out, str(Path(a.out) / "model.safetensors"), metadata={"format": "pt"})
-    return {"wall_s": time.perf_counter() - t0, "process_s": time.perf_counter() - t_start,
-            "peak_rss": peak_rss()}
+    return {
+        "wall_s": time.perf_counter() - t0,
+        "process_s": time.perf_counter() - t_start,
+        "peak_rss": peak_rss(),
+    }
 
 
 # ---------------------------------------------------------------------------- parent
@@ -283,9 +315,20 @@ def run_mergekit(work: Path, root: Path, out: Path, threads: int) -> dict:
         "dtype: float32\n"
     )
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), HF_HUB_OFFLINE="1")
-    r = subprocess.run([sys.executable, "-c", MEASURE, str(venv / "bin" / "mergekit-yaml"),
-                        str(cfg), str(out), "--allow-crimes"],
-                       capture_output=True, text=True, env=env)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            MEASURE,
+            str(venv / "bin" / "mergekit-yaml"),
+            str(cfg),
+            str(out),
+            "--allow-crimes",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     if r.returncode:
         raise RuntimeError(f"mergekit failed:\n{r.stderr[-4000:]}")
     res = json.loads(r.stdout.strip().splitlines()[-1])
@@ -315,8 +358,11 @@ def compare_exact_slerp(root: Path, out: Path, t: float = 0.5) -> float:
     from cpi_ray.io.safetensors_io import CheckpointReader
 
     worst = 0.0
-    with (CheckpointReader(root / "task0") as r0, CheckpointReader(root / "task1") as r1,
-          CheckpointReader(out) as ro):
+    with (
+        CheckpointReader(root / "task0") as r0,
+        CheckpointReader(root / "task1") as r1,
+        CheckpointReader(out) as ro,
+    ):
         for n in r0.names():
             a, b = r0.read(n).double(), r1.read(n).double()
             cos = float((a * b).sum() / (a.norm() * b.norm()))
@@ -359,36 +405,50 @@ def main() -> None:
                 label = f"{size} x{n} masks={masks} backbone={backbone}"
                 out = work / "out" / f"{size}-{n}-{masks}"
                 row = {"size": size, "tasks": n, "masks": masks, "backbone": backbone}
-                row["stage"] = run_child("stage", a, out=out / "stage", actors=a.actors,
-                                         chunk_mib=a.chunk_mib, shard_size=a.shard_size, **common)
+                row["stage"] = run_child(
+                    "stage",
+                    a,
+                    out=out / "stage",
+                    actors=a.actors,
+                    chunk_mib=a.chunk_mib,
+                    shard_size=a.shard_size,
+                    **common,
+                )
                 if not a.no_plain:
                     row["plain"] = run_child("plain", a, out=out / "plain", **common)
                     row["stage_vs_plain_rel"] = compare(out / "stage", out / "plain")
                 if masks == "empty" and n == 2 and not a.no_mergekit:
                     row["mergekit"] = run_mergekit(work, root, out / "mergekit", a.actors)
                     row["stage_vs_mergekit_rel"] = compare(out / "stage", out / "mergekit")
-                    row["exact_rel"] = {k: compare_exact_slerp(root, out / k)
-                                        for k in ("stage", "mergekit")}
+                    row["exact_rel"] = {k: compare_exact_slerp(root, out / k) for k in ("stage", "mergekit")}
                 results.append(row)
                 s = row["stage"]
                 print(f"\n{label}")
-                print(f"  stage    wall {s['wall_s']:6.2f} s (process {s['process_s']:.2f} s, "
-                      f"ray.init {s['ray_init_s']:.2f} s)  peak RSS driver+actors "
-                      f"{fmt_mb(s['peak_rss'])} (driver {fmt_mb(s['driver_peak_rss'])}, actors "
-                      f"{', '.join(fmt_mb(x) for x in s['actors_peak_rss'])}; ray daemons "
-                      f"{fmt_mb(s['ray_daemons_rss'])})")
+                print(
+                    f"  stage    wall {s['wall_s']:6.2f} s (process {s['process_s']:.2f} s, "
+                    f"ray.init {s['ray_init_s']:.2f} s)  peak RSS driver+actors "
+                    f"{fmt_mb(s['peak_rss'])} (driver {fmt_mb(s['driver_peak_rss'])}, actors "
+                    f"{', '.join(fmt_mb(x) for x in s['actors_peak_rss'])}; ray daemons "
+                    f"{fmt_mb(s['ray_daemons_rss'])})"
+                )
                 for k in ("plain", "mergekit"):
                     if k in row:
                         r = row[k]
-                        print(f"  {k:8s} wall {r['wall_s']:6.2f} s (process {r['process_s']:.2f} s)"
-                              f"  peak RSS {fmt_mb(r['peak_rss'])}")
-                        print(f"  stage/{k}: wall {s['wall_s'] / r['wall_s']:.2f}x (process "
-                              f"{s['process_s'] / r['process_s']:.2f}x), peak RSS "
-                              f"{s['peak_rss'] / r['peak_rss']:.2f}x, max rel diff "
-                              f"{row[f'stage_vs_{k}_rel']:.2e}")
+                        print(
+                            f"  {k:8s} wall {r['wall_s']:6.2f} s (process {r['process_s']:.2f} s)"
+                            f"  peak RSS {fmt_mb(r['peak_rss'])}"
+                        )
+                        print(
+                            f"  stage/{k}: wall {s['wall_s'] / r['wall_s']:.2f}x (process "
+                            f"{s['process_s'] / r['process_s']:.2f}x), peak RSS "
+                            f"{s['peak_rss'] / r['peak_rss']:.2f}x, max rel diff "
+                            f"{row[f'stage_vs_{k}_rel']:.2e}"
+                        )
                 if "exact_rel" in row:
-                    print("  against float64 SLERP from the formula: " + ", ".join(
-                        f"{k} {v:.2e}" for k, v in row["exact_rel"].items()))
+                    print(
+                        "  against float64 SLERP from the formula: "
+                        + ", ".join(f"{k} {v:.2e}" for k, v in row["exact_rel"].items())
+                    )
                 sys.stdout.flush()
     if a.json:
         Path(a.json).write_text(json.dumps(results, indent=2, default=str))

@@ -56,9 +56,11 @@ from cpi_ray.tune.cache import link_tree  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 CELL_STAGES = ["probe", "regions", "groups", "fuse", "consolidate"]
-BASELINE_LABELS = {"full_mtl": "full multi-task SFT",
-                   "full_mtl_light": "full multi-task SFT, CPI-FT's consolidation rows only",
-                   "multistage": "multi-stage SFT"}
+BASELINE_LABELS = {
+    "full_mtl": "full multi-task SFT",
+    "full_mtl_light": "full multi-task SFT, CPI-FT's consolidation rows only",
+    "multistage": "multi-stage SFT",
+}
 COMPARED = ("full_mtl", "multistage")  # the baselines each CPI-FT cell is tested against
 
 
@@ -71,26 +73,34 @@ def setting_overrides(cfg, setting: str) -> list[str]:
     if first.reasoning_gym is not None:
         # Ten times the training rows; the eval rows stay the same number.
         size = first.reasoning_gym.size - first.eval_size - first.val_size
-        over.append(f"tasks.{first.name}.reasoning_gym.size="
-                    f"{10 * size + first.eval_size + first.val_size}")
+        over.append(f"tasks.{first.name}.reasoning_gym.size={10 * size + first.eval_size + first.val_size}")
     else:
-        print(f"imbalanced: task {first.name} keeps its rows (not a generator); its share of "
-              "every mix is 10x")
+        print(
+            f"imbalanced: task {first.name} keeps its rows (not a generator); its share of every mix is 10x"
+        )
     return over
 
 
-def cell_name(score: str, p: float, tau: float, data: str, variant: tuple[str, ...],
-              run_tau: float) -> str:
+def cell_name(score: str, p: float, tau: float, data: str, variant: tuple[str, ...], run_tau: float) -> str:
     """`score@p,data`, with `,tau=τ` when the cell's τ is not the run's (the first τ) and the
     variant's overrides after it."""
-    return (f"{score}@{p:g}" + ("" if tau == run_tau else f",tau={tau:g}") + f",{data}"
-            + "".join(f",{o}" for o in variant))
+    return (
+        f"{score}@{p:g}"
+        + ("" if tau == run_tau else f",tau={tau:g}")
+        + f",{data}"
+        + "".join(f",{o}" for o in variant)
+    )
 
 
 def cell_overrides(cell: tuple) -> list[str]:
     score, p, tau, data, variant = cell
-    return [f"regions.score={score}", f"regions.p={p:g}", f"groups.tau={tau:g}",
-            f"consolidate.data={data}", *variant]
+    return [
+        f"regions.score={score}",
+        f"regions.p={p:g}",
+        f"groups.tau={tau:g}",
+        f"consolidate.data={data}",
+        *variant,
+    ]
 
 
 def seed_probes(run_dir: Path, source: Path) -> None:
@@ -114,27 +124,42 @@ def grouping(run_dir: Path) -> dict:
     stages = sorted((run_dir / "consolidate").glob("stage-*"), key=lambda d: int(d.name[6:]))
     groups = read_json(run_dir / "groups" / "groups.json")
     rows = []
-    for d in stages[:len(groups)]:
+    for d in stages[: len(groups)]:
         rec = read_json(d / "consolidate.json") if (d / "consolidate.json").is_file() else {}
         rows.append(rec.get("rows_per_task"))
-    return {"groups": groups, "tau": overlap["tau"], "tau_mode": overlap.get("tau_mode", "absolute"),
-            "jaccard": [min(pairs), max(pairs)] if pairs else None,
-            "chance": overlap.get("chance"),
-            "regions": read_json(run_dir / "regions" / "stage.json")["fingerprint"],
-            "consolidate_rows": rows}
+    return {
+        "groups": groups,
+        "tau": overlap["tau"],
+        "tau_mode": overlap.get("tau_mode", "absolute"),
+        "jaccard": [min(pairs), max(pairs)] if pairs else None,
+        "chance": overlap.get("chance"),
+        "regions": read_json(run_dir / "regions" / "stage.json")["fingerprint"],
+        "consolidate_rows": rows,
+    }
 
 
 def same_training(a: dict, b: dict) -> bool:
     """Two cells train the same model: the same cores, groups and variant, and the same rows
     (with one group holding every task, `mixed` and `group` data are the same mix)."""
-    if (a.get("regions") != b.get("regions") or a["groups"] != b["groups"]
-            or a.get("variant", []) != b.get("variant", [])):
+    if (
+        a.get("regions") != b.get("regions")
+        or a["groups"] != b["groups"]
+        or a.get("variant", []) != b.get("variant", [])
+    ):
         return False
     return a.get("data") == b.get("data") or len(a["groups"]) == 1
 
 
-def run_cells(make_cfg, run_dir: Path, cells: list[tuple], run_tau: float, scores: dict,
-              stderr: dict, groupings: dict, score_fused: bool) -> None:
+def run_cells(
+    make_cfg,
+    run_dir: Path,
+    cells: list[tuple],
+    run_tau: float,
+    scores: dict,
+    stderr: dict,
+    groupings: dict,
+    score_fused: bool,
+) -> None:
     """CPI-FT's final model for each further cell (score, p, τ, data, variant overrides) on the
     run's probes, scored on every task's eval rows, with the grouping its cores gave, added to
     `scores`, `stderr` and `groupings` (which hold the run's own cell); with `score_fused`, its
@@ -185,10 +210,14 @@ def run_cells(make_cfg, run_dir: Path, cells: list[tuple], run_tau: float, score
         scores.update(done["scores"])
         stderr.update(done["stderr"])
         groupings[key] = g
-        print(f"{key}: " + ", ".join(f"{t}={v:.1f}" for t, v in scores[key].items())
-              + f"; {len(g['groups'])} group(s)"
-              + (f", the same as {twin}'s" if twin else "")
-              + f" ({done['wall_s'][key]:.0f}s)", flush=True)
+        print(
+            f"{key}: "
+            + ", ".join(f"{t}={v:.1f}" for t, v in scores[key].items())
+            + f"; {len(g['groups'])} group(s)"
+            + (f", the same as {twin}'s" if twin else "")
+            + f" ({done['wall_s'][key]:.0f}s)",
+            flush=True,
+        )
 
 
 # ------------------------------------------------------------------------------ aggregation
@@ -196,12 +225,14 @@ def run_cells(make_cfg, run_dir: Path, cells: list[tuple], run_tau: float, score
 
 def model_rows(first_cell: str, cells: list[str], tasks: list[str]) -> list[tuple[str, str]]:
     """(label, key) of every row of the table, in the paper's order."""
-    return ([("base", "base")] + [(f"expert {t}", f"probe:{t}") for t in tasks]
-            + [(label, f"baseline:{m}") for m, label in BASELINE_LABELS.items()]
-            + [(f"CPI-FT {first_cell}, fused (before consolidation)", "fused")]
-            + [(f"CPI-FT {first_cell}", first_cell)]
-            + [row for c in cells for row in ((f"CPI-FT {c}, fused", f"{c} fused"),
-                                               (f"CPI-FT {c}", c))])
+    return (
+        [("base", "base")]
+        + [(f"expert {t}", f"probe:{t}") for t in tasks]
+        + [(label, f"baseline:{m}") for m, label in BASELINE_LABELS.items()]
+        + [(f"CPI-FT {first_cell}, fused (before consolidation)", "fused")]
+        + [(f"CPI-FT {first_cell}", first_cell)]
+        + [row for c in cells for row in ((f"CPI-FT {c}, fused", f"{c} fused"), (f"CPI-FT {c}", c))]
+    )
 
 
 def aggregate(per_seed: dict[str, dict], tasks: list[str], rows: list[tuple[str, str]]) -> dict:
@@ -229,8 +260,9 @@ def aggregate(per_seed: dict[str, dict], tasks: list[str], rows: list[tuple[str,
                 continue
             v = {}
             for stat in ("avg", "worst"):
-                d, se = paired_difference([summaries[s][key][stat] for s in seeds],
-                                          [summaries[s][bkey][stat] for s in seeds])
+                d, se = paired_difference(
+                    [summaries[s][key][stat] for s in seeds], [summaries[s][bkey][stat] for s in seeds]
+                )
                 v[stat] = {"diff": d, "se": se, "verdict": verdict(d, se)}
             out["versus"].setdefault(key, {})[base] = v
     return out
@@ -239,27 +271,49 @@ def aggregate(per_seed: dict[str, dict], tasks: list[str], rows: list[tuple[str,
 def results_markdown(doc: dict) -> str:
     tasks, agg = doc["tasks"], doc["aggregate"]
     n = ", ".join(f"{t} {k}" for t, k in doc["n_eval"].items())
-    lines = [f"# Quality benchmark: {doc['setting']} ({Path(doc['config']).name})", "",
-             f"Seeds: {', '.join(map(str, doc['seeds']))} ({len(doc['seeds'])}); eval rows per "
-             f"task: {n}. Scores 0-100, mean ± standard error over seeds (no error with one "
-             "seed); avg and worst are computed per seed, then averaged.", ""]
+    lines = [
+        f"# Quality benchmark: {doc['setting']} ({Path(doc['config']).name})",
+        "",
+        f"Seeds: {', '.join(map(str, doc['seeds']))} ({len(doc['seeds'])}); eval rows per "
+        f"task: {n}. Scores 0-100, mean ± standard error over seeds (no error with one "
+        "seed); avg and worst are computed per seed, then averaged.",
+        "",
+    ]
     header = ["model", *tasks, "avg", "worst"]
     body = []
     for e in agg["models"].values():
-        body.append([e["label"], *(fmt_mean_se(*e[t]) for t in tasks), fmt_mean_se(*e["avg"]),
-                     fmt_mean_se(*e["worst"])])
+        body.append(
+            [
+                e["label"],
+                *(fmt_mean_se(*e[t]) for t in tasks),
+                fmt_mean_se(*e["avg"]),
+                fmt_mean_se(*e["worst"]),
+            ]
+        )
     lines += [markdown_table(header, body), ""]
     if agg["versus"]:
         vs = []
         for key, per in agg["versus"].items():
             for base, v in per.items():
-                vs.append([f"CPI-FT {key}", base, *(
-                    f"{v[s]['diff']:+.1f}" + ("" if v[s]["se"] != v[s]["se"] else
-                                             f" ± {v[s]['se']:.1f}") + f" ({v[s]['verdict']})"
-                    for s in ("avg", "worst"))])
-        lines += ["Paired differences over seeds (CPI-FT minus baseline); within one standard "
-                  "error is a tie, n/a with one seed:", "",
-                  markdown_table(["cell", "against", "avg", "worst"], vs), ""]
+                vs.append(
+                    [
+                        f"CPI-FT {key}",
+                        base,
+                        *(
+                            f"{v[s]['diff']:+.1f}"
+                            + ("" if v[s]["se"] != v[s]["se"] else f" ± {v[s]['se']:.1f}")
+                            + f" ({v[s]['verdict']})"
+                            for s in ("avg", "worst")
+                        ),
+                    ]
+                )
+        lines += [
+            "Paired differences over seeds (CPI-FT minus baseline); within one standard "
+            "error is a tie, n/a with one seed:",
+            "",
+            markdown_table(["cell", "against", "avg", "worst"], vs),
+            "",
+        ]
     lines += ["## Budgets (training rows)", ""]
     for seed, b in doc["budgets"].items():
         modes = ", ".join(f"{m} {p['rows']}" for m, p in b["modes"].items())
@@ -270,15 +324,37 @@ def results_markdown(doc: dict) -> str:
         for key, g in cells.items():
             jac = "—" if not g.get("jaccard") else "{:.3f}–{:.3f}".format(*g["jaccard"])
             ch = g.get("chance")
-            vs_chance = "—" if not (g.get("jaccard") and ch) else "{:.1f}–{:.1f}x".format(
-                g["jaccard"][0] / ch, g["jaccard"][1] / ch)
+            vs_chance = (
+                "—"
+                if not (g.get("jaccard") and ch)
+                else "{:.1f}–{:.1f}x".format(g["jaccard"][0] / ch, g["jaccard"][1] / ch)
+            )
             rows = g.get("consolidate_rows") or []
-            grows.append([str(seed), key, " → ".join("{" + ", ".join(x) + "}" for x in g["groups"]),
-                          jac, vs_chance, "; ".join(
-                              " ".join(f"{t}:{c}" for t, c in r.items()) for r in rows if r)
-                          or ("same as " + g["same_as"] if g.get("same_as") else "—")])
-    lines += [markdown_table(["seed", "cell", "groups (training order)", "Jaccard", "vs chance",
-                              "rows per task, stage by stage"], grows), ""]
+            grows.append(
+                [
+                    str(seed),
+                    key,
+                    " → ".join("{" + ", ".join(x) + "}" for x in g["groups"]),
+                    jac,
+                    vs_chance,
+                    "; ".join(" ".join(f"{t}:{c}" for t, c in r.items()) for r in rows if r)
+                    or ("same as " + g["same_as"] if g.get("same_as") else "—"),
+                ]
+            )
+    lines += [
+        markdown_table(
+            [
+                "seed",
+                "cell",
+                "groups (training order)",
+                "Jaccard",
+                "vs chance",
+                "rows per task, stage by stage",
+            ],
+            grows,
+        ),
+        "",
+    ]
     lines += ["## Commands", "", "```", *doc["commands"], "```", ""]
     return "\n".join(lines)
 
@@ -298,24 +374,57 @@ def main() -> int:
     ap.add_argument("--run-root", default="runs/bench-quality")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--setting", choices=["balanced", "imbalanced"], default="balanced")
-    ap.add_argument("--modes", nargs="+", default=["full_mtl", "multistage"],
-                    choices=list(BASELINE_LABELS), help="baseline modes trained on every seed")
-    ap.add_argument("--scores", nargs="+", choices=["delta", "fisher", "delta_fisher"],
-                    help="core scores to compare (default: the config's regions.score)")
+    ap.add_argument(
+        "--modes",
+        nargs="+",
+        default=["full_mtl", "multistage"],
+        choices=list(BASELINE_LABELS),
+        help="baseline modes trained on every seed",
+    )
+    ap.add_argument(
+        "--scores",
+        nargs="+",
+        choices=["delta", "fisher", "delta_fisher"],
+        help="core scores to compare (default: the config's regions.score)",
+    )
     ap.add_argument("--ps", type=float, nargs="+", help="core ratios in %% (default: regions.p)")
-    ap.add_argument("--taus", type=float, nargs="+",
-                    help="overlap thresholds τ (default: groups.tau); the first is the run's")
-    ap.add_argument("--data", nargs="+", choices=["mixed", "group"],
-                    help="consolidation data (default: consolidate.data); the first is the run's")
-    ap.add_argument("--variants", nargs="+", default=[""], metavar="KEY=VALUE[;KEY=VALUE]",
-                    help="further config overrides as a cell dimension, e.g. '' "
-                    "'fuse.backbone=word_sorting' 'fuse.omega=0.3;fuse.policy=mean' ('' = none)")
-    ap.add_argument("--score-fused", action="store_true",
-                    help="score each further cell's fused model too (the fuse knobs act there)")
-    ap.add_argument("--probes-from", type=Path, metavar="RUN_DIR",
-                    help="start from another run's probes (kept where their fingerprint matches)")
-    ap.add_argument("--results", type=Path, metavar="DIR",
-                    help="write quality-<config>-<setting>.json and .md here after every seed")
+    ap.add_argument(
+        "--taus",
+        type=float,
+        nargs="+",
+        help="overlap thresholds τ (default: groups.tau); the first is the run's",
+    )
+    ap.add_argument(
+        "--data",
+        nargs="+",
+        choices=["mixed", "group"],
+        help="consolidation data (default: consolidate.data); the first is the run's",
+    )
+    ap.add_argument(
+        "--variants",
+        nargs="+",
+        default=[""],
+        metavar="KEY=VALUE[;KEY=VALUE]",
+        help="further config overrides as a cell dimension, e.g. '' "
+        "'fuse.backbone=word_sorting' 'fuse.omega=0.3;fuse.policy=mean' ('' = none)",
+    )
+    ap.add_argument(
+        "--score-fused",
+        action="store_true",
+        help="score each further cell's fused model too (the fuse knobs act there)",
+    )
+    ap.add_argument(
+        "--probes-from",
+        type=Path,
+        metavar="RUN_DIR",
+        help="start from another run's probes (kept where their fingerprint matches)",
+    )
+    ap.add_argument(
+        "--results",
+        type=Path,
+        metavar="DIR",
+        help="write quality-<config>-<setting>.json and .md here after every seed",
+    )
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     args = ap.parse_args()
 
@@ -327,18 +436,32 @@ def main() -> int:
     base_cfg = load_config(args.config, args.overrides)
     setting = setting_overrides(base_cfg, args.setting)
     variants = [tuple(o for o in v.split(";") if o) for v in args.variants]
-    cells = [(s, p, tau, d, v) for v in variants for d in (args.data or [base_cfg.consolidate.data])
-             for tau in (args.taus or [base_cfg.groups.tau])
-             for p in (args.ps or [base_cfg.regions.p])
-             for s in (args.scores or [base_cfg.regions.score])]
+    cells = [
+        (s, p, tau, d, v)
+        for v in variants
+        for d in (args.data or [base_cfg.consolidate.data])
+        for tau in (args.taus or [base_cfg.groups.tau])
+        for p in (args.ps or [base_cfg.regions.p])
+        for s in (args.scores or [base_cfg.regions.score])
+    ]
     for cell in cells:  # a bad cell stops here, before any training
         load_config(args.config, [*args.overrides, *cell_overrides(cell)])
     run_tau = cells[0][2]
     names = [cell_name(*c, run_tau=run_tau) for c in cells]
     command = "python benchmarks/bench_quality.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    doc = {"setting": args.setting, "config": args.config, "overrides": args.overrides,
-           "seeds": [], "tasks": [], "n_eval": {}, "per_seed": {}, "budgets": {},
-           "groupings": {}, "wall_s": {}, "commands": [command]}
+    doc = {
+        "setting": args.setting,
+        "config": args.config,
+        "overrides": args.overrides,
+        "seeds": [],
+        "tasks": [],
+        "n_eval": {},
+        "per_seed": {},
+        "budgets": {},
+        "groupings": {},
+        "wall_s": {},
+        "commands": [command],
+    }
     if args.results is not None:
         old = args.results / f"quality-{Path(args.config).stem}-{args.setting}.json"
         if old.is_file():  # seeds of earlier invocations stay in the file
@@ -348,9 +471,15 @@ def main() -> int:
             doc["commands"] = list(dict.fromkeys([*prev.get("commands", []), command]))
     for seed in args.seeds:
         t0 = time.time()
-        overrides = [f"baselines.modes=[{', '.join(args.modes)}]", f"probe.seed={seed}",
-                     f"consolidate.seed={seed}", f"groups.seed={seed}", f"baselines.seed={seed}",
-                     *setting, *args.overrides]
+        overrides = [
+            f"baselines.modes=[{', '.join(args.modes)}]",
+            f"probe.seed={seed}",
+            f"consolidate.seed={seed}",
+            f"groups.seed={seed}",
+            f"baselines.seed={seed}",
+            *setting,
+            *args.overrides,
+        ]
         cfg = load_config(args.config, [*overrides, *cell_overrides(cells[0])])
         connect_ray(cfg)
         run_dir = Path(args.run_root).expanduser().resolve() / args.setting / f"seed-{seed}"
@@ -361,10 +490,17 @@ def main() -> int:
         print(f"\nseed {seed}: report at {run_dir / 'report' / 'index.html'}")
         scores, stderr = dict(ev["scores"]), dict(ev.get("stderr", {}))
         scores[names[0]], stderr[names[0]] = scores.pop("final"), stderr.pop("final", {})
-        groupings = {names[0]: {**grouping(run_dir), "data": cells[0][3],
-                                "variant": list(cells[0][4])}}
-        run_cells(lambda extra, o=overrides: load_config(args.config, [*o, *extra]), run_dir,
-                  cells[1:], run_tau, scores, stderr, groupings, args.score_fused)
+        groupings = {names[0]: {**grouping(run_dir), "data": cells[0][3], "variant": list(cells[0][4])}}
+        run_cells(
+            lambda extra, o=overrides: load_config(args.config, [*o, *extra]),
+            run_dir,
+            cells[1:],
+            run_tau,
+            scores,
+            stderr,
+            groupings,
+            args.score_fused,
+        )
         doc["tasks"], doc["n_eval"] = ev["tasks"], ev["n_eval"]
         doc["per_seed"][str(seed)] = {"scores": scores, "stderr": stderr}
         doc["budgets"][str(seed)] = read_json(run_dir / "baselines" / "budget.json")
@@ -372,8 +508,7 @@ def main() -> int:
         doc["wall_s"][str(seed)] = round(time.time() - t0, 1)
         doc["seeds"] = sorted(int(s) for s in doc["per_seed"])
         rows = model_rows(names[0], names[1:], doc["tasks"])
-        doc["aggregate"] = aggregate({s: doc["per_seed"][str(s)] for s in doc["seeds"]},
-                                     doc["tasks"], rows)
+        doc["aggregate"] = aggregate({s: doc["per_seed"][str(s)] for s in doc["seeds"]}, doc["tasks"], rows)
         print(f"\nseed {seed} done in {doc['wall_s'][str(seed)] / 60:.1f} min")
         if args.results is not None:
             print(f"results: {write_results(args.results, doc)}")
@@ -388,6 +523,7 @@ if __name__ == "__main__":
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # The pipeline's own progress lines (stages, groups, rows per task), as the job prints them.
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
+    )
     sys.exit(main())

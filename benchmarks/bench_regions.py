@@ -35,8 +35,9 @@ def build(root: Path, size_gb: float, tasks: int, seed: int = 0) -> dict:
     from cpi_ray.io.safetensors_io import save_model_dir
 
     n_mat = max(1, int(size_gb * 2**30 // (ROWS * COLS * 4)))
-    names = [f"model.layers.{i // 4}.{['q', 'k', 'mlp_up', 'mlp_down'][i % 4]}.weight"
-             for i in range(n_mat)] + [f"model.layers.{i}.norm.weight" for i in range(n_mat // 4)]
+    names = [
+        f"model.layers.{i // 4}.{['q', 'k', 'mlp_up', 'mlp_down'][i % 4]}.weight" for i in range(n_mat)
+    ] + [f"model.layers.{i}.norm.weight" for i in range(n_mat // 4)]
 
     def shape(n):
         return (COLS,) if n.endswith("norm.weight") else (ROWS, COLS)
@@ -49,6 +50,7 @@ def build(root: Path, size_gb: float, tasks: int, seed: int = 0) -> dict:
     shard = 512 * 2**20
     save_model_dir(gen_base(), root / "base", shard, extra_files={"config.json": "{}"})
     for t in range(tasks):
+
         def gen_probe(t=t):
             for j, (n, b) in enumerate(gen_base()):
                 g = torch.Generator().manual_seed(10_000 * (t + 1) + j)
@@ -56,8 +58,8 @@ def build(root: Path, size_gb: float, tasks: int, seed: int = 0) -> dict:
                     scale = float(10 ** (-4 + 2 * torch.rand((), generator=g)))
                     b = b + torch.randn(b.shape, generator=g) * scale
                 yield n, b
-        save_model_dir(gen_probe(), root / "probes" / f"task{t}", shard,
-                       extra_files={"config.json": "{}"})
+
+        save_model_dir(gen_probe(), root / "probes" / f"task{t}", shard, extra_files={"config.json": "{}"})
     return {"tensors": len(names), "params": sum(int(np.prod(shape(n))) for n in names)}
 
 
@@ -160,8 +162,7 @@ print(json.dumps({"ref_s": t1 - t0,
 
 
 def run_child(code: str, args: list[str], sample: bool) -> tuple[dict, int]:
-    proc = subprocess.Popen([sys.executable, "-c", code, *args], stdout=subprocess.PIPE,
-                            text=True)
+    proc = subprocess.Popen([sys.executable, "-c", code, *args], stdout=subprocess.PIPE, text=True)
     sampler = TreeSampler(proc.pid) if sample else None
     if sampler:
         sampler.start()
@@ -194,8 +195,11 @@ def main(argv=None):
     ap.add_argument("--chunk-mib", type=int, default=64)
     ap.add_argument("--num-actors", type=int, default=2)
     ap.add_argument("--workdir", default=None, help="where the checkpoints go (default: a temp dir)")
-    ap.add_argument("--skip-reference", action="store_true",
-                    help="the reference needs about (2 x tasks + 1) x size of memory")
+    ap.add_argument(
+        "--skip-reference",
+        action="store_true",
+        help="the reference needs about (2 x tasks + 1) x size of memory",
+    )
     ap.add_argument("--keep", action="store_true")
     a = ap.parse_args(argv)
 
@@ -203,20 +207,26 @@ def main(argv=None):
     root.mkdir(parents=True, exist_ok=True)
     t = time.time()
     info = build(root, a.size_gb, a.tasks)
-    print(f"built base + {a.tasks} tasks of {info['params'] / 1e6:.0f}M fp32 parameters "
-          f"({info['params'] * 4 / 2**30:.2f} GiB each, {info['tensors']} tensors) "
-          f"in {time.time() - t:.0f}s")
+    print(
+        f"built base + {a.tasks} tasks of {info['params'] / 1e6:.0f}M fp32 parameters "
+        f"({info['params'] * 4 / 2**30:.2f} GiB each, {info['tensors']} tensors) "
+        f"in {time.time() - t:.0f}s"
+    )
     try:
         st, st_peak = run_child(STAGE_CODE, [str(root), str(a.chunk_mib), str(a.num_actors)], True)
-        print(f"stage     : {st['stage_s']:7.1f} s (+ {st['ray_init_s']:.1f} s Ray start), "
-              f"peak PSS of driver + Ray processes {st_peak / 2**20:.2f} GiB, "
-              f"driver peak RSS {st['driver_rss_kib'] / 2**20:.2f} GiB")
+        print(
+            f"stage     : {st['stage_s']:7.1f} s (+ {st['ray_init_s']:.1f} s Ray start), "
+            f"peak PSS of driver + Ray processes {st_peak / 2**20:.2f} GiB, "
+            f"driver peak RSS {st['driver_rss_kib'] / 2**20:.2f} GiB"
+        )
         if a.skip_reference:
             return
         ref, _ = run_child(REF_CODE, [str(root)], False)
         print(f"reference : {ref['ref_s']:7.1f} s, peak RSS {ref['ref_rss_kib'] / 2**20:.2f} GiB")
-        print(f"ratios    : wall stage/reference {st['stage_s'] / ref['ref_s']:.2f}, "
-              f"memory stage/reference {st_peak / ref['ref_rss_kib']:.2f}")
+        print(
+            f"ratios    : wall stage/reference {st['stage_s'] / ref['ref_s']:.2f}, "
+            f"memory stage/reference {st_peak / ref['ref_rss_kib']:.2f}"
+        )
         print(f"masks identical to the reference: {compare(root)}")
     finally:
         if not a.keep and a.workdir is None:

@@ -32,8 +32,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="jobs/configs/demo.yaml")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    ap.add_argument("--val-size", type=int, default=16,
-                    help="validation rows for each task that has none in the config")
+    ap.add_argument(
+        "--val-size", type=int, default=16, help="validation rows for each task that has none in the config"
+    )
     ap.add_argument("--scheduler", choices=["fifo", "asha"], default="fifo")
     ap.add_argument("--workdir", help="keep the runs here (default: a temporary folder)")
     ap.add_argument("--json", help="also write the figures to this file")
@@ -60,8 +61,10 @@ def main() -> int:
     over = [f"tasks.{t.name}.val_size={args.val_size}" for t in cfg.tasks if t.val_size == 0]
     if not cfg.tune.search_space:
         p, lr = cfg.regions.p, cfg.consolidate.lr
-        over.append(f"tune.search_space={{regions.p: {{grid: [{p}, {min(100.0, 2 * p)}]}},"
-                    f" consolidate.lr: {{grid: [{lr}, {lr / 3}]}}}}")
+        over.append(
+            f"tune.search_space={{regions.p: {{grid: [{p}, {min(100.0, 2 * p)}]}},"
+            f" consolidate.lr: {{grid: [{lr}, {lr / 3}]}}}}"
+        )
         over += ["tune.search_alg=grid", "tune.num_samples=1"]
     over.append(f"tune.scheduler={args.scheduler}")
     cfg = load_config(args.config, [*args.overrides, *over])
@@ -71,10 +74,15 @@ def main() -> int:
     connect_ray(cfg)
     base_dir, base_id = resolve_base_model(cfg)  # materialized once, outside both timings
 
-    knobs = [{"regions.p": p, "consolidate.lr": lr}
-             for p in cfg.tune.search_space["regions.p"].values()
-             for lr in cfg.tune.search_space["consolidate.lr"].values()] \
-        if set(cfg.tune.search_space) == {"regions.p", "consolidate.lr"} else None
+    knobs = (
+        [
+            {"regions.p": p, "consolidate.lr": lr}
+            for p in cfg.tune.search_space["regions.p"].values()
+            for lr in cfg.tune.search_space["consolidate.lr"].values()
+        ]
+        if set(cfg.tune.search_space) == {"regions.p", "consolidate.lr"}
+        else None
+    )
 
     t0 = time.time()
     outcome = run_tune(cfg, work / "search")
@@ -96,22 +104,32 @@ def main() -> int:
 
         ctx.records["probe"] = _load_record(run_dir / "probes" / "stage.json")
         experts = expert_scores(ctx, run_dir / "experts.json")
-        scores = ray.get(_score_remote(c).remote(str(run_dir / "final"), validation_rows(c),
-                                                 c.model_dump(mode="json"), str(base_dir)))
+        scores = ray.get(
+            _score_remote(c).remote(
+                str(run_dir / "final"), validation_rows(c), c.model_dump(mode="json"), str(base_dir)
+            )
+        )
         objectives.append(objective_of(normalized_scores(scores, experts), c.tune.objective))
         print(f"independent run {i} {k}: {time.time() - t1:.1f} s, objective {objectives[-1]:.4f}")
     t_indep = time.time() - t0
 
-    figures = {"config": args.config, "trials": len(knobs), "scheduler": args.scheduler,
-               "search_s": round(t_search, 1), "independent_s": round(t_indep, 1),
-               "ratio": round(t_search / t_indep, 3),
-               "search_shared": {k: v.get("status") for k, v in outcome.shared.items()
-                                 if isinstance(v, dict) and "status" in v},
-               "trial_stages": [{s: v["status"] for s, v in t["stages"].items()}
-                                for t in outcome.trials]}
+    figures = {
+        "config": args.config,
+        "trials": len(knobs),
+        "scheduler": args.scheduler,
+        "search_s": round(t_search, 1),
+        "independent_s": round(t_indep, 1),
+        "ratio": round(t_search / t_indep, 3),
+        "search_shared": {
+            k: v.get("status") for k, v in outcome.shared.items() if isinstance(v, dict) and "status" in v
+        },
+        "trial_stages": [{s: v["status"] for s, v in t["stages"].items()} for t in outcome.trials],
+    }
     print()
-    print(f"{len(knobs)}-trial search: {t_search:.1f} s; {len(knobs)} independent runs: "
-          f"{t_indep:.1f} s; ratio search/independent = {t_search / t_indep:.2f}")
+    print(
+        f"{len(knobs)}-trial search: {t_search:.1f} s; {len(knobs)} independent runs: "
+        f"{t_indep:.1f} s; ratio search/independent = {t_search / t_indep:.2f}"
+    )
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=2) + "\n")
     if not args.workdir:

@@ -85,21 +85,27 @@ def main() -> int:
         wall = time.time() - t0
         pgs, actors, classes = leaks(address)
         rows.append((i, ok, wall, pgs, actors, me.memory_info().rss / 2**20, ray_rss_mib()))
-        print(f"run {i}: {'ok' if ok else 'FAILED'} in {wall:.0f}s; placement groups {pgs}, "
-              f"live actors {actors}; driver RSS {rows[-1][5]:.0f} MiB, Ray RSS {rows[-1][6]:.0f} MiB",
-              flush=True)
+        print(
+            f"run {i}: {'ok' if ok else 'FAILED'} in {wall:.0f}s; placement groups {pgs}, "
+            f"live actors {actors}; driver RSS {rows[-1][5]:.0f} MiB, Ray RSS {rows[-1][6]:.0f} MiB",
+            flush=True,
+        )
         print(f"  live actors by class: {classes or '-'}", flush=True)
         if not args.keep:
             shutil.rmtree(run_dir, ignore_errors=True)
 
     print("\nrun  ok   wall_s  placement_groups  live_actors  driver_rss_MiB  ray_rss_MiB")
     for i, ok, wall, pgs, actors, drss, rrss in rows:
-        print(f"{i:>3}  {'yes' if ok else 'NO ':<3}  {wall:6.0f}  {pgs:>16}  {actors:>11}  "
-              f"{drss:>14.0f}  {rrss:>11.0f}")
+        print(
+            f"{i:>3}  {'yes' if ok else 'NO ':<3}  {wall:6.0f}  {pgs:>16}  {actors:>11}  "
+            f"{drss:>14.0f}  {rrss:>11.0f}"
+        )
     if len(rows) > 1:
-        print(f"\nfailures: {failures}/{len(rows)}; driver RSS growth {rows[-1][5] - rows[0][5]:+.0f} MiB, "
-              f"Ray RSS growth {rows[-1][6] - rows[0][6]:+.0f} MiB, placement groups "
-              f"{rows[0][3]} -> {rows[-1][3]}, live actors {rows[0][4]} -> {rows[-1][4]}")
+        print(
+            f"\nfailures: {failures}/{len(rows)}; driver RSS growth {rows[-1][5] - rows[0][5]:+.0f} MiB, "
+            f"Ray RSS growth {rows[-1][6] - rows[0][6]:+.0f} MiB, placement groups "
+            f"{rows[0][3]} -> {rows[-1][3]}, live actors {rows[0][4]} -> {rows[-1][4]}"
+        )
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
     return 1 if failures else 0

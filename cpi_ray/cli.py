@@ -19,19 +19,29 @@ EXIT_CHECK = 3
 
 
 def _setup_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
+    )
 
 
 def add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, help="pipeline YAML")
     p.add_argument("--run-dir", help="run directory (default: storage.path/storage.run_name)")
     p.add_argument("--stages", help=f"comma-separated subset of: {','.join(STAGES)}")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set regions.p=5 (repeatable)")
-    p.add_argument("--tune", action="store_true",
-                   help="run the Ray Tune search of the config's `tune` section instead of one "
-                   "pipeline run (also when tune.enabled is true)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set regions.p=5 (repeatable)",
+    )
+    p.add_argument(
+        "--tune",
+        action="store_true",
+        help="run the Ray Tune search of the config's `tune` section instead of one "
+        "pipeline run (also when tune.enabled is true)",
+    )
 
 
 def config_from_args(args: argparse.Namespace):
@@ -108,8 +118,14 @@ def _run(cfg, run_dir, tuning: bool, log: logging.Logger) -> int:
 def add_plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, help="pipeline YAML")
     p.add_argument("--stages", help=f"comma-separated subset of: {','.join(STAGES)}")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set consolidate.num_workers=16 (repeatable)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set consolidate.num_workers=16 (repeatable)",
+    )
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
 
 
@@ -160,8 +176,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     check = sub.add_parser("check", help="check the data, tokenizer and storage before a run")
     check.add_argument("--config", required=True, help="pipeline YAML")
     check.add_argument("--run-dir", help="run directory (default: storage.path/storage.run_name)")
-    check.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                       help="override a config value (repeatable)")
+    check.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value (repeatable)",
+    )
     args = parser.parse_args(argv)
     if args.command == "run":
         return run_command(args)

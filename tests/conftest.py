@@ -24,8 +24,11 @@ def ray_session():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=4, include_dashboard=True, log_to_driver=False,
-                 runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu",
-                                           "TOKENIZERS_PARALLELISM": "false"}})
+        ray.init(
+            num_cpus=4,
+            include_dashboard=True,
+            log_to_driver=False,
+            runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false"}},
+        )
     yield ray
     ray.shutdown()

@@ -22,10 +22,18 @@ def load_state(d: Path) -> dict[str, torch.Tensor]:
         return {n: r.read(n).clone() for n in r.names()}
 
 
-def make_run(root: Path, tasks=TASKS, scale: float = 0.05, core_p: float = 0.1,
-             dtype: Optional[torch.dtype] = None, identical: bool = False,
-             groups: Optional[list[list[str]]] = None, seed: int = 0,
-             base_dir: Optional[Path] = None, **fuse) -> RunContext:
+def make_run(
+    root: Path,
+    tasks=TASKS,
+    scale: float = 0.05,
+    core_p: float = 0.1,
+    dtype: Optional[torch.dtype] = None,
+    identical: bool = False,
+    groups: Optional[list[list[str]]] = None,
+    seed: int = 0,
+    base_dir: Optional[Path] = None,
+    **fuse,
+) -> RunContext:
     """Base + one perturbed probe per task + random overlapping masks under `root`."""
     if base_dir is None:
         base_dir = root / "base"
@@ -60,16 +68,19 @@ def make_run(root: Path, tasks=TASKS, scale: float = 0.05, core_p: float = 0.1,
         write_mask_file(run / "regions" / f"{t}.mask.safetensors", packed, numels)
     (run / "groups").mkdir(parents=True, exist_ok=True)
     (run / "groups" / "groups.json").write_text(json.dumps(groups or [[t] for t in tasks]))
-    cfg = PipelineConfig.model_validate({
-        "tasks": [{"name": t, "reasoning_gym": {"name": "spell_backward"}} for t in tasks],
-        "model": {"max_shard_size": "100kB"},
-        "fuse": {"num_actors": 2, **fuse},
-    })
+    cfg = PipelineConfig.model_validate(
+        {
+            "tasks": [{"name": t, "reasoning_gym": {"name": "spell_backward"}} for t in tasks],
+            "model": {"max_shard_size": "100kB"},
+            "fuse": {"num_actors": 2, **fuse},
+        }
+    )
     return RunContext(cfg=cfg, run_dir=run, base_model_dir=base_dir, base_model_id="tiny")
 
 
 def with_fuse(ctx: RunContext, **fuse) -> RunContext:
     cfg = ctx.cfg.model_copy(deep=True)
     cfg.fuse = cfg.fuse.model_copy(update=fuse)
-    return RunContext(cfg=cfg, run_dir=ctx.run_dir, base_model_dir=ctx.base_model_dir,
-                      base_model_id=ctx.base_model_id)
+    return RunContext(
+        cfg=cfg, run_dir=ctx.run_dir, base_model_dir=ctx.base_model_dir, base_model_id=ctx.base_model_id
+    )

@@ -11,22 +11,38 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _cfg(*overrides):
-    return load_config(ROOT / "jobs" / "configs" / "smoke.yaml", [
-        "probe.steps=10", "probe.batch_size=8", "consolidate.steps=4", "consolidate.batch_size=4",
-        "consolidate.num_workers=2", *overrides])
+    return load_config(
+        ROOT / "jobs" / "configs" / "smoke.yaml",
+        [
+            "probe.steps=10",
+            "probe.batch_size=8",
+            "consolidate.steps=4",
+            "consolidate.batch_size=4",
+            "consolidate.num_workers=2",
+            *overrides,
+        ],
+    )
 
 
 def test_budgets_match_cpi_ft():
-    cfg = _cfg("baselines.modes=[full_mtl, multistage, sequential, sequential_cpi]",
-               "baselines.sequential=[reverse, upper]", "baselines.multistage_grouping=cpi")
+    cfg = _cfg(
+        "baselines.modes=[full_mtl, multistage, sequential, sequential_cpi]",
+        "baselines.sequential=[reverse, upper]",
+        "baselines.multistage_grouping=cpi",
+    )
     groups = [["digits"], ["reverse", "upper"]]
     # 3 probes x 10 steps x 8 rows + 2 groups x 4 steps x 4 rows x 2 workers
     assert cpi_budget_rows(cfg, 2) == 240 + 64
     plans = plan_modes(cfg, groups)
-    assert plans["full_mtl"]["stages"] == [{"tasks": ["reverse", "upper", "digits"], "frozen": [],
-                                            "steps": 38, "lr": cfg.consolidate.lr,
-                                            "rows_per_task": {"digits": 102, "reverse": 101,
-                                                              "upper": 101}}]
+    assert plans["full_mtl"]["stages"] == [
+        {
+            "tasks": ["reverse", "upper", "digits"],
+            "frozen": [],
+            "steps": 38,
+            "lr": cfg.consolidate.lr,
+            "rows_per_task": {"digits": 102, "reverse": 101, "upper": 101},
+        }
+    ]
     assert plans["full_mtl"]["rows"] == 38 * 8 >= 304
     ms = plans["multistage"]["stages"]
     assert [s["tasks"] for s in ms] == groups and [s["steps"] for s in ms] == [13, 25]
@@ -101,11 +117,17 @@ def test_every_mode_trains_on_smoke_and_the_report_holds_its_scores(ray_session,
     from cpi_ray.models.loading import resolve_base_model
     from cpi_ray.pipeline.runner import run_pipeline
 
-    cfg = _cfg("baselines.modes=[full_mtl, multistage, sequential, sequential_cpi]",
-               "baselines.sequential=[reverse, upper]", "baselines.multistage_num_groups=2",
-               f"storage.path={tmp_path}", "probe.steps=6", "consolidate.steps=3",
-               "consolidate.num_workers=1", "evaluate.max_new_tokens=4",
-               "stages=[probe, regions, groups, baselines, evaluate]")
+    cfg = _cfg(
+        "baselines.modes=[full_mtl, multistage, sequential, sequential_cpi]",
+        "baselines.sequential=[reverse, upper]",
+        "baselines.multistage_num_groups=2",
+        f"storage.path={tmp_path}",
+        "probe.steps=6",
+        "consolidate.steps=3",
+        "consolidate.num_workers=1",
+        "evaluate.max_new_tokens=4",
+        "stages=[probe, regions, groups, baselines, evaluate]",
+    )
     run = tmp_path / "run"
     run_pipeline(cfg, run)
     base_dir, _ = resolve_base_model(cfg)
@@ -116,8 +138,12 @@ def test_every_mode_trains_on_smoke_and_the_report_holds_its_scores(ray_session,
         diff = sum(int((ra.read(n) != rb.read(n)).sum()) for n in ra.names())
         return diff, sum(ra.info(n).numel for n in ra.names())
 
-    starts = {"full_mtl": base_dir, "multistage": base_dir,
-              "sequential": run / "probes" / "reverse", "sequential_cpi": run / "probes" / "reverse"}
+    starts = {
+        "full_mtl": base_dir,
+        "multistage": base_dir,
+        "sequential": run / "probes" / "reverse",
+        "sequential_cpi": run / "probes" / "reverse",
+    }
     for mode, start in starts.items():
         diff, total = moved(start, run / "baselines" / mode)
         assert diff > total // 2, f"{mode}: trained model barely differs from its start"
@@ -151,15 +177,17 @@ def test_every_mode_trains_on_smoke_and_the_report_holds_its_scores(ray_session,
     assert "## Forgetting" in md and (run / "report" / "index.html").is_file()
 
     # A mode added later trains alone: the four finished ones stay as they are.
-    weights = {m: [(f.name, f.stat().st_mtime_ns)
-                   for f in sorted((run / "baselines" / m).glob("*.safetensors"))]
-               for m in starts}
+    weights = {
+        m: [(f.name, f.stat().st_mtime_ns) for f in sorted((run / "baselines" / m).glob("*.safetensors"))]
+        for m in starts
+    }
     more = cfg.model_copy(deep=True)
     more.baselines.modes = [*cfg.baselines.modes, "full_mtl_light"]
     run_pipeline(more, run, stages=["baselines"])
     for m, files in weights.items():
-        assert [(f.name, f.stat().st_mtime_ns)
-                for f in sorted((run / "baselines" / m).glob("*.safetensors"))] == files, m
+        assert [
+            (f.name, f.stat().st_mtime_ns) for f in sorted((run / "baselines" / m).glob("*.safetensors"))
+        ] == files, m
     light = json.loads((run / "baselines" / "full_mtl_light" / "baseline.json").read_text())
     n_groups = len(json.loads((run / "groups" / "groups.json").read_text()))
     assert light["stages"][0]["steps"] == cfg.consolidate.steps * n_groups

@@ -18,16 +18,26 @@ def _bench():
 
 
 def _seed(full, cpi, fused):
-    return {"scores": {"base": {"a": 1.0, "b": 2.0}, "probe:a": {"a": 40.0, "b": 0.0},
-                       "probe:b": {"a": 0.0, "b": 30.0}, "baseline:full_mtl": full,
-                       "fused": fused, "delta@5,mixed": cpi}, "stderr": {}}
+    return {
+        "scores": {
+            "base": {"a": 1.0, "b": 2.0},
+            "probe:a": {"a": 40.0, "b": 0.0},
+            "probe:b": {"a": 0.0, "b": 30.0},
+            "baseline:full_mtl": full,
+            "fused": fused,
+            "delta@5,mixed": cpi,
+        },
+        "stderr": {},
+    }
 
 
 def test_aggregate_over_seeds_and_results_file(tmp_path):
     bq = _bench()
-    per_seed = {"0": _seed({"a": 20.0, "b": 10.0}, {"a": 30.0, "b": 12.0}, {"a": 5.0, "b": 5.0}),
-                "1": _seed({"a": 22.0, "b": 14.0}, {"a": 28.0, "b": 20.0}, {"a": 6.0, "b": 4.0}),
-                "2": _seed({"a": 18.0, "b": 12.0}, {"a": 31.0, "b": 17.0}, {"a": 4.0, "b": 6.0})}
+    per_seed = {
+        "0": _seed({"a": 20.0, "b": 10.0}, {"a": 30.0, "b": 12.0}, {"a": 5.0, "b": 5.0}),
+        "1": _seed({"a": 22.0, "b": 14.0}, {"a": 28.0, "b": 20.0}, {"a": 6.0, "b": 4.0}),
+        "2": _seed({"a": 18.0, "b": 12.0}, {"a": 31.0, "b": 17.0}, {"a": 4.0, "b": 6.0}),
+    }
     rows = bq.model_rows("delta@5,mixed", [], ["a", "b"])
     agg = bq.aggregate(per_seed, ["a", "b"], rows)
     cpi = agg["models"]["delta@5,mixed"]
@@ -39,13 +49,26 @@ def test_aggregate_over_seeds_and_results_file(tmp_path):
     v = agg["versus"]["delta@5,mixed"]["full_mtl"]["avg"]
     assert math.isclose(v["diff"], statistics.mean(diffs)) and v["verdict"] == "win"
     assert "baseline:multistage" not in agg["models"] and list(agg["models"])[:1] == ["base"]
-    doc = {"setting": "balanced", "config": "x/quality-cpu.yaml", "seeds": [0, 1, 2],
-           "tasks": ["a", "b"], "n_eval": {"a": 80, "b": 80}, "aggregate": agg,
-           "budgets": {"0": {"cpi_rows": 10, "modes": {"full_mtl": {"rows": 10}}}},
-           "groupings": {"0": {"delta@5,mixed": {"groups": [["a"], ["b"]], "jaccard": [0.02, 0.03],
-                                                 "chance": 0.0256,
-                                                 "consolidate_rows": [{"a": 8, "b": 8}]}}},
-           "commands": ["python benchmarks/bench_quality.py --seeds 0 1 2"]}
+    doc = {
+        "setting": "balanced",
+        "config": "x/quality-cpu.yaml",
+        "seeds": [0, 1, 2],
+        "tasks": ["a", "b"],
+        "n_eval": {"a": 80, "b": 80},
+        "aggregate": agg,
+        "budgets": {"0": {"cpi_rows": 10, "modes": {"full_mtl": {"rows": 10}}}},
+        "groupings": {
+            "0": {
+                "delta@5,mixed": {
+                    "groups": [["a"], ["b"]],
+                    "jaccard": [0.02, 0.03],
+                    "chance": 0.0256,
+                    "consolidate_rows": [{"a": 8, "b": 8}],
+                }
+            }
+        },
+        "commands": ["python benchmarks/bench_quality.py --seeds 0 1 2"],
+    }
     md = bq.write_results(tmp_path, doc)
     text = md.read_text()
     assert md.name == "quality-quality-cpu-balanced.md"
@@ -66,8 +89,13 @@ def test_cell_names_and_overrides():
     bq = _bench()
     cell = ("delta_fisher", 5.0, 0.3, "group", ("fuse.omega=0.3",))
     assert bq.cell_name(*cell, run_tau=0.1) == "delta_fisher@5,tau=0.3,group,fuse.omega=0.3"
-    assert bq.cell_overrides(cell) == ["regions.score=delta_fisher", "regions.p=5", "groups.tau=0.3",
-                                       "consolidate.data=group", "fuse.omega=0.3"]
+    assert bq.cell_overrides(cell) == [
+        "regions.score=delta_fisher",
+        "regions.p=5",
+        "groups.tau=0.3",
+        "consolidate.data=group",
+        "fuse.omega=0.3",
+    ]
     same = {"regions": "r", "groups": [["a", "b"]], "data": "mixed"}
     assert bq.same_training(same, {**same, "data": "group"})  # one group: the same mix
     two = {"regions": "r", "groups": [["a"], ["b"]], "data": "mixed"}

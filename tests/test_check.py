@@ -41,8 +41,10 @@ def test_check_prints_config_splits_and_a_marked_example(tmp_path):
 
     cfg = load_config(SMOKE)
     splits = load_splits(cfg.task("reverse"), cfg.data.split_seed)
-    assert (f"task reverse ({cfg.task('reverse').path}): {len(splits.train) + 24} rows -> "
-            f"train {len(splits.train)}, val 0, eval 24; 0 training rows too long") in out
+    assert (
+        f"task reverse ({cfg.task('reverse').path}): {len(splits.train) + 24} rows -> "
+        f"train {len(splits.train)}, val 0, eval 24; 0 training rows too long"
+    ) in out
     first = splits.train[0]
     assert f"<|user|>{first['question']}</s><|assistant|>[[{first['answer']}</s>]]" in out
     assert out.rstrip().endswith("ok")
@@ -59,18 +61,36 @@ GOOD = [json.dumps({"question": f"q{i}", "answer": f"a{i}"}) for i in range(6)]
 
 
 BAD_DATA = [
-    ("malformed line", lambda t: [_bad_task(t, [*GOOD, '{"question": "q", "answer"'])],
-     [r"task 'bad'", "cannot read", "bad.jsonl"]),
-    ("missing field", lambda t: [_bad_task(t, [*GOOD, json.dumps({"question": "q"})])],
-     ["task 'bad': row 6 has no answer field 'answer'"]),
-    ("chat data as a prompt", lambda t: [_bad_task(t, [*GOOD, json.dumps(
-        {"question": [{"role": "user", "content": "q"}], "answer": "a"})])],
-     ["task 'bad': row 6: prompt field 'question' is a list, expected text"]),
-    ("eval_size over the data", lambda t: [_bad_task(t, GOOD), "tasks.0.eval_size=10"],
-     ["task 'bad': 6 rows leave none for training after eval_size=10"]),
-    ("no row fits max_seq_len", lambda t: [_bad_task(t, [json.dumps(
-        {"question": "q", "answer": "x" * 40})] * 6), "data.max_seq_len=16"],
-     ["task 'bad' (", "bad.jsonl): no training row fits in data.max_seq_len=16"]),
+    (
+        "malformed line",
+        lambda t: [_bad_task(t, [*GOOD, '{"question": "q", "answer"'])],
+        [r"task 'bad'", "cannot read", "bad.jsonl"],
+    ),
+    (
+        "missing field",
+        lambda t: [_bad_task(t, [*GOOD, json.dumps({"question": "q"})])],
+        ["task 'bad': row 6 has no answer field 'answer'"],
+    ),
+    (
+        "chat data as a prompt",
+        lambda t: [
+            _bad_task(t, [*GOOD, json.dumps({"question": [{"role": "user", "content": "q"}], "answer": "a"})])
+        ],
+        ["task 'bad': row 6: prompt field 'question' is a list, expected text"],
+    ),
+    (
+        "eval_size over the data",
+        lambda t: [_bad_task(t, GOOD), "tasks.0.eval_size=10"],
+        ["task 'bad': 6 rows leave none for training after eval_size=10"],
+    ),
+    (
+        "no row fits max_seq_len",
+        lambda t: [
+            _bad_task(t, [json.dumps({"question": "q", "answer": "x" * 40})] * 6),
+            "data.max_seq_len=16",
+        ],
+        ["task 'bad' (", "bad.jsonl): no training row fits in data.max_seq_len=16"],
+    ),
 ]
 
 
@@ -96,8 +116,10 @@ def test_bad_data_is_one_line_naming_task_row_and_field(tmp_path, models_dir, ca
 
 def test_bad_data_stops_check_and_run_before_ray(tmp_path):
     """Both entries print the same single line, exit non-zero, start no Ray, write nothing."""
-    overrides = [_bad_task(tmp_path, [*GOOD, json.dumps({"question": "q"})]),
-                 f"model.cache_dir={tmp_path / 'models'}"]
+    overrides = [
+        _bad_task(tmp_path, [*GOOD, json.dumps({"question": "q"})]),
+        f"model.cache_dir={tmp_path / 'models'}",
+    ]
     r = _run(CHECK, tmp_path, *overrides)
     line = _one_line_error(r)
     assert r.returncode == 3 and "task 'bad': row 6 has no answer field 'answer'" in line
@@ -118,8 +140,11 @@ def test_relative_storage_under_job_submission_is_refused(tmp_path, monkeypatch)
 
     check_storage(load_config(SMOKE), tmp_path / "run")  # a relative path is fine on a laptop
     monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")  # what Ray's job supervisor sets
-    with pytest.raises(CheckError, match=r"storage.path: 'runs' is relative; under `ray job "
-                       r"submit` it would land in the job's temporary working directory"):
+    with pytest.raises(
+        CheckError,
+        match=r"storage.path: 'runs' is relative; under `ray job "
+        r"submit` it would land in the job's temporary working directory",
+    ):
         check_storage(load_config(SMOKE), tmp_path / "run")
     check_storage(load_config(SMOKE, [f"storage.path={tmp_path}"]), tmp_path / "run")
 
@@ -131,9 +156,15 @@ def test_storage_not_shared_by_every_node_is_refused(tmp_path, monkeypatch):
 
     from cpi_ray.pipeline.check import CheckError, check_shared_storage
 
-    monkeypatch.setattr(ray, "nodes", lambda: [{"NodeID": "a", "Alive": True},
-                                               {"NodeID": "b", "Alive": True},
-                                               {"NodeID": "c", "Alive": False}])
+    monkeypatch.setattr(
+        ray,
+        "nodes",
+        lambda: [
+            {"NodeID": "a", "Alive": True},
+            {"NodeID": "b", "Alive": True},
+            {"NodeID": "c", "Alive": False},
+        ],
+    )
     elsewhere = tmp_path / "node-b-disk"
     seen = []
 
@@ -144,8 +175,11 @@ def test_storage_not_shared_by_every_node_is_refused(tmp_path, monkeypatch):
         return fn(path, token)
 
     run = tmp_path / "run"
-    with pytest.raises(CheckError, match=r"storage: the run directory .*run is not shared by "
-                       r"every node .*No such file"):
+    with pytest.raises(
+        CheckError,
+        match=r"storage: the run directory .*run is not shared by "
+        r"every node .*No such file",
+    ):
         check_shared_storage(run, visit)
     assert seen == ["a", "b"]
     assert not list(run.iterdir())  # the marker is removed either way

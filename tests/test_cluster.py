@@ -19,8 +19,13 @@ REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "cluster"
 LAUNCHER = ["aws.yaml", "gcp.yaml"]
 # Which node type each stage of jobs/configs/llama7b.yaml must land on.
-STAGE_NODE = {"probe": "gpu1_spot", "evaluate": "gpu1_spot", "regions": "cpu_stream",
-              "fuse": "cpu_stream", "consolidate": "gpu8"}
+STAGE_NODE = {
+    "probe": "gpu1_spot",
+    "evaluate": "gpu1_spot",
+    "regions": "cpu_stream",
+    "fuse": "cpu_stream",
+    "consolidate": "gpu8",
+}
 
 
 def _load(name: str) -> dict:
@@ -111,8 +116,9 @@ def test_each_stage_fits_the_node_type_meant_for_it(name):
 def test_launcher_keeps_token_auth_and_a_private_dashboard(name):
     cfg = _load(name)
     assert cfg["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
-    starts = [c for c in cfg["head_start_ray_commands"] + cfg["worker_start_ray_commands"]
-              if "ray start" in c]
+    starts = [
+        c for c in cfg["head_start_ray_commands"] + cfg["worker_start_ray_commands"] if "ray start" in c
+    ]
     assert len(starts) == 2
     for c in starts:
         assert c.index("export RAY_AUTH_MODE=token") < c.index("ray start")
@@ -125,21 +131,75 @@ def test_launcher_keeps_token_auth_and_a_private_dashboard(name):
 
 # The parts of the KubeRay v1 CRDs (RayJob, RayCluster) this manifest uses: the allowed keys at
 # each level, so that a misspelt field fails here instead of being dropped by the API server.
-RAYJOB_SPEC_KEYS = {"entrypoint", "runtimeEnvYAML", "jobId", "shutdownAfterJobFinishes",
-                    "ttlSecondsAfterFinished", "activeDeadlineSeconds", "backoffLimit",
-                    "rayClusterSpec", "clusterSelector", "submissionMode", "submitterPodTemplate",
-                    "submitterConfig", "entrypointNumCpus", "entrypointNumGpus",
-                    "entrypointResources", "suspend", "managedBy", "deletionStrategy", "metadata"}
-RAYCLUSTER_SPEC_KEYS = {"rayVersion", "enableInTreeAutoscaling", "autoscalerOptions",
-                        "headGroupSpec", "workerGroupSpecs", "headServiceAnnotations", "suspend",
-                        "managedBy", "gcsFaultToleranceOptions", "authOptions", "upgradeStrategy"}
-AUTOSCALER_KEYS = {"resources", "image", "imagePullPolicy", "securityContext",
-                   "idleTimeoutSeconds", "upscalingMode", "env", "envFrom", "volumeMounts", "version"}
-HEAD_KEYS = {"rayStartParams", "template", "serviceType", "headService", "enableIngress",
-             "resources", "labels"}
-WORKER_KEYS = {"groupName", "replicas", "minReplicas", "maxReplicas", "idleTimeoutSeconds",
-               "rayStartParams", "template", "scaleStrategy", "numOfHosts", "suspend",
-               "resources", "labels"}
+RAYJOB_SPEC_KEYS = {
+    "entrypoint",
+    "runtimeEnvYAML",
+    "jobId",
+    "shutdownAfterJobFinishes",
+    "ttlSecondsAfterFinished",
+    "activeDeadlineSeconds",
+    "backoffLimit",
+    "rayClusterSpec",
+    "clusterSelector",
+    "submissionMode",
+    "submitterPodTemplate",
+    "submitterConfig",
+    "entrypointNumCpus",
+    "entrypointNumGpus",
+    "entrypointResources",
+    "suspend",
+    "managedBy",
+    "deletionStrategy",
+    "metadata",
+}
+RAYCLUSTER_SPEC_KEYS = {
+    "rayVersion",
+    "enableInTreeAutoscaling",
+    "autoscalerOptions",
+    "headGroupSpec",
+    "workerGroupSpecs",
+    "headServiceAnnotations",
+    "suspend",
+    "managedBy",
+    "gcsFaultToleranceOptions",
+    "authOptions",
+    "upgradeStrategy",
+}
+AUTOSCALER_KEYS = {
+    "resources",
+    "image",
+    "imagePullPolicy",
+    "securityContext",
+    "idleTimeoutSeconds",
+    "upscalingMode",
+    "env",
+    "envFrom",
+    "volumeMounts",
+    "version",
+}
+HEAD_KEYS = {
+    "rayStartParams",
+    "template",
+    "serviceType",
+    "headService",
+    "enableIngress",
+    "resources",
+    "labels",
+}
+WORKER_KEYS = {
+    "groupName",
+    "replicas",
+    "minReplicas",
+    "maxReplicas",
+    "idleTimeoutSeconds",
+    "rayStartParams",
+    "template",
+    "scaleStrategy",
+    "numOfHosts",
+    "suspend",
+    "resources",
+    "labels",
+}
 SUBMISSION_MODES = {"K8sJobMode", "HTTPMode", "InteractiveMode", "SidecarMode"}
 UPSCALING_MODES = {"Default", "Aggressive", "Conservative"}
 
@@ -210,10 +270,14 @@ def test_rayjob_groups_fit_the_stages():
     offered = {}
     for name, g in groups.items():
         rsp = g["rayStartParams"]
-        offered[name] = {"CPU": float(rsp["num-cpus"]), "GPU": float(rsp.get("num-gpus", 0)),
-                         **_custom(rsp)}
-    want = {"probe": "gpu1-spot", "evaluate": "gpu1-spot", "regions": "cpu-stream",
-            "fuse": "cpu-stream", "consolidate": "gpu8"}
+        offered[name] = {"CPU": float(rsp["num-cpus"]), "GPU": float(rsp.get("num-gpus", 0)), **_custom(rsp)}
+    want = {
+        "probe": "gpu1-spot",
+        "evaluate": "gpu1-spot",
+        "regions": "cpu-stream",
+        "fuse": "cpu-stream",
+        "consolidate": "gpu8",
+    }
     for stage, group in want.items():
         ask = worker_resources(cfg, stage)
         fits = [n for n, res in offered.items() if all(res.get(k, 0) >= v for k, v in ask.items())]
@@ -266,6 +330,15 @@ def test_secret_scan_has_teeth():
 
 def test_cluster_readme_covers_what_it_must():
     text = (CLUSTER / "README.md").read_text()
-    for must in ("ray get-auth-token", "RAY_AUTH_MODE=token", "ray dashboard", "ssh -L",
-                 "cpi-ray plan", "70B", "7B", "ZeRO-3", "16 B"):
+    for must in (
+        "ray get-auth-token",
+        "RAY_AUTH_MODE=token",
+        "ray dashboard",
+        "ssh -L",
+        "cpi-ray plan",
+        "70B",
+        "7B",
+        "ZeRO-3",
+        "16 B",
+    ):
         assert must in text, must

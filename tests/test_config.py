@@ -23,33 +23,46 @@ def _task_file(tmp_path, name="t.jsonl") -> str:
 
 
 def _base(tmp_path):
-    return {"model": {"source": "tiny"},
-            "tasks": [{"name": "a", "path": _task_file(tmp_path)},
-                      {"name": "b", "path": _task_file(tmp_path, "u.jsonl")}]}
+    return {
+        "model": {"source": "tiny"},
+        "tasks": [
+            {"name": "a", "path": _task_file(tmp_path)},
+            {"name": "b", "path": _task_file(tmp_path, "u.jsonl")},
+        ],
+    }
 
 
 def test_defaults_and_overrides(tmp_path):
-    cfg = load_config(_write(tmp_path, _base(tmp_path)),
-                      ["regions.p=5", "groups.tau=0.25", "tasks.b.eval_size=7",
-                       "tasks.0.weight=2", "fuse.omega_overrides={'attn': 0.3}"])
+    cfg = load_config(
+        _write(tmp_path, _base(tmp_path)),
+        [
+            "regions.p=5",
+            "groups.tau=0.25",
+            "tasks.b.eval_size=7",
+            "tasks.0.weight=2",
+            "fuse.omega_overrides={'attn': 0.3}",
+        ],
+    )
     assert cfg.regions.p == 5.0 and cfg.groups.tau == 0.25
     assert cfg.task("b").eval_size == 7 and cfg.task("a").weight == 2.0
     assert cfg.fuse.omega_overrides == {"attn": 0.3}
-    assert cfg.stages == ["probe", "regions", "groups", "fuse", "consolidate", "baselines",
-                          "evaluate"]
+    assert cfg.stages == ["probe", "regions", "groups", "fuse", "consolidate", "baselines", "evaluate"]
 
 
-@pytest.mark.parametrize("override, field", [
-    ("regions.p=0", "regions.p"),
-    ("regions.p=150", "regions.p"),
-    ("groups.tau=1.5", "groups.tau"),
-    ("fuse.omega=-0.1", "fuse.omega"),
-    ("fuse.policy=largest", "fuse.policy"),
-    ("consolidate.freeze=some", "consolidate.freeze"),
-    ("probe.lr=0", "probe.lr"),
-    ("regions.granularity=block", "regions.granularity"),
-    ("regions.nonsense=1", "regions.nonsense"),
-])
+@pytest.mark.parametrize(
+    "override, field",
+    [
+        ("regions.p=0", "regions.p"),
+        ("regions.p=150", "regions.p"),
+        ("groups.tau=1.5", "groups.tau"),
+        ("fuse.omega=-0.1", "fuse.omega"),
+        ("fuse.policy=largest", "fuse.policy"),
+        ("consolidate.freeze=some", "consolidate.freeze"),
+        ("probe.lr=0", "probe.lr"),
+        ("regions.granularity=block", "regions.granularity"),
+        ("regions.nonsense=1", "regions.nonsense"),
+    ],
+)
 def test_bad_values_name_the_field(tmp_path, override, field):
     with pytest.raises(ConfigError) as e:
         load_config(_write(tmp_path, _base(tmp_path)), [override])
@@ -82,12 +95,35 @@ def test_job_exits_2_and_writes_nothing(tmp_path):
     data["tasks"][0]["path"] = str(tmp_path / "nope.jsonl")
     cfg = _write(tmp_path, data)
     run_dir = tmp_path / "run"
-    r = subprocess.run([sys.executable, str(ROOT / "jobs" / "cpi_pipeline.py"), "--config", str(cfg),
-                        "--run-dir", str(run_dir)], capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "jobs" / "cpi_pipeline.py"),
+            "--config",
+            str(cfg),
+            "--run-dir",
+            str(run_dir),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 2
     assert "nope.jsonl" in r.stderr and "does not exist" in r.stderr
     assert not run_dir.exists()
-    r = subprocess.run([sys.executable, str(ROOT / "jobs" / "cpi_pipeline.py"), "--config",
-                        str(_write(tmp_path, _base(tmp_path))), "--run-dir", str(run_dir),
-                        "--stages", "probe,bogus"], capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "jobs" / "cpi_pipeline.py"),
+            "--config",
+            str(_write(tmp_path, _base(tmp_path))),
+            "--run-dir",
+            str(run_dir),
+            "--stages",
+            "probe,bogus",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 2 and "bogus" in r.stderr and not run_dir.exists()

@@ -31,14 +31,20 @@ THIS_RUN = textwrap.dedent("""
 
 def test_a_run_with_no_address_starts_its_own_ray_beside_an_embedded_one():
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    other = subprocess.Popen([sys.executable, "-c", OTHER_RUN], stdin=subprocess.PIPE,
-                             stdout=subprocess.PIPE, text=True, env=env)
+    other = subprocess.Popen(
+        [sys.executable, "-c", OTHER_RUN], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env
+    )
     try:
         other_gcs = other.stdout.readline().strip()
         assert other_gcs, "the other process's Ray did not start"
-        out = subprocess.run([sys.executable, "-c", "import sys\n" + THIS_RUN,
-                              str(ROOT / "jobs" / "configs" / "smoke.yaml")],
-                             capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
+        out = subprocess.run(
+            [sys.executable, "-c", "import sys\n" + THIS_RUN, str(ROOT / "jobs" / "configs" / "smoke.yaml")],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=300,
+            cwd=ROOT,
+        )
         assert out.returncode == 0, out.stderr[-2000:]
         how, gcs = out.stdout.strip().splitlines()[-1].split("|")
         assert how == "embedded local Ray" and gcs != other_gcs

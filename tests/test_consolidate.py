@@ -27,19 +27,36 @@ def test_consolidate_stage_prior_bf16(ray_session, tiny_model_dir, tmp_path):
         random_mask_file(tiny_model_dir, run / "regions" / f"{t}.mask.safetensors", 0.05, seed=i)
     (run / "groups").mkdir()
     (run / "groups" / "groups.json").write_text(json.dumps([["reverse", "upper"], ["digits"]]))
-    cfg = PipelineConfig.model_validate({
-        "model": {"source": "tiny", "max_shard_size": "100kB"},
-        "tasks": [{"name": t, "path": str(DATA / f"{t}.jsonl"), "eval_size": 8}
-                  for t in ("reverse", "upper", "digits")],
-        "data": {"max_seq_len": 64},
-        # bf16 with no persistent parameters: the working copy is a separate bf16 partition.
-        "consolidate": {"steps": 2, "batch_size": 4, "lr": 1e-2, "weight_decay": 0.1,
-                        "num_workers": 2, "precision": "bf16", "freeze": "prior", "data": "group",
-                        "replay": 0.25,
-                        "deepspeed": {"zero_optimization": {"stage3_param_persistence_threshold": 0}}},
-    })
-    ctx = RunContext(cfg=cfg, run_dir=run, base_model_dir=tiny_model_dir, base_model_id="tiny",
-                     records={d: {"fingerprint": d} for d in ("fuse", "groups", "regions")})
+    cfg = PipelineConfig.model_validate(
+        {
+            "model": {"source": "tiny", "max_shard_size": "100kB"},
+            "tasks": [
+                {"name": t, "path": str(DATA / f"{t}.jsonl"), "eval_size": 8}
+                for t in ("reverse", "upper", "digits")
+            ],
+            "data": {"max_seq_len": 64},
+            # bf16 with no persistent parameters: the working copy is a separate bf16 partition.
+            "consolidate": {
+                "steps": 2,
+                "batch_size": 4,
+                "lr": 1e-2,
+                "weight_decay": 0.1,
+                "num_workers": 2,
+                "precision": "bf16",
+                "freeze": "prior",
+                "data": "group",
+                "replay": 0.25,
+                "deepspeed": {"zero_optimization": {"stage3_param_persistence_threshold": 0}},
+            },
+        }
+    )
+    ctx = RunContext(
+        cfg=cfg,
+        run_dir=run,
+        base_model_dir=tiny_model_dir,
+        base_model_id="tiny",
+        records={d: {"fingerprint": d} for d in ("fuse", "groups", "regions")},
+    )
     stage = ConsolidateStage()
     rec, ran = stage.execute(ctx)
     assert ran

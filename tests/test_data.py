@@ -61,18 +61,30 @@ def test_load_jsonl_and_parquet_give_the_same_rows(tmp_path):
 
 def test_dotted_fields_reach_into_nested_rows(tmp_path):
     rows = [{"q": {"text": f"x{i}"}, "meta": {"sol": i}} for i in range(3)]
-    task = _task(_jsonl(tmp_path / "n.jsonl", rows), prompt_field="q.text",
-                 answer_field="meta.sol", eval_size=1)
+    task = _task(
+        _jsonl(tmp_path / "n.jsonl", rows), prompt_field="q.text", answer_field="meta.sol", eval_size=1
+    )
     assert load_rows(task) == rows
 
 
-@pytest.mark.parametrize("rows, match", [
-    ([{"question": "a", "answer": "b"}, {"question": "c", "answer": "d"},
-      {"question": "e", "solution": "f"}], r"task 'bad': row 2 has no answer field 'answer'"),
-    ([{"question": "a", "answer": "b"}, {"question": "  ", "answer": "d"}],
-     r"task 'bad': row 1 has an empty prompt field 'question'"),
-    ([{"question": "a", "answer": ""}], r"task 'bad': row 0 has an empty answer field 'answer'"),
-])
+@pytest.mark.parametrize(
+    "rows, match",
+    [
+        (
+            [
+                {"question": "a", "answer": "b"},
+                {"question": "c", "answer": "d"},
+                {"question": "e", "solution": "f"},
+            ],
+            r"task 'bad': row 2 has no answer field 'answer'",
+        ),
+        (
+            [{"question": "a", "answer": "b"}, {"question": "  ", "answer": "d"}],
+            r"task 'bad': row 1 has an empty prompt field 'question'",
+        ),
+        ([{"question": "a", "answer": ""}], r"task 'bad': row 0 has an empty answer field 'answer'"),
+    ],
+)
 def test_bad_rows_name_task_row_and_field(tmp_path, rows, match):
     task = _task(_jsonl(tmp_path / "bad.jsonl", rows), name="bad")
     with pytest.raises(ValueError, match=match):
@@ -91,8 +103,9 @@ def test_empty_and_unreadable_files_name_the_task(tmp_path):
 
 
 def test_reasoning_gym_rows_are_json_safe_and_scored_by_their_dataset():
-    task = TaskConfig(name="sb", reasoning_gym={"name": "spell_backward", "size": 6, "seed": 3},
-                      scorer="reasoning_gym")
+    task = TaskConfig(
+        name="sb", reasoning_gym={"name": "spell_backward", "size": 6, "seed": 3}, scorer="reasoning_gym"
+    )
     rows = load_rows(task)
     assert len(rows) == 6
     assert json.loads(json.dumps(rows)) == rows  # tuples in metadata became lists
@@ -108,8 +121,12 @@ def test_reasoning_gym_rows_are_json_safe_and_scored_by_their_dataset():
 def test_to_json_safe():
     import numpy as np
 
-    assert to_json_safe({"a": (1, 2), 3: {np.int64(4)}, "f": np.float32(0.5),
-                         "n": float("nan")}) == {"a": [1, 2], "3": [4], "f": 0.5, "n": "nan"}
+    assert to_json_safe({"a": (1, 2), 3: {np.int64(4)}, "f": np.float32(0.5), "n": float("nan")}) == {
+        "a": [1, 2],
+        "3": [4],
+        "f": 0.5,
+        "n": "nan",
+    }
 
 
 def test_task_identity_follows_file_content(tmp_path):
@@ -164,8 +181,10 @@ ROW = {"question": "reverse: abc", "answer": "cba"}
 def test_chat_template_formatting(tok, tmp_path):
     p = _jsonl(tmp_path / "x.jsonl", [ROW])
     assert format_prompt(tok, _task(p), ROW) == "<|user|>reverse: abc</s><|assistant|>"
-    assert (format_prompt(tok, _task(p, system_prompt="Be brief."), ROW)
-            == "<|system|>Be brief.</s><|user|>reverse: abc</s><|assistant|>")
+    assert (
+        format_prompt(tok, _task(p, system_prompt="Be brief."), ROW)
+        == "<|system|>Be brief.</s><|user|>reverse: abc</s><|assistant|>"
+    )
 
 
 def test_plain_prompt_without_chat_template(tmp_path):
@@ -183,8 +202,7 @@ def test_system_prompt_folds_into_user_turn_when_template_rejects_it(tmp_path):
         + t.chat_template
     )
     p = _jsonl(tmp_path / "x.jsonl", [ROW])
-    assert (format_prompt(t, _task(p, system_prompt="S"), ROW)
-            == "<|user|>S\n\nreverse: abc</s><|assistant|>")
+    assert format_prompt(t, _task(p, system_prompt="S"), ROW) == "<|user|>S\n\nreverse: abc</s><|assistant|>"
 
 
 def test_labels_cover_exactly_answer_and_eos(tok, tmp_path):
@@ -247,12 +265,14 @@ def test_module_function_scorers(tmp_path, monkeypatch):
     ca = get_scorer(_task(p, scorer="cpi_ray.data.scorers:char_accuracy"))
     assert ca("cba", ROW) == 1.0 and ca("cxa", ROW) == pytest.approx(2 / 3)
     assert ca("cbaaa", ROW) == pytest.approx(3 / 5) and ca("", ROW) == 0.0
-    (tmp_path / "my_scorers.py").write_text(textwrap.dedent("""
+    (tmp_path / "my_scorers.py").write_text(
+        textwrap.dedent("""
         def prefix(prediction, row):
             return sum(a == b for a, b in zip(prediction, row["answer"])) / len(row["answer"])
         def broken(prediction, row):
             return 2
-    """))
+    """)
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     assert get_scorer(_task(p, scorer="my_scorers:prefix"))("cbx", ROW) == pytest.approx(2 / 3)
     with pytest.raises(ValueError, match="outside"):
@@ -266,22 +286,25 @@ def test_module_function_scorers_read_the_tasks_answer_field(tmp_path):
     on that field, not on a missing or unrelated "answer" column."""
     rows = [{"query": "q", "response": "cba", "answer": "unrelated"}]
     p = _jsonl(tmp_path / "r.jsonl", rows)
-    ca = get_scorer(_task(p, scorer="cpi_ray.data.scorers:char_accuracy", prompt_field="query",
-                          answer_field="response"))
+    ca = get_scorer(
+        _task(p, scorer="cpi_ray.data.scorers:char_accuracy", prompt_field="query", answer_field="response")
+    )
     assert ca("cba", rows[0]) == 1.0
     assert ca("cba", {"query": "q", "response": "cba"}) == 1.0  # no "answer" column at all
 
 
 # ---------------------------------------------------------------------------------- task formats
 
-CHAT = {"messages": [
-    {"role": "system", "content": "Be brief."},
-    {"role": "user", "content": "hi"},
-    {"role": "assistant", "content": "yo"},
-    {"role": "user", "content": "reverse: abc"},
-    {"role": "assistant", "content": "cba"},
-    {"role": "user", "content": "thanks"},  # after the last answer: nothing to learn
-]}
+CHAT = {
+    "messages": [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "yo"},
+        {"role": "user", "content": "reverse: abc"},
+        {"role": "assistant", "content": "cba"},
+        {"role": "user", "content": "thanks"},  # after the last answer: nothing to learn
+    ]
+}
 
 
 def _learned_spans(tok, ex):
@@ -302,8 +325,9 @@ def test_messages_learn_every_assistant_turn_and_score_the_last(tok, tmp_path):
     assert load_rows(task) == [CHAT]
     assert answer_text(task, CHAT) == "cba"
     prompt = format_prompt(tok, task, CHAT)
-    assert prompt == ("<|system|>Be brief.</s><|user|>hi</s><|assistant|>yo</s>"
-                      "<|user|>reverse: abc</s><|assistant|>")
+    assert prompt == (
+        "<|system|>Be brief.</s><|user|>hi</s><|assistant|>yo</s><|user|>reverse: abc</s><|assistant|>"
+    )
     ex = encode_example(tok, task, CHAT, max_seq_len=256)
     assert _learned_spans(tok, ex) == ["yo</s>", "cba</s>"]
     # the whole sequence is the template's rendering of the conversation up to the answer
@@ -329,18 +353,24 @@ def test_template_that_rewrites_history_keeps_earlier_turns_as_context(tmp_path)
         "{% for m in messages %}{% if m['role'] == 'assistant' and not loop.last %}"
         "{{ '<|assistant|>' + m['content'][:1] + '</s>' }}{% else %}"
         "{{ '<|' + m['role'] + '|>' + m['content'] + '</s>' }}{% endif %}{% endfor %}"
-        "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}")
+        "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
+    )
     task = _task(_jsonl(tmp_path / "c.jsonl", [CHAT]), format="messages")
     ex = encode_example(t, task, CHAT, 256)
     assert _learned_spans(t, ex) == ["cba</s>"]
     assert t.decode(ex["input_ids"]) == format_prompt(t, task, CHAT) + "cba</s>"
 
 
-@pytest.mark.parametrize("row", [
-    {"prompt": "reverse: abc", "completion": "cba"},
-    {"prompt": [{"role": "user", "content": "reverse: abc"}],
-     "completion": [{"role": "assistant", "content": "cba"}]},
-])
+@pytest.mark.parametrize(
+    "row",
+    [
+        {"prompt": "reverse: abc", "completion": "cba"},
+        {
+            "prompt": [{"role": "user", "content": "reverse: abc"}],
+            "completion": [{"role": "assistant", "content": "cba"}],
+        },
+    ],
+)
 def test_prompt_completion_text_or_turns(tok, tmp_path, row):
     task = _task(_jsonl(tmp_path / "pc.jsonl", [row]), format="prompt_completion")
     assert (task.prompt_field, task.answer_field) == ("prompt", "completion")
@@ -351,55 +381,89 @@ def test_prompt_completion_text_or_turns(tok, tmp_path, row):
 
 
 def test_prompt_template_drops_empty_fields_with_their_label(tok, tmp_path):
-    rows = [{"instruction": "Sort", "input": "b a", "output": "a b"},
-            {"instruction": "Greet", "input": "", "output": "hi"},
-            {"instruction": "Greet", "output": "hi"}]
+    rows = [
+        {"instruction": "Sort", "input": "b a", "output": "a b"},
+        {"instruction": "Greet", "input": "", "output": "hi"},
+        {"instruction": "Greet", "output": "hi"},
+    ]
     alpaca = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:"
-    task = _task(_jsonl(tmp_path / "a.jsonl", rows[:2]), prompt_template=alpaca,
-                 answer_field="output")
+    task = _task(_jsonl(tmp_path / "a.jsonl", rows[:2]), prompt_template=alpaca, answer_field="output")
     assert task.prompt_field is None
     load_rows(task)
-    assert render_template(alpaca, rows[0]) == (
-        "### Instruction:\nSort\n\n### Input:\nb a\n\n### Response:")
+    assert render_template(alpaca, rows[0]) == ("### Instruction:\nSort\n\n### Input:\nb a\n\n### Response:")
     assert render_template(alpaca, rows[1]) == "### Instruction:\nGreet\n\n### Response:"
     assert render_template(alpaca, rows[2]) == render_template(alpaca, rows[1])
     assert render_template("{instruction}\n\n{input}", rows[1]) == "Greet"
     assert render_template("{input}\n\n{instruction}", rows[1]) == "Greet"
     assert format_prompt(tok, task, rows[1]) == (
-        "<|user|>### Instruction:\nGreet\n\n### Response:</s><|assistant|>")
+        "<|user|>### Instruction:\nGreet\n\n### Response:</s><|assistant|>"
+    )
 
 
-@pytest.mark.parametrize("task_kw, rows, match", [
-    ({}, [{"question": [{"role": "user", "content": "x"}], "answer": "a"}],
-     r"task 'bad': row 0: prompt field 'question' is a list, expected text \(chat turns: set the "
-     r"task's format to messages\)"),
-    ({}, [{"question": "q", "answer": {"text": "a"}}],
-     r"task 'bad': row 0: answer field 'answer' is a dict, expected text"),
-    ({"format": "messages"}, [{"messages": "hello"}],
-     r"task 'bad': row 0: field 'messages' is a str, expected a list of chat turns"),
-    ({"format": "messages"}, [{"messages": [{"role": "user", "content": "q"},
-                                            {"role": "assistant", "content": "a"}]},
-                              {"messages": [{"role": "user", "content": "q"},
-                                            {"role": "bot", "content": "a"}]}],
-     r"task 'bad': row 1: messages\[1\] has role 'bot', expected one of system, user, assistant"),
-    ({"format": "messages"}, [{"messages": [{"role": "user", "content": "q"},
-                                            {"role": "assistant", "content": None}]}],
-     r"task 'bad': row 0: messages\[1\].content is a NoneType, expected text"),
-    ({"format": "messages"}, [{"messages": [{"role": "user", "content": "q"}]}],
-     r"task 'bad': row 0: field 'messages' has no assistant turn"),
-    ({"format": "messages"}, [{"messages": [{"role": "assistant", "content": "a"}]}],
-     r"task 'bad': row 0 has no user turn before its last assistant turn"),
-    ({"format": "messages"}, [{"messages": [{"role": "user", "content": "q"},
-                                            {"role": "assistant", "content": "  "}]}],
-     r"task 'bad': row 0 has an empty last assistant turn"),
-    ({"format": "prompt_completion"}, [{"prompt": "q", "completion": [{"role": "user",
-                                                                       "content": "a"}]}],
-     r"task 'bad': row 0: field 'completion' has no assistant turn"),
-    ({"prompt_template": "{a} {b}"}, [{"a": "", "b": None, "answer": "x"}],
-     r"task 'bad': row 0: every field of prompt_template '\{a\} \{b\}' is empty"),
-    ({"prompt_template": "{a}"}, [{"a": [1], "answer": "x"}],
-     r"task 'bad': row 0: prompt_template field 'a' is a list, expected text"),
-])
+@pytest.mark.parametrize(
+    "task_kw, rows, match",
+    [
+        (
+            {},
+            [{"question": [{"role": "user", "content": "x"}], "answer": "a"}],
+            r"task 'bad': row 0: prompt field 'question' is a list, expected text \(chat turns: set the "
+            r"task's format to messages\)",
+        ),
+        (
+            {},
+            [{"question": "q", "answer": {"text": "a"}}],
+            r"task 'bad': row 0: answer field 'answer' is a dict, expected text",
+        ),
+        (
+            {"format": "messages"},
+            [{"messages": "hello"}],
+            r"task 'bad': row 0: field 'messages' is a str, expected a list of chat turns",
+        ),
+        (
+            {"format": "messages"},
+            [
+                {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]},
+                {"messages": [{"role": "user", "content": "q"}, {"role": "bot", "content": "a"}]},
+            ],
+            r"task 'bad': row 1: messages\[1\] has role 'bot', expected one of system, user, assistant",
+        ),
+        (
+            {"format": "messages"},
+            [{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": None}]}],
+            r"task 'bad': row 0: messages\[1\].content is a NoneType, expected text",
+        ),
+        (
+            {"format": "messages"},
+            [{"messages": [{"role": "user", "content": "q"}]}],
+            r"task 'bad': row 0: field 'messages' has no assistant turn",
+        ),
+        (
+            {"format": "messages"},
+            [{"messages": [{"role": "assistant", "content": "a"}]}],
+            r"task 'bad': row 0 has no user turn before its last assistant turn",
+        ),
+        (
+            {"format": "messages"},
+            [{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "  "}]}],
+            r"task 'bad': row 0 has an empty last assistant turn",
+        ),
+        (
+            {"format": "prompt_completion"},
+            [{"prompt": "q", "completion": [{"role": "user", "content": "a"}]}],
+            r"task 'bad': row 0: field 'completion' has no assistant turn",
+        ),
+        (
+            {"prompt_template": "{a} {b}"},
+            [{"a": "", "b": None, "answer": "x"}],
+            r"task 'bad': row 0: every field of prompt_template '\{a\} \{b\}' is empty",
+        ),
+        (
+            {"prompt_template": "{a}"},
+            [{"a": [1], "answer": "x"}],
+            r"task 'bad': row 0: prompt_template field 'a' is a list, expected text",
+        ),
+    ],
+)
 def test_wrongly_typed_fields_name_task_row_field_and_type(tmp_path, task_kw, rows, match):
     task = _task(_jsonl(tmp_path / "bad.jsonl", rows), name="bad", **task_kw)
     with pytest.raises(ValueError, match=match):
@@ -411,7 +475,8 @@ def test_hub_source_takes_config_name_split_and_data_files(tmp_path):
     `datasets.load_dataset` through the task's hub fields."""
     repo = tmp_path / "repo"
     (repo / "data").mkdir(parents=True)
-    (repo / "README.md").write_text(textwrap.dedent("""\
+    (repo / "README.md").write_text(
+        textwrap.dedent("""\
         ---
         configs:
         - config_name: main
@@ -422,7 +487,8 @@ def test_hub_source_takes_config_name_split_and_data_files(tmp_path):
           data_files:
           - {split: train, path: data/soc-*.jsonl}
         ---
-        """))
+        """)
+    )
     _jsonl(repo / "data" / "main-0.jsonl", [{"question": "1+1", "answer": "so #### 2"}])
     _jsonl(repo / "data" / "main-test.jsonl", [{"question": "2+2", "answer": "#### 4"}])
     _jsonl(repo / "data" / "soc-0.jsonl", [{"question": "3+3", "answer": "#### 6"}])
@@ -452,8 +518,14 @@ def test_new_task_fields_at_defaults_keep_fingerprints(tmp_path):
     """Runs written before the formats existed resume: a prompt_answer task fingerprints as it
     did, a task that uses a new field does not."""
     task = _task(_jsonl(tmp_path / "t.jsonl", ROWS))
-    assert not {"format", "messages_field", "prompt_template", "hub_name", "hub_revision",
-                "hub_data_files"} & set(task_identity(task))
+    assert not {
+        "format",
+        "messages_field",
+        "prompt_template",
+        "hub_name",
+        "hub_revision",
+        "hub_data_files",
+    } & set(task_identity(task))
     assert task_identity(task)["prompt_field"] == "question"
     templated = _task(tmp_path / "t.jsonl", prompt_template="{question}")
     assert task_identity(templated)["prompt_template"] == "{question}"

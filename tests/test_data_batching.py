@@ -24,15 +24,16 @@ def _examples(n, seed=0):
     for i in range(n):
         p, a = rng.randint(1, 12), rng.randint(1, 10)
         ids = [MARK + i] + [rng.randint(10, 99) for _ in range(p + a)]
-        out.append({"input_ids": ids, "labels": [IGNORE_INDEX] * (1 + p) + ids[1 + p:]})
+        out.append({"input_ids": ids, "labels": [IGNORE_INDEX] * (1 + p) + ids[1 + p :]})
     return out
 
 
 def _rows(batch):
     """Unpadded (input_ids, labels) rows of a batch, checking the padding is consistent."""
     rows = []
-    for ids, lab, mask in zip(batch["input_ids"].tolist(), batch["labels"].tolist(),
-                              batch["attention_mask"].tolist()):
+    for ids, lab, mask in zip(
+        batch["input_ids"].tolist(), batch["labels"].tolist(), batch["attention_mask"].tolist()
+    ):
         n = sum(mask)
         assert mask == [1] * n + [0] * (len(mask) - n)
         assert ids[n:] == [PAD] * (len(ids) - n) and lab[n:] == [IGNORE_INDEX] * (len(ids) - n)
@@ -59,8 +60,10 @@ def test_apportion_is_exact_and_proportional():
 
 
 def test_mix_follows_weights_whatever_the_task_sizes():
-    per_task = {name: [{"task": name, "i": i} for i in range(size)]
-                for name, size in (("a", 5), ("b", 300), ("c", 40))}
+    per_task = {
+        name: [{"task": name, "i": i} for i in range(size)]
+        for name, size in (("a", 5), ("b", 300), ("c", 40))
+    }
     mixed = mix_examples(per_task, {"a": 2, "b": 1, "c": 1}, 400, seed=3)
     counts = Counter(e["task"] for e in mixed)
     assert counts == {"a": 200, "b": 100, "c": 100}
@@ -72,8 +75,7 @@ def test_mix_follows_weights_whatever_the_task_sizes():
     assert again == mixed
     assert mix_examples(per_task, {"a": 2, "b": 1, "c": 1}, 400, seed=4) != mixed
     assert len({e["task"] for e in mixed[:20]}) > 1
-    assert Counter(e["task"] for e in mix_examples(per_task, None, 300, 0)) == {
-        "a": 100, "b": 100, "c": 100}
+    assert Counter(e["task"] for e in mix_examples(per_task, None, 300, 0)) == {"a": 100, "b": 100, "c": 100}
 
 
 # ---------------------------------------------------------------------------------- padding
@@ -181,18 +183,24 @@ def test_build_train_examples_encodes_the_training_split(tmp_path):
     from cpi_ray.data.tasks import load_rows, split_rows
     from cpi_ray.models.tiny import build_tiny_tokenizer
 
-    for name, rows in (("rev", [{"question": f"reverse: w{i}", "answer": f"{i}w"} for i in range(30)]),
-                       ("up", [{"question": f"upper: x{i}", "answer": f"X{i}"} for i in range(20)])):
+    for name, rows in (
+        ("rev", [{"question": f"reverse: w{i}", "answer": f"{i}w"} for i in range(30)]),
+        ("up", [{"question": f"upper: x{i}", "answer": f"X{i}"} for i in range(20)]),
+    ):
         (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     cfg = PipelineConfig(
-        tasks=[{"name": "rev", "path": str(tmp_path / "rev.jsonl"), "eval_size": 5},
-               {"name": "up", "path": str(tmp_path / "up.jsonl"), "eval_size": 4, "train_size": 10}],
+        tasks=[
+            {"name": "rev", "path": str(tmp_path / "rev.jsonl"), "eval_size": 5},
+            {"name": "up", "path": str(tmp_path / "up.jsonl"), "eval_size": 4, "train_size": 10},
+        ],
         data={"max_seq_len": 64, "split_seed": 1},
     )
     tok = build_tiny_tokenizer()
     out = build_train_examples(cfg, tok, ["rev", "up"])
     assert {k: len(v) for k, v in out.items()} == {"rev": 25, "up": 10}
     train = split_rows(load_rows(cfg.task("rev")), cfg.task("rev"), 1).train
-    answers = [tok.decode([t for t, lab in zip(e["input_ids"], e["labels"]) if lab != IGNORE_INDEX])
-               for e in out["rev"]]
+    answers = [
+        tok.decode([t for t, lab in zip(e["input_ids"], e["labels"]) if lab != IGNORE_INDEX])
+        for e in out["rev"]
+    ]
     assert answers == [r["answer"] + "</s>" for r in train]

@@ -24,16 +24,30 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _job(run_dir: Path, *extra: str) -> list[str]:
-    return [sys.executable, str(ROOT / "jobs" / "cpi_pipeline.py"), "--config",
-            str(ROOT / "jobs" / "configs" / "smoke.yaml"), "--run-dir", str(run_dir),
-            "--set", "ray.address=local", "--set", "probe.steps=60", "--set", "consolidate.steps=6",
-            "--set", "evaluate.max_new_tokens=6", *extra]
+    return [
+        sys.executable,
+        str(ROOT / "jobs" / "cpi_pipeline.py"),
+        "--config",
+        str(ROOT / "jobs" / "configs" / "smoke.yaml"),
+        "--run-dir",
+        str(run_dir),
+        "--set",
+        "ray.address=local",
+        "--set",
+        "probe.steps=60",
+        "--set",
+        "consolidate.steps=6",
+        "--set",
+        "evaluate.max_new_tokens=6",
+        *extra,
+    ]
 
 
 def _run_until(cmd: list[str], marker: str, timeout: float) -> str:
     """Start the job in its own process group and kill the group once `marker` is logged."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            cwd=ROOT, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT, start_new_session=True
+    )
     seen, t0 = [], time.time()
     try:
         for line in proc.stdout:
@@ -53,8 +67,11 @@ def test_smoke_pipeline_killed_and_resumed(tmp_path):
     assert "stage fuse: ran" in out, out[-3000:]
     time.sleep(2)
     assert not (run_dir / "final").exists() and not (run_dir / "consolidate" / "stage.json").exists()
-    assert not [p for p in run_dir.rglob("*") if ".tmp-" in p.name and p.is_file()
-                and "consolidate" not in p.parts and "_ray" not in p.parts]
+    assert not [
+        p
+        for p in run_dir.rglob("*")
+        if ".tmp-" in p.name and p.is_file() and "consolidate" not in p.parts and "_ray" not in p.parts
+    ]
 
     r = subprocess.run(_job(run_dir), capture_output=True, text=True, cwd=ROOT, timeout=1800)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -96,14 +113,14 @@ def test_smoke_pipeline_killed_and_resumed(tmp_path):
             n_frozen += int(sel.sum())
             a = before.read(n).reshape(-1)[sel]
             b = after.read(n).reshape(-1)[sel]
-            assert torch.equal(a.view(torch.uint8) if a.numel() else a,
-                               b.view(torch.uint8) if b.numel() else b), (i, n)
+            assert torch.equal(
+                a.view(torch.uint8) if a.numel() else a, b.view(torch.uint8) if b.numel() else b
+            ), (i, n)
         if i == 1:
             assert n_frozen == 0  # `prior`: the first group has no earlier cores to protect
         else:
             prior = [t for g in groups[: i - 1] for t in g]
-            union = sum(int(torch.stack([masks[t].flat(n) for t in prior]).any(0).sum())
-                        for n in scored)
+            union = sum(int(torch.stack([masks[t].flat(n) for t in prior]).any(0).sum()) for n in scored)
             assert n_frozen == union > 0
         start = stage
 

@@ -23,28 +23,43 @@ def _write(path, rows):
 
 
 def _cfg(tasks, **evaluate):
-    return PipelineConfig(model={"source": "tiny"}, tasks=tasks,
-                          evaluate={"max_new_tokens": 5, "batch_size": 3, **evaluate})
+    return PipelineConfig(
+        model={"source": "tiny"}, tasks=tasks, evaluate={"max_new_tokens": 5, "batch_size": 3, **evaluate}
+    )
 
 
 # ---------------------------------------------------------------------------------- scoring
 
 
 def test_score_rows_known_scores(tmp_path, monkeypatch):
-    (tmp_path / "half_scorer.py").write_text(textwrap.dedent("""
+    (tmp_path / "half_scorer.py").write_text(
+        textwrap.dedent("""
         def half(prediction, row):
             return 0.5 if prediction.startswith(row["a"]) else 0.0
-    """))
+    """)
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     rev = [{"question": f"reverse: {w}", "answer": w[::-1]} for w in ("abc", "xyz", "hello", "ok")]
     num = [{"q": f"n{i}", "a": str(i)} for i in range(3)]
-    cfg = _cfg([
-        {"name": "rev", "path": _write(tmp_path / "rev.jsonl", rev), "eval_size": 2,
-         "system_prompt": "S"},
-        {"name": "num", "path": _write(tmp_path / "num.jsonl", num), "eval_size": 1,
-         "prompt_field": "q", "answer_field": "a", "scorer": "half_scorer:half",
-         "max_new_tokens": 9},
-    ])
+    cfg = _cfg(
+        [
+            {
+                "name": "rev",
+                "path": _write(tmp_path / "rev.jsonl", rev),
+                "eval_size": 2,
+                "system_prompt": "S",
+            },
+            {
+                "name": "num",
+                "path": _write(tmp_path / "num.jsonl", num),
+                "eval_size": 1,
+                "prompt_field": "q",
+                "answer_field": "a",
+                "scorer": "half_scorer:half",
+                "max_new_tokens": 9,
+            },
+        ]
+    )
     seen = {}
 
     def fake_generate(prompts, max_new_tokens):
@@ -55,7 +70,7 @@ def test_score_rows_known_scores(tmp_path, monkeypatch):
         for p in prompts:
             q = p.split("<|user|>")[1].split("</s>")[0]
             if q.startswith("reverse: "):
-                w = q[len("reverse: "):]
+                w = q[len("reverse: ") :]
                 out.append(" ZYX " if w == "xyz" else f" {w[::-1]}\n")
             else:
                 out.append(q[1:] if int(q[1:]) % 2 == 0 else "x")
@@ -95,8 +110,11 @@ def test_score_model_on_the_tiny_model_matches_plain_greedy(tiny_model_dir, tmp_
 
     words = ["a", "reverse: abc", "upper: hello there", "xy", "copy: 12345", "q"]
     rows = [{"question": w, "answer": "placeholder"} for w in words]
-    cfg = _cfg([{"name": "t", "path": _write(tmp_path / "t.jsonl", rows), "eval_size": 1}],
-               max_new_tokens=6, batch_size=4)  # two batches, mixed prompt lengths
+    cfg = _cfg(
+        [{"name": "t", "path": _write(tmp_path / "t.jsonl", rows), "eval_size": 1}],
+        max_new_tokens=6,
+        batch_size=4,
+    )  # two batches, mixed prompt lengths
     model, tok = load_model(tiny_model_dir), load_tokenizer(tiny_model_dir)
     task = cfg.task("t")
     expected = [_plain_greedy(model, tok, format_prompt(tok, task, r), 6) for r in rows]
@@ -116,13 +134,19 @@ def _fake_record(ctx, folder, stage, fp):
 
 
 def test_evaluate_stage_scores_existing_models_and_reruns_when_more_exist(
-        ray_session, tiny_model_dir, tmp_path):
+    ray_session, tiny_model_dir, tmp_path
+):
     from cpi_ray.data.tasks import load_splits
 
     rows = [{"question": f"copy: {i}", "answer": str(i)} for i in range(12)]
-    cfg = _cfg([{"name": "a", "path": _write(tmp_path / "a.jsonl", rows), "eval_size": 3},
-                {"name": "b", "path": _write(tmp_path / "b.jsonl", rows), "eval_size": 2}],
-               max_new_tokens=3, num_workers=2)
+    cfg = _cfg(
+        [
+            {"name": "a", "path": _write(tmp_path / "a.jsonl", rows), "eval_size": 3},
+            {"name": "b", "path": _write(tmp_path / "b.jsonl", rows), "eval_size": 2},
+        ],
+        max_new_tokens=3,
+        num_workers=2,
+    )
     run_dir = tmp_path / "run"
     ctx = RunContext(cfg=cfg, run_dir=run_dir, base_model_dir=tiny_model_dir, base_model_id="tiny")
     stage = EvaluateStage()
@@ -144,8 +168,9 @@ def test_evaluate_stage_scores_existing_models_and_reruns_when_more_exist(
     preds = [json.loads(x) for x in (run_dir / "eval" / "predictions.jsonl").read_text().splitlines()]
     assert len(preds) == 2 * (3 + 2)
     eval_a = load_splits(cfg.task("a"), cfg.data.split_seed).eval
-    assert [p["answer"] for p in preds if p["model"] == "base" and p["task"] == "a"] == \
-        [r["answer"] for r in eval_a]
+    assert [p["answer"] for p in preds if p["model"] == "base" and p["task"] == "a"] == [
+        r["answer"] for r in eval_a
+    ]
     for m, per in data["scores"].items():
         for t in data["tasks"]:
             row_scores = [p["score"] for p in preds if p["model"] == m and p["task"] == t]
@@ -155,8 +180,10 @@ def test_evaluate_stage_scores_existing_models_and_reruns_when_more_exist(
     card = (run_dir / "probes" / "a" / "README.md").read_text()
     assert card.startswith("---\nbase_model: tiny\nlibrary_name: transformers\n")
     assert "A probe: a short SFT of the base model on task `a` alone" in card
-    assert (f"| a | file a.jsonl | prompt_answer | {data['scores']['probe:a']['a']:.1f} | "
-            f"{data['stderr']['probe:a']['a']:.1f} | 3 |") in card
+    assert (
+        f"| a | file a.jsonl | prompt_answer | {data['scores']['probe:a']['a']:.1f} | "
+        f"{data['stderr']['probe:a']['a']:.1f} | 3 |"
+    ) in card
     assert "## Settings" in card and "steps:" in card
     assert not (tiny_model_dir / "README.md").exists()
 
@@ -194,9 +221,14 @@ def test_evaluate_stage_scores_existing_models_and_reruns_when_more_exist(
 
 
 def test_format_table():
-    text = format_table({"tasks": ["x", "y"], "scores": {"base": {"x": 10.0, "y": 30.0},
-                                                         "probe:x": {"x": 80.0, "y": 5.0}},
-                         "n_eval": {"x": 4, "y": 4}, "skipped": {}})
+    text = format_table(
+        {
+            "tasks": ["x", "y"],
+            "scores": {"base": {"x": 10.0, "y": 30.0}, "probe:x": {"x": 80.0, "y": 5.0}},
+            "n_eval": {"x": 4, "y": 4},
+            "skipped": {},
+        }
+    )
     lines = text.splitlines()
     assert lines[3].split() == ["base", "10.0", "30.0", "20.0", "10.0"]
     assert lines[4].split() == ["probe:x", "80.0", "5.0", "42.5", "5.0"]

@@ -21,14 +21,16 @@ class _Recorder:
         import fnmatch
         from pathlib import Path
 
-        files = sorted(p.name for p in Path(folder_path).iterdir()
-                       if not any(fnmatch.fnmatch(p.name, pat) for pat in ignore_patterns))
+        files = sorted(
+            p.name
+            for p in Path(folder_path).iterdir()
+            if not any(fnmatch.fnmatch(p.name, pat) for pat in ignore_patterns)
+        )
         self.calls.append(("upload_folder", repo_id, commit_message, files))
 
 
 def _cfg(**export):
-    return PipelineConfig(tasks=[{"name": "t", "hub_id": "x/t"}], storage={"run_name": "r1"},
-                          export=export)
+    return PipelineConfig(tasks=[{"name": "t", "hub_id": "x/t"}], storage={"run_name": "r1"}, export=export)
 
 
 def test_push_uploads_the_model_and_its_card(tmp_path, monkeypatch):
@@ -44,8 +46,8 @@ def test_push_uploads_the_model_and_its_card(tmp_path, monkeypatch):
     assert url == "https://huggingface.co/me/model"
     assert _Recorder.calls == [
         ("create_repo", "me/model", True, True),
-        ("upload_folder", "me/model", "cpi-ray: r1 final",
-         ["README.md", "config.json", "model.safetensors"])]
+        ("upload_folder", "me/model", "cpi-ray: r1 final", ["README.md", "config.json", "model.safetensors"]),
+    ]
     with pytest.raises(FileNotFoundError, match="no model in .*fused"):
         push_to_hub(_cfg(hub_repo_id="me/model", model="fused"), tmp_path)
 

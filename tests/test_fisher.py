@@ -1,6 +1,5 @@
 """The diagonal Fisher of the probe stage against independent computations."""
 
-
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -22,8 +21,14 @@ def _examples(n=24):
 def _model():
     from cpi_ray.models.tiny import build_tiny_model
 
-    model, _ = build_tiny_model(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                num_attention_heads=2, num_key_value_heads=1, seed=1)
+    model, _ = build_tiny_model(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        seed=1,
+    )
     return model
 
 
@@ -37,8 +42,7 @@ def test_fisher_matches_hf_loss_gradients():
     batches = iterate_batches(ex, 6, 0, seed=3)
     for _ in range(3):
         b = next(batches)
-        loss = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
-                     labels=b["labels"]).loss
+        loss = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"]).loss
         grads = torch.autograd.grad(loss, [p for _, p in model.named_parameters()])
         for (n, _), g in zip(model.named_parameters(), grads):
             ref[n] += g.square() / 3
@@ -63,8 +67,13 @@ def _worker(rank, world, init_file, out):
 
 @pytest.mark.parametrize("world", [2])
 def test_two_workers_equal_one(tmp_path, world):
-    single = diagonal_fisher(_model(), iterate_batches(_examples(), 6, 0, seed=3), 3,
-                             torch.device("cpu"), [n for n, _ in _model().named_parameters()])
+    single = diagonal_fisher(
+        _model(),
+        iterate_batches(_examples(), 6, 0, seed=3),
+        3,
+        torch.device("cpu"),
+        [n for n, _ in _model().named_parameters()],
+    )
     out = tmp_path / "f.pt"
     mp.spawn(_worker, args=(world, str(tmp_path / "init"), str(out)), nprocs=world, join=True)
     multi = torch.load(out, weights_only=True)

@@ -18,15 +18,24 @@ def test_deep_merge_nested_and_copies():
     base = {"a": 1, "z": {"stage": 3, "x": {"y": 1}}, "l": [1]}
     over = {"z": {"x": {"w": 2}, "offload_optimizer": {"device": "cpu"}}, "l": [2]}
     out = deep_merge(base, over)
-    assert out == {"a": 1, "z": {"stage": 3, "x": {"y": 1, "w": 2},
-                                 "offload_optimizer": {"device": "cpu"}}, "l": [2]}
+    assert out == {
+        "a": 1,
+        "z": {"stage": 3, "x": {"y": 1, "w": 2}, "offload_optimizer": {"device": "cpu"}},
+        "l": [2],
+    }
     assert base["z"]["x"] == {"y": 1}
 
 
 def test_ds_config_from_ours_with_passthrough():
-    tc = ConsolidateConfig(batch_size=8, grad_accum=2, lr=1e-3, weight_decay=0.1,
-                           max_grad_norm=0.5, precision="bf16",
-                           deepspeed={"zero_optimization": {"reduce_bucket_size": 1000}})
+    tc = ConsolidateConfig(
+        batch_size=8,
+        grad_accum=2,
+        lr=1e-3,
+        weight_decay=0.1,
+        max_grad_norm=0.5,
+        precision="bf16",
+        deepspeed={"zero_optimization": {"reduce_bucket_size": 1000}},
+    )
     ds = build_ds_config(tc, world_size=2)
     assert ds["train_micro_batch_size_per_gpu"] == 4 and ds["gradient_accumulation_steps"] == 2
     assert ds["train_batch_size"] == 16 and ds["gradient_clipping"] == 0.5
@@ -63,8 +72,7 @@ def test_union_masks(tmp_path):
     m2["x"][[12, 5]] = True
     for i, m in enumerate((m1, m2)):
         write_mask_file(tmp_path / f"{i}.mask", {k: pack_mask(v) for k, v in m.items()}, numels)
-    n = union_masks([tmp_path / "0.mask", tmp_path / "1.mask"], tmp_path / "0.mask",
-                    tmp_path / "u.mask")
+    n = union_masks([tmp_path / "0.mask", tmp_path / "1.mask"], tmp_path / "0.mask", tmp_path / "u.mask")
     u = MaskFile(tmp_path / "u.mask")
     assert n == 5
     assert torch.equal(u.flat("x"), m1["x"] | m2["x"]) and torch.equal(u.flat("y"), m1["y"] | m2["y"])
@@ -116,30 +124,50 @@ def assert_frozen_exact(start_dir, out_dir, mask_path) -> tuple[int, int, int]:
 
 
 def tiny_cfg(**consolidate) -> PipelineConfig:
-    return PipelineConfig.model_validate({
-        "model": {"source": "tiny", "max_shard_size": "100kB"},
-        "tasks": [{"name": "t", "hub_id": "none"}],
-        "data": {"max_seq_len": 64},
-        "consolidate": consolidate,
-    })
+    return PipelineConfig.model_validate(
+        {
+            "model": {"source": "tiny", "max_shard_size": "100kB"},
+            "tasks": [{"name": "t", "hub_id": "none"}],
+            "data": {"max_seq_len": 64},
+            "consolidate": consolidate,
+        }
+    )
 
 
 @pytest.mark.slow
-def test_zero3_frozen_bitwise_with_decay_accum_clip_and_worker_kill(ray_session, tiny_model_dir,
-                                                                      tmp_path):
+def test_zero3_frozen_bitwise_with_decay_accum_clip_and_worker_kill(ray_session, tiny_model_dir, tmp_path):
     """Two workers, ZeRO-3 on CPU, AdamW weight decay + accumulation + clipping: frozen elements
     stay bitwise equal, the others move, the export loads and generates; a worker killed mid-stage
     (after a checkpoint) ends in a completed stage resumed from that checkpoint."""
     mask = tmp_path / "frozen.mask.safetensors"
     random_mask_file(tiny_model_dir, mask, density=0.2)
-    cfg = tiny_cfg(steps=4, batch_size=4, grad_accum=2, lr=1e-2, weight_decay=0.1,
-                   max_grad_norm=0.05, num_workers=2, checkpoint_every=2, max_failures=1)
+    cfg = tiny_cfg(
+        steps=4,
+        batch_size=4,
+        grad_accum=2,
+        lr=1e-2,
+        weight_decay=0.1,
+        max_grad_norm=0.05,
+        num_workers=2,
+        checkpoint_every=2,
+        max_failures=1,
+    )
     marker = tmp_path / "killed"
     out = tmp_path / "out"
-    rec = fit_group(cfg, stage=1, tasks=["t"], frozen=["t"], start_dir=tiny_model_dir,
-                    out_dir=out, mask_path=mask, examples=synthetic_examples(48), pad_id=0,
-                    storage=tmp_path / "_ray", fingerprint="fp",
-                    fault={"step": 3, "rank": 1, "marker": str(marker)})
+    rec = fit_group(
+        cfg,
+        stage=1,
+        tasks=["t"],
+        frozen=["t"],
+        start_dir=tiny_model_dir,
+        out_dir=out,
+        mask_path=mask,
+        examples=synthetic_examples(48),
+        pad_id=0,
+        storage=tmp_path / "_ray",
+        fingerprint="fp",
+        fault={"step": 3, "rank": 1, "marker": str(marker)},
+    )
     assert marker.exists(), "the fault was not injected"
     assert rec["resumed_at_step"] == 2, "the restarted workers did not resume from the checkpoint"
     assert rec["steps"] == 4 and rec["world_size"] == 2 and rec["frozen_elements"] > 0
@@ -169,8 +197,11 @@ def test_check_frozen_counts_bit_changes(tmp_path):
         save_sharded(st, tmp_path / d, 16)
     mw = torch.zeros(10, dtype=torch.bool)
     mw[[0, 1]] = True
-    write_mask_file(tmp_path / "m", {"w": pack_mask(mw), "b": pack_mask(torch.ones(3, dtype=torch.bool))},
-                    {"w": 10, "b": 3})
+    write_mask_file(
+        tmp_path / "m",
+        {"w": pack_mask(mw), "b": pack_mask(torch.ones(3, dtype=torch.bool))},
+        {"w": 10, "b": 3},
+    )
     chk = check_frozen(tmp_path / "a", tmp_path / "b", tmp_path / "m", chunk=4)
     assert chk["frozen"] == 5 and chk["frozen_moved"] == 2 and sorted(chk["broken"]) == ["b", "w"]
     assert chk["free"] == 8 and chk["free_changed"] == 1
@@ -179,5 +210,16 @@ def test_check_frozen_counts_bit_changes(tmp_path):
 def test_fit_group_needs_zero3(tmp_path):
     cfg = tiny_cfg(zero_stage=2)
     with pytest.raises(ValueError, match="ZeRO-3 only"):
-        fit_group(cfg, stage=1, tasks=["t"], frozen=[], start_dir=tmp_path, out_dir=tmp_path / "o",
-                  mask_path=tmp_path / "m", examples=[], pad_id=0, storage=tmp_path, fingerprint="f")
+        fit_group(
+            cfg,
+            stage=1,
+            tasks=["t"],
+            frozen=[],
+            start_dir=tmp_path,
+            out_dir=tmp_path / "o",
+            mask_path=tmp_path / "m",
+            examples=[],
+            pad_id=0,
+            storage=tmp_path,
+            fingerprint="f",
+        )

@@ -125,8 +125,7 @@ def test_block_gram_is_independent_of_chunking():
     xs = [rng.standard_normal(n) for _ in range(3)]
     whole = S.gram_from_partials(S.block_gram(xs), 3)
     for chunk in (S.BLOCK, 3 * S.BLOCK, 7 * S.BLOCK):
-        parts = np.concatenate([S.block_gram([x[a:a + chunk] for x in xs])
-                                for a in range(0, n, chunk)])
+        parts = np.concatenate([S.block_gram([x[a : a + chunk] for x in xs]) for a in range(0, n, chunk)])
         assert np.array_equal(S.gram_from_partials(parts, 3), whole)
     want = np.array([[np.dot(a, b) for b in xs] for a in xs])
     np.testing.assert_allclose(whole, want, rtol=1e-12)

@@ -141,8 +141,14 @@ def test_core_and_noncore_match_independent_computation(run3, policy):
 
 
 def test_backbone_task_omega_overrides_and_generation(tmp_path, tiny):
-    ctx = make_run(tmp_path, base_dir=tiny, tasks=["a", "b"], backbone="b", omega=0.3,
-                   omega_overrides={r"self_attn\.": 0.8})
+    ctx = make_run(
+        tmp_path,
+        base_dir=tiny,
+        tasks=["a", "b"],
+        backbone="b",
+        omega=0.3,
+        omega_overrides={r"self_attn\.": 0.8},
+    )
     (out,) = FuseStage().run(ctx)
     check_fused(ctx, load_state(out), "magnitude")
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -214,8 +220,11 @@ def test_multislerp_matches_formula(tmp_path, tiny):
 
 def digest(d):
     """The model's files (not the stage's timing record)."""
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(d.iterdir())
-            if p.name != STATS_NAME}
+    return {
+        p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(d.iterdir())
+        if p.name != STATS_NAME
+    }
 
 
 def test_bitwise_determinism_across_actors_and_chunks(run3):
@@ -237,8 +246,11 @@ def test_actor_killed_mid_shard_is_retried_bitwise(run3, tmp_path):
     from cpi_ray.fusion.stage import run_fusion
 
     ctx = with_fuse(run3, num_actors=2)
-    inputs = (ctx.base_model_dir, {t: ctx.path("probes", t) for t in TASKS},
-              {t: ctx.path("regions", f"{t}.mask.safetensors") for t in TASKS})
+    inputs = (
+        ctx.base_model_dir,
+        {t: ctx.path("probes", t) for t in TASKS},
+        {t: ctx.path("regions", f"{t}.mask.safetensors") for t in TASKS},
+    )
     run_fusion(*inputs, tmp_path / "clean", ctx.cfg, chunk_elems=1024)
     clean = digest(tmp_path / "clean")
     shards = sorted(n for n in clean if n.endswith(".safetensors"))
@@ -271,6 +283,7 @@ def test_nan_in_a_task_model_is_reported_and_nothing_is_written(tmp_path, tiny):
     def nan(st):
         st[name].view(-1)[5000] = float("nan")
         return st
+
     corrupt(ctx, "b", nan)
     with pytest.raises(FuseError) as e:
         FuseStage(chunk_elems=1024).run(ctx)
@@ -290,8 +303,12 @@ def test_missing_tensor_and_shape_mismatch(tmp_path, tiny):
     assert not ctx.path("fused").exists()
 
     base = load_state(ctx.base_model_dir)
-    save_model_dir({**base, name: base[name][:, :-1].clone()}, ctx.path("probes", "a"), 100_000,
-                   copy_from=ctx.base_model_dir)
+    save_model_dir(
+        {**base, name: base[name][:, :-1].clone()},
+        ctx.path("probes", "a"),
+        100_000,
+        copy_from=ctx.base_model_dir,
+    )
     with pytest.raises(FuseError, match=re.escape(name)) as e:
         FuseStage().run(ctx)
     assert "shape" in str(e.value)
@@ -303,8 +320,11 @@ def test_bad_mask_is_reported(tmp_path, tiny):
 
     ctx = make_run(tmp_path, base_dir=tiny, tasks=["a", "b"])
     name = "model.norm.weight"
-    write_mask_file(ctx.path("regions", "a.mask.safetensors"),
-                    {name: pack_mask(torch.ones(9, dtype=torch.bool))}, {name: 9})
+    write_mask_file(
+        ctx.path("regions", "a.mask.safetensors"),
+        {name: pack_mask(torch.ones(9, dtype=torch.bool))},
+        {name: 9},
+    )
     with pytest.raises(FuseError, match="covers 9 elements"):
         FuseStage().run(ctx)
     ctx.path("regions", "b.mask.safetensors").unlink()

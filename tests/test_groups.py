@@ -30,8 +30,7 @@ def test_jaccard_matches_sets(tmp_path):
     paths = []
     for i, m in enumerate(masks):
         p = tmp_path / f"t{i}.mask.safetensors"
-        write_mask_file(p, {n: pack_mask(v) for n, v in m.items()},
-                        {n: v.numel() for n, v in m.items()})
+        write_mask_file(p, {n: pack_mask(v) for n, v in m.items()}, {n: v.numel() for n, v in m.items()})
         paths.append(p)
     sets = []
     for m in masks:
@@ -61,10 +60,7 @@ NAMES = ["a", "b", "c", "d"]
 
 
 def test_components_tau_edges():
-    s = np.array([[1.0, 0.2, 0.0, 0.05],
-                  [0.2, 1.0, 0.1, 0.0],
-                  [0.0, 0.1, 1.0, 0.0],
-                  [0.05, 0.0, 0.0, 1.0]])
+    s = np.array([[1.0, 0.2, 0.0, 0.05], [0.2, 1.0, 0.1, 0.0], [0.0, 0.1, 1.0, 0.0], [0.05, 0.0, 0.0, 1.0]])
     assert connected_components(NAMES, s, 0.0) == [NAMES]  # tau 0 links everything
     assert connected_components(NAMES, s, 0.1) == [["a", "b", "c"], ["d"]]  # >= tau links
     assert connected_components(NAMES, s, 0.15) == [["a", "b"], ["c"], ["d"]]
@@ -140,19 +136,24 @@ def test_groups_stage_records_threshold_and_chance(tmp_path):
     rng = np.random.default_rng(1)
     k = d // 20  # 5 % cores
     shared = rng.choice(d, k, replace=False)
-    cores = {"a": shared, "b": np.concatenate([shared[: k // 4], rng.choice(d, k, replace=False)])[:k],
-             "c": rng.choice(d, k, replace=False)}
+    cores = {
+        "a": shared,
+        "b": np.concatenate([shared[: k // 4], rng.choice(d, k, replace=False)])[:k],
+        "c": rng.choice(d, k, replace=False),
+    }
     reg = tmp_path / "regions"
     for t, idx in cores.items():
         m = np.zeros(d, bool)
         m[idx] = True
-        write_mask_file(reg / f"{t}.mask.safetensors",
-                        {"w": pack_mask(torch.from_numpy(m))}, {"w": d})
-    cfg = PipelineConfig.model_validate({
-        "model": {"source": "tiny"}, "tasks": [{"name": t, "path": str(DATA / "reverse.jsonl")}
-                                               for t in ("a", "b", "c")],
-        "regions": {"p": 5}, "groups": {"tau_mode": "chance", "tau": 3, "order": "given",
-                                        "given": [["a", "b"], ["c"]]}})
+        write_mask_file(reg / f"{t}.mask.safetensors", {"w": pack_mask(torch.from_numpy(m))}, {"w": d})
+    cfg = PipelineConfig.model_validate(
+        {
+            "model": {"source": "tiny"},
+            "tasks": [{"name": t, "path": str(DATA / "reverse.jsonl")} for t in ("a", "b", "c")],
+            "regions": {"p": 5},
+            "groups": {"tau_mode": "chance", "tau": 3, "order": "given", "given": [["a", "b"], ["c"]]},
+        }
+    )
     compute_groups(cfg, reg, tmp_path / "groups", ["a", "b", "c"])
     ov = json.loads((tmp_path / "groups" / "overlap.json").read_text())
     assert ov["chance"] == chance_jaccard(5) and ov["threshold"] == 3 * chance_jaccard(5)

@@ -9,9 +9,12 @@ from cpi_ray.io.safetensors_io import INDEX_NAME, CheckpointError, CheckpointRea
 
 def _state():
     g = torch.Generator().manual_seed(0)
-    return {"a.weight": torch.randn(10, 30, generator=g), "b.bias": torch.randn(7, generator=g),
-            "c.weight": torch.randn(40, 20, generator=g).to(torch.bfloat16),
-            "d.weight": torch.randn(3, 5, 2, generator=g)}
+    return {
+        "a.weight": torch.randn(10, 30, generator=g),
+        "b.bias": torch.randn(7, generator=g),
+        "c.weight": torch.randn(40, 20, generator=g).to(torch.bfloat16),
+        "d.weight": torch.randn(3, 5, 2, generator=g),
+    }
 
 
 def test_sharded_roundtrip_byte_equal(tmp_path):
@@ -83,12 +86,25 @@ def test_model_side_files_carry_remote_code_never_weights(tmp_path):
 
     src = tmp_path / "src"
     src.mkdir()
-    for name in ("config.json", "tokenizer.json", "modeling_x.py", "tokenization_x.py",
-                 "chat_template.jinja", INDEX_NAME, "stage.json", "model-00001.safetensors"):
+    for name in (
+        "config.json",
+        "tokenizer.json",
+        "modeling_x.py",
+        "tokenization_x.py",
+        "chat_template.jinja",
+        INDEX_NAME,
+        "stage.json",
+        "model-00001.safetensors",
+    ):
         (src / name).write_text(name)
     out = save_model_dir({"w": torch.zeros(2)}, tmp_path / "out", 2**20, copy_from=src)
-    for name in ("config.json", "tokenizer.json", "modeling_x.py", "tokenization_x.py",
-                 "chat_template.jinja"):
+    for name in (
+        "config.json",
+        "tokenizer.json",
+        "modeling_x.py",
+        "tokenization_x.py",
+        "chat_template.jinja",
+    ):
         assert (out / name).read_text() == name
     assert (out / "stage.json").exists() is False
     assert "model-00001.safetensors" not in {p.name for p in out.iterdir()}

@@ -58,17 +58,19 @@ class LoopbackCluster:
         self.token_path.write_text(secrets.token_hex(32))
         self.token_path.chmod(0o600)
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-        self.env.update({
-            "RAY_AUTH_MODE": "token",
-            "RAY_AUTH_TOKEN_PATH": str(self.token_path),
-            "RAY_USAGE_STATS_ENABLED": "0",
-            # Stop on SIGTERM at once instead of draining the node first (up to minutes).
-            "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
-            "RAY_TRAIN_V2_ENABLED": "1",
-            "DS_ACCELERATOR": "cpu",
-            "TOKENIZERS_PARALLELISM": "false",
-            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-        })
+        self.env.update(
+            {
+                "RAY_AUTH_MODE": "token",
+                "RAY_AUTH_TOKEN_PATH": str(self.token_path),
+                "RAY_USAGE_STATS_ENABLED": "0",
+                # Stop on SIGTERM at once instead of draining the node first (up to minutes).
+                "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
+                "RAY_TRAIN_V2_ENABLED": "1",
+                "DS_ACCELERATOR": "cpu",
+                "TOKENIZERS_PARALLELISM": "false",
+                "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+            }
+        )
         self.gcs_port, self.dash_port, self.client_port = _free_ports(3)
         self.dashboard = f"http://127.0.0.1:{self.dash_port}"
         self.procs: list[subprocess.Popen] = []
@@ -80,27 +82,54 @@ class LoopbackCluster:
         tmp.mkdir()
         # No --node-ip-address: Ray replaces a loopback one with the machine's address anyway.
         # What faces clients, the dashboard and job API, is bound to 127.0.0.1 on the head.
-        return ["--block", f"--temp-dir={tmp}",
-                f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
-                f"--runtime-env-agent-port={rt_env}", f"--metrics-export-port={metrics}",
-                f"--node-manager-port={nm}", f"--object-manager-port={om}",
-                "--disable-usage-stats"]
+        return [
+            "--block",
+            f"--temp-dir={tmp}",
+            f"--dashboard-agent-listen-port={agent}",
+            f"--dashboard-agent-grpc-port={agent_grpc}",
+            f"--runtime-env-agent-port={rt_env}",
+            f"--metrics-export-port={metrics}",
+            f"--node-manager-port={nm}",
+            f"--object-manager-port={om}",
+            "--disable-usage-stats",
+        ]
 
     def _spawn(self, name: str, args: list[str]) -> None:
         log = open(self.root / f"{name}.log", "wb")
-        self.procs.append(subprocess.Popen([RAY, "start", *args], env=self.env, stdout=log,
-                                           stderr=subprocess.STDOUT, start_new_session=True))
+        self.procs.append(
+            subprocess.Popen(
+                [RAY, "start", *args],
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        )
 
     def start(self) -> None:
-        self._spawn("head", ["--head", f"--port={self.gcs_port}", "--dashboard-host=127.0.0.1",
-                             f"--dashboard-port={self.dash_port}",
-                             f"--ray-client-server-port={self.client_port}",
-                             f"--num-cpus={self.head_cpus}",
-                             '--resources={"cpi_test_head": 1}', *self._node_args("head")])
+        self._spawn(
+            "head",
+            [
+                "--head",
+                f"--port={self.gcs_port}",
+                "--dashboard-host=127.0.0.1",
+                f"--dashboard-port={self.dash_port}",
+                f"--ray-client-server-port={self.client_port}",
+                f"--num-cpus={self.head_cpus}",
+                '--resources={"cpi_test_head": 1}',
+                *self._node_args("head"),
+            ],
+        )
         self._wait(lambda: len(self.nodes()) == 1, "head node")
-        self._spawn("worker", [f"--address=127.0.0.1:{self.gcs_port}",
-                               f"--num-cpus={self.worker_cpus}",
-                               '--resources={"cpi_test_worker": 1}', *self._node_args("worker")])
+        self._spawn(
+            "worker",
+            [
+                f"--address=127.0.0.1:{self.gcs_port}",
+                f"--num-cpus={self.worker_cpus}",
+                '--resources={"cpi_test_worker": 1}',
+                *self._node_args("worker"),
+            ],
+        )
         self._wait(lambda: len(self.nodes()) == 2, "second node")
 
     def _wait(self, ready, what: str, timeout: float = 90) -> None:
@@ -108,8 +137,9 @@ class LoopbackCluster:
         while time.time() < deadline:
             for p in self.procs:
                 if p.poll() is not None:
-                    raise RuntimeError(f"ray start exited ({p.returncode}) while waiting for {what}:"
-                                       f"\n{self.logs()}")
+                    raise RuntimeError(
+                        f"ray start exited ({p.returncode}) while waiting for {what}:\n{self.logs()}"
+                    )
             try:
                 if ready():
                     return
@@ -122,12 +152,12 @@ class LoopbackCluster:
         return "\n".join(p.read_text(errors="replace")[-3000:] for p in sorted(self.root.glob("*.log")))
 
     def cli(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-        return subprocess.run([RAY, *args], env=self.env, capture_output=True, text=True,
-                              timeout=timeout, cwd=REPO)
+        return subprocess.run(
+            [RAY, *args], env=self.env, capture_output=True, text=True, timeout=timeout, cwd=REPO
+        )
 
     def state(self, kind: str, *filters: str) -> list[dict]:
-        args = ["list", kind, "--address", self.dashboard, "--format", "json", "--detail",
-                "--limit", "10000"]
+        args = ["list", kind, "--address", self.dashboard, "--format", "json", "--detail", "--limit", "10000"]
         for f in filters:
             args += ["--filter", f]
         r = self.cli(*args)
@@ -185,18 +215,46 @@ def test_job_submit_runs_on_both_nodes(loopback_cluster):
     job_id = f"cpi-test-{secrets.token_hex(4)}"
     # One task of the smoke config: the two one-CPU nodes hold one 2-worker probe at a time, and
     # every trainer costs a worker-group start-up, so more tasks only add time, not coverage.
-    entry = ["python", "jobs/cpi_pipeline.py", "--config", "jobs/configs/smoke.yaml",
-             "--run-dir", str(run_dir), "--stages", "probe,evaluate",
-             "--set", "tasks=[{name: reverse, path: jobs/data/reverse.jsonl, eval_size: 24}]",
-             "--set", f"storage.path={c.root / 'storage'}",
-             "--set", "probe.steps=4", "--set", "probe.num_workers=2",
-             "--set", "evaluate.models=[base,probes]", "--set", "evaluate.num_workers=2"]
-    submit = c.cli("job", "submit", "--address", c.dashboard, "--submission-id", job_id,
-                   "--working-dir", ".", "--", *entry, timeout=420)
+    entry = [
+        "python",
+        "jobs/cpi_pipeline.py",
+        "--config",
+        "jobs/configs/smoke.yaml",
+        "--run-dir",
+        str(run_dir),
+        "--stages",
+        "probe,evaluate",
+        "--set",
+        "tasks=[{name: reverse, path: jobs/data/reverse.jsonl, eval_size: 24}]",
+        "--set",
+        f"storage.path={c.root / 'storage'}",
+        "--set",
+        "probe.steps=4",
+        "--set",
+        "probe.num_workers=2",
+        "--set",
+        "evaluate.models=[base,probes]",
+        "--set",
+        "evaluate.num_workers=2",
+    ]
+    submit = c.cli(
+        "job",
+        "submit",
+        "--address",
+        c.dashboard,
+        "--submission-id",
+        job_id,
+        "--working-dir",
+        ".",
+        "--",
+        *entry,
+        timeout=420,
+    )
     status = c.cli("job", "status", "--address", c.dashboard, job_id)
     assert "succeeded" in status.stdout.lower(), (
         f"job did not succeed:\n{status.stdout}\n{status.stderr}\n--- submit output ---\n"
-        f"{submit.stdout[-6000:]}\n{submit.stderr[-3000:]}\n--- nodes ---\n{c.logs()}")
+        f"{submit.stdout[-6000:]}\n{submit.stderr[-3000:]}\n--- nodes ---\n{c.logs()}"
+    )
 
     # The outputs the two stages promise, written where the job was told to write them.
     probe = json.loads((run_dir / "probes" / "reverse" / "probe.json").read_text())
@@ -212,8 +270,9 @@ def test_job_submit_runs_on_both_nodes(loopback_cluster):
     node_of = {}
     for n in c.state("nodes"):
         res = n.get("resources_total") or {}
-        node_of[n["node_id"]] = "head" if "cpi_test_head" in res else \
-            "worker" if "cpi_test_worker" in res else "?"
+        node_of[n["node_id"]] = (
+            "head" if "cpi_test_head" in res else "worker" if "cpi_test_worker" in res else "?"
+        )
     assert sorted(node_of.values()) == ["head", "worker"]
     # Ray Train's workers are actors: with one CPU per node, the 2-worker probe spans both.
     train_workers = [a for a in c.state("actors") if a["class_name"] == "RayTrainWorker"]

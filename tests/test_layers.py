@@ -59,7 +59,7 @@ def find_cycle(edges: dict[str, set[str]]) -> list[str]:
         stack.append(n)
         for m in sorted(edges.get(n, ())):
             if state.get(m) == 1:
-                return stack[stack.index(m):] + [m]
+                return stack[stack.index(m) :] + [m]
             if m not in state and (c := visit(m)):
                 return c
         state[n] = 2
@@ -85,10 +85,15 @@ def test_no_package_cycle():
 
 def test_no_package_imports_upward():
     graph = import_graph()
-    assert set(graph) | {t for e in graph.values() for t, _ in e} <= set(LEVEL), \
+    assert set(graph) | {t for e in graph.values() for t, _ in e} <= set(LEVEL), (
         "a package is missing from LAYERS"
-    upward = sorted(f"{where}: {src} imports {dst}" for src, e in graph.items() for dst, where in e
-                    if LEVEL[dst] > LEVEL[src])
+    )
+    upward = sorted(
+        f"{where}: {src} imports {dst}"
+        for src, e in graph.items()
+        for dst, where in e
+        if LEVEL[dst] > LEVEL[src]
+    )
     assert not upward, "\n".join(upward)
 
 

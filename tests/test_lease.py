@@ -28,8 +28,13 @@ HOLD = textwrap.dedent("""
 
 
 def _holder(run_dir: Path):
-    p = subprocess.Popen([sys.executable, "-c", HOLD, str(run_dir)], stdin=subprocess.PIPE,
-                         stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    p = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(run_dir)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
     assert p.stdout.readline().strip() == "held"
     return p
 
@@ -75,9 +80,20 @@ def test_second_job_on_a_held_run_dir_exits_non_zero_and_writes_nothing(tmp_path
     run_dir = tmp_path / "run"
     other = _holder(run_dir)
     try:
-        out = subprocess.run([sys.executable, "jobs/cpi_pipeline.py", "--config",
-                              "jobs/configs/smoke.yaml", "--run-dir", str(run_dir)],
-                             capture_output=True, text=True, cwd=ROOT, timeout=120)
+        out = subprocess.run(
+            [
+                sys.executable,
+                "jobs/cpi_pipeline.py",
+                "--config",
+                "jobs/configs/smoke.yaml",
+                "--run-dir",
+                str(run_dir),
+            ],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            timeout=120,
+        )
         assert [p.name for p in run_dir.iterdir()] == [LEASE_NAME]
         assert json.loads((run_dir / LEASE_NAME).read_text())["pid"] == other.pid
     finally:

@@ -87,8 +87,9 @@ def test_probe_memory_is_four_weight_copies_plus_activations(tmp_path):
     assert 60 * GIB < probe.memory_per_worker < 62 * GIB  # fits one 80 GB GPU
 
     # fp32: 16 B/param; a second worker adds DDP's gradient buckets (4 B/param).
-    fp32 = build_plan(_cfg(tmp_path, ["model.dtype=float32", "probe.precision=fp32",
-                                      "probe.num_workers=2"])).stages[0]
+    fp32 = build_plan(
+        _cfg(tmp_path, ["model.dtype=float32", "probe.precision=fp32", "probe.num_workers=2"])
+    ).stages[0]
     static = sum(b for k, b in fp32.memory if not k.startswith("activations"))
     assert static == 16 * P7 + 4 * P7
     assert fp32.units == 4 * 2  # four tasks' trainers at once, two workers each
@@ -107,8 +108,11 @@ def test_zero3_partition_arithmetic(tmp_path):
     assert cons.memory_per_worker == states + gathered + act
 
     # Twice the ranks, half the partition; nothing else moves.
-    cons16 = next(s for s in build_plan(_cfg(tmp_path, ["consolidate.num_workers=16"])).stages
-                  if s.name == "consolidate")
+    cons16 = next(
+        s
+        for s in build_plan(_cfg(tmp_path, ["consolidate.num_workers=16"])).stages
+        if s.name == "consolidate"
+    )
     assert cons.memory_per_worker - cons16.memory_per_worker == 16 * P7 // 8 - 16 * P7 // 16
 
 
@@ -153,8 +157,7 @@ def test_worker_resources_carry_custom_resources(tmp_path):
     assert total["probe"] == {"CPU": 32, "GPU": 4, "probe_gpu": 4}
 
 
-@pytest.mark.parametrize("bad", ["probe.custom_resources={GPU: 1}",
-                                 "fuse.custom_resources={cpu_stream: -1}"])
+@pytest.mark.parametrize("bad", ["probe.custom_resources={GPU: 1}", "fuse.custom_resources={cpu_stream: -1}"])
 def test_custom_resources_are_validated(tmp_path, bad):
     with pytest.raises(ConfigError, match="custom_resources"):
         _cfg(tmp_path, [bad])
@@ -173,8 +176,23 @@ def test_plan_command_prints_the_7b_plan(tmp_path, capsys):
     assert "zero3_gpu=1" in out and "probe_gpu=1" in out
     assert ray.is_initialized() == connected
 
-    assert main(["plan", "--config", LLAMA7B, "--json", "--stages", "consolidate",
-                 "--set", f"model.cache_dir={tmp_path}", "--set", "consolidate.num_workers=16"]) == 0
+    assert (
+        main(
+            [
+                "plan",
+                "--config",
+                LLAMA7B,
+                "--json",
+                "--stages",
+                "consolidate",
+                "--set",
+                f"model.cache_dir={tmp_path}",
+                "--set",
+                "consolidate.num_workers=16",
+            ]
+        )
+        == 0
+    )
     data = json.loads(capsys.readouterr().out)
     assert [s["name"] for s in data["stages"]] == ["consolidate"]
     assert data["model"]["num_parameters"] == P7
@@ -189,8 +207,15 @@ def test_plan_command_for_the_demo(tmp_path, capsys):
 
 
 def test_hub_model_without_hints_is_a_config_error(tmp_path, capsys):
-    args = ["plan", "--config", LLAMA7B, "--set", f"model.cache_dir={tmp_path}",
-            "--set", "model.architecture=null"]
+    args = [
+        "plan",
+        "--config",
+        LLAMA7B,
+        "--set",
+        f"model.cache_dir={tmp_path}",
+        "--set",
+        "model.architecture=null",
+    ]
     assert main(args) == 2
     assert "model.architecture" in capsys.readouterr().err
     # A bare parameter count is enough for the static part; activations are then unknown.

@@ -16,11 +16,22 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def probe_cfg(tmp_path_factory):
     store = tmp_path_factory.mktemp("store")
-    return load_config(ROOT / "jobs" / "configs" / "smoke.yaml", [
-        f"storage.path={store}", "stages=[probe]", "tasks=[" + ",".join(
-            f"{{name: {n}, path: {ROOT / 'jobs' / 'data' / (n + '.jsonl')}, eval_size: 8}}"
-            for n in ("reverse", "upper")) + "]",
-        "probe.steps=4", "probe.batch_size=8", "probe.grad_accum=2"])
+    return load_config(
+        ROOT / "jobs" / "configs" / "smoke.yaml",
+        [
+            f"storage.path={store}",
+            "stages=[probe]",
+            "tasks=["
+            + ",".join(
+                f"{{name: {n}, path: {ROOT / 'jobs' / 'data' / (n + '.jsonl')}, eval_size: 8}}"
+                for n in ("reverse", "upper")
+            )
+            + "]",
+            "probe.steps=4",
+            "probe.batch_size=8",
+            "probe.grad_accum=2",
+        ],
+    )
 
 
 @pytest.mark.slow
@@ -82,7 +93,8 @@ def test_probe_trains_each_task_and_rerun_skips(ray_session, probe_cfg, tmp_path
         assert rec == records[task]  # the training record (and its timing) is the first run's
         fisher = CheckpointReader(out / "fisher")  # sharded safetensors with an index
         assert (out / "fisher" / "model.safetensors.index.json").is_file() or len(
-            list((out / "fisher").glob("*.safetensors"))) == 1
+            list((out / "fisher").glob("*.safetensors"))
+        ) == 1
         assert set(fisher.names()) <= set(probe.names()) and "model.norm.weight" in fisher.names()
         for n in fisher.names():
             f = fisher.read(n)
@@ -148,10 +160,11 @@ def test_probe_worker_killed_resumes_from_checkpoint(ray_session, probe_cfg, tmp
     base_dir, base_id = resolve_base_model(cfg)
     marker = tmp_path / "killed"
     outs = {}
-    for name, fault in (("clean", None),
-                        ("faulty", {"task": task, "step": 3, "rank": 0, "marker": str(marker)})):
-        ctx = RunContext(cfg=cfg, run_dir=tmp_path / name, base_model_dir=base_dir,
-                         base_model_id=base_id)
+    for name, fault in (
+        ("clean", None),
+        ("faulty", {"task": task, "step": 3, "rank": 0, "marker": str(marker)}),
+    ):
+        ctx = RunContext(cfg=cfg, run_dir=tmp_path / name, base_model_dir=base_dir, base_model_id=base_id)
         rec, ran = ProbeStage(fault=fault).execute(ctx)
         assert ran
         outs[name] = ctx.path("probes", task)

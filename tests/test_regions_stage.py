@@ -47,8 +47,9 @@ def load_dir(d):
 def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("regions")
     # embeddings of 4096 x 128 fp32 = 2 MiB: 1 MiB chunks split them mid-tensor
-    base = save_tiny_model(root / "base", max_shard_size=1_500_000, vocab_size=4096,
-                           hidden_size=128, intermediate_size=256)
+    base = save_tiny_model(
+        root / "base", max_shard_size=1_500_000, vocab_size=4096, hidden_size=128, intermediate_size=256
+    )
     state = load_dir(base)
     g = torch.Generator().manual_seed(7)
     pa = {n: t.clone() for n, t in state.items()}
@@ -67,32 +68,38 @@ def models(tmp_path_factory):
     save_model_dir(pa, run / "probes" / "a", 700_000, copy_from=base)
     save_model_dir(pb, run / "probes" / "b", 3_000_000, copy_from=base)
     save_model_dir(pd, run / "probes" / "d", 900_000, copy_from=base)
-    return {"base": base, "run": run, "root": root,
-            "probes": {"a": pa, "b": pb, "d": pd}, "state": state}
+    return {"base": base, "run": run, "root": root, "probes": {"a": pa, "b": pb, "d": pd}, "state": state}
 
 
 def make_cfg(**regions):
-    return PipelineConfig.model_validate({
-        "tasks": [{"name": t, "hub_id": f"x/{t}"} for t in TASKS],
-        "regions": {"chunk_mib": 1, "num_actors": 2, **regions},
-        "groups": {"tau": 0.1, "order": "size"},
-    })
+    return PipelineConfig.model_validate(
+        {
+            "tasks": [{"name": t, "hub_id": f"x/{t}"} for t in TASKS],
+            "regions": {"chunk_mib": 1, "num_actors": 2, **regions},
+            "groups": {"tau": 0.1, "order": "size"},
+        }
+    )
 
 
 def make_ctx(models, run_dir, **regions):
     return RunContext(make_cfg(**regions), run_dir, models["base"], "tiny-test")
 
 
-def reference(models, task, k_p, granularity="element", include=None, exclude=None,
-              fisher=None, score="delta"):
+def reference(
+    models, task, k_p, granularity="element", include=None, exclude=None, fisher=None, score="delta"
+):
     """Plain in-memory top-k: every scored tensor loaded, scores concatenated in sorted-name
     order, a stable sort on descending score (equal scores keep flat order)."""
     import re
 
     base, probe = models["state"], models["probes"][task]
-    names = sorted(n for n, t in base.items() if t.is_floating_point()
-                   and (not include or any(re.search(p, n) for p in include))
-                   and not any(re.search(p, n) for p in (exclude or [])))
+    names = sorted(
+        n
+        for n, t in base.items()
+        if t.is_floating_point()
+        and (not include or any(re.search(p, n) for p in include))
+        and not any(re.search(p, n) for p in (exclude or []))
+    )
     D = sum(base[n].numel() for n in names)
     k = int(k_p * D // 100)
     unit_scores, unit_w, unit_src = [], [], []
@@ -122,7 +129,7 @@ def reference(models, task, k_p, granularity="element", include=None, exclude=No
             break
         used += w[i]
         n, u = src[i]
-        masks[n][u * w[i]:(u + 1) * w[i]] = True
+        masks[n][u * w[i] : (u + 1) * w[i]] = True
     return masks, k, D
 
 
@@ -152,8 +159,12 @@ def test_masks_overlap_and_groups(ray_local, models, tmp_path):
         assert st["k"] == k and st["D"] == D
         assert sum(st["per_layer"].values()) == k == sum(st["per_module"].values())
         # the threshold is the k-th largest |delta| of the reference
-        all_d = np.concatenate([(models["probes"][t][n].float() - models["state"][n].float())
-                                .abs().reshape(-1).numpy() for n in sorted(models["state"])])
+        all_d = np.concatenate(
+            [
+                (models["probes"][t][n].float() - models["state"][n].float()).abs().reshape(-1).numpy()
+                for n in sorted(models["state"])
+            ]
+        )
         assert st["threshold"] == float(np.sort(all_d)[::-1][k - 1])
         assert load_histogram(run, t).sum() == D
     # d's core is its 500 moved elements plus zeros in flat order: the protocol took ties
@@ -163,8 +174,9 @@ def test_masks_overlap_and_groups(ray_local, models, tmp_path):
     GroupsStage().run(ctx)
     ov = load_overlap(run)
     masks = {t: MaskFile(mask_path(run, t)) for t in TASKS}
-    sets = {t: {(n, int(i)) for n in masks[t].names()
-                for i in masks[t].flat(n).nonzero().view(-1)} for t in TASKS}
+    sets = {
+        t: {(n, int(i)) for n in masks[t].names() for i in masks[t].flat(n).nonzero().view(-1)} for t in TASKS
+    }
     for i, ti in enumerate(TASKS):
         for j, tj in enumerate(TASKS):
             u = sets[ti] | sets[tj]
@@ -202,8 +214,11 @@ def test_bad_inputs_write_no_mask(ray_local, models, tmp_path):
     cases["missing"] = (bad, r"'lm_head\.weight'.*missing")
     nan = {n: t.clone() for n, t in base_state.items()}
     nan["model.layers.0.mlp.up_proj.weight"].view(-1)[1234] = float("nan")
-    cases["nan"] = (nan, r"NaN or Inf.*'model\.layers\.0\.mlp\.up_proj\.weight'.*element 1234"
-                         r".*probe file .*model-\d+-of-\d+\.safetensors")
+    cases["nan"] = (
+        nan,
+        r"NaN or Inf.*'model\.layers\.0\.mlp\.up_proj\.weight'.*element 1234"
+        r".*probe file .*model-\d+-of-\d+\.safetensors",
+    )
     for case, (state, pattern) in cases.items():
         run = tmp_path / case
         shutil.copytree(models["run"], run)
@@ -256,8 +271,11 @@ def test_fisher_scores_match_in_memory_reference(ray_local, models, tmp_path, sc
     fishers = {}
     for t in TASKS:
         # Squared-gradient-like values with exact ties (rounded) to exercise the tie-break.
-        f = {n: (torch.rand(v.shape, generator=g) ** 4 * 100).round() / 100
-             for n, v in models["state"].items() if v.is_floating_point()}
+        f = {
+            n: (torch.rand(v.shape, generator=g) ** 4 * 100).round() / 100
+            for n, v in models["state"].items()
+            if v.is_floating_point()
+        }
         d = fisher_dir(run, t)
         d.mkdir(parents=True)
         save_sharded(f, d, 1_000_000)

@@ -43,8 +43,7 @@ def test_exact_k_with_ties(kind, budget):
     }[kind]
     chunks = split(keys_of(s), [7, 800, 801, 1200])
     for k in [0, 1, 9, 700, n - 1, n]:
-        masks, solver = run_in_memory(chunks, [1] * len(chunks), k, max_candidates=budget,
-                                      block_units=200)
+        masks, solver = run_in_memory(chunks, [1] * len(chunks), k, max_candidates=budget, block_units=200)
         got = np.concatenate(masks)
         assert got.sum() == k
         np.testing.assert_array_equal(got, ref_mask(s.numpy(), k))
@@ -60,8 +59,7 @@ def test_fallback_paths_are_taken_and_exact():
     chunks = split(keys_of(s), [500, 1500, 2500])
     k = 1500
     # a sample that sees only the top: the first interval misses
-    masks, solver = run_in_memory(chunks, [1] * 4, k, max_candidates=100,
-                                  sample=np.array([0, 1, 2]))
+    masks, solver = run_in_memory(chunks, [1] * 4, k, max_candidates=100, sample=np.array([0, 1, 2]))
     assert solver.passes[0] == "scan" and "quota" in solver.passes
     got = np.concatenate(masks)
     np.testing.assert_array_equal(got, ref_mask(s.numpy(), k))
@@ -78,8 +76,7 @@ def test_refine_within_bucket():
     assert int(keys.max()) >> HIST_SHIFT == base >> HIST_SHIFT
     s = keys.view(torch.float32)
     chunks = split(keys, [3333, 10000])
-    masks, solver = run_in_memory(chunks, [1] * 3, 777, max_candidates=64,
-                                  sample=np.array([5]))
+    masks, solver = run_in_memory(chunks, [1] * 3, 777, max_candidates=64, sample=np.array([5]))
     assert "hist" in solver.passes
     np.testing.assert_array_equal(np.concatenate(masks), ref_mask(s.numpy(), 777))
 
@@ -91,8 +88,7 @@ def test_weighted_units_prefix_rule():
     b = torch.rand(30, generator=g)  # 30 rows of 1 element
     b[4] = a[2]  # a cross-tensor tie, broken by the global index (a's row comes first)
     for k in [0, 6, 7, 50, 100, 370]:
-        masks, _ = run_in_memory([keys_of(a), keys_of(b)], [7, 1], k, max_candidates=4,
-                                 block_units=8)
+        masks, _ = run_in_memory([keys_of(a), keys_of(b)], [7, 1], k, max_candidates=4, block_units=8)
         scores = np.concatenate([a.numpy(), b.numpy()])
         w = np.array([7] * 10 + [1] * 30)
         order = np.argsort(-scores.astype(np.float64), kind="stable")

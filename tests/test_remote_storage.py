@@ -21,10 +21,10 @@ ROOT = Path(__file__).resolve().parents[1]
 def s3_uri():
     from moto.server import ThreadedMotoServer
 
-    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-                                            "AWS_DEFAULT_REGION")}
-    os.environ.update(AWS_ACCESS_KEY_ID="test", AWS_SECRET_ACCESS_KEY="test",
-                      AWS_DEFAULT_REGION="us-east-1")
+    saved = {
+        k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
+    }
+    os.environ.update(AWS_ACCESS_KEY_ID="test", AWS_SECRET_ACCESS_KEY="test", AWS_DEFAULT_REGION="us-east-1")
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
@@ -138,8 +138,12 @@ def test_pipeline_written_to_s3_then_resumed_from_it_elsewhere(ray_session, s3_u
     lands in the bucket too."""
     from cpi_ray.pipeline.runner import resolve_run_dir, run_pipeline
 
-    common = [f"storage.path={s3_uri}", "storage.run_name=resume", "probe.steps=20",
-              f"model.cache_dir={tmp_path / 'models'}"]
+    common = [
+        f"storage.path={s3_uri}",
+        "storage.run_name=resume",
+        "probe.steps=20",
+        f"model.cache_dir={tmp_path / 'models'}",
+    ]
     cfg_a = _cfg(*common, f"storage.local_path={tmp_path / 'a'}", "stages=[probe, regions, groups]")
     run_a = resolve_run_dir(cfg_a, None)
     assert run_a == (tmp_path / "a" / "resume").resolve()
@@ -153,8 +157,7 @@ def test_pipeline_written_to_s3_then_resumed_from_it_elsewhere(ray_session, s3_u
     with store.fs.open_input_stream(store._key("config.yaml")) as f:
         assert b"run_name: resume" in f.read()
 
-    cfg_b = _cfg(*common, f"storage.local_path={tmp_path / 'b'}",
-                 "stages=[probe, regions, groups, fuse]")
+    cfg_b = _cfg(*common, f"storage.local_path={tmp_path / 'b'}", "stages=[probe, regions, groups, fuse]")
     run_b = resolve_run_dir(cfg_b, None)
     second = run_pipeline(cfg_b, run_b)
     assert [o.status for o in second.outcomes] == ["skipped (up to date)"] * 3 + ["ran"]
@@ -163,5 +166,6 @@ def test_pipeline_written_to_s3_then_resumed_from_it_elsewhere(ray_session, s3_u
             assert (run_b / "probes" / t / f.name).read_bytes() == f.read_bytes()
     fused = store.read_record("fused")
     assert fused is not None and fused == json.loads((run_b / "fused" / "stage.json").read_text())
-    assert any(o["path"].startswith("fused/") and o["path"].endswith(".safetensors")
-               for o in fused["outputs"])
+    assert any(
+        o["path"].startswith("fused/") and o["path"].endswith(".safetensors") for o in fused["outputs"]
+    )

@@ -9,8 +9,12 @@ def _write(p, obj):
 
 
 def test_seesaw_and_summary_numbers():
-    scores = {"base": {"a": 10.0, "b": 20.0}, "probe:a": {"a": 50.0, "b": 5.0},
-              "probe:b": {"a": 0.0, "b": 40.0}, "final": {"a": 45.0, "b": 42.0}}
+    scores = {
+        "base": {"a": 10.0, "b": 20.0},
+        "probe:a": {"a": 50.0, "b": 5.0},
+        "probe:b": {"a": 0.0, "b": 40.0},
+        "final": {"a": 45.0, "b": 42.0},
+    }
     assert expert_scores(scores, ["a", "b"]) == {"a": 50.0, "b": 40.0}
     d = seesaw(scores, ["a", "b"])
     assert d == {"base": {"a": -40.0, "b": -20.0}, "final": {"a": -5.0, "b": 2.0}}
@@ -19,23 +23,57 @@ def test_seesaw_and_summary_numbers():
 
 
 def _build_example_report(tmp_path):
-    _write(tmp_path / "eval" / "scores.json", {
-        "tasks": ["a", "b", "c"],
-        "scores": {"base": {"a": 1, "b": 2, "c": 3}, "probe:a": {"a": 60, "b": 1, "c": 2},
-                   "probe:b": {"a": 3, "b": 70, "c": 4}, "probe:c": {"a": 1, "b": 1, "c": 30},
-                   "final": {"a": 55, "b": 66, "c": 31},
-                   "baseline:sequential": {"a": 20, "b": 68, "c": 2},
-                   "baseline:sequential_cpi": {"a": 50, "b": 35, "c": 2}}})
-    _write(tmp_path / "baselines" / "budget.json", {"cpi_rows": 10, "modes": {
-        "sequential": {"start": "probe:a", "rows": 5, "stages": [{"tasks": ["b"], "frozen": [], "steps": 1}]},
-        "sequential_cpi": {"start": "probe:a", "rows": 5,
-                           "stages": [{"tasks": ["b"], "frozen": ["a"], "steps": 1}]}}})
-    _write(tmp_path / "groups" / "overlap.json",
-           {"tasks": ["a", "b", "c"], "jaccard": [[1, 0.3, 0], [0.3, 1, 0.05], [0, 0.05, 1]]})
+    _write(
+        tmp_path / "eval" / "scores.json",
+        {
+            "tasks": ["a", "b", "c"],
+            "scores": {
+                "base": {"a": 1, "b": 2, "c": 3},
+                "probe:a": {"a": 60, "b": 1, "c": 2},
+                "probe:b": {"a": 3, "b": 70, "c": 4},
+                "probe:c": {"a": 1, "b": 1, "c": 30},
+                "final": {"a": 55, "b": 66, "c": 31},
+                "baseline:sequential": {"a": 20, "b": 68, "c": 2},
+                "baseline:sequential_cpi": {"a": 50, "b": 35, "c": 2},
+            },
+        },
+    )
+    _write(
+        tmp_path / "baselines" / "budget.json",
+        {
+            "cpi_rows": 10,
+            "modes": {
+                "sequential": {
+                    "start": "probe:a",
+                    "rows": 5,
+                    "stages": [{"tasks": ["b"], "frozen": [], "steps": 1}],
+                },
+                "sequential_cpi": {
+                    "start": "probe:a",
+                    "rows": 5,
+                    "stages": [{"tasks": ["b"], "frozen": ["a"], "steps": 1}],
+                },
+            },
+        },
+    )
+    _write(
+        tmp_path / "groups" / "overlap.json",
+        {"tasks": ["a", "b", "c"], "jaccard": [[1, 0.3, 0], [0.3, 1, 0.05], [0, 0.05, 1]]},
+    )
     _write(tmp_path / "groups" / "groups.json", {"groups": [["c"], ["a", "b"]]})
-    _write(tmp_path / "regions" / "stats.json", {"tasks": {
-        t: {"k": 10, "per_layer": {"0": 4, "1": 6, "embed": 0}, "per_module": {"q_proj": 3, "up_proj": 7}}
-        for t in "abc"}})
+    _write(
+        tmp_path / "regions" / "stats.json",
+        {
+            "tasks": {
+                t: {
+                    "k": 10,
+                    "per_layer": {"0": 4, "1": 6, "embed": 0},
+                    "per_module": {"q_proj": 3, "up_proj": 7},
+                }
+                for t in "abc"
+            }
+        },
+    )
     return build_report(tmp_path, extra_sections=[("Notes", "| x |\n|---|\n| 1 |")])
 
 
@@ -58,9 +96,12 @@ def test_report_files(tmp_path):
 def test_scores_table_shows_n_and_standard_errors():
     from cpi_ray.evaluation.report import scores_table
 
-    header, rows = scores_table({"final": {"a": 50.0, "b": 25.0}}, ["a", "b"],
-                                stderr={"final": {"a": 7.1, "b": float("nan")}},
-                                n_eval={"a": 80, "b": 80})
+    header, rows = scores_table(
+        {"final": {"a": 50.0, "b": 25.0}},
+        ["a", "b"],
+        stderr={"final": {"a": 7.1, "b": float("nan")}},
+        n_eval={"a": 80, "b": 80},
+    )
     assert header == ["model", "a (n=80)", "b (n=80)", "avg", "worst"]
     assert rows == [["final", "50.0 ± 7.1", "25.0", "37.5", "25.0"]]
 

@@ -25,29 +25,40 @@ CONFIGS = sorted((REPO / "jobs" / "configs").glob("*.yaml"))
 
 
 def _gsm8k(i: int) -> dict:
-    return {"question": f"Natalia sold {i} clips in April and half as many in May. How many in all?",
-            "answer": f"In May she sold {i}/2 = <<{i}/2={i / 2:g}>>{i / 2:g} clips.\n"
-                      f"#### {i + i / 2:g}"}
+    return {
+        "question": f"Natalia sold {i} clips in April and half as many in May. How many in all?",
+        "answer": f"In May she sold {i}/2 = <<{i}/2={i / 2:g}>>{i / 2:g} clips.\n#### {i + i / 2:g}",
+    }
 
 
 def _code_alpaca(i: int) -> dict:
-    return {"instruction": f"Write a function that adds {i} to a number.",
-            "input": "" if i % 2 else f"x = {i}",
-            "output": f"def add(x):\n    return x + {i}"}
+    return {
+        "instruction": f"Write a function that adds {i} to a number.",
+        "input": "" if i % 2 else f"x = {i}",
+        "output": f"def add(x):\n    return x + {i}",
+    }
 
 
 def _dolly(i: int) -> dict:
-    return {"instruction": f"Who wrote book number {i}?",
-            "context": "" if i % 3 else f"Book {i} was written by Ada.",
-            "response": "Ada.", "category": "closed_qa" if i % 3 == 0 else "open_qa"}
+    return {
+        "instruction": f"Who wrote book number {i}?",
+        "context": "" if i % 3 else f"Book {i} was written by Ada.",
+        "response": "Ada.",
+        "category": "closed_qa" if i % 3 == 0 else "open_qa",
+    }
 
 
 def _ultrachat(i: int) -> dict:
-    return {"prompt": f"Tell me about {i}.", "prompt_id": f"{i:064x}", "messages": [
-        {"content": f"Tell me about {i}.", "role": "user"},
-        {"content": f"{i} is a number.", "role": "assistant"},
-        {"content": "And twice that?", "role": "user"},
-        {"content": f"That is {2 * i}.", "role": "assistant"}]}
+    return {
+        "prompt": f"Tell me about {i}.",
+        "prompt_id": f"{i:064x}",
+        "messages": [
+            {"content": f"Tell me about {i}.", "role": "user"},
+            {"content": f"{i} is a number.", "role": "assistant"},
+            {"content": "And twice that?", "role": "user"},
+            {"content": f"That is {2 * i}.", "role": "assistant"},
+        ],
+    }
 
 
 # hub id -> (its configurations, its splits, a row of it)
@@ -55,8 +66,11 @@ STAND_INS = {
     "openai/gsm8k": (["main", "socratic"], ["train", "test"], _gsm8k),
     "sahil2801/CodeAlpaca-20k": (["default"], ["train"], _code_alpaca),
     "databricks/databricks-dolly-15k": (["default"], ["train"], _dolly),
-    "HuggingFaceH4/ultrachat_200k": (["default"], ["train_sft", "test_sft", "train_gen",
-                                                   "test_gen"], _ultrachat),
+    "HuggingFaceH4/ultrachat_200k": (
+        ["default"],
+        ["train_sft", "test_sft", "train_gen", "test_gen"],
+        _ultrachat,
+    ),
 }
 
 
@@ -79,8 +93,11 @@ def _stand_in_repo(root: Path, hub_id: str, n: int) -> Path:
 
 def _overrides(path: Path, tmp_path: Path) -> list[str]:
     raw = load_config(path)
-    sets = ["model.source=tiny", f"model.cache_dir={tmp_path / 'models'}",
-            f"storage.path={tmp_path / 'runs'}"]
+    sets = [
+        "model.source=tiny",
+        f"model.cache_dir={tmp_path / 'models'}",
+        f"storage.path={tmp_path / 'runs'}",
+    ]
     for i, t in enumerate(raw.tasks):
         if t.hub_id is None:
             continue
@@ -121,7 +138,8 @@ def test_llama7b_reads_each_dataset_in_its_format(tmp_path, monkeypatch):
     assert get_scorer(math)("so the total is 6", _gsm8k(4)) == 1.0
     code = cfg.task("code")
     assert format_prompt(tok, code, _code_alpaca(1)) == (
-        "<|user|>Write a function that adds 1 to a number.</s><|assistant|>")
+        "<|user|>Write a function that adds 1 to a number.</s><|assistant|>"
+    )
     assert "\n\nx = 2</s>" in format_prompt(tok, code, _code_alpaca(2))
     chat = cfg.task("chat")
     ex = encode_example(tok, chat, _ultrachat(3), cfg.data.max_seq_len)

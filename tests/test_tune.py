@@ -25,9 +25,15 @@ SMALL = [
     " scorer: 'cpi_ray.data.scorers:char_accuracy'},"
     " {name: upper, path: jobs/data/upper.jsonl, eval_size: 8, val_size: 8,"
     " scorer: 'cpi_ray.data.scorers:char_accuracy'}]",
-    "probe.steps=40", "regions.num_actors=1", "fuse.num_actors=1", "groups.tau=0",
-    "consolidate.steps=4", "consolidate.batch_size=8", "consolidate.num_workers=1",
-    "consolidate.warmup_ratio=0", "consolidate.schedule=constant",
+    "probe.steps=40",
+    "regions.num_actors=1",
+    "fuse.num_actors=1",
+    "groups.tau=0",
+    "consolidate.steps=4",
+    "consolidate.batch_size=8",
+    "consolidate.num_workers=1",
+    "consolidate.warmup_ratio=0",
+    "consolidate.schedule=constant",
     "evaluate.batch_size=16",
 ]
 
@@ -57,8 +63,11 @@ def test_space_is_checked_before_any_work(tmp_path):
     with pytest.raises(SpaceError, match="val_size"):
         check_space(cfg)
 
-    cfg = _cfg(tmp_path, "tune.search_space={consolidate.lr: {loguniform: [1.0e-4, 1.0e-2]},"
-               " groups.tau: {choice: [0.1, 0.3]}, consolidate.steps: {uniform: [2, 6]}}")
+    cfg = _cfg(
+        tmp_path,
+        "tune.search_space={consolidate.lr: {loguniform: [1.0e-4, 1.0e-2]},"
+        " groups.tau: {choice: [0.1, 0.3]}, consolidate.steps: {uniform: [2, 6]}}",
+    )
     check_space(cfg)
     space = param_space(cfg.tune)
     assert "LogUniform" in type(space["consolidate.lr"].get_sampler()).__name__
@@ -72,8 +81,18 @@ def test_space_is_checked_before_any_work(tmp_path):
 def test_cli_exits_2_on_a_bad_space(tmp_path, capsys):
     from cpi_ray.cli import main
 
-    rc = main(["run", "--config", str(SMOKE), "--tune", "--run-dir", str(tmp_path / "run"),
-               "--set", "tune.search_space={regions.p: {grid: [5]}}"])
+    rc = main(
+        [
+            "run",
+            "--config",
+            str(SMOKE),
+            "--tune",
+            "--run-dir",
+            str(tmp_path / "run"),
+            "--set",
+            "tune.search_space={regions.p: {grid: [5]}}",
+        ]
+    )
     assert rc == 2  # the smoke tasks hold no validation rows
     assert "val_size" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
@@ -99,9 +118,13 @@ def search(ray_session, tmp_path_factory):
     # 2 p values x 2 learning rates, run one at a time, lr varying fastest. lr 0.1 wrecks the
     # model in one step while 1e-4 barely moves it, so a 0.1 trial's validation loss is above
     # the median of those recorded before it at the first rung: ASHA (grace 1) stops it.
-    cfg = _cfg(tmp, "tune.search_alg=grid", "tune.num_samples=1", "tune.grace_period=1",
-               "tune.search_space={regions.p: {grid: [5, 20]},"
-               " consolidate.lr: {grid: [1.0e-4, 0.1]}}")
+    cfg = _cfg(
+        tmp,
+        "tune.search_alg=grid",
+        "tune.num_samples=1",
+        "tune.grace_period=1",
+        "tune.search_space={regions.p: {grid: [5, 20]}, consolidate.lr: {grid: [1.0e-4, 0.1]}}",
+    )
     run_dir = tmp / "run"
     outcome = run_tune(cfg, run_dir)
     return cfg, run_dir, outcome
@@ -117,8 +140,12 @@ def test_search_completes_with_outputs(search):
     tune_dir = run_dir / "tune"
     trials = json.loads((tune_dir / "trials.json").read_text())
     assert len(trials) == 4
-    assert sorted((t["knobs"]["regions.p"], t["knobs"]["consolidate.lr"]) for t in trials) == \
-        [(5, 1e-4), (5, 0.1), (20, 1e-4), (20, 0.1)]
+    assert sorted((t["knobs"]["regions.p"], t["knobs"]["consolidate.lr"]) for t in trials) == [
+        (5, 1e-4),
+        (5, 0.1),
+        (20, 1e-4),
+        (20, 0.1),
+    ]
     finished = [t for t in trials if t["status"] == "finished"]
     assert finished and all(math.isfinite(t["objective"]) for t in finished)
     for t in finished:  # every task scored on validation rows, normalized by its expert
@@ -210,12 +237,14 @@ def test_histogram_refinement_matches_a_fresh_selection(search, tmp_path):
     from cpi_ray.tune.space import apply_knobs
 
     cfg, run_dir, outcome = search
-    d = next(d for d in sorted((run_dir / "tune" / "trials").iterdir())
-             if json.loads((d / "regions" / "stats.json").read_text())["p"] == 20)
+    d = next(
+        d
+        for d in sorted((run_dir / "tune" / "trials").iterdir())
+        if json.loads((d / "regions" / "stats.json").read_text())["p"] == 20
+    )
     base_dir = next((run_dir.parent / "models").rglob("config.json")).parent
     cfg20 = apply_knobs(cfg, {"regions.p": 20})
-    compute_regions(cfg20, base_dir, {t: run_dir / "probes" / t for t in ("reverse", "upper")},
-                    tmp_path)
+    compute_regions(cfg20, base_dir, {t: run_dir / "probes" / t for t in ("reverse", "upper")}, tmp_path)
     for t in ("reverse", "upper"):
         a, b = MaskFile(d / "regions" / f"{t}.mask.safetensors"), MaskFile(tmp_path / f"{t}.mask.safetensors")
         assert sorted(a.names()) == sorted(b.names()) and a.count() == b.count() > 0

@@ -73,8 +73,9 @@ def format_validation_error(err: ValidationError) -> str:
     return "invalid config:\n" + "\n".join(lines)
 
 
-def load_config(path: str | os.PathLike | None, overrides: Iterable[str] = (),
-                base: dict | None = None) -> PipelineConfig:
+def load_config(
+    path: str | os.PathLike | None, overrides: Iterable[str] = (), base: dict | None = None
+) -> PipelineConfig:
     data: dict = dict(base or {})
     if path is not None:
         p = Path(path)

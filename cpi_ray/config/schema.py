@@ -39,9 +39,11 @@ def template_fields(template: str) -> list[str]:
         if name is None:
             continue
         if not name or name.isdigit() or spec or conversion or "[" in name:
-            raise ValueError(f"prompt_template {template!r}: placeholders must be field names "
-                             f"like {{instruction}}, got {{{name}{'!' + conversion if conversion else ''}"
-                             f"{':' + spec if spec else ''}}}")
+            raise ValueError(
+                f"prompt_template {template!r}: placeholders must be field names "
+                f"like {{instruction}}, got {{{name}{'!' + conversion if conversion else ''}"
+                f"{':' + spec if spec else ''}}}"
+            )
         names.append(name)
     if not names:
         raise ValueError(f"prompt_template {template!r} names no field")
@@ -57,16 +59,22 @@ _BUILTIN_RESOURCES = {"CPU", "GPU", "memory", "object_store_memory"}
 
 
 def _custom_resources_field() -> Any:
-    return Field(default_factory=dict, description=(
-        "extra Ray resources each worker/actor of this stage asks for, e.g. {probe_gpu: 1}, so "
-        "that the autoscaler starts the node type that offers them (see cluster/)"))
+    return Field(
+        default_factory=dict,
+        description=(
+            "extra Ray resources each worker/actor of this stage asks for, e.g. {probe_gpu: 1}, so "
+            "that the autoscaler starts the node type that offers them (see cluster/)"
+        ),
+    )
 
 
 def _check_custom_resources(v: dict[str, float]) -> dict[str, float]:
     for name, amount in v.items():
         if name in _BUILTIN_RESOURCES:
-            raise ValueError(f"custom_resources: {name!r} is a built-in resource; use the stage's "
-                             "own field (cpus_per_worker, use_gpu, ...)")
+            raise ValueError(
+                f"custom_resources: {name!r} is a built-in resource; use the stage's "
+                "own field (cpus_per_worker, use_gpu, ...)"
+            )
         if not amount >= 0:
             raise ValueError(f"custom_resources: {name!r} must be >= 0")
     return v
@@ -108,11 +116,16 @@ class ModelConfig(_Section):
     # Sizing hints for `cpi-ray plan` when the model's config.json is not on this machine (a hub
     # id not yet downloaded); the pipeline itself never reads them.
     architecture: Optional[dict[str, Any]] = Field(
-        None, description="config.json fields of the model (model_type, hidden_size, "
-        "num_hidden_layers, vocab_size, ...), for `cpi-ray plan` without downloading")
+        None,
+        description="config.json fields of the model (model_type, hidden_size, "
+        "num_hidden_layers, vocab_size, ...), for `cpi-ray plan` without downloading",
+    )
     num_parameters: Optional[int] = Field(
-        None, ge=1, description="parameter count, for `cpi-ray plan` when neither config.json nor "
-        "model.architecture is available")
+        None,
+        ge=1,
+        description="parameter count, for `cpi-ray plan` when neither config.json nor "
+        "model.architecture is available",
+    )
 
     @field_validator("max_shard_size")
     @classmethod
@@ -142,8 +155,12 @@ _FORMAT_FIELDS: dict[str, tuple[Optional[str], Optional[str]]] = {
 # Fields added after run directories existed: left out of a task's fingerprint while at their
 # default, so that runs written before them still resume.
 _TASK_FIELDS_ADDED: dict[str, Any] = {
-    "format": "prompt_answer", "messages_field": "messages", "prompt_template": None,
-    "hub_name": None, "hub_revision": None, "hub_data_files": None,
+    "format": "prompt_answer",
+    "messages_field": "messages",
+    "prompt_template": None,
+    "hub_name": None,
+    "hub_revision": None,
+    "hub_data_files": None,
 }
 
 BUILTIN_SCORERS = ("exact_match", "reasoning_gym", "numeric")
@@ -158,24 +175,31 @@ class TaskConfig(_Section):
     hub_revision: Optional[str] = Field(None, description="branch, tag or commit of the hub dataset")
     hub_split: str = "train"
     hub_data_files: Optional[str | list[str] | dict[str, str | list[str]]] = Field(
-        None, description="data_files of datasets.load_dataset (file patterns in the hub repo)")
+        None, description="data_files of datasets.load_dataset (file patterns in the hub repo)"
+    )
     reasoning_gym: Optional[ReasoningGymSource] = None
     format: TaskFormat = Field(
-        "prompt_answer", description=(
+        "prompt_answer",
+        description=(
             "prompt_answer: a prompt field (or prompt_template) and an answer field; messages: "
             "chat turns (role/content) in messages_field, every assistant turn learned, the last "
-            "one scored; prompt_completion: prompt and completion, each text or chat turns"))
-    prompt_field: Optional[str] = Field(None, description="default: question (prompt_answer), "
-                                        "prompt (prompt_completion)")
-    answer_field: Optional[str] = Field(None, description="default: answer (prompt_answer), "
-                                        "completion (prompt_completion)")
+            "one scored; prompt_completion: prompt and completion, each text or chat turns"
+        ),
+    )
+    prompt_field: Optional[str] = Field(
+        None, description="default: question (prompt_answer), prompt (prompt_completion)"
+    )
+    answer_field: Optional[str] = Field(
+        None, description="default: answer (prompt_answer), completion (prompt_completion)"
+    )
     messages_field: str = "messages"
     prompt_template: Optional[str] = Field(
-        None, description="prompt_answer: the prompt built from several fields, e.g. "
-        "'{instruction}\\n\\n{input}'; an empty field is dropped with the text before it")
+        None,
+        description="prompt_answer: the prompt built from several fields, e.g. "
+        "'{instruction}\\n\\n{input}'; an empty field is dropped with the text before it",
+    )
     scorer: str = Field(
-        "exact_match",
-        description="exact_match, numeric, reasoning_gym, or module:function(prediction, row)"
+        "exact_match", description="exact_match, numeric, reasoning_gym, or module:function(prediction, row)"
     )
     system_prompt: Optional[str] = None
     eval_size: int = Field(40, ge=1, description="rows held out for evaluation")
@@ -254,16 +278,19 @@ class TaskConfig(_Section):
         if self.scorer == "reasoning_gym" and self.reasoning_gym is None:
             raise ValueError("scorer reasoning_gym needs a reasoning_gym source")
         if self.hub_id is None:
-            extra = [f for f in ("hub_name", "hub_revision", "hub_data_files")
-                     if getattr(self, f) is not None]
+            extra = [
+                f for f in ("hub_name", "hub_revision", "hub_data_files") if getattr(self, f) is not None
+            ]
             if extra:
                 raise ValueError(f"task {self.name!r}: {', '.join(extra)} need a hub_id")
         if self.format == "messages":
-            given = [f for f in ("prompt_field", "answer_field", "prompt_template")
-                     if getattr(self, f) is not None]
+            given = [
+                f for f in ("prompt_field", "answer_field", "prompt_template") if getattr(self, f) is not None
+            ]
             if given:
-                raise ValueError(f"task {self.name!r}: format messages reads messages_field, not "
-                                 f"{', '.join(given)}")
+                raise ValueError(
+                    f"task {self.name!r}: format messages reads messages_field, not {', '.join(given)}"
+                )
         elif self.prompt_template is not None and self.format != "prompt_answer":
             raise ValueError(f"task {self.name!r}: prompt_template needs format prompt_answer")
         elif self.prompt_template is not None and self.prompt_field is not None:
@@ -276,8 +303,10 @@ class DataConfig(_Section):
     split_seed: int = 0
     packing: bool = Field(False, description="pack several rows per sequence (else pad by length)")
     require_chat_template: bool = Field(
-        False, description="stop when the tokenizer has no chat template (else prompts are "
-        "formatted as plain text, with a warning: right for base models)")
+        False,
+        description="stop when the tokenizer has no chat template (else prompts are "
+        "formatted as plain text, with a warning: right for base models)",
+    )
 
 
 class TrainConfig(_Section):
@@ -285,7 +314,8 @@ class TrainConfig(_Section):
 
     steps: int = Field(40, ge=1)
     batch_size: int = Field(
-        8, ge=1, description="rows per optimizer step per worker, before accumulation split")
+        8, ge=1, description="rows per optimizer step per worker, before accumulation split"
+    )
     grad_accum: int = Field(1, ge=1)
     lr: float = Field(5e-5, gt=0, le=1.0)
     warmup_ratio: float = Field(0.1, ge=0, lt=1)
@@ -321,7 +351,8 @@ class RegionsConfig(_Section):
     cpus_per_actor: float = Field(1, gt=0)
     custom_resources: CustomResources = _custom_resources_field()
     max_candidates: int = Field(
-        2_000_000, ge=1024,
+        2_000_000,
+        ge=1024,
         description="per task, units kept in memory near the threshold; bounds the driver's memory",
     )
 
@@ -335,11 +366,17 @@ class RegionsConfig(_Section):
 
 class GroupsConfig(_Section):
     tau_mode: Literal["absolute", "chance"] = Field(
-        "absolute", description="absolute: link tasks whose cores' Jaccard >= tau (the paper); "
+        "absolute",
+        description="absolute: link tasks whose cores' Jaccard >= tau (the paper); "
         "chance: >= tau x p/(200-p), the expected Jaccard of two independent p% cores, so that a "
-        "change of regions.p or regions.score does not by itself change what tau means")
-    tau: float = Field(0.1, ge=0, description="overlap threshold: a Jaccard in [0, 1] "
-                       "(tau_mode absolute), or a multiple of the chance Jaccard (tau_mode chance)")
+        "change of regions.p or regions.score does not by itself change what tau means",
+    )
+    tau: float = Field(
+        0.1,
+        ge=0,
+        description="overlap threshold: a Jaccard in [0, 1] "
+        "(tau_mode absolute), or a multiple of the chance Jaccard (tau_mode chance)",
+    )
     order: Literal["random", "given", "size"] = "random"
     given: Optional[list[list[str]]] = None
     seed: int = 0
@@ -348,8 +385,10 @@ class GroupsConfig(_Section):
     @classmethod
     def _tau(cls, v: float, info: ValidationInfo) -> float:
         if info.data.get("tau_mode", "absolute") == "absolute" and v > 1:
-            raise ValueError(f"{v:g} is above 1, which no Jaccard reaches with tau_mode absolute "
-                             "(tau_mode chance takes a multiple of the chance level)")
+            raise ValueError(
+                f"{v:g} is above 1, which no Jaccard reaches with tau_mode absolute "
+                "(tau_mode chance takes a multiple of the chance level)"
+            )
         return v
 
 
@@ -357,9 +396,7 @@ class FuseConfig(_Section):
     omega: Optional[float] = Field(
         None, ge=0, le=1, description="SLERP weight for two models; None = running spherical mean"
     )
-    omega_overrides: dict[str, float] = Field(
-        default_factory=dict, description="tensor-name regex -> omega"
-    )
+    omega_overrides: dict[str, float] = Field(default_factory=dict, description="tensor-name regex -> omega")
     method: Literal["fold", "multislerp"] = "fold"
     backbone: str = Field("base", description="'base' or a task name: where the fold starts")
     policy: Literal["magnitude", "mean", "priority"] = "magnitude"
@@ -382,11 +419,14 @@ class FuseConfig(_Section):
 class ConsolidateConfig(TrainConfig):
     freeze: Literal["prior", "others", "all", "none"] = "prior"
     data: Literal["mixed", "group"] = Field(
-        "mixed", description="what each stage trains on: mixed, a mix of every task by its "
+        "mixed",
+        description="what each stage trains on: mixed, a mix of every task by its "
         "weight (the paper's mixed-task phase); group, the stage's own group's tasks (plus a "
-        "replay share of earlier groups)")
-    replay: float = Field(0.0, ge=0, lt=1, description="with data group: share of earlier "
-                          "groups' data in each stage")
+        "replay share of earlier groups)",
+    )
+    replay: float = Field(
+        0.0, ge=0, lt=1, description="with data group: share of earlier groups' data in each stage"
+    )
     zero_stage: Literal[0, 1, 2, 3] = 3
     deepspeed: dict[str, Any] = Field(
         default_factory=dict, description="merged over the generated DeepSpeed config"
@@ -399,22 +439,25 @@ class ConsolidateConfig(TrainConfig):
     def _replay(cls, v: float, info: ValidationInfo) -> float:
         data = info.data.get("data", "mixed")
         if v and data != "group":
-            raise ValueError(f"{v:g} needs consolidate.data group: with data {data} every stage "
-                             "already trains on every task")
+            raise ValueError(
+                f"{v:g} needs consolidate.data group: with data {data} every stage "
+                "already trains on every task"
+            )
         return v
 
 
 class BaselinesConfig(_Section):
     """Comparison modes trained on the same engine (ZeRO-3 trainer), data and seeds as CPI-FT."""
 
-    modes: list[Literal["full_mtl", "full_mtl_light", "multistage", "sequential",
-                        "sequential_cpi"]] = Field(
+    modes: list[Literal["full_mtl", "full_mtl_light", "multistage", "sequential", "sequential_cpi"]] = Field(
         default_factory=list,
         description="full_mtl: all tasks mixed, CPI-FT's whole budget; full_mtl_light: all tasks "
         "mixed, only CPI-FT's consolidation rows; multistage: group by group, no freezing; "
-        "sequential: task A then B; sequential_cpi: A then B with A's core frozen")
+        "sequential: task A then B; sequential_cpi: A then B with A's core frozen",
+    )
     multistage_grouping: Literal["random", "given", "cpi"] = Field(
-        "random", description="random (seeded), given (multistage_groups) or cpi (CPI-FT's groups)")
+        "random", description="random (seeded), given (multistage_groups) or cpi (CPI-FT's groups)"
+    )
     multistage_groups: Optional[list[list[str]]] = None
     multistage_num_groups: int = Field(2, ge=1)
     sequential: Optional[list[str]] = Field(None, description="[A, B]: train A, then B")
@@ -445,13 +488,15 @@ class EvaluateConfig(_Section):
     use_gpu: bool = Field(False, description="one GPU per model being scored")
     custom_resources: CustomResources = _custom_resources_field()
     harness_tasks: list[str] = Field(
-        default_factory=list, description="lm-evaluation-harness tasks run on every scored "
-        "model (e.g. [gsm8k, mmlu]); needs the harness extra")
-    harness_include_path: Optional[str] = Field(
-        None, description="a folder of your own lm-eval task YAMLs")
+        default_factory=list,
+        description="lm-evaluation-harness tasks run on every scored "
+        "model (e.g. [gsm8k, mmlu]); needs the harness extra",
+    )
+    harness_include_path: Optional[str] = Field(None, description="a folder of your own lm-eval task YAMLs")
     harness_num_fewshot: Optional[int] = Field(None, ge=0, description="None: each task's own")
     harness_limit: Optional[int] = Field(
-        None, ge=1, description="rows per harness task (a quick look; not a comparable score)")
+        None, ge=1, description="rows per harness task (a quick look; not a comparable score)"
+    )
 
     @field_validator("harness_include_path")
     @classmethod
@@ -465,8 +510,9 @@ class EvaluateConfig(_Section):
 
     def scoring_dump(self) -> dict[str, Any]:
         """What the per-task scores depend on: neither resources nor the harness settings."""
-        return self.model_dump(exclude={"num_workers", "cpus_per_worker", "custom_resources",
-                                        *HARNESS_FIELDS})
+        return self.model_dump(
+            exclude={"num_workers", "cpus_per_worker", "custom_resources", *HARNESS_FIELDS}
+        )
 
     def harness_dump(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in (*HARNESS_FIELDS, "batch_size")}
@@ -491,8 +537,9 @@ class SearchDim(_Section):
     def _one(self) -> "SearchDim":
         given = [k for k in _SPACE_KINDS if getattr(self, k) is not None]
         if len(given) != 1:
-            raise ValueError(f"a search dimension needs exactly one of {', '.join(_SPACE_KINDS)}"
-                             f" (got {given or 'none'})")
+            raise ValueError(
+                f"a search dimension needs exactly one of {', '.join(_SPACE_KINDS)} (got {given or 'none'})"
+            )
         kind = given[0]
         v = getattr(self, kind)
         if kind in ("choice", "grid") and not v:
@@ -520,23 +567,38 @@ class TuneConfig(_Section):
     search_space: dict[str, SearchDim] = Field(
         default_factory=dict,
         description="dotted config key (regions.p, groups.tau, fuse.omega, consolidate.lr, "
-        "consolidate.steps, ...) -> {choice|grid: [values]} or {uniform|loguniform: [low, high]}")
+        "consolidate.steps, ...) -> {choice|grid: [values]} or {uniform|loguniform: [low, high]}",
+    )
     search_alg: Literal["random", "grid", "optuna"] = Field(
-        "random", description="grid: every dimension a grid or choice, all combinations; "
-        "optuna: needs the optional extra `tune`")
+        "random",
+        description="grid: every dimension a grid or choice, all combinations; "
+        "optuna: needs the optional extra `tune`",
+    )
     scheduler: Literal["asha", "fifo"] = "asha"
     objective: Literal["mean_normalized", "min_normalized"] = Field(
-        "mean_normalized", description="over the tasks, each task's validation score divided by "
-        "its expert's (its probe's); min_normalized is the seesaw-aware choice")
-    grace_period: int = Field(2, ge=1, description="ASHA: results a trial reports (one per "
-                              "consolidation report, about ten per group) before it can be stopped")
+        "mean_normalized",
+        description="over the tasks, each task's validation score divided by "
+        "its expert's (its probe's); min_normalized is the seesaw-aware choice",
+    )
+    grace_period: int = Field(
+        2,
+        ge=1,
+        description="ASHA: results a trial reports (one per "
+        "consolidation report, about ten per group) before it can be stopped",
+    )
     reduction_factor: float = Field(2.0, gt=1)
     cpus_per_trial: float = Field(
-        0, ge=0, description="CPUs of the trial's driver function itself; its trainers, actors "
-        "and scoring tasks ask for their own")
+        0,
+        ge=0,
+        description="CPUs of the trial's driver function itself; its trainers, actors "
+        "and scoring tasks ask for their own",
+    )
     trial_memory_mb: int = Field(
-        256, ge=1, description="memory (Ray's logical resource) the trial's driver function "
-        "reserves; also what lets it hold no CPU, as Tune needs a non-empty reservation")
+        256,
+        ge=1,
+        description="memory (Ray's logical resource) the trial's driver function "
+        "reserves; also what lets it hold no CPU, as Tune needs a non-empty reservation",
+    )
     seed: int = 0
     export_best: bool = Field(True, description="copy the best trial's model to tune/best_model/")
 
@@ -546,10 +608,16 @@ class TuneConfig(_Section):
         for key in v:
             section, _, field = key.partition(".")
             if section not in TUNABLE_SECTIONS or not field or "." in field:
-                raise ValueError(f"search_space key {key!r}: must be <section>.<field> with "
-                                 f"section one of {', '.join(TUNABLE_SECTIONS)}")
-            model = {"regions": RegionsConfig, "groups": GroupsConfig, "fuse": FuseConfig,
-                     "consolidate": ConsolidateConfig}[section]
+                raise ValueError(
+                    f"search_space key {key!r}: must be <section>.<field> with "
+                    f"section one of {', '.join(TUNABLE_SECTIONS)}"
+                )
+            model = {
+                "regions": RegionsConfig,
+                "groups": GroupsConfig,
+                "fuse": FuseConfig,
+                "consolidate": ConsolidateConfig,
+            }[section]
             if field not in model.model_fields:
                 raise ValueError(f"search_space key {key!r}: {section} has no field {field!r}")
         return v
@@ -572,20 +640,24 @@ class TuneConfig(_Section):
 
 
 class StorageConfig(_Section):
-    path: str = Field("runs", description="root of every run directory: a local path, or an "
-                      "s3:// / gs:// URI that keeps the run durable (uploaded stage by stage)")
+    path: str = Field(
+        "runs",
+        description="root of every run directory: a local path, or an "
+        "s3:// / gs:// URI that keeps the run durable (uploaded stage by stage)",
+    )
     run_name: str = "cpi-run"
     local_path: str = Field(
-        "~/.cache/cpi-ray/runs", description="with an s3:// or gs:// path: where the stages "
-        "work on their copy of the run (on multi-node clusters, a mount every node shares)")
+        "~/.cache/cpi-ray/runs",
+        description="with an s3:// or gs:// path: where the stages "
+        "work on their copy of the run (on multi-node clusters, a mount every node shares)",
+    )
 
     @field_validator("path")
     @classmethod
     def _path(cls, v: str) -> str:
         scheme = v.split("://", 1)[0] if "://" in v else ""
         if scheme not in ("", "file", "s3", "gs", "gcs"):
-            raise ValueError(f"storage.path: scheme {scheme!r} is not supported "
-                             "(a local path, s3://, gs://)")
+            raise ValueError(f"storage.path: scheme {scheme!r} is not supported (a local path, s3://, gs://)")
         if scheme in ("s3", "gs", "gcs") and not v.split("://", 1)[1].split("?")[0].strip("/"):
             raise ValueError("storage.path: the URI names no bucket")
         return v.removeprefix("file://")
@@ -624,10 +696,12 @@ class ExportConfig(_Section):
 
 class RayConfig(_Section):
     address: Optional[str] = Field(
-        None, description="a cluster address ('auto': any Ray running on this machine); "
+        None,
+        description="a cluster address ('auto': any Ray running on this machine); "
         "'local' always starts an embedded Ray; None joins the cluster named by RAY_ADDRESS or "
         "started with `ray start` on this machine, else starts its own embedded Ray (never "
-        "another run's)")
+        "another run's)",
+    )
     num_cpus: Optional[int] = Field(None, ge=1, description="for a local Ray only")
     namespace: str = "cpi-ray"
 

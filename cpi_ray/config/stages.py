@@ -20,8 +20,7 @@ STAGE_SPECS: tuple[StageSpec, ...] = (
     StageSpec("regions", "regions", "cpi_ray.regions.stage:RegionsStage"),
     StageSpec("groups", "groups", "cpi_ray.regions.stage:GroupsStage"),
     StageSpec("fuse", "fused", "cpi_ray.fusion.stage:FuseStage", "fused"),
-    StageSpec("consolidate", "consolidate", "cpi_ray.training.consolidate:ConsolidateStage",
-              "final"),
+    StageSpec("consolidate", "consolidate", "cpi_ray.training.consolidate:ConsolidateStage", "final"),
     StageSpec("baselines", "baselines", "cpi_ray.training.baselines:BaselinesStage", "baselines"),
     StageSpec("evaluate", "eval", "cpi_ray.evaluation.evaluate:EvaluateStage"),
 )
@@ -30,7 +29,9 @@ STAGES: tuple[str, ...] = tuple(s.name for s in STAGE_SPECS)
 STAGE_FOLDERS: dict[str, str] = {s.name: s.folder for s in STAGE_SPECS}
 # `evaluate.models` entries -> the stage that writes those models (None: the base model).
 MODEL_KINDS: dict[str, Optional[str]] = {
-    "base": None, **{s.model_kind: s.name for s in STAGE_SPECS if s.model_kind}}
+    "base": None,
+    **{s.model_kind: s.name for s in STAGE_SPECS if s.model_kind},
+}
 
 
 def stage_spec(name: str) -> StageSpec:

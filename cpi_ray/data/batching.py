@@ -48,8 +48,7 @@ def apportion(n: int, weights: Sequence[float]) -> list[int]:
     return counts
 
 
-def mix_counts(tasks: Sequence[str], weights: Optional[Mapping[str, float]],
-               n: int) -> dict[str, int]:
+def mix_counts(tasks: Sequence[str], weights: Optional[Mapping[str, float]], n: int) -> dict[str, int]:
     """How many of n mixed rows each task gets (`mix_examples`'s split): proportional to
     `weights` (equal when None), by task name."""
     names = sorted(tasks)
@@ -57,8 +56,9 @@ def mix_counts(tasks: Sequence[str], weights: Optional[Mapping[str, float]],
     return dict(zip(names, apportion(n, w)))
 
 
-def mix_examples(per_task: Mapping[str, list[dict]], weights: Optional[Mapping[str, float]],
-                 n: int, seed: int) -> list[dict]:
+def mix_examples(
+    per_task: Mapping[str, list[dict]], weights: Optional[Mapping[str, float]], n: int, seed: int
+) -> list[dict]:
     """n examples mixed from the tasks in proportion to `weights` (equal when None), whatever
     the tasks' sizes: a small task is cycled (a new permutation per pass), a large one sampled
     without replacement. Shuffled; deterministic in (per_task, weights, n, seed), independent of
@@ -94,8 +94,9 @@ def _take(stream: Iterator[int], k: int) -> list[int]:
     return [next(stream) for _ in range(k)]
 
 
-def _collate(rows: list[tuple[list[int], list[int]]], pad_id: int,
-             pad_to_multiple_of: int) -> dict[str, torch.Tensor]:
+def _collate(
+    rows: list[tuple[list[int], list[int]]], pad_id: int, pad_to_multiple_of: int
+) -> dict[str, torch.Tensor]:
     width = max(len(ids) for ids, _ in rows)
     width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
@@ -125,10 +126,18 @@ def _best_fit_decreasing(idx: list[int], lengths: list[int], capacity: int) -> l
     return bins
 
 
-def iterate_batches(examples: Sequence[dict], batch_size: int, pad_id: int, seed: int,
-                    packing: bool = False, rank: int = 0, world_size: int = 1,
-                    max_seq_len: Optional[int] = None, window_batches: int = 16,
-                    pad_to_multiple_of: int = 1) -> Iterator[dict[str, torch.Tensor]]:
+def iterate_batches(
+    examples: Sequence[dict],
+    batch_size: int,
+    pad_id: int,
+    seed: int,
+    packing: bool = False,
+    rank: int = 0,
+    world_size: int = 1,
+    max_seq_len: Optional[int] = None,
+    window_batches: int = 16,
+    pad_to_multiple_of: int = 1,
+) -> Iterator[dict[str, torch.Tensor]]:
     """Endless batches `{"input_ids", "labels", "attention_mask"}` (long tensors, right-padded
     with `pad_id` / IGNORE_INDEX / 0) of `batch_size` rows for `rank` of `world_size`.
 
@@ -158,13 +167,34 @@ def iterate_batches(examples: Sequence[dict], batch_size: int, pad_id: int, seed
     if packing and max_seq_len is None:
         raise ValueError("packing needs max_seq_len")
     # Checks above run at call time; the generator below runs lazily.
-    return _batches(examples, lengths, batch_size, pad_id, seed, packing, rank, world_size,
-                    max_seq_len, window_batches, pad_to_multiple_of)
+    return _batches(
+        examples,
+        lengths,
+        batch_size,
+        pad_id,
+        seed,
+        packing,
+        rank,
+        world_size,
+        max_seq_len,
+        window_batches,
+        pad_to_multiple_of,
+    )
 
 
-def _batches(examples: Sequence[dict], lengths: list[int], batch_size: int, pad_id: int,
-             seed: int, packing: bool, rank: int, world_size: int, max_seq_len: Optional[int],
-             window_batches: int, pad_to_multiple_of: int) -> Iterator[dict[str, torch.Tensor]]:
+def _batches(
+    examples: Sequence[dict],
+    lengths: list[int],
+    batch_size: int,
+    pad_id: int,
+    seed: int,
+    packing: bool,
+    rank: int,
+    world_size: int,
+    max_seq_len: Optional[int],
+    window_batches: int,
+    pad_to_multiple_of: int,
+) -> Iterator[dict[str, torch.Tensor]]:
     n = len(examples)
     global_bs = batch_size * world_size
     stream = _index_stream(n, seed)
@@ -175,9 +205,12 @@ def _batches(examples: Sequence[dict], lengths: list[int], batch_size: int, pad_
         while True:
             idx = sorted(_take(stream, window), key=lambda i: lengths[i])
             for b in order_rng.permutation(window_batches).tolist():
-                rows = idx[b * global_bs: (b + 1) * global_bs][rank::world_size]
-                yield _collate([(examples[i]["input_ids"], examples[i]["labels"]) for i in rows],
-                               pad_id, pad_to_multiple_of)
+                rows = idx[b * global_bs : (b + 1) * global_bs][rank::world_size]
+                yield _collate(
+                    [(examples[i]["input_ids"], examples[i]["labels"]) for i in rows],
+                    pad_id,
+                    pad_to_multiple_of,
+                )
 
     assert max_seq_len is not None
     # Enough examples per window to fill about window_batches global batches of packed rows.
@@ -190,7 +223,7 @@ def _batches(examples: Sequence[dict], lengths: list[int], batch_size: int, pad_
         full = len(bins) // global_bs * global_bs
         carry = bins[full:]
         for start in range(0, full, global_bs):
-            group = bins[start: start + global_bs]
+            group = bins[start : start + global_bs]
             # Like padding mode: ranks get rows of similar fill.
             group = sorted(group, key=lambda bn: -sum(lengths[i] for i in bn))[rank::world_size]
             yield _collate([_pack(examples, bn) for bn in group], pad_id, pad_to_multiple_of)

@@ -34,15 +34,13 @@ def format_prompt(tokenizer: Any, task: TaskConfig, row: dict) -> str:
 
 def _prompt_of(tokenizer: Any, turns: list[dict]) -> str:
     if not has_chat_template(tokenizer):
-        return "".join(f"{t['content']}\n\n" if t["role"] == "system" else f"{t['content']}\n"
-                       for t in turns)
+        return "".join(f"{t['content']}\n\n" if t["role"] == "system" else f"{t['content']}\n" for t in turns)
     return _render(tokenizer, turns, generation_prompt=True)
 
 
 def _render(tokenizer: Any, turns: list[dict], generation_prompt: bool) -> str:
     try:
-        text = tokenizer.apply_chat_template(turns, tokenize=False,
-                                             add_generation_prompt=generation_prompt)
+        text = tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=generation_prompt)
     except Exception:
         if turns[0]["role"] != "system":
             raise
@@ -50,8 +48,7 @@ def _render(tokenizer: Any, turns: list[dict], generation_prompt: bool) -> str:
         system, rest = turns[0]["content"], [dict(t) for t in turns[1:]]
         first_user = next(i for i, t in enumerate(rest) if t["role"] == "user")
         rest[first_user]["content"] = f"{system}\n\n{rest[first_user]['content']}"
-        text = tokenizer.apply_chat_template(rest, tokenize=False,
-                                             add_generation_prompt=generation_prompt)
+        text = tokenizer.apply_chat_template(rest, tokenize=False, add_generation_prompt=generation_prompt)
     if not isinstance(text, str):
         raise TypeError(f"chat template returned {type(text).__name__}, expected str")
     return text
@@ -74,11 +71,11 @@ def _context_segments(tokenizer: Any, turns: list[dict]) -> list[tuple[str, bool
         after = _render(tokenizer, turns[: i + 1], generation_prompt=False)
         if not (before.startswith(done) and after.startswith(before)):
             return [(prompt, False)]
-        segments += [(before[len(done):], False), (after[len(before):], True)]
+        segments += [(before[len(done) :], False), (after[len(before) :], True)]
         done = after
     if not prompt.startswith(done):
         return [(prompt, False)]
-    return [*segments, (prompt[len(done):], False)]
+    return [*segments, (prompt[len(done) :], False)]
 
 
 def prompt_ids(tokenizer: Any, text: str) -> list[int]:
@@ -107,8 +104,11 @@ def encode_example(tokenizer: Any, task: TaskConfig, row: dict, max_seq_len: int
     labels: list[int] = []
     for k, (text, learned) in enumerate(_context_segments(tokenizer, turns[:-1])):
         # The first piece is tokenized as a prompt is (`prompt_ids`); the rest continue it.
-        seg = prompt_ids(tokenizer, text) if k == 0 else list(
-            tokenizer(text, add_special_tokens=False)["input_ids"])
+        seg = (
+            prompt_ids(tokenizer, text)
+            if k == 0
+            else list(tokenizer(text, add_special_tokens=False)["input_ids"])
+        )
         ids += seg
         labels += seg if learned else [IGNORE_INDEX] * len(seg)
     a_ids = list(tokenizer(answer_text(task, row), add_special_tokens=False)["input_ids"])
@@ -122,7 +122,7 @@ def encode_example(tokenizer: Any, task: TaskConfig, row: dict, max_seq_len: int
         )
     budget = max_seq_len - len(a_ids)
     if len(ids) > budget:
-        ids, labels = ids[len(ids) - budget:], labels[len(labels) - budget:]
+        ids, labels = ids[len(ids) - budget :], labels[len(labels) - budget :]
     return {"input_ids": ids + a_ids, "labels": labels + a_ids}
 
 
@@ -136,8 +136,13 @@ def encode_rows(tokenizer: Any, task: TaskConfig, rows: list[dict], max_seq_len:
         except AnswerTooLongError:
             dropped += 1
     if dropped:
-        log.warning("task %s: dropped %d of %d rows whose answer exceeds max_seq_len=%d",
-                    task.name, dropped, len(rows), max_seq_len)
+        log.warning(
+            "task %s: dropped %d of %d rows whose answer exceeds max_seq_len=%d",
+            task.name,
+            dropped,
+            len(rows),
+            max_seq_len,
+        )
     if rows and not out:
         raise ValueError(f"task {task.name!r}: no row fits in max_seq_len={max_seq_len}")
     return out

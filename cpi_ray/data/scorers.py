@@ -65,9 +65,11 @@ def numeric_match(prediction: str, row: dict) -> float:
 
 def get_scorer(task: TaskConfig) -> Scorer:
     if task.scorer == "exact_match":
+
         def score(prediction: str, row: dict) -> float:
             return float(prediction.strip() == answer_text(task, row))
     elif task.scorer == "numeric":
+
         def score(prediction: str, row: dict) -> float:
             return numeric_match(prediction, {"answer": answer_text(task, row)})
     elif task.scorer == "reasoning_gym":

@@ -87,8 +87,10 @@ def conversation(task: TaskConfig, row: dict) -> list[dict]:
         turns = _as_turns(get_field(row, task.prompt_field), "user")
         turns += _as_turns(get_field(row, task.answer_field), "assistant")
     else:
-        turns = [{"role": "user", "content": prompt_text(task, row)},
-                 {"role": "assistant", "content": str(get_field(row, task.answer_field))}]
+        turns = [
+            {"role": "user", "content": prompt_text(task, row)},
+            {"role": "assistant", "content": str(get_field(row, task.answer_field))},
+        ]
     last = max(i for i, t in enumerate(turns) if t["role"] == "assistant")
     turns = turns[: last + 1]
     if task.system_prompt and turns[0]["role"] != "system":
@@ -165,13 +167,20 @@ def _load_hub(task: TaskConfig) -> list[dict]:
 
     try:
         with _quiet_datasets():
-            ds = datasets.load_dataset(task.hub_id, name=task.hub_name, revision=task.hub_revision,
-                                       data_files=task.hub_data_files, split=task.hub_split)
+            ds = datasets.load_dataset(
+                task.hub_id,
+                name=task.hub_name,
+                revision=task.hub_revision,
+                data_files=task.hub_data_files,
+                split=task.hub_split,
+            )
     except Exception as e:  # datasets' own errors do not say which task failed
-        what = ", ".join(f"{k}={v!r}" for k, v in (("name", task.hub_name), ("revision",
-                         task.hub_revision), ("split", task.hub_split)) if v is not None)
-        raise ValueError(f"task {task.name!r}: cannot load hub dataset {task.hub_id!r} ({what}): "
-                         f"{e}") from e
+        what = ", ".join(
+            f"{k}={v!r}"
+            for k, v in (("name", task.hub_name), ("revision", task.hub_revision), ("split", task.hub_split))
+            if v is not None
+        )
+        raise ValueError(f"task {task.name!r}: cannot load hub dataset {task.hub_id!r} ({what}): {e}") from e
     return [to_json_safe(r) for r in ds.to_list()]
 
 
@@ -220,8 +229,7 @@ def validate_rows(task: TaskConfig, rows: list[dict]) -> None:
             raise ValueError(f"task {task.name!r}: row {i} is not a mapping")
         where = f"task {task.name!r}: row {i}"
         if task.format == "messages":
-            _check_turns(where, task.messages_field, _field(where, row, task.messages_field,
-                                                             "messages"))
+            _check_turns(where, task.messages_field, _field(where, row, task.messages_field, "messages"))
         elif task.format == "prompt_completion":
             for field, kind in ((task.prompt_field, "prompt"), (task.answer_field, "completion")):
                 value = _field(where, row, field, kind)
@@ -231,12 +239,12 @@ def validate_rows(task: TaskConfig, rows: list[dict]) -> None:
                     _check_text(where, field, kind, value)
         else:
             if task.prompt_template is None:
-                _check_text(where, task.prompt_field, "prompt",
-                            _field(where, row, task.prompt_field, "prompt"))
+                _check_text(
+                    where, task.prompt_field, "prompt", _field(where, row, task.prompt_field, "prompt")
+                )
             else:
                 _check_template(where, task.prompt_template, row)
-            _check_text(where, task.answer_field, "answer",
-                        _field(where, row, task.answer_field, "answer"))
+            _check_text(where, task.answer_field, "answer", _field(where, row, task.answer_field, "answer"))
         turns = conversation(task, row)
         last = len(turns) - 1
         if not any(t["role"] == "user" for t in turns[:last]):
@@ -249,8 +257,9 @@ def _field(where: str, row: dict, field: str, kind: str) -> Any:
     try:
         value = get_field(row, field)
     except KeyError:
-        raise ValueError(f"{where} has no {kind} field {field!r} (fields: {', '.join(sorted(row))})"
-                         ) from None
+        raise ValueError(
+            f"{where} has no {kind} field {field!r} (fields: {', '.join(sorted(row))})"
+        ) from None
     if value is None:  # datasets fills a key missing from some rows with null
         raise ValueError(f"{where} has no {kind} field {field!r} (missing or null)")
     return value
@@ -259,8 +268,7 @@ def _field(where: str, row: dict, field: str, kind: str) -> Any:
 def _check_text(where: str, field: str, kind: str, value: Any) -> None:
     if not isinstance(value, _SCALARS):
         hint = " (chat turns: set the task's format to messages)" if isinstance(value, list) else ""
-        raise ValueError(f"{where}: {kind} field {field!r} is a {type(value).__name__}, expected "
-                         f"text{hint}")
+        raise ValueError(f"{where}: {kind} field {field!r} is a {type(value).__name__}, expected text{hint}")
     if not str(value).strip():
         raise ValueError(f"{where} has an empty {kind} field {field!r}")
 
@@ -274,25 +282,29 @@ def _check_template(where: str, template: str, row: dict) -> None:
         except KeyError:
             continue  # an absent field drops like an empty one
         if value is not None and not isinstance(value, _SCALARS):
-            raise ValueError(f"{where}: prompt_template field {name!r} is a "
-                             f"{type(value).__name__}, expected text")
+            raise ValueError(
+                f"{where}: prompt_template field {name!r} is a {type(value).__name__}, expected text"
+            )
     if not render_template(template, row):
         raise ValueError(f"{where}: every field of prompt_template {template!r} is empty")
 
 
 def _check_turns(where: str, field: str, turns: Any, need_assistant: bool = True) -> None:
     if not isinstance(turns, list):
-        raise ValueError(f"{where}: field {field!r} is a {type(turns).__name__}, expected a list "
-                         "of chat turns")
+        raise ValueError(
+            f"{where}: field {field!r} is a {type(turns).__name__}, expected a list of chat turns"
+        )
     for j, m in enumerate(turns):
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
             raise ValueError(f"{where}: {field}[{j}] is not a turn with role and content")
         if m["role"] not in CHAT_ROLES:
-            raise ValueError(f"{where}: {field}[{j}] has role {m['role']!r}, expected one of "
-                             f"{', '.join(CHAT_ROLES)}")
+            raise ValueError(
+                f"{where}: {field}[{j}] has role {m['role']!r}, expected one of {', '.join(CHAT_ROLES)}"
+            )
         if not isinstance(m["content"], str):
-            raise ValueError(f"{where}: {field}[{j}].content is a {type(m['content']).__name__}, "
-                             "expected text")
+            raise ValueError(
+                f"{where}: {field}[{j}].content is a {type(m['content']).__name__}, expected text"
+            )
     if need_assistant and not any(m["role"] == "assistant" for m in turns):
         raise ValueError(f"{where}: field {field!r} has no assistant turn")
 
@@ -320,7 +332,7 @@ def split_rows(rows: list[dict], task: TaskConfig, split_seed: int) -> TaskSplit
         )
     perm = np.random.default_rng(_seed_for(task.name, split_seed)).permutation(n)
     eval_idx = perm[: task.eval_size]
-    val_idx = perm[task.eval_size: held]
+    val_idx = perm[task.eval_size : held]
     train_idx = perm[held:]
     if task.train_size is not None:
         train_idx = train_idx[: task.train_size]

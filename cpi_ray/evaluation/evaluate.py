@@ -40,8 +40,9 @@ GenerateFn = Callable[[list[str], int], list[str]]
 # ---------------------------------------------------------------------------------- scoring
 
 
-def score_rows(tasks_rows: dict[str, list[dict]], cfg: PipelineConfig, tokenizer: Any,
-               generate_fn: GenerateFn) -> dict[str, dict]:
+def score_rows(
+    tasks_rows: dict[str, list[dict]], cfg: PipelineConfig, tokenizer: Any, generate_fn: GenerateFn
+) -> dict[str, dict]:
     """For each task: format its rows' prompts, generate, score. Returns
     `{task: {"score": mean x 100, "predictions": [...], "row_scores": [...]}}`."""
     out: dict[str, dict] = {}
@@ -62,8 +63,12 @@ def _has_tokenizer(d: Path) -> bool:
     return (d / "tokenizer_config.json").is_file() or (d / "tokenizer.json").is_file()
 
 
-def evaluate_model_dir(model_dir: str | Path, tasks_rows: dict[str, list[dict]],
-                       cfg: PipelineConfig, tokenizer_dir: Optional[str | Path] = None) -> dict[str, dict]:
+def evaluate_model_dir(
+    model_dir: str | Path,
+    tasks_rows: dict[str, list[dict]],
+    cfg: PipelineConfig,
+    tokenizer_dir: Optional[str | Path] = None,
+) -> dict[str, dict]:
     """Load one model (and its tokenizer: from `model_dir` when it has one, else
     `tokenizer_dir`) and run `score_rows` with batched greedy generation."""
     import torch
@@ -83,14 +88,19 @@ def evaluate_model_dir(model_dir: str | Path, tasks_rows: dict[str, list[dict]],
     return score_rows(tasks_rows, cfg, tok, generate)
 
 
-def score_model(model_dir: str | Path, tasks_rows: dict[str, list[dict]], cfg: PipelineConfig,
-                tokenizer_dir: Optional[str | Path] = None) -> dict[str, float]:
+def score_model(
+    model_dir: str | Path,
+    tasks_rows: dict[str, list[dict]],
+    cfg: PipelineConfig,
+    tokenizer_dir: Optional[str | Path] = None,
+) -> dict[str, float]:
     """`{task: score}` of one model on the given rows, scores in 0-100."""
     return {t: r["score"] for t, r in evaluate_model_dir(model_dir, tasks_rows, cfg, tokenizer_dir).items()}
 
 
-def _evaluate_task(model_dir: str, tasks_rows: dict[str, list[dict]], cfg: PipelineConfig,
-                   tokenizer_dir: str, what: str) -> dict[str, dict]:
+def _evaluate_task(
+    model_dir: str, tasks_rows: dict[str, list[dict]], cfg: PipelineConfig, tokenizer_dir: str, what: str
+) -> dict[str, dict]:
     """Body of the Ray task scoring one model: on the tasks' rows (`what="scores"`) or on the
     lm-eval harness tasks (`what="harness"`)."""
     t0 = time.time()
@@ -133,7 +143,6 @@ def _read_cached(path: Path, key: str) -> Optional[dict]:
     return doc if doc.get("key") == key else None
 
 
-
 def _is_model_dir(d: Path) -> bool:
     return (d / "config.json").is_file()
 
@@ -155,8 +164,9 @@ class EvaluateStage(Stage):
         skipped: dict[str, str] = {}
         for kind in ctx.cfg.evaluate.models:
             if kind not in MODEL_KINDS:
-                raise ValueError(f"evaluate.models: unknown model {kind!r}; allowed: "
-                                 f"{', '.join(MODEL_KINDS)}")
+                raise ValueError(
+                    f"evaluate.models: unknown model {kind!r}; allowed: {', '.join(MODEL_KINDS)}"
+                )
             stage = MODEL_KINDS[kind]
             if kind == "base":
                 models["base"] = ctx.base_model_dir
@@ -202,9 +212,12 @@ class EvaluateStage(Stage):
     @staticmethod
     def scoring_slice(cfg: PipelineConfig) -> dict:
         """What a model's per-task scores depend on, besides its weights."""
-        return {"evaluate": cfg.evaluate.scoring_dump(),
-                "tasks": [task_identity(t) for t in cfg.tasks],
-                "split_seed": cfg.data.split_seed, "dtype": cfg.model.dtype}
+        return {
+            "evaluate": cfg.evaluate.scoring_dump(),
+            "tasks": [task_identity(t) for t in cfg.tasks],
+            "split_seed": cfg.data.split_seed,
+            "dtype": cfg.model.dtype,
+        }
 
     def config_slice(self, cfg: PipelineConfig) -> dict:
         out = self.scoring_slice(cfg)
@@ -222,18 +235,27 @@ class EvaluateStage(Stage):
         for m, why in skipped.items():
             log.info("evaluate: skipping %s (%s)", m, why)
         if not models:
-            raise RuntimeError("evaluate: none of the requested models exists "
-                               f"({', '.join(f'{m}: {w}' for m, w in skipped.items())})")
+            raise RuntimeError(
+                "evaluate: none of the requested models exists "
+                f"({', '.join(f'{m}: {w}' for m, w in skipped.items())})"
+            )
         tasks_rows = {t.name: load_splits(t, cfg.data.split_seed).eval for t in cfg.tasks}
-        log.info("evaluate: %d model(s) on %s", len(models),
-                 ", ".join(f"{t} ({len(r)} rows)" for t, r in tasks_rows.items()))
+        log.info(
+            "evaluate: %d model(s) on %s",
+            len(models),
+            ", ".join(f"{t} ({len(r)} rows)" for t, r in tasks_rows.items()),
+        )
 
         from cpi_ray.run.runtime import worker_resources
 
         res = worker_resources(cfg, "evaluate")
         remote = ray.remote(_evaluate_task).options(
-            num_cpus=res.pop("CPU"), num_gpus=res.pop("GPU", 0), resources=res,
-            max_retries=0, name="cpi-evaluate")
+            num_cpus=res.pop("CPU"),
+            num_gpus=res.pop("GPU", 0),
+            resources=res,
+            max_retries=0,
+            name="cpi-evaluate",
+        )
         rows_ref = ray.put(tasks_rows)
         results: dict[str, dict] = {}
         pending: dict[Any, str] = {}
@@ -246,15 +268,21 @@ class EvaluateStage(Stage):
             jobs["harness"] = {"harness": cfg.evaluate.harness_dump(), "dtype": cfg.model.dtype}
         harness: dict[str, dict] = {}
         done_by = {"scores": results, "harness": harness}
-        keys = {(m, what): stable_hash({"weights": digests[m], "scoring": sl})
-                for m in models for what, sl in jobs.items()}
+        keys = {
+            (m, what): stable_hash({"weights": digests[m], "scoring": sl})
+            for m in models
+            for what, sl in jobs.items()
+        }
         queue = []
         for (m, what), key in keys.items():
             cached = _read_cached(cache_dir / _cache_name(m, what), key)
             if cached is not None:
                 done_by[what][m] = cached
-                log.info("evaluate: %s already %s (its weights unchanged), kept", m,
-                         "scored" if what == "scores" else "run through the harness")
+                log.info(
+                    "evaluate: %s already %s (its weights unchanged), kept",
+                    m,
+                    "scored" if what == "scores" else "run through the harness",
+                )
             else:
                 queue.append((m, what))
         while queue or pending:
@@ -269,17 +297,28 @@ class EvaluateStage(Stage):
             except Exception as e:
                 for ref in pending:
                     ray.cancel(ref)
-                raise RuntimeError(f"evaluate: {'scoring' if what == 'scores' else 'the harness on'}"
-                                   f" model {m!r} ({models[m]}) failed: {e}") from e
+                raise RuntimeError(
+                    f"evaluate: {'scoring' if what == 'scores' else 'the harness on'}"
+                    f" model {m!r} ({models[m]}) failed: {e}"
+                ) from e
             write_json(cache_dir / _cache_name(m, what), {"key": keys[m, what], **done_by[what][m]})
             r = done_by[what][m]
             if what == "scores":
-                log.info("evaluate: %s scored in %.1fs: %s", m, r["wall_s"], ", ".join(
-                    f"{t}={x['score']:.1f}" for t, x in r["tasks"].items()))
+                log.info(
+                    "evaluate: %s scored in %.1fs: %s",
+                    m,
+                    r["wall_s"],
+                    ", ".join(f"{t}={x['score']:.1f}" for t, x in r["tasks"].items()),
+                )
             else:
-                log.info("evaluate: %s through the harness in %.1fs: %s", m, r["wall_s"], ", ".join(
-                    f"{t} {k}={v:.4f}" for t, x in r["harness"].items()
-                    for k, v in x["metrics"].items()))
+                log.info(
+                    "evaluate: %s through the harness in %.1fs: %s",
+                    m,
+                    r["wall_s"],
+                    ", ".join(
+                        f"{t} {k}={v:.4f}" for t, x in r["harness"].items() for k, v in x["metrics"].items()
+                    ),
+                )
 
         order = list(models)  # config order, not completion order
         scores = {
@@ -288,8 +327,10 @@ class EvaluateStage(Stage):
             "scores": {m: {t: results[m]["tasks"][t]["score"] for t in tasks_rows} for m in order},
             "n_eval": {t: len(r) for t, r in tasks_rows.items()},
             # The standard error of each score over its eval rows (the rows are a sample).
-            "stderr": {m: {t: 100.0 * mean_se(results[m]["tasks"][t]["row_scores"])[1]
-                           for t in tasks_rows} for m in order},
+            "stderr": {
+                m: {t: 100.0 * mean_se(results[m]["tasks"][t]["row_scores"])[1] for t in tasks_rows}
+                for m in order
+            },
             "skipped": skipped,
         }
         out_dir = ctx.path(self.folder)
@@ -300,18 +341,35 @@ class EvaluateStage(Stage):
                     r = results[m]["tasks"][t]
                     task = cfg.task(t)
                     for i, row in enumerate(rows):
-                        f.write(json.dumps({"model": m, "task": t, "index": i,
-                                            "prediction": r["predictions"][i],
-                                            "answer": answer_text(task, row),
-                                            "score": r["row_scores"][i]}) + "\n")
-        outputs = [out_dir / SCORES_NAME, out_dir / PREDICTIONS_NAME,
-                   *(cache_dir / _cache_name(m, what) for m, what in keys)]
+                        f.write(
+                            json.dumps(
+                                {
+                                    "model": m,
+                                    "task": t,
+                                    "index": i,
+                                    "prediction": r["predictions"][i],
+                                    "answer": answer_text(task, row),
+                                    "score": r["row_scores"][i],
+                                }
+                            )
+                            + "\n"
+                        )
+        outputs = [
+            out_dir / SCORES_NAME,
+            out_dir / PREDICTIONS_NAME,
+            *(cache_dir / _cache_name(m, what) for m, what in keys),
+        ]
         if harness:
-            write_json(out_dir / HARNESS_NAME, {
-                "tasks": list(cfg.evaluate.harness_tasks), "backend": backend(cfg),
-                "num_fewshot": cfg.evaluate.harness_num_fewshot,
-                "limit": cfg.evaluate.harness_limit,
-                "models": {m: harness[m]["harness"] for m in order}})
+            write_json(
+                out_dir / HARNESS_NAME,
+                {
+                    "tasks": list(cfg.evaluate.harness_tasks),
+                    "backend": backend(cfg),
+                    "num_fewshot": cfg.evaluate.harness_num_fewshot,
+                    "limit": cfg.evaluate.harness_limit,
+                    "models": {m: harness[m]["harness"] for m in order},
+                },
+            )
             outputs.append(out_dir / HARNESS_NAME)
         else:  # a harness table of an earlier run with other settings would mislead
             (out_dir / HARNESS_NAME).unlink(missing_ok=True)
@@ -323,8 +381,9 @@ class EvaluateStage(Stage):
         return [*outputs, report]
 
     @staticmethod
-    def _write_cards(ctx: RunContext, models: dict[str, Path], scores: dict,
-                     harness: dict[str, dict]) -> list[Path]:
+    def _write_cards(
+        ctx: RunContext, models: dict[str, Path], scores: dict, harness: dict[str, dict]
+    ) -> list[Path]:
         """A model card (`README.md`, with this evaluation's scores) in every scored model's
         directory but the base model's, which is not the run's to write into."""
         from cpi_ray.models.card import CARD_NAME, model_card
@@ -336,8 +395,15 @@ class EvaluateStage(Stage):
         for m, d in models.items():
             if m == "base":
                 continue
-            card = model_card(ctx.cfg, m, base, scores["scores"][m], scores["stderr"][m],
-                              scores["n_eval"], harness.get(m, {}).get("harness"))
+            card = model_card(
+                ctx.cfg,
+                m,
+                base,
+                scores["scores"][m],
+                scores["stderr"][m],
+                scores["n_eval"],
+                harness.get(m, {}).get("harness"),
+            )
             with atomic_file(Path(d) / CARD_NAME, "w") as f:
                 f.write(card)
             written.append(Path(d) / CARD_NAME)
@@ -359,17 +425,19 @@ def format_table(data: dict) -> str:
     rows = []
     for m, per in data["scores"].items():
         vals = [per[t] for t in tasks]
-        rows.append([m, *(f"{v:.1f}" for v in vals), f"{sum(vals) / len(vals):.1f}",
-                     f"{min(vals):.1f}"])
+        rows.append([m, *(f"{v:.1f}" for v in vals), f"{sum(vals) / len(vals):.1f}", f"{min(vals):.1f}"])
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
 
     def line(cells: list[str]) -> str:
-        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w)
-                         for i, (c, w) in enumerate(zip(cells, widths)))
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
 
     n = ", ".join(f"{t}={k}" for t, k in data.get("n_eval", {}).items())
-    out = [f"evaluation: scores 0-100 on held-out rows ({n})", line(header),
-           line(["-" * w for w in widths]), *(line(r) for r in rows)]
+    out = [
+        f"evaluation: scores 0-100 on held-out rows ({n})",
+        line(header),
+        line(["-" * w for w in widths]),
+        *(line(r) for r in rows),
+    ]
     for m, why in data.get("skipped", {}).items():
         out.append(f"skipped {m}: {why}")
     return "\n".join(out)

@@ -50,24 +50,37 @@ def run_harness(model_dir: str | Path, cfg: PipelineConfig, tokenizer_dir: str |
 
     ev = cfg.evaluate
     kind = backend(cfg)
-    args: dict[str, Any] = {"pretrained": str(model_dir), "tokenizer": str(tokenizer_dir),
-                            "dtype": cfg.model.dtype,
-                            "trust_remote_code": cfg.model.trust_remote_code}
+    args: dict[str, Any] = {
+        "pretrained": str(model_dir),
+        "tokenizer": str(tokenizer_dir),
+        "dtype": cfg.model.dtype,
+        "trust_remote_code": cfg.model.trust_remote_code,
+    }
     out = lm_eval.simple_evaluate(
-        model=kind, model_args=args, tasks=list(ev.harness_tasks), task_manager=task_manager(cfg),
-        num_fewshot=ev.harness_num_fewshot, limit=ev.harness_limit,
-        batch_size=ev.batch_size, device="cuda" if torch.cuda.is_available() else "cpu",
-        log_samples=False)
+        model=kind,
+        model_args=args,
+        tasks=list(ev.harness_tasks),
+        task_manager=task_manager(cfg),
+        num_fewshot=ev.harness_num_fewshot,
+        limit=ev.harness_limit,
+        batch_size=ev.batch_size,
+        device="cuda" if torch.cuda.is_available() else "cpu",
+        log_samples=False,
+    )
     return parse_results(out)
 
 
 def parse_results(out: dict) -> dict:
     results: dict[str, dict] = {}
     for task, metrics in out["results"].items():
-        values = {k: v for k, v in metrics.items()
-                  if "," in k and _STDERR not in k and isinstance(v, (int, float))}
-        stderr = {k.replace(_STDERR, ","): v for k, v in metrics.items()
-                  if _STDERR in k and isinstance(v, (int, float))}
+        values = {
+            k: v for k, v in metrics.items() if "," in k and _STDERR not in k and isinstance(v, (int, float))
+        }
+        stderr = {
+            k.replace(_STDERR, ","): v
+            for k, v in metrics.items()
+            if _STDERR in k and isinstance(v, (int, float))
+        }
         n = out.get("n-samples", {}).get(task, {}).get("effective")
         results[task] = {"metrics": values, "stderr": stderr, "n": n}
     return results
@@ -90,8 +103,9 @@ def harness_rows(doc: dict) -> tuple[list[str], list[list[str]]]:
         for t, m in cols:
             r = per.get(t, {})
             v, se = r.get("metrics", {}).get(m), r.get("stderr", {}).get(m)
-            cells.append("" if v is None else f"{v:.4f}" + ("" if not isinstance(se, float)
-                                                           else f" ± {se:.4f}"))
+            cells.append(
+                "" if v is None else f"{v:.4f}" + ("" if not isinstance(se, float) else f" ± {se:.4f}")
+            )
         rows.append(cells)
     return header, rows
 

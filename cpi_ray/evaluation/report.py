@@ -38,16 +38,21 @@ def expert_scores(scores: dict[str, dict[str, float]], tasks: list[str]) -> dict
 def seesaw(scores: dict[str, dict[str, float]], tasks: list[str]) -> dict[str, dict[str, float]]:
     """Per model (not the probes), per task: score minus the task's expert score."""
     experts = expert_scores(scores, tasks)
-    return {m: {t: s[t] - experts[t] for t in tasks if t in experts and t in s}
-            for m, s in scores.items() if not m.startswith("probe:")}
+    return {
+        m: {t: s[t] - experts[t] for t in tasks if t in experts and t in s}
+        for m, s in scores.items()
+        if not m.startswith("probe:")
+    }
 
 
 def summarize(scores: dict[str, dict[str, float]], tasks: list[str]) -> dict[str, dict[str, float]]:
     out = {}
     for m, s in scores.items():
         vals = [s[t] for t in tasks if t in s and not math.isnan(s[t])]
-        out[m] = {"avg": sum(vals) / len(vals) if vals else float("nan"),
-                  "worst": min(vals) if vals else float("nan")}
+        out[m] = {
+            "avg": sum(vals) / len(vals) if vals else float("nan"),
+            "worst": min(vals) if vals else float("nan"),
+        }
     return out
 
 
@@ -57,17 +62,33 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def scores_table(scores: dict[str, dict[str, float]], tasks: list[str],
-                 stderr: Optional[dict[str, dict[str, float]]] = None,
-                 n_eval: Optional[dict[str, int]] = None) -> tuple[list[str], list[list[str]]]:
+def scores_table(
+    scores: dict[str, dict[str, float]],
+    tasks: list[str],
+    stderr: Optional[dict[str, dict[str, float]]] = None,
+    n_eval: Optional[dict[str, int]] = None,
+) -> tuple[list[str], list[list[str]]]:
     """Per model: each task's score (± its standard error over the eval rows when known), the
     average and the worst task; the header names each task's number of eval rows when known."""
     summ = summarize(scores, tasks)
-    header = ["model", *(f"{t} (n={n_eval[t]})" if n_eval and t in n_eval else t for t in tasks),
-              "avg", "worst"]
-    rows = [[m, *(fmt_mean_se(s.get(t, float("nan")), (stderr or {}).get(m, {}).get(t, float("nan")))
-                  for t in tasks), f"{summ[m]['avg']:.1f}", f"{summ[m]['worst']:.1f}"]
-            for m, s in scores.items()]
+    header = [
+        "model",
+        *(f"{t} (n={n_eval[t]})" if n_eval and t in n_eval else t for t in tasks),
+        "avg",
+        "worst",
+    ]
+    rows = [
+        [
+            m,
+            *(
+                fmt_mean_se(s.get(t, float("nan")), (stderr or {}).get(m, {}).get(t, float("nan")))
+                for t in tasks
+            ),
+            f"{summ[m]['avg']:.1f}",
+            f"{summ[m]['worst']:.1f}",
+        ]
+        for m, s in scores.items()
+    ]
     return header, rows
 
 
@@ -89,13 +110,31 @@ def forgetting_rows(scores: dict[str, dict[str, float]], budget: Optional[dict])
         if b_expert is not None and b_base is not None and b_expert != b_base:
             kept = f"{100 * (b_after - b_base) / (b_expert - b_base):.0f}%"
         frozen = ", ".join(t for st in plan["stages"] for t in st["frozen"]) or "-"
-        rows.append([mode, f"{a} → {b}", frozen, f"{before:.1f}", f"{after:.1f}",
-                     f"{after - before:+.1f}", f"{b_after:.1f}", kept])
+        rows.append(
+            [
+                mode,
+                f"{a} → {b}",
+                frozen,
+                f"{before:.1f}",
+                f"{after:.1f}",
+                f"{after - before:+.1f}",
+                f"{b_after:.1f}",
+                kept,
+            ]
+        )
     return rows
 
 
-FORGETTING_HEADER = ["mode", "order", "frozen core", "A after A", "A after B", "A's drop",
-                     "B after B", "B's gain kept"]
+FORGETTING_HEADER = [
+    "mode",
+    "order",
+    "frozen core",
+    "A after A",
+    "A after B",
+    "A's drop",
+    "B after B",
+    "B's gain kept",
+]
 
 
 # ---------------------------------------------------------------------------------- plots
@@ -120,15 +159,19 @@ def plot_overlap(names: list[str], matrix: list[list[float]], groups: list[list[
     for i in range(n):
         for j in range(n):
             v = matrix[i][j]
-            ax.text(j, i, f"{v:.2f}", ha="center", va="center",
-                    color="black" if v > 0.6 else "white", fontsize=8)
+            ax.text(
+                j, i, f"{v:.2f}", ha="center", va="center", color="black" if v > 0.6 else "white", fontsize=8
+            )
     # Outline each group's block (tasks of a group are contiguous once rows follow group order).
     pos = {t: i for i, t in enumerate(names)}
     for g in groups:
         idx = sorted(pos[t] for t in g if t in pos)
         if idx and idx == list(range(idx[0], idx[-1] + 1)):
-            ax.add_patch(plt.Rectangle((idx[0] - 0.5, idx[0] - 0.5), len(idx), len(idx),
-                                       fill=False, edgecolor="red", linewidth=2))
+            ax.add_patch(
+                plt.Rectangle(
+                    (idx[0] - 0.5, idx[0] - 0.5), len(idx), len(idx), fill=False, edgecolor="red", linewidth=2
+                )
+            )
     fig.colorbar(im, ax=ax, label="Jaccard overlap of cores")
     ax.set_title("Core overlap (red: task groups)")
     fig.tight_layout()
@@ -154,10 +197,12 @@ def plot_core_locations(stats: dict[str, dict], out: Path) -> bool:
     width = 0.8 / len(tasks)
     for i, t in enumerate(tasks):
         bm = stats[t].get("per_module", {})
-        axes[1].bar([j + i * width for j in range(len(modules))], [bm.get(m, 0) for m in modules],
-                    width, label=t)
-    axes[1].set_xticks([j + 0.4 - width / 2 for j in range(len(modules))], modules, rotation=45,
-                       ha="right", fontsize=8)
+        axes[1].bar(
+            [j + i * width for j in range(len(modules))], [bm.get(m, 0) for m in modules], width, label=t
+        )
+    axes[1].set_xticks(
+        [j + 0.4 - width / 2 for j in range(len(modules))], modules, rotation=45, ha="right", fontsize=8
+    )
     axes[1].set_title("cores by module type")
     fig.tight_layout()
     fig.savefig(out, dpi=110)
@@ -169,16 +214,26 @@ def _layer_key(k: str):
     return (0, int(k)) if str(k).isdigit() else (1, str(k))
 
 
-def _grouped_bars(values: dict[str, dict[str, float]], tasks: list[str], out: Path, ylabel: str,
-                  title: str, zero_line: bool = False) -> None:
+def _grouped_bars(
+    values: dict[str, dict[str, float]],
+    tasks: list[str],
+    out: Path,
+    ylabel: str,
+    title: str,
+    zero_line: bool = False,
+) -> None:
     """One group of bars per task, one bar per model."""
     plt = _plt()
     models = list(values)
     fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(tasks) + 0.4 * len(models)), 4))
     width = 0.8 / max(len(models), 1)
     for i, m in enumerate(models):
-        ax.bar([j + i * width for j in range(len(tasks))],
-               [values[m].get(t, float("nan")) for t in tasks], width, label=m)
+        ax.bar(
+            [j + i * width for j in range(len(tasks))],
+            [values[m].get(t, float("nan")) for t in tasks],
+            width,
+            label=m,
+        )
     if zero_line:
         ax.axhline(0, color="black", linewidth=0.8)
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(tasks))], tasks)
@@ -197,8 +252,14 @@ def plot_scores(scores: dict[str, dict[str, float]], tasks: list[str], out: Path
 def plot_seesaw(deltas: dict[str, dict[str, float]], tasks: list[str], out: Path) -> bool:
     if not deltas or not any(deltas.values()):
         return False
-    _grouped_bars(deltas, tasks, out, "score minus the task's expert",
-                  "seesaw: change against each task's single-task expert", zero_line=True)
+    _grouped_bars(
+        deltas,
+        tasks,
+        out,
+        "score minus the task's expert",
+        "seesaw: change against each task's single-task expert",
+        zero_line=True,
+    )
     return True
 
 
@@ -221,34 +282,50 @@ def build_report(run_dir: str | Path, extra_sections: Optional[list[tuple[str, s
     figures: list[tuple[str, str]] = []
     with atomic_dir(run_dir / REPORT_DIR) as out:
         if scores:
-            header, rows = scores_table(scores, tasks, scores_doc.get("stderr"),
-                                        scores_doc.get("n_eval"))
-            md += ["## Per-task scores", "", "Scores 0-100 on held-out rows, ± the standard error "
-                   "over those rows (n per task in the header): a difference within it is noise.",
-                   "", markdown_table(header, rows), ""]
+            header, rows = scores_table(scores, tasks, scores_doc.get("stderr"), scores_doc.get("n_eval"))
+            md += [
+                "## Per-task scores",
+                "",
+                "Scores 0-100 on held-out rows, ± the standard error "
+                "over those rows (n per task in the header): a difference within it is noise.",
+                "",
+                markdown_table(header, rows),
+                "",
+            ]
             plot_scores(scores, tasks, out / "scores.png")
             figures.append(("Per-task scores", "scores.png"))
             deltas = seesaw(scores, tasks)
             if deltas and any(deltas.values()):
-                md += ["## Seesaw: change against each task's expert", "",
-                       markdown_table(["model", *tasks],
-                                      [[m, *(f"{d.get(t, float('nan')):+.1f}" for t in tasks)]
-                                       for m, d in deltas.items()]), ""]
+                md += [
+                    "## Seesaw: change against each task's expert",
+                    "",
+                    markdown_table(
+                        ["model", *tasks],
+                        [[m, *(f"{d.get(t, float('nan')):+.1f}" for t in tasks)] for m, d in deltas.items()],
+                    ),
+                    "",
+                ]
                 if plot_seesaw(deltas, tasks, out / "seesaw.png"):
                     figures.append(("Seesaw", "seesaw.png"))
         if overlap:
             names, matrix = overlap["tasks"], overlap.get("jaccard", overlap.get("matrix"))
             order = [t for g in groups for t in g if t in names] + [
-                t for t in names if not any(t in g for g in groups)]
+                t for t in names if not any(t in g for g in groups)
+            ]
             idx = [names.index(t) for t in order]
             reordered = [[matrix[i][j] for j in idx] for i in idx]
             plot_overlap(order, reordered, groups, out / "overlap.png")
             figures.append(("Core overlap", "overlap.png"))
-            md += ["## Core overlap (Jaccard) and groups", "",
-                   markdown_table(["", *names], [[a, *(f"{v:.3f}" for v in row)]
-                                                 for a, row in zip(names, matrix)]),
-                   "", "Groups, in training order: "
-                   + " → ".join("{" + ", ".join(g) + "}" for g in groups), ""]
+            md += [
+                "## Core overlap (Jaccard) and groups",
+                "",
+                markdown_table(
+                    ["", *names], [[a, *(f"{v:.3f}" for v in row)] for a, row in zip(names, matrix)]
+                ),
+                "",
+                "Groups, in training order: " + " → ".join("{" + ", ".join(g) + "}" for g in groups),
+                "",
+            ]
             detail = overlap_summary(overlap)
             if detail:
                 md += [detail[0].upper() + detail[1:] + ".", ""]
@@ -256,16 +333,29 @@ def build_report(run_dir: str | Path, extra_sections: Optional[list[tuple[str, s
             figures.append(("Where the cores live", "cores.png"))
         forgetting = forgetting_rows(scores, _load(run_dir / "baselines" / "budget.json"))
         if forgetting:
-            md += ["## Forgetting (sequential training)", "",
-                   markdown_table(FORGETTING_HEADER, forgetting), ""]
+            md += [
+                "## Forgetting (sequential training)",
+                "",
+                markdown_table(FORGETTING_HEADER, forgetting),
+                "",
+            ]
         harness = _load(run_dir / "eval" / HARNESS_NAME)
         if harness and harness.get("models"):
             header, rows = harness_rows(harness)
-            md += ["## lm-evaluation-harness", "",
-                   f"`{', '.join(harness['tasks'])}` through lm-eval ({harness['backend']} backend"
-                   + (f", {harness['limit']} rows per task: a quick look, not a comparable score"
-                      if harness.get("limit") else "") + "), ± lm-eval's standard error.", "",
-                   markdown_table(header, rows), ""]
+            md += [
+                "## lm-evaluation-harness",
+                "",
+                f"`{', '.join(harness['tasks'])}` through lm-eval ({harness['backend']} backend"
+                + (
+                    f", {harness['limit']} rows per task: a quick look, not a comparable score"
+                    if harness.get("limit")
+                    else ""
+                )
+                + "), ± lm-eval's standard error.",
+                "",
+                markdown_table(header, rows),
+                "",
+            ]
         for title, body in extra_sections or []:
             md += [f"## {title}", "", body, ""]
         md += ["## Figures", ""] + [f"![{t}]({f})" for t, f in figures] if figures else []
@@ -289,10 +379,13 @@ def _html(md_lines: list[str]) -> str:
         if not table:
             return
         head, *rows = table
-        body.append("<table><thead><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in head)
-                    + "</tr></thead><tbody>" + "".join(
-                        "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows)
-                    + "</tbody></table>")
+        body.append(
+            "<table><thead><tr>"
+            + "".join(f"<th>{html.escape(c)}</th>" for c in head)
+            + "</tr></thead><tbody>"
+            + "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows)
+            + "</tbody></table>"
+        )
         table.clear()
 
     for line in "\n".join(md_lines).splitlines():
@@ -308,14 +401,20 @@ def _html(md_lines: list[str]) -> str:
             body.append(f"<h1>{html.escape(line[2:])}</h1>")
         elif line.startswith("!["):
             alt, src = line[2:].split("](", 1)
-            body.append(f'<figure><img src="{html.escape(src.rstrip(")"))}" alt="{html.escape(alt)}">'
-                        f"<figcaption>{html.escape(alt)}</figcaption></figure>")
+            body.append(
+                f'<figure><img src="{html.escape(src.rstrip(")"))}" alt="{html.escape(alt)}">'
+                f"<figcaption>{html.escape(alt)}</figcaption></figure>"
+            )
         elif line.strip():
             body.append(f"<p>{html.escape(line).replace('`', '')}</p>")
     flush_table()
-    style = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
-             "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;"
-             "text-align:right}td:first-child,th:first-child{text-align:left}"
-             "img{max-width:100%}figure{margin:1.5em 0}")
-    return ("<!doctype html><html><head><meta charset='utf-8'><title>CPI-FT run report</title>"
-            f"<style>{style}</style></head><body>" + "\n".join(body) + "</body></html>\n")
+    style = (
+        "body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
+        "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;"
+        "text-align:right}td:first-child,th:first-child{text-align:left}"
+        "img{max-width:100%}figure{margin:1.5em 0}"
+    )
+    return (
+        "<!doctype html><html><head><meta charset='utf-8'><title>CPI-FT run report</title>"
+        f"<style>{style}</style></head><body>" + "\n".join(body) + "</body></html>\n"
+    )

@@ -61,9 +61,13 @@ def _src(reader: CheckpointReader, name: str) -> Source:
     return Source(str(info.file), info.data_offset, DTYPE_NAMES[info.dtype])
 
 
-def build_plan(base_dir: str | Path, task_dirs: Mapping[str, str | Path],
-               mask_paths: Mapping[str, Optional[str | Path]], cfg: FuseConfig,
-               max_shard_size: int) -> FusePlan:
+def build_plan(
+    base_dir: str | Path,
+    task_dirs: Mapping[str, str | Path],
+    mask_paths: Mapping[str, Optional[str | Path]],
+    cfg: FuseConfig,
+    max_shard_size: int,
+) -> FusePlan:
     """Validate base, task models and masks against each other; return the shard jobs."""
     tasks = list(task_dirs)
     base = CheckpointReader(base_dir)
@@ -73,20 +77,27 @@ def build_plan(base_dir: str | Path, task_dirs: Mapping[str, str | Path],
         for t, r in zip(tasks, readers):
             extra = [n for n in r.names() if n not in base]
             if extra:
-                raise FuseError(f"{r.tensors[extra[0]].file}: tensor {extra[0]!r} of task {t!r} "
-                                f"is not in the base model {base.path}")
+                raise FuseError(
+                    f"{r.tensors[extra[0]].file}: tensor {extra[0]!r} of task {t!r} "
+                    f"is not in the base model {base.path}"
+                )
             for n in names:
                 if n not in r:
-                    raise FuseError(f"{r.path}: tensor {n!r} is missing from task {t!r}'s model "
-                                    f"(the base {base.tensors[n].file} has it)")
+                    raise FuseError(
+                        f"{r.path}: tensor {n!r} is missing from task {t!r}'s model "
+                        f"(the base {base.tensors[n].file} has it)"
+                    )
                 bi, ti = base.tensors[n], r.tensors[n]
                 if ti.shape != bi.shape:
-                    raise FuseError(f"{ti.file}: tensor {n!r} has shape {list(ti.shape)}, the base "
-                                    f"{bi.file} has {list(bi.shape)}")
+                    raise FuseError(
+                        f"{ti.file}: tensor {n!r} has shape {list(ti.shape)}, the base "
+                        f"{bi.file} has {list(bi.shape)}"
+                    )
                 bfl = DTYPE_NAMES[bi.dtype] in FLOAT_DTYPES
                 if bfl != (DTYPE_NAMES[ti.dtype] in FLOAT_DTYPES):
-                    raise FuseError(f"{ti.file}: tensor {n!r} has dtype {ti.dtype}, the base "
-                                    f"{bi.file} has {bi.dtype}")
+                    raise FuseError(
+                        f"{ti.file}: tensor {n!r} has dtype {ti.dtype}, the base {bi.file} has {bi.dtype}"
+                    )
         masks: list[dict[str, Source]] = []
         for t in tasks:
             p = mask_paths.get(t)
@@ -100,15 +111,23 @@ def build_plan(base_dir: str | Path, task_dirs: Mapping[str, str | Path],
             nf = len(order)
             if cfg.method == "multislerp":
                 omegas = None
-                weights = (tuple([1.0 / nf] * nf) if om is None or nf == 1
-                           else tuple([1.0 - om] + [om / (nf - 1)] * (nf - 1)))
+                weights = (
+                    tuple([1.0 / nf] * nf)
+                    if om is None or nf == 1
+                    else tuple([1.0 - om] + [om / (nf - 1)] * (nf - 1))
+                )
             else:
                 weights = None
                 omegas = tuple(S.running_mean_omegas(nf) if om is None else [om] * (nf - 1))
             jobs[n] = TensorJob(
-                name=n, shape=tuple(bi.shape), numel=bi.numel, out_dtype=DTYPE_NAMES[bi.dtype],
+                name=n,
+                shape=tuple(bi.shape),
+                numel=bi.numel,
+                out_dtype=DTYPE_NAMES[bi.dtype],
                 models=tuple([_src(base, n)] + [_src(r, n) for r in readers]),
-                fold=tuple(order), omegas=omegas, weights=weights,
+                fold=tuple(order),
+                omegas=omegas,
+                weights=weights,
                 masks=tuple(m.get(n) for m in masks),
             )
         sizes = [(n, jobs[n].numel * NP_DTYPES[jobs[n].out_dtype].itemsize) for n in names]
@@ -140,8 +159,9 @@ def _mask_sources(path: Path, task: str, base: CheckpointReader) -> dict[str, So
                 raise FuseError(f"{path}: mask of tensor {n!r}, which the base model lacks")
             numel = base.tensors[n].numel
             if mf.numels[n] != numel:
-                raise FuseError(f"{path}: mask of tensor {n!r} covers {mf.numels[n]} elements, "
-                                f"the tensor has {numel}")
+                raise FuseError(
+                    f"{path}: mask of tensor {n!r} covers {mf.numels[n]} elements, the tensor has {numel}"
+                )
             info = raw.info(n)
             if DTYPE_NAMES[info.dtype] != "U8" or info.numel != (numel + 7) // 8:
                 raise FuseError(f"{path}: mask of tensor {n!r} is not {(numel + 7) // 8} packed bytes")

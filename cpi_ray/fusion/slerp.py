@@ -79,8 +79,9 @@ def running_mean_omegas(n: int) -> list[float]:
     return [1.0 / (k + 1) for k in range(1, n)]
 
 
-def multislerp_coefficients(gram: np.ndarray, weights: Sequence[float],
-                            eps: float = DEFAULT_EPS) -> np.ndarray:
+def multislerp_coefficients(
+    gram: np.ndarray, weights: Sequence[float], eps: float = DEFAULT_EPS
+) -> np.ndarray:
     """Coefficients of a weighted mean on the sphere: the inputs' directions are mapped to the
     tangent space at their normalized weighted Euclidean mean (log map), averaged there, mapped
     back (exp map), and the result is scaled to the weighted mean of the input norms.
@@ -137,8 +138,11 @@ def block_gram(xs: Sequence[np.ndarray], block: int = BLOCK) -> np.ndarray:
     out = np.empty((full + (1 if tail else 0), len(pairs)), dtype=np.float64)
     for p, (i, j) in enumerate(pairs):
         if full:
-            out[:full, p] = np.einsum("ij,ij->i", xs[i][: full * block].reshape(full, block),
-                                      xs[j][: full * block].reshape(full, block))
+            out[:full, p] = np.einsum(
+                "ij,ij->i",
+                xs[i][: full * block].reshape(full, block),
+                xs[j][: full * block].reshape(full, block),
+            )
         if tail:
             out[full, p] = np.einsum("i,i->", xs[i][full * block :], xs[j][full * block :])
     return out
@@ -153,8 +157,12 @@ def gram_from_partials(partials: np.ndarray, n: int) -> np.ndarray:
     return g
 
 
-def combine(xs: Sequence[np.ndarray], coeffs: Sequence[float], out: Optional[np.ndarray] = None,
-            tmp: Optional[np.ndarray] = None) -> np.ndarray:
+def combine(
+    xs: Sequence[np.ndarray],
+    coeffs: Sequence[float],
+    out: Optional[np.ndarray] = None,
+    tmp: Optional[np.ndarray] = None,
+) -> np.ndarray:
     """sum_i c_i x_i, evaluated as x_0 + (sum c - 1) x_0 + sum_{i>0} c_i (x_i - x_0) in the
     inputs' dtype.
 
@@ -192,8 +200,7 @@ def slerp(a: np.ndarray, b: np.ndarray, omega: float, eps: float = DEFAULT_EPS) 
     return combine([fa, fb], c).reshape(a.shape)
 
 
-def fold(xs: Sequence[np.ndarray], omega: Optional[float] = None,
-         eps: float = DEFAULT_EPS) -> np.ndarray:
+def fold(xs: Sequence[np.ndarray], omega: Optional[float] = None, eps: float = DEFAULT_EPS) -> np.ndarray:
     """Fold of whole vectors: theta <- slerp(theta, x_k, omega or 1/(k+1))."""
     flat = [np.asarray(x).reshape(-1) for x in xs]
     g = gram_from_partials(block_gram([f.astype(np.float64) for f in flat]), len(flat))
@@ -204,10 +211,14 @@ def fold(xs: Sequence[np.ndarray], omega: Optional[float] = None,
 # ------------------------------------------------------------------ core ownership
 
 
-def resolve_core(values: Sequence[np.ndarray], owned: Sequence[Optional[np.ndarray]],
-                 policy: str, base: Optional[np.ndarray] = None,
-                 ranks: Optional[Sequence[int]] = None,
-                 out: Optional[np.ndarray] = None) -> tuple[np.ndarray, np.ndarray]:
+def resolve_core(
+    values: Sequence[np.ndarray],
+    owned: Sequence[Optional[np.ndarray]],
+    policy: str,
+    base: Optional[np.ndarray] = None,
+    ranks: Optional[Sequence[int]] = None,
+    out: Optional[np.ndarray] = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """Core values of one chunk from the task models that own each element.
 
     values[t]: task t's values; owned[t]: bool mask of the elements in task t's core (None:

@@ -28,9 +28,16 @@ log = logging.getLogger("cpi_ray")
 STATS_NAME = "fuse.json"  # timings, actors and per-shard figures of the last fusion
 
 
-def run_fusion(base_dir: Path, task_dirs: dict[str, Path], mask_paths: dict[str, Optional[Path]],
-               out_dir: Path, cfg: PipelineConfig, groups: Optional[list[list[str]]] = None,
-               chunk_elems: Optional[int] = None, fault: Optional[tuple[str, str]] = None) -> dict:
+def run_fusion(
+    base_dir: Path,
+    task_dirs: dict[str, Path],
+    mask_paths: dict[str, Optional[Path]],
+    out_dir: Path,
+    cfg: PipelineConfig,
+    groups: Optional[list[list[str]]] = None,
+    chunk_elems: Optional[int] = None,
+    fault: Optional[tuple[str, str]] = None,
+) -> dict:
     """Fuse into `out_dir` (an HF model directory, created atomically). Returns timings and
     per-shard stats. Ray must be initialized."""
     import ray
@@ -39,16 +46,21 @@ def run_fusion(base_dir: Path, task_dirs: dict[str, Path], mask_paths: dict[str,
 
     fc = cfg.fuse
     t0 = time.perf_counter()
-    plan: FusePlan = build_plan(base_dir, task_dirs, mask_paths, fc,
-                                parse_size(cfg.model.max_shard_size))
+    plan: FusePlan = build_plan(base_dir, task_dirs, mask_paths, fc, parse_size(cfg.model.max_shard_size))
     ranks: tuple[int, ...] = ()
     if fc.policy == "priority":
         if groups is None:
             raise FuseError("policy 'priority' needs the groups")
         ranks = group_ranks(list(task_dirs), groups, "groups")
-    settings = FuseSettings(method=fc.method, policy=fc.policy, eps=fc.epsilon, ranks=ranks,
-                            buffer_bytes=fc.chunk_mib * 2**20, chunk_elems=chunk_elems,
-                            fault=fault)
+    settings = FuseSettings(
+        method=fc.method,
+        policy=fc.policy,
+        eps=fc.epsilon,
+        ranks=ranks,
+        buffer_bytes=fc.chunk_mib * 2**20,
+        chunk_elems=chunk_elems,
+        fault=fault,
+    )
     from cpi_ray.run.runtime import worker_resources
 
     res = worker_resources(cfg, "fuse")
@@ -57,17 +69,25 @@ def run_fusion(base_dir: Path, task_dirs: dict[str, Path], mask_paths: dict[str,
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1) // per_actor))
     n_actors = max(1, min(fc.num_actors, len(plan.shards), cpus))
     if n_actors < fc.num_actors:
-        log.info("fuse: %d actor(s) instead of %d (%d shard(s), %d CPU(s)); a smaller "
-                 "model.max_shard_size gives more shards", n_actors, fc.num_actors,
-                 len(plan.shards), cpus)
+        log.info(
+            "fuse: %d actor(s) instead of %d (%d shard(s), %d CPU(s)); a smaller "
+            "model.max_shard_size gives more shards",
+            n_actors,
+            fc.num_actors,
+            len(plan.shards),
+            cpus,
+        )
     t_plan = time.perf_counter() - t0
     stats: list[dict] = []
     with atomic_dir(out_dir) as tmp:
         # A dead actor (node lost, OOM kill) is restarted and its shard redone from the start:
         # shards are pure functions of the inputs, so the retry writes the same bits.
-        actors = [FuseActor.options(num_cpus=per_actor, resources=res, max_restarts=2,
-                                    max_task_retries=2).remote(settings, str(tmp))
-                  for _ in range(n_actors)]
+        actors = [
+            FuseActor.options(num_cpus=per_actor, resources=res, max_restarts=2, max_task_retries=2).remote(
+                settings, str(tmp)
+            )
+            for _ in range(n_actors)
+        ]
         try:
             # largest shards first, each to the next free actor
             todo = sorted(plan.shards, key=lambda s: -s.nbytes)
@@ -90,8 +110,14 @@ def run_fusion(base_dir: Path, task_dirs: dict[str, Path], mask_paths: dict[str,
             stale.unlink()
         write_index(tmp, plan.weight_map, plan.total_size)
         copy_model_side_files(base_dir, tmp)
-    return {"plan_s": t_plan, "total_s": time.perf_counter() - t0, "shards": stats,
-            "actors": n_actors, "actor_peak_rss": peaks, "fold": plan.fold_labels}
+    return {
+        "plan_s": t_plan,
+        "total_s": time.perf_counter() - t0,
+        "shards": stats,
+        "actors": n_actors,
+        "actor_peak_rss": peaks,
+        "fold": plan.fold_labels,
+    }
 
 
 def _get(ref):
@@ -118,10 +144,13 @@ class FuseStage(Stage):
 
     def config_slice(self, cfg: PipelineConfig) -> dict:
         # actors and chunk size change how, not what: the output is bitwise the same
-        return {"fuse": cfg.fuse.model_dump(exclude={"num_actors", "chunk_mib", "cpus_per_actor",
-                                                      "custom_resources"}),
-                "max_shard_size": cfg.model.max_shard_size,
-                "tasks": [t.name for t in cfg.tasks]}
+        return {
+            "fuse": cfg.fuse.model_dump(
+                exclude={"num_actors", "chunk_mib", "cpus_per_actor", "custom_resources"}
+            ),
+            "max_shard_size": cfg.model.max_shard_size,
+            "tasks": [t.name for t in cfg.tasks],
+        }
 
     def run(self, ctx: RunContext) -> list[Path]:
         tasks = ctx.task_names()
@@ -139,8 +168,9 @@ class FuseStage(Stage):
 
         connect_ray(ctx.cfg)  # a no-op inside the pipeline, which connected already
         out = ctx.path("fused")
-        stats = run_fusion(ctx.base_model_dir, task_dirs, mask_paths, out, ctx.cfg, groups,
-                           self.chunk_elems, self.fault)
+        stats = run_fusion(
+            ctx.base_model_dir, task_dirs, mask_paths, out, ctx.cfg, groups, self.chunk_elems, self.fault
+        )
         # Kept beside the model: the runner's summary and later readers see them after the run.
         write_json(out / STATS_NAME, stats)
         return [out]
@@ -150,5 +180,7 @@ class FuseStage(Stage):
             s = read_json(ctx.path(self.folder, STATS_NAME))
         except (FileNotFoundError, ValueError):
             return None
-        return (f"fused {len(s['shards'])} shard(s) with {s['actors']} actor(s) in "
-                f"{s['total_s']:.1f} s (fold: {' -> '.join(s['fold'])})")
+        return (
+            f"fused {len(s['shards'])} shard(s) with {s['actors']} actor(s) in "
+            f"{s['total_s']:.1f} s (fold: {' -> '.join(s['fold'])})"
+        )

@@ -23,9 +23,15 @@ from cpi_ray.run.faults import kill_once
 
 # safetensors dtype names -> numpy storage dtype (bfloat16 is stored as raw uint16 bits)
 NP_DTYPES: dict[str, np.dtype] = {
-    "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
-    "BF16": np.dtype(np.uint16), "I64": np.dtype(np.int64), "I32": np.dtype(np.int32),
-    "I16": np.dtype(np.int16), "I8": np.dtype(np.int8), "U8": np.dtype(np.uint8),
+    "F64": np.dtype(np.float64),
+    "F32": np.dtype(np.float32),
+    "F16": np.dtype(np.float16),
+    "BF16": np.dtype(np.uint16),
+    "I64": np.dtype(np.int64),
+    "I32": np.dtype(np.int32),
+    "I16": np.dtype(np.int16),
+    "I8": np.dtype(np.int8),
+    "U8": np.dtype(np.uint8),
     "BOOL": np.dtype(np.bool_),
 }
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
@@ -167,8 +173,7 @@ class ShardFuser:
 
     # ------------------------------------------------------------------ reading
 
-    def _read(self, key: str, src: Source, start: int, stop: int, cdt: np.dtype,
-              name: str) -> np.ndarray:
+    def _read(self, key: str, src: Source, start: int, stop: int, cdt: np.dtype, name: str) -> np.ndarray:
         """Elements [start, stop) of a float tensor as compute dtype `cdt`."""
         n = stop - start
         sdt = NP_DTYPES[src.dtype]
@@ -211,8 +216,7 @@ class ShardFuser:
             if bad.any():
                 i = a + int(np.argmax(bad))
                 raise FuseError(
-                    f"{src.file}: tensor {job.name!r} has a non-finite value ({x[i - a]}) at "
-                    f"flat index {i}"
+                    f"{src.file}: tensor {job.name!r} has a non-finite value ({x[i - a]}) at flat index {i}"
                 )
 
     # ------------------------------------------------------------------ one tensor
@@ -244,8 +248,7 @@ class ShardFuser:
         needs_base = has_core and self.s.policy != "mean" and 0 not in fold
 
         def read_fold(a: int, b: int) -> list[np.ndarray]:
-            return [self._read(f"x{k}", job.models[i], a, b, cdt, job.name)
-                    for k, i in enumerate(fold)]
+            return [self._read(f"x{k}", job.models[i], a, b, cdt, job.name) for k, i in enumerate(fold)]
 
         def core_union(a: int, b: int) -> tuple[Optional[list], Optional[np.ndarray]]:
             if not has_core:
@@ -292,8 +295,9 @@ class ShardFuser:
             b = min(n, a + chunk)
             if not single:
                 xs = read_fold(a, b)
-            out = S.combine(xs, coeffs, out=self.bufs.get("out", b - a, cdt),
-                            tmp=self.bufs.get("tmp", b - a, cdt))
+            out = S.combine(
+                xs, coeffs, out=self.bufs.get("out", b - a, cdt), tmp=self.bufs.get("tmp", b - a, cdt)
+            )
             owned, union = core_union(a, b)
             if union is not None and union.any():
                 by_model = {i: xs[k] for k, i in enumerate(fold)}
@@ -303,12 +307,19 @@ class ShardFuser:
                     bad = ~np.isfinite(base)
                     if bad.any():
                         i = a + int(np.argmax(bad))
-                        raise FuseError(f"{job.models[0].file}: tensor {job.name!r} has a "
-                                        f"non-finite value ({base[i - a]}) at flat index {i}")
+                        raise FuseError(
+                            f"{job.models[0].file}: tensor {job.name!r} has a "
+                            f"non-finite value ({base[i - a]}) at flat index {i}"
+                        )
                 vals = [by_model[t + 1] for t in range(ntask)]
-                core, anyo = S.resolve_core(vals, owned, self.s.policy, base=base,
-                                            ranks=self.s.ranks,
-                                            out=self.bufs.get("core", b - a, cdt))
+                core, anyo = S.resolve_core(
+                    vals,
+                    owned,
+                    self.s.policy,
+                    base=base,
+                    ranks=self.s.ranks,
+                    out=self.bufs.get("core", b - a, cdt),
+                )
                 np.copyto(out, core, where=anyo)
             f.write(self._encode(out, job.out_dtype))
 
@@ -339,6 +350,10 @@ class ShardFuser:
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-        return {"shard": job.filename, "bytes": final.stat().st_size, "tensors": len(job.tensors),
-                "seconds": time.perf_counter() - t0, "peak_rss": peak_rss_bytes()}
-
+        return {
+            "shard": job.filename,
+            "bytes": final.stat().st_size,
+            "tensors": len(job.tensors),
+            "seconds": time.perf_counter() - t0,
+            "peak_rss": peak_rss_bytes(),
+        }

@@ -62,17 +62,30 @@ def run_lease(run_dir: str | os.PathLike) -> Iterator[Path]:
             holder = _holder_text(f.read())
             f.close()
             _remove_if_unused(run_dir, created)
-            raise RunBusyError(f"run directory {run_dir} is in use by {holder}; wait for that "
-                               "run to end or use another run directory") from None
+            raise RunBusyError(
+                f"run directory {run_dir} is in use by {holder}; wait for that "
+                "run to end or use another run directory"
+            ) from None
         f.seek(0)
         previous = f.read().strip()
         if previous:
-            log.warning("run directory %s: taking over the lease of %s, which ended without "
-                        "releasing it", run_dir, _holder_text(previous))
+            log.warning(
+                "run directory %s: taking over the lease of %s, which ended without releasing it",
+                run_dir,
+                _holder_text(previous),
+            )
         f.seek(0)
         f.truncate()
-        f.write(json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
-                            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}) + "\n")
+        f.write(
+            json.dumps(
+                {
+                    "host": socket.gethostname(),
+                    "pid": os.getpid(),
+                    "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                }
+            )
+            + "\n"
+        )
         f.flush()
         with _lock:
             _held[run_dir] = [f, 1, created]

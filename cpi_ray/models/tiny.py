@@ -35,27 +35,42 @@ def build_tiny_tokenizer():
     tok.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
     tok.decoder = decoders.Fuse()
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-        pad_token="<pad>", additional_special_tokens=SPECIAL_TOKENS[4:],
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        additional_special_tokens=SPECIAL_TOKENS[4:],
     )
     fast.chat_template = CHAT_TEMPLATE
     fast.padding_side = "left"
     return fast
 
 
-def build_tiny_model(hidden_size: int = 64, intermediate_size: int = 128,
-                     num_hidden_layers: int = 2, num_attention_heads: int = 4,
-                     num_key_value_heads: int = 2, max_position_embeddings: int = 512,
-                     seed: int = 0, vocab_size: int | None = None):
+def build_tiny_model(
+    hidden_size: int = 64,
+    intermediate_size: int = 128,
+    num_hidden_layers: int = 2,
+    num_attention_heads: int = 4,
+    num_key_value_heads: int = 2,
+    max_position_embeddings: int = 512,
+    seed: int = 0,
+    vocab_size: int | None = None,
+):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tok = build_tiny_tokenizer()
     config = LlamaConfig(
-        vocab_size=vocab_size or len(tok), hidden_size=hidden_size,
-        intermediate_size=intermediate_size, num_hidden_layers=num_hidden_layers,
-        num_attention_heads=num_attention_heads, num_key_value_heads=num_key_value_heads,
-        max_position_embeddings=max_position_embeddings, tie_word_embeddings=False,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        vocab_size=vocab_size or len(tok),
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_hidden_layers,
+        num_attention_heads=num_attention_heads,
+        num_key_value_heads=num_key_value_heads,
+        max_position_embeddings=max_position_embeddings,
+        tie_word_embeddings=False,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
     )
     torch.manual_seed(seed)

@@ -43,11 +43,15 @@ class CheckReport:
     tasks: list[TaskCheck] = field(default_factory=list)
 
     def render(self) -> str:
-        lines = [f"tokenizer: {self.tokenizer} "
-                 f"({'chat template' if self.chat_template else 'no chat template: plain prompts'})"]
+        lines = [
+            f"tokenizer: {self.tokenizer} "
+            f"({'chat template' if self.chat_template else 'no chat template: plain prompts'})"
+        ]
         for t in self.tasks:
-            lines.append(f"task {t.name} ({t.source}): {t.rows} rows -> train {t.train}, "
-                         f"val {t.val}, eval {t.eval}; {t.dropped} training rows too long")
+            lines.append(
+                f"task {t.name} ({t.source}): {t.rows} rows -> train {t.train}, "
+                f"val {t.val}, eval {t.eval}; {t.dropped} training rows too long"
+            )
             lines.append(f"  example, learned tokens in {LEARNED_OPEN} {LEARNED_CLOSE}:")
             lines += ["    " + line for line in t.example.splitlines() or [""]]
         lines.append(f"run directory: {self.run_dir} (writable)")
@@ -72,12 +76,16 @@ def under_job_submission() -> bool:
 
 
 def check_storage(cfg: PipelineConfig, run_dir: Path) -> None:
-    if under_job_submission() and not cfg.storage.remote and not Path(
-            os.path.expanduser(cfg.storage.path)).is_absolute():
+    if (
+        under_job_submission()
+        and not cfg.storage.remote
+        and not Path(os.path.expanduser(cfg.storage.path)).is_absolute()
+    ):
         raise CheckError(
             f"storage.path: {cfg.storage.path!r} is relative; under `ray job submit` it would "
             "land in the job's temporary working directory, which Ray deletes: give an absolute "
-            "path every node shares, or an s3:// / gs:// URI")
+            "path every node shares, or an s3:// / gs:// URI"
+        )
     if cfg.storage.remote:
         return  # the bucket is checked by the run's store before any stage
     problem = unwritable(run_dir)
@@ -98,8 +106,9 @@ def load_check_tokenizer(cfg: PipelineConfig) -> tuple[Any, str]:
     try:
         return load_tokenizer(where, cfg.model.trust_remote_code), str(where)
     except Exception as e:  # noqa: BLE001 - the reason, in one line
-        raise CheckError(f"model.source: cannot load the tokenizer of {where}: "
-                         f"{type(e).__name__}: {e}") from e
+        raise CheckError(
+            f"model.source: cannot load the tokenizer of {where}: {type(e).__name__}: {e}"
+        ) from e
 
 
 def marked_example(tokenizer: Any, example: dict) -> str:
@@ -125,8 +134,9 @@ def check_task(cfg: PipelineConfig, task_name: str, tokenizer: Any) -> TaskCheck
     from cpi_ray.data.tasks import load_rows, split_rows
 
     task = cfg.task(task_name)
-    source = task.path or (f"hub {task.hub_id}" if task.hub_id else
-                           f"reasoning-gym {task.reasoning_gym.name}")
+    source = task.path or (
+        f"hub {task.hub_id}" if task.hub_id else f"reasoning-gym {task.reasoning_gym.name}"
+    )
     try:
         rows = load_rows(task)
         splits = split_rows(rows, task, cfg.data.split_seed)
@@ -140,19 +150,31 @@ def check_task(cfg: PipelineConfig, task_name: str, tokenizer: Any) -> TaskCheck
             first = first or ex
     except (ValueError, KeyError, TypeError) as e:
         msg = str(e)
-        raise CheckError(msg if msg.startswith(f"task {task.name!r}") else
-                         f"task {task.name!r} ({source}): {msg}") from e
+        raise CheckError(
+            msg if msg.startswith(f"task {task.name!r}") else f"task {task.name!r} ({source}): {msg}"
+        ) from e
     if first is None:
-        raise CheckError(f"task {task.name!r} ({source}): no training row fits in "
-                         f"data.max_seq_len={cfg.data.max_seq_len}")
-    return TaskCheck(task.name, source, len(rows), len(splits.train), len(splits.val),
-                     len(splits.eval), dropped, marked_example(tokenizer, first))
+        raise CheckError(
+            f"task {task.name!r} ({source}): no training row fits in data.max_seq_len={cfg.data.max_seq_len}"
+        )
+    return TaskCheck(
+        task.name,
+        source,
+        len(rows),
+        len(splits.train),
+        len(splits.val),
+        len(splits.eval),
+        dropped,
+        marked_example(tokenizer, first),
+    )
 
 
 def require_chat_template(cfg: PipelineConfig, chat: bool, where: str) -> None:
     if not chat and cfg.data.require_chat_template:
-        raise CheckError(f"data.require_chat_template: the tokenizer of {where} has no chat "
-                         "template (set the field to false to format prompts as plain text)")
+        raise CheckError(
+            f"data.require_chat_template: the tokenizer of {where} has no chat "
+            "template (set the field to false to format prompts as plain text)"
+        )
 
 
 def check_config(cfg: PipelineConfig, run_dir: Path) -> CheckReport:
@@ -180,8 +202,10 @@ def check_harness(cfg: PipelineConfig) -> None:
     unknown = unknown_tasks(cfg)
     if unknown:
         where = cfg.evaluate.harness_include_path
-        raise CheckError(f"evaluate.harness_tasks: lm-eval knows no task {', '.join(unknown)}"
-                         + (f" (its own nor in {where})" if where else ""))
+        raise CheckError(
+            f"evaluate.harness_tasks: lm-eval knows no task {', '.join(unknown)}"
+            + (f" (its own nor in {where})" if where else "")
+        )
 
 
 def report_json(report: CheckReport) -> str:
@@ -227,15 +251,18 @@ def check_shared_storage(run_dir: Path, visit=None) -> None:
     finally:
         marker.unlink(missing_ok=True)
     if problems:
-        raise CheckError(f"storage: the run directory {run_dir} is not shared by every node of "
-                         f"the Ray cluster ({'; '.join(problems)}); give storage.path (or "
-                         "storage.local_path with a bucket) on a mount every node shares")
+        raise CheckError(
+            f"storage: the run directory {run_dir} is not shared by every node of "
+            f"the Ray cluster ({'; '.join(problems)}); give storage.path (or "
+            "storage.local_path with a bucket) on a mount every node shares"
+        )
 
 
 def _visit_node(node_id: str, fn, *args):
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    task = ray.remote(fn).options(num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(
-        node_id, soft=False))
+    task = ray.remote(fn).options(
+        num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False)
+    )
     return ray.get(task.remote(*args), timeout=120)

@@ -39,9 +39,16 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "fp32": 4, "bf16": 2}
 
 # SmolLM2-135M-Instruct's config.json, so the demo can be planned before it is materialized.
 DEMO_ARCHITECTURE: dict[str, Any] = {
-    "model_type": "llama", "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
-    "num_attention_heads": 9, "num_key_value_heads": 3, "head_dim": 64, "vocab_size": 49152,
-    "max_position_embeddings": 8192, "tie_word_embeddings": True,
+    "model_type": "llama",
+    "hidden_size": 576,
+    "intermediate_size": 1536,
+    "num_hidden_layers": 30,
+    "num_attention_heads": 9,
+    "num_key_value_heads": 3,
+    "head_dim": 64,
+    "vocab_size": 49152,
+    "max_position_embeddings": 8192,
+    "tie_word_embeddings": True,
 }
 
 # A decoder layer's working set on a GPU beyond the estimate: CUDA context, allocator slack,
@@ -95,9 +102,12 @@ class Plan:
         return {s.name: {k: v * s.units for k, v in s.resources.items()} for s in self.stages}
 
     def to_dict(self) -> dict:
-        return {"config": self.config, "model": asdict(self.model), "dtype": self.dtype,
-                "stages": [{**asdict(s), "memory_per_worker": s.memory_per_worker}
-                           for s in self.stages]}
+        return {
+            "config": self.config,
+            "model": asdict(self.model),
+            "dtype": self.dtype,
+            "stages": [{**asdict(s), "memory_per_worker": s.memory_per_worker} for s in self.stages],
+        }
 
     def render(self) -> str:
         m = self.model
@@ -108,12 +118,16 @@ class Plan:
             shape.append(f"hidden {m.hidden_size}")
         if m.vocab_size:
             shape.append(f"vocab {m.vocab_size}")
-        lines = [f"plan for {self.config}",
-                 f"model: {m.name}: {_count(m.num_parameters)} parameters"
-                 + (f" ({', '.join(shape)})" if shape else "") + f", {self.dtype}; from {m.source}"]
+        lines = [
+            f"plan for {self.config}",
+            f"model: {m.name}: {_count(m.num_parameters)} parameters"
+            + (f" ({', '.join(shape)})" if shape else "")
+            + f", {self.dtype}; from {m.source}",
+        ]
         if m.largest_unit:
-            lines.append(f"largest unit gathered by ZeRO-3: {m.largest_unit_name}, "
-                         f"{_count(m.largest_unit)} parameters")
+            lines.append(
+                f"largest unit gathered by ZeRO-3: {m.largest_unit_name}, {_count(m.largest_unit)} parameters"
+            )
         for s in self.stages:
             lines += ["", f"{s.name}: {s.engine}", f"  runs as      {s.layout}"]
             if s.units:
@@ -143,12 +157,17 @@ def model_facts(cfg: PipelineConfig) -> ModelFacts:
         from cpi_ray.models.tiny import build_tiny_tokenizer
 
         t = m.tiny
-        arch = {"model_type": "llama", "hidden_size": t.hidden_size,
-                "intermediate_size": t.intermediate_size, "num_hidden_layers": t.num_hidden_layers,
-                "num_attention_heads": t.num_attention_heads,
-                "num_key_value_heads": t.num_key_value_heads,
-                "max_position_embeddings": t.max_position_embeddings,
-                "vocab_size": len(build_tiny_tokenizer()), "tie_word_embeddings": False}
+        arch = {
+            "model_type": "llama",
+            "hidden_size": t.hidden_size,
+            "intermediate_size": t.intermediate_size,
+            "num_hidden_layers": t.num_hidden_layers,
+            "num_attention_heads": t.num_attention_heads,
+            "num_key_value_heads": t.num_key_value_heads,
+            "max_position_embeddings": t.max_position_embeddings,
+            "vocab_size": len(build_tiny_tokenizer()),
+            "tie_word_embeddings": False,
+        }
         return facts_from_architecture(arch, "tiny random Llama", "model.tiny")
     if m.source == "demo":
         path = cache / DEMO_NAME
@@ -166,12 +185,12 @@ def model_facts(cfg: PipelineConfig) -> ModelFacts:
     if m.architecture:
         return facts_from_architecture(m.architecture, m.source, "model.architecture")
     if m.num_parameters:
-        return ModelFacts(name=m.source, source="model.num_parameters",
-                          num_parameters=m.num_parameters)
+        return ModelFacts(name=m.source, source="model.num_parameters", num_parameters=m.num_parameters)
     raise PlanError(
         f"model.source {m.source!r} is neither a local directory nor in the model cache "
         f"({cached}); to plan without downloading it, give its config.json fields as "
-        "model.architecture (or at least model.num_parameters)")
+        "model.architecture (or at least model.num_parameters)"
+    )
 
 
 def facts_from_config_dir(path: Path, name: str, trust_remote_code: bool = False) -> ModelFacts:
@@ -221,12 +240,17 @@ def _facts(config, name: str, source: str, trust_remote_code: bool = False) -> M
     head_dim = getattr(text, "head_dim", None) or (hidden // heads if hidden and heads else None)
     kv_heads = getattr(text, "num_key_value_heads", None) or heads
     return ModelFacts(
-        name=name, source=source, num_parameters=total,
-        num_layers=getattr(text, "num_hidden_layers", None), hidden_size=hidden,
+        name=name,
+        source=source,
+        num_parameters=total,
+        num_layers=getattr(text, "num_hidden_layers", None),
+        hidden_size=hidden,
         intermediate_size=getattr(text, "intermediate_size", None),
         vocab_size=getattr(text, "vocab_size", None),
         kv_dim=kv_heads * head_dim if kv_heads and head_dim else None,
-        largest_unit=largest, largest_unit_name=largest_name)
+        largest_unit=largest,
+        largest_unit_name=largest_name,
+    )
 
 
 def _decoder_layers(model):
@@ -273,15 +297,25 @@ def activation_bytes(facts: ModelFacts, micro_batch: int, seq_len: int, compute_
 
 def build_plan(cfg: PipelineConfig, config_name: str = "config", facts: Optional[ModelFacts] = None) -> Plan:
     facts = facts or model_facts(cfg)
-    builders = {"probe": _probe, "regions": _regions, "groups": _groups, "fuse": _fuse,
-                "consolidate": _consolidate, "baselines": _baselines, "evaluate": _evaluate}
-    return Plan(config=config_name, model=facts, dtype=cfg.model.dtype,
-                stages=[builders.get(s, _unsized)(cfg, facts, s) for s in cfg.stages])
+    builders = {
+        "probe": _probe,
+        "regions": _regions,
+        "groups": _groups,
+        "fuse": _fuse,
+        "consolidate": _consolidate,
+        "baselines": _baselines,
+        "evaluate": _evaluate,
+    }
+    return Plan(
+        config=config_name,
+        model=facts,
+        dtype=cfg.model.dtype,
+        stages=[builders.get(s, _unsized)(cfg, facts, s) for s in cfg.stages],
+    )
 
 
 def _unsized(cfg: PipelineConfig, f: ModelFacts, name: str) -> StagePlan:
-    return StagePlan(name=name, engine="(not sized by cpi-ray plan)", layout="?", units=0,
-                     resources={})
+    return StagePlan(name=name, engine="(not sized by cpi-ray plan)", layout="?", units=0, resources={})
 
 
 def _probe(cfg: PipelineConfig, f: ModelFacts, name: str = "") -> StagePlan:
@@ -289,9 +323,11 @@ def _probe(cfg: PipelineConfig, f: ModelFacts, name: str = "") -> StagePlan:
     n_tasks = len(cfg.tasks)
     w = DTYPE_BYTES[cfg.model.dtype]
     P = f.num_parameters
-    mem = [(f"weights ({cfg.model.dtype}, {w} B/param)", P * w),
-           (f"gradients ({w} B/param)", P * w),
-           (f"AdamW moments m, v ({2 * w} B/param)", 2 * P * w)]
+    mem = [
+        (f"weights ({cfg.model.dtype}, {w} B/param)", P * w),
+        (f"gradients ({w} B/param)", P * w),
+        (f"AdamW moments m, v ({2 * w} B/param)", 2 * P * w),
+    ]
     if tc.num_workers > 1:
         mem.append((f"DDP gradient buckets ({w} B/param)", P * w))
     compute = 2 if tc.precision == "bf16" else w
@@ -303,13 +339,19 @@ def _probe(cfg: PipelineConfig, f: ModelFacts, name: str = "") -> StagePlan:
     else:
         notes.append("activations unknown: give model.architecture for them")
     plan = StagePlan(
-        name="probe", engine="Ray Train TorchTrainer per task (data parallel, full fine-tuning)",
+        name="probe",
+        engine="Ray Train TorchTrainer per task (data parallel, full fine-tuning)",
         layout=f"{n_tasks} trainer(s) at once x {tc.num_workers} worker(s)",
-        units=n_tasks * tc.num_workers, resources=worker_resources(cfg, "probe"), memory=mem,
-        notes=notes)
+        units=n_tasks * tc.num_workers,
+        resources=worker_resources(cfg, "probe"),
+        memory=mem,
+        notes=notes,
+    )
     if tc.use_gpu and plan.memory_per_worker > 80 * GIB:
-        notes.append("more than an 80 GiB GPU holds: use model.dtype bfloat16, a smaller "
-                     "micro-batch (probe.grad_accum) or a sharded probe")
+        notes.append(
+            "more than an 80 GiB GPU holds: use model.dtype bfloat16, a smaller "
+            "micro-batch (probe.grad_accum) or a sharded probe"
+        )
     return plan
 
 
@@ -325,8 +367,12 @@ def _consolidate(cfg: PipelineConfig, f: ModelFacts, name: str = "") -> StagePla
     notes = [f"ZeRO-{stage} over {N} rank(s), {tc.precision}"]
     if stage >= 3:
         if f.largest_unit:
-            mem.append((f"gathered: current + prefetched unit (2 x {f.largest_unit_name}, "
-                        f"{compute} B/param)", 2 * f.largest_unit * compute))
+            mem.append(
+                (
+                    f"gathered: current + prefetched unit (2 x {f.largest_unit_name}, {compute} B/param)",
+                    2 * f.largest_unit * compute,
+                )
+            )
         else:
             notes.append("gathered layer unknown: give model.architecture for it")
     micro = tc.batch_size // tc.grad_accum
@@ -339,9 +385,14 @@ def _consolidate(cfg: PipelineConfig, f: ModelFacts, name: str = "") -> StagePla
     if N > 1 and tc.use_gpu:
         notes.append(f"{N} GPU workers: one {N}-GPU node (or {N} GPUs across nodes over the network)")
     return StagePlan(
-        name="consolidate", engine="Ray Train + DeepSpeed ZeRO, one trainer per group in turn",
-        layout=f"1 trainer at a time x {N} worker(s)", units=N,
-        resources=worker_resources(cfg, "consolidate"), memory=mem, notes=notes)
+        name="consolidate",
+        engine="Ray Train + DeepSpeed ZeRO, one trainer per group in turn",
+        layout=f"1 trainer at a time x {N} worker(s)",
+        units=N,
+        resources=worker_resources(cfg, "consolidate"),
+        memory=mem,
+        notes=notes,
+    )
 
 
 def _baselines(cfg: PipelineConfig, f: ModelFacts, name: str = "") -> StagePlan:
@@ -349,13 +400,23 @@ def _baselines(cfg: PipelineConfig, f: ModelFacts, name: str = "") -> StagePlan:
     modes = list(getattr(getattr(cfg, "baselines", None), "modes", []) or [])
     cons = _consolidate(cfg, f)
     if not modes:
-        return StagePlan(name="baselines", engine=cons.engine, layout="no modes configured: nothing runs",
-                         units=0, resources={})
-    return StagePlan(name="baselines", engine=cons.engine,
-                     layout=f"{len(modes)} mode(s) ({', '.join(modes)}), one trainer at a time x "
-                            f"{cfg.consolidate.num_workers} worker(s)",
-                     units=cons.units, resources=cons.resources, memory=cons.memory,
-                     notes=["same engine, workers and memory as consolidate"])
+        return StagePlan(
+            name="baselines",
+            engine=cons.engine,
+            layout="no modes configured: nothing runs",
+            units=0,
+            resources={},
+        )
+    return StagePlan(
+        name="baselines",
+        engine=cons.engine,
+        layout=f"{len(modes)} mode(s) ({', '.join(modes)}), one trainer at a time x "
+        f"{cfg.consolidate.num_workers} worker(s)",
+        units=cons.units,
+        resources=cons.resources,
+        memory=cons.memory,
+        notes=["same engine, workers and memory as consolidate"],
+    )
 
 
 def _regions(cfg: PipelineConfig, f: ModelFacts, name: str = "") -> StagePlan:
@@ -365,33 +426,44 @@ def _regions(cfg: PipelineConfig, f: ModelFacts, name: str = "") -> StagePlan:
     # once), so its memory is set by the block, not by the chunk or the model.
     block = 4 * 2**22 * 4
     return StagePlan(
-        name="regions", engine="Ray Data over (shard, tensor, chunk) items, actor pool",
+        name="regions",
+        engine="Ray Data over (shard, tensor, chunk) items, actor pool",
         layout=f"{rc.num_actors} actor(s), work items of regions.chunk_mib={rc.chunk_mib} MiB",
-        units=rc.num_actors, resources=worker_resources(cfg, "regions"),
+        units=rc.num_actors,
+        resources=worker_resources(cfg, "regions"),
         memory=[("streaming blocks (base, probe, score, keys: 4 x 16 MiB)", block)],
-        driver_memory=[(f"bit-packed masks ({n_tasks} task(s) x P/8 bytes)",
-                        n_tasks * math.ceil(f.num_parameters / 8))],
-        notes=["memory per actor does not grow with the model; more actors, more read bandwidth"])
+        driver_memory=[
+            (f"bit-packed masks ({n_tasks} task(s) x P/8 bytes)", n_tasks * math.ceil(f.num_parameters / 8))
+        ],
+        notes=["memory per actor does not grow with the model; more actors, more read bandwidth"],
+    )
 
 
 def _groups(cfg: PipelineConfig, f: ModelFacts, name: str = "") -> StagePlan:
     n = len(cfg.tasks)
-    return StagePlan(name="groups", engine="driver: Jaccard overlap of the masks, components",
-                     layout="on the driver, no Ray resources", units=0, resources={},
-                     driver_memory=[("two packed masks at a time (2 x P/8 bytes)",
-                                     2 * math.ceil(f.num_parameters / 8))],
-                     notes=[f"{n * (n - 1) // 2} pair(s) of tasks"])
+    return StagePlan(
+        name="groups",
+        engine="driver: Jaccard overlap of the masks, components",
+        layout="on the driver, no Ray resources",
+        units=0,
+        resources={},
+        driver_memory=[("two packed masks at a time (2 x P/8 bytes)", 2 * math.ceil(f.num_parameters / 8))],
+        notes=[f"{n * (n - 1) // 2} pair(s) of tasks"],
+    )
 
 
 def _fuse(cfg: PipelineConfig, f: ModelFacts, name: str = "") -> StagePlan:
     fc = cfg.fuse
     chunk = fc.chunk_mib * 2**20
     return StagePlan(
-        name="fuse", engine="pool of Ray actors, one output shard at a time each",
-        layout=f"{fc.num_actors} actor(s) (at most one per output shard)", units=fc.num_actors,
+        name="fuse",
+        engine="pool of Ray actors, one output shard at a time each",
+        layout=f"{fc.num_actors} actor(s) (at most one per output shard)",
+        units=fc.num_actors,
         resources=worker_resources(cfg, "fuse"),
         memory=[("chunk buffers for base, every task model and masks (fuse.chunk_mib budget)", chunk)],
-        notes=["numpy-only actors: memory does not grow with the model or the shard size"])
+        notes=["numpy-only actors: memory does not grow with the model or the shard size"],
+    )
 
 
 def _evaluate(cfg: PipelineConfig, f: ModelFacts, name: str = "") -> StagePlan:
@@ -400,10 +472,15 @@ def _evaluate(cfg: PipelineConfig, f: ModelFacts, name: str = "") -> StagePlan:
     mem = [(f"weights ({cfg.model.dtype})", f.num_parameters * w)]
     if f.num_layers and f.kv_dim and f.vocab_size:
         seq = cfg.data.max_seq_len + ec.max_new_tokens
-        mem.append((f"KV cache (batch {ec.batch_size} x {seq} tokens)",
-                    2 * f.num_layers * ec.batch_size * seq * f.kv_dim * w))
-        mem.append(("logits of the prompt pass (rough)",
-                    ec.batch_size * cfg.data.max_seq_len * f.vocab_size * 4))
+        mem.append(
+            (
+                f"KV cache (batch {ec.batch_size} x {seq} tokens)",
+                2 * f.num_layers * ec.batch_size * seq * f.kv_dim * w,
+            )
+        )
+        mem.append(
+            ("logits of the prompt pass (rough)", ec.batch_size * cfg.data.max_seq_len * f.vocab_size * 4)
+        )
     models = []
     for kind in ec.models:
         if kind == "probes":
@@ -413,10 +490,13 @@ def _evaluate(cfg: PipelineConfig, f: ModelFacts, name: str = "") -> StagePlan:
         else:
             models.append(kind)
     return StagePlan(
-        name="evaluate", engine="Ray tasks, one per model scored",
+        name="evaluate",
+        engine="Ray tasks, one per model scored",
         layout=f"{len(models)} model(s), {min(ec.num_workers, len(models))} at a time",
-        units=min(ec.num_workers, len(models)), resources=worker_resources(cfg, "evaluate"),
-        memory=mem)
+        units=min(ec.num_workers, len(models)),
+        resources=worker_resources(cfg, "evaluate"),
+        memory=mem,
+    )
 
 
 # ------------------------------------------------------------------------------ formatting

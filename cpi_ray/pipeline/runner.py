@@ -18,6 +18,7 @@ from cpi_ray.run.stage import RunContext, Stage
 
 log = logging.getLogger("cpi_ray")
 
+
 def load_stage(name: str) -> Stage:
     module, cls = stage_spec(name).cls.split(":")
     return getattr(importlib.import_module(module), cls)()
@@ -104,8 +105,9 @@ def _run_stages(cfg: PipelineConfig, run_dir: Path, stages: Optional[list[str]])
         log.info("stage %s: %s in %.1fs -> %s", name, status, wall, run_dir / STAGE_FOLDERS[name])
         if store is not None:
             store.push(run_dir, STAGE_FOLDERS[name])
-        result.outcomes.append(StageOutcome(name, status, rec["wall_time_s"] if not ran else wall,
-                                            STAGE_FOLDERS[name]))
+        result.outcomes.append(
+            StageOutcome(name, status, rec["wall_time_s"] if not ran else wall, STAGE_FOLDERS[name])
+        )
     if cfg.export.hub_repo_id and "evaluate" in selected:
         from cpi_ray.models.export import push_to_hub
 
@@ -128,8 +130,10 @@ def check_prompt_format(cfg: PipelineConfig, base_dir: Path) -> None:
     if has_chat_template(load_tokenizer(base_dir, cfg.model.trust_remote_code)):
         return
     require_chat_template(cfg, False, str(base_dir))
-    log.warning("the tokenizer of %s has no chat template: prompts are formatted as plain text "
-                "('{prompt}\\n')", base_dir)
+    log.warning(
+        "the tokenizer of %s has no chat template: prompts are formatted as plain text ('{prompt}\\n')",
+        base_dir,
+    )
 
 
 def _write_config(cfg: PipelineConfig, run_dir: Path) -> None:

@@ -53,8 +53,9 @@ def connected_components(names: Sequence[str], sim: np.ndarray, tau: float) -> l
     return [comps[r] for r in sorted(comps)]
 
 
-def order_groups(groups: list[list[str]], order: str, seed: int = 0,
-                 given: Optional[Sequence[Sequence[str]]] = None) -> list[list[str]]:
+def order_groups(
+    groups: list[list[str]], order: str, seed: int = 0, given: Optional[Sequence[Sequence[str]]] = None
+) -> list[list[str]]:
     """`random`: a seeded shuffle of the components (the paper's main setting); `size`: larger
     groups first, ties in component order; `given`: the user's groups, verbatim (groups and
     order both given, e.g. for the given-grouping baseline)."""
@@ -86,9 +87,11 @@ def read_groups(path: str | Path) -> list[list[str]]:
     except ValueError as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
     groups = data.get("groups") if isinstance(data, dict) else data
-    if not (isinstance(groups, list) and groups
-            and all(isinstance(g, list) and g and all(isinstance(t, str) for t in g)
-                    for g in groups)):
+    if not (
+        isinstance(groups, list)
+        and groups
+        and all(isinstance(g, list) and g and all(isinstance(t, str) for t in g) for g in groups)
+    ):
         raise ValueError(f"{path}: expected an ordered, non-empty list of non-empty task lists")
     return [list(g) for g in groups]
 
@@ -101,6 +104,8 @@ def overlap_summary(overlap: dict[str, Any]) -> Optional[str]:
     if not pairs or "chance" not in overlap:
         return None
     ch = overlap["chance"]
-    return (f"pairwise Jaccard {min(pairs):.3f}-{max(pairs):.3f}, {min(pairs) / ch:.1f}-"
-            f"{max(pairs) / ch:.1f}x chance ({ch:.4f} for p = {overlap['p']:g}%); linked at "
-            f">= {overlap['threshold']:.4f} (tau {overlap['tau']:g}, {overlap['tau_mode']})")
+    return (
+        f"pairwise Jaccard {min(pairs):.3f}-{max(pairs):.3f}, {min(pairs) / ch:.1f}-"
+        f"{max(pairs) / ch:.1f}x chance ({ch:.4f} for p = {overlap['p']:g}%); linked at "
+        f">= {overlap['threshold']:.4f} (tau {overlap['tau']:g}, {overlap['tau_mode']})"
+    )

@@ -44,10 +44,10 @@ def mask_intersections(paths: Sequence, chunk_bytes: int = 64 * 2**20) -> tuple[
     try:
         names = files[0].names()
         for f in files[1:]:
-            if sorted(f.names()) != sorted(names) or any(f.numels[n] != files[0].numels[n]
-                                                         for n in names):
+            if sorted(f.names()) != sorted(names) or any(f.numels[n] != files[0].numels[n] for n in names):
                 diff = sorted(set(f.names()) ^ set(names)) or [
-                    n for n in names if f.numels.get(n) != files[0].numels[n]]
+                    n for n in names if f.numels.get(n) != files[0].numels[n]
+                ]
                 raise ValueError(
                     f"mask files {files[0].path} and {f.path} cover different tensors "
                     f"(first difference: {diff[0]!r})"

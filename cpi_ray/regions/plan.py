@@ -53,16 +53,24 @@ class Chunk:
         return (self.stop - self.start) // self.unit_len
 
     def as_item(self) -> dict:
-        return {"idx": self.idx, "name": self.name, "file": self.file, "start": self.start,
-                "stop": self.stop, "unit_len": self.unit_len, "unit_offset": self.unit_offset}
+        return {
+            "idx": self.idx,
+            "name": self.name,
+            "file": self.file,
+            "start": self.start,
+            "stop": self.stop,
+            "unit_len": self.unit_len,
+            "unit_offset": self.unit_offset,
+        }
 
 
 def is_float(dtype) -> bool:
     return str(dtype).replace("torch.", "") in _FLOAT_NAMES
 
 
-def select_tensors(names: Iterable[str], include: Sequence[str] = (),
-                   exclude: Sequence[str] = ()) -> list[str]:
+def select_tensors(
+    names: Iterable[str], include: Sequence[str] = (), exclude: Sequence[str] = ()
+) -> list[str]:
     """Sorted names kept by the filters: kept when some include pattern matches (or there are
     none) and no exclude pattern does. Patterns are regexes searched anywhere in the name."""
     inc = [re.compile(p) for p in include]
@@ -77,8 +85,12 @@ def select_tensors(names: Iterable[str], include: Sequence[str] = (),
     return sorted(out)
 
 
-def scored_tensors(base: CheckpointReader, include: Sequence[str] = (),
-                   exclude: Sequence[str] = (), granularity: str = "element") -> list[ScoredTensor]:
+def scored_tensors(
+    base: CheckpointReader,
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+    granularity: str = "element",
+) -> list[ScoredTensor]:
     """The floating-point tensors of the base that pass the filters, in global order."""
     if granularity not in ("element", "row"):
         raise ValueError(f"granularity must be 'element' or 'row', not {granularity!r}")
@@ -104,8 +116,7 @@ def scored_tensors(base: CheckpointReader, include: Sequence[str] = (),
     return out
 
 
-def plan_chunks(base: CheckpointReader, tensors: Sequence[ScoredTensor],
-                chunk_bytes: int) -> list[Chunk]:
+def plan_chunks(base: CheckpointReader, tensors: Sequence[ScoredTensor], chunk_bytes: int) -> list[Chunk]:
     """Split every scored tensor into chunks of at most `chunk_bytes` of base data (never less
     than 8 units, so a single huge row still makes progress)."""
     chunks: list[Chunk] = []
@@ -117,13 +128,23 @@ def plan_chunks(base: CheckpointReader, tensors: Sequence[ScoredTensor],
         units_per_chunk = max((per_chunk // t.unit_len) // 8 * 8, 8)
         for u0 in range(0, t.units, units_per_chunk):
             u1 = min(u0 + units_per_chunk, t.units)
-            chunks.append(Chunk(len(chunks), t.name, Path(info.file).name, u0 * t.unit_len,
-                                u1 * t.unit_len, t.unit_len, t.unit_offset + u0))
+            chunks.append(
+                Chunk(
+                    len(chunks),
+                    t.name,
+                    Path(info.file).name,
+                    u0 * t.unit_len,
+                    u1 * t.unit_len,
+                    t.unit_len,
+                    t.unit_offset + u0,
+                )
+            )
     return chunks
 
 
-def check_compatible(base: CheckpointReader, other: CheckpointReader, names: Iterable[str],
-                     label: str) -> None:
+def check_compatible(
+    base: CheckpointReader, other: CheckpointReader, names: Iterable[str], label: str
+) -> None:
     """Raise CheckpointError naming tensor and file when `other` (a probe or score checkpoint)
     does not have the base's tensors with the same shapes and dtypes."""
     for n in names:
@@ -140,8 +161,7 @@ def check_compatible(base: CheckpointReader, other: CheckpointReader, names: Ite
             )
         if o.dtype != b.dtype:
             raise CheckpointError(
-                f"{label} {o.file}: tensor {n!r} has dtype {o.dtype}, "
-                f"the base ({b.file.name}) has {b.dtype}"
+                f"{label} {o.file}: tensor {n!r} has dtype {o.dtype}, the base ({b.file.name}) has {b.dtype}"
             )
     extra = sorted(set(other.tensors) - set(base.tensors))
     if extra:

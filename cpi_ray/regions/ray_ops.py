@@ -37,9 +37,14 @@ class ChunkReader:
     """Score blocks of one chunk for one task, read from memory maps that are released after
     each block."""
 
-    def __init__(self, base_dir: str, probe_dirs: Mapping[str, str], score: str = "delta",
-                 fisher_dirs: Optional[Mapping[str, str]] = None,
-                 block_elems: int = DEFAULT_BLOCK_ELEMS):
+    def __init__(
+        self,
+        base_dir: str,
+        probe_dirs: Mapping[str, str],
+        score: str = "delta",
+        fisher_dirs: Optional[Mapping[str, str]] = None,
+        block_elems: int = DEFAULT_BLOCK_ELEMS,
+    ):
         self.base = CheckpointReader(base_dir)
         self.probes = {t: CheckpointReader(d) for t, d in probe_dirs.items()}
         self.fishers = {t: CheckpointReader(d) for t, d in (fisher_dirs or {}).items()}
@@ -62,8 +67,10 @@ class ChunkReader:
         del base, probe, fisher
         if not all_finite(keys_of(s)):
             bad = int((~torch.isfinite(s)).nonzero()[0, 0]) + start
-            files = [f"probe file {self.probes[task].info(name).file}",
-                     f"base file {self.base.info(name).file}"]
+            files = [
+                f"probe file {self.probes[task].info(name).file}",
+                f"base file {self.base.info(name).file}",
+            ]
             if task in self.fishers:
                 files.append(f"Fisher file {self.fishers[task].info(name).file}")
             raise CheckpointError(
@@ -72,8 +79,9 @@ class ChunkReader:
             )
         return s
 
-    def key_blocks(self, task: str, name: str, start: int, stop: int,
-                   unit_len: int) -> Iterator[torch.Tensor]:
+    def key_blocks(
+        self, task: str, name: str, start: int, stop: int, unit_len: int
+    ) -> Iterator[torch.Tensor]:
         step = self.block_units(unit_len) * unit_len
         for a in range(start, stop, step):
             b = min(a + step, stop)
@@ -88,10 +96,16 @@ class RegionsPass:
     """Ray Data UDF (`map_batches` with an actor pool): for each chunk row of the batch and each
     task with a request, the chunk's result, pickled into one small bytes value per row."""
 
-    def __init__(self, base_dir: str, probe_dirs: Mapping[str, str], requests: Mapping[str, dict],
-                 caps: Mapping[str, int], score: str = "delta",
-                 fisher_dirs: Optional[Mapping[str, str]] = None,
-                 block_elems: int = DEFAULT_BLOCK_ELEMS):
+    def __init__(
+        self,
+        base_dir: str,
+        probe_dirs: Mapping[str, str],
+        requests: Mapping[str, dict],
+        caps: Mapping[str, int],
+        score: str = "delta",
+        fisher_dirs: Optional[Mapping[str, str]] = None,
+        block_elems: int = DEFAULT_BLOCK_ELEMS,
+    ):
         self.reader = ChunkReader(base_dir, probe_dirs, score, fisher_dirs, block_elems)
         self.requests = {t: ScanRequest(**r) for t, r in requests.items()}
         self.caps = dict(caps)
@@ -116,10 +130,10 @@ class RegionsPass:
         n = len(batch["idx"])
         payloads = []
         for j in range(n):
-            payloads.append(pickle.dumps(self.process({k: batch[k][j] for k in batch}),
-                                         protocol=pickle.HIGHEST_PROTOCOL))
-        return {"idx": np.asarray(batch["idx"], dtype=np.int64),
-                "payload": np.array(payloads, dtype=object)}
+            payloads.append(
+                pickle.dumps(self.process({k: batch[k][j] for k in batch}), protocol=pickle.HIGHEST_PROTOCOL)
+            )
+        return {"idx": np.asarray(batch["idx"], dtype=np.int64), "payload": np.array(payloads, dtype=object)}
 
 
 def densify(result: ScanResult, bins: int) -> ScanResult:
@@ -131,11 +145,19 @@ def densify(result: ScanResult, bins: int) -> ScanResult:
     return result
 
 
-def run_pass(chunks: Sequence[Chunk], base_dir: str, probe_dirs: Mapping[str, str],
-             requests: Mapping[str, ScanRequest], caps: Mapping[str, int], score: str,
-             fisher_dirs: Optional[Mapping[str, str]], num_actors: int,
-             block_elems: int = DEFAULT_BLOCK_ELEMS, cpus_per_actor: float = 1.0,
-             resources: Optional[Mapping[str, float]] = None) -> Iterator[tuple[int, dict]]:
+def run_pass(
+    chunks: Sequence[Chunk],
+    base_dir: str,
+    probe_dirs: Mapping[str, str],
+    requests: Mapping[str, ScanRequest],
+    caps: Mapping[str, int],
+    score: str,
+    fisher_dirs: Optional[Mapping[str, str]],
+    num_actors: int,
+    block_elems: int = DEFAULT_BLOCK_ELEMS,
+    cpus_per_actor: float = 1.0,
+    resources: Optional[Mapping[str, float]] = None,
+) -> Iterator[tuple[int, dict]]:
     """One Ray Data pass over the chunks; yields (chunk idx, {task: result}) as rows stream in.
     Raises CheckpointError for a chunk whose data is bad."""
     import ray.data
@@ -146,8 +168,11 @@ def run_pass(chunks: Sequence[Chunk], base_dir: str, probe_dirs: Mapping[str, st
     ds = ds.map_batches(
         RegionsPass,
         fn_constructor_kwargs=dict(
-            base_dir=str(base_dir), probe_dirs={t: str(d) for t, d in probe_dirs.items()},
-            requests={t: asdict(r) for t, r in requests.items()}, caps=dict(caps), score=score,
+            base_dir=str(base_dir),
+            probe_dirs={t: str(d) for t, d in probe_dirs.items()},
+            requests={t: asdict(r) for t, r in requests.items()},
+            caps=dict(caps),
+            score=score,
             fisher_dirs={t: str(d) for t, d in (fisher_dirs or {}).items()},
             block_elems=block_elems,
         ),
@@ -165,8 +190,9 @@ def run_pass(chunks: Sequence[Chunk], base_dir: str, probe_dirs: Mapping[str, st
             yield int(idx), res
 
 
-def sample_keys(reader: ChunkReader, chunks: Sequence[Chunk], task: str,
-                target_units: int = 1 << 19, block: int = 64) -> tuple[np.ndarray, np.ndarray]:
+def sample_keys(
+    reader: ChunkReader, chunks: Sequence[Chunk], task: str, target_units: int = 1 << 19, block: int = 64
+) -> tuple[np.ndarray, np.ndarray]:
     """A systematic sample of unit keys (and their weights) across all chunks: small blocks at
     evenly spaced positions, about `target_units` units in all, read by the driver."""
     total = sum(c.units for c in chunks)
@@ -182,8 +208,12 @@ def sample_keys(reader: ChunkReader, chunks: Sequence[Chunk], task: str,
                 u1 = min(int(u) + b, c.units)
                 a, z = c.start + int(u) * c.unit_len, c.start + u1 * c.unit_len
                 f = reader.fishers[task].read_flat(c.name, a, z) if task in reader.fishers else None
-                s = compute_score(reader.score, reader.base.read_flat(c.name, a, z),
-                                  reader.probes[task].read_flat(c.name, a, z), f)
+                s = compute_score(
+                    reader.score,
+                    reader.base.read_flat(c.name, a, z),
+                    reader.probes[task].read_flat(c.name, a, z),
+                    f,
+                )
                 k = unit_keys(s, c.unit_len)
                 k = k[(k >= 0) & (k <= MAX_FINITE_KEY)]  # bad values are reported by the scan
                 keys.append(k.numpy().copy())

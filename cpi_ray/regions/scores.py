@@ -17,8 +17,9 @@ def needs_fisher(kind: str) -> bool:
     return kind in ("fisher", "delta_fisher")
 
 
-def compute_score(kind: str, base: torch.Tensor, probe: torch.Tensor,
-                  fisher: Optional[torch.Tensor] = None) -> torch.Tensor:
+def compute_score(
+    kind: str, base: torch.Tensor, probe: torch.Tensor, fisher: Optional[torch.Tensor] = None
+) -> torch.Tensor:
     """A fresh float32 tensor (never a view of the inputs, which may alias memory maps)."""
     if kind == "delta":
         return torch.sub(probe.to(torch.float32), base.to(torch.float32)).abs_()

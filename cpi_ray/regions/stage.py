@@ -130,9 +130,14 @@ class RegionsStage(Stage):
     def config_slice(self, cfg: PipelineConfig) -> dict:
         r = cfg.regions
         # chunking, actors and the candidate budget change the work, never the masks
-        return {"p": r.p, "score": r.score, "granularity": r.granularity,
-                "include": list(r.include), "exclude": list(r.exclude),
-                "tasks": [t.name for t in cfg.tasks]}
+        return {
+            "p": r.p,
+            "score": r.score,
+            "granularity": r.granularity,
+            "include": list(r.include),
+            "exclude": list(r.exclude),
+            "tasks": [t.name for t in cfg.tasks],
+        }
 
     def run(self, ctx: RunContext) -> list[Path]:
         out_dir = ctx.path("regions")
@@ -141,10 +146,15 @@ class RegionsStage(Stage):
         for t in tasks:  # no stale mask may outlive a failed rerun
             mask_path(ctx.run_dir, t).unlink(missing_ok=True)
         res = compute_regions(
-            ctx.cfg, ctx.base_model_dir, {t: ctx.path("probes", t) for t in tasks},
+            ctx.cfg,
+            ctx.base_model_dir,
+            {t: ctx.path("probes", t) for t in tasks},
             out_dir,
-            fisher_dirs=({t: fisher_dir(ctx.run_dir, t) for t in tasks}
-                         if needs_fisher(ctx.cfg.regions.score) else None),
+            fisher_dirs=(
+                {t: fisher_dir(ctx.run_dir, t) for t in tasks}
+                if needs_fisher(ctx.cfg.regions.score)
+                else None
+            ),
             histograms=self.histograms,
         )
         return res
@@ -153,15 +163,21 @@ class RegionsStage(Stage):
         st = load_region_stats(ctx.run_dir)
         return "\n".join(
             f"{t}: k={s['k']} of D={s['D']} (p={s['p']}%), threshold {s['threshold']:.3e}"
-            if s["threshold"] is not None else f"{t}: k={s['k']} of D={s['D']}"
+            if s["threshold"] is not None
+            else f"{t}: k={s['k']} of D={s['D']}"
             for t, s in st["tasks"].items()
         )
 
 
-def compute_regions(cfg: PipelineConfig, base_dir: str | Path, probe_dirs: dict[str, Path],
-                    out_dir: str | Path, fisher_dirs: Optional[dict[str, Path]] = None,
-                    block_elems: Optional[int] = None,
-                    histograms: Optional[dict[str, np.ndarray]] = None) -> list[Path]:
+def compute_regions(
+    cfg: PipelineConfig,
+    base_dir: str | Path,
+    probe_dirs: dict[str, Path],
+    out_dir: str | Path,
+    fisher_dirs: Optional[dict[str, Path]] = None,
+    block_elems: Optional[int] = None,
+    histograms: Optional[dict[str, np.ndarray]] = None,
+) -> list[Path]:
     """Masks, stats and histograms of every task into `out_dir`; returns the written paths.
     Nothing is written unless every input is valid.
 
@@ -179,16 +195,21 @@ def compute_regions(cfg: PipelineConfig, base_dir: str | Path, probe_dirs: dict[
     for t in tasks:  # structure first: a bad probe fails before any work
         check_compatible(base, CheckpointReader(probe_dirs[t]), base.names(), f"probe {t!r}")
         if fisher_dirs:
-            check_compatible(base, CheckpointReader(fisher_dirs[t]),
-                             [x.name for x in tensors], f"Fisher of {t!r}")
+            check_compatible(
+                base, CheckpointReader(fisher_dirs[t]), [x.name for x in tensors], f"Fisher of {t!r}"
+            )
     chunks = plan_chunks(base, tensors, rc.chunk_mib * 2**20)
     total = sum(x.numel for x in tensors)
     k = core_size(rc.p, total)
     metas = [ChunkMeta(c.idx, c.units, c.unit_len, c.unit_offset) for c in chunks]
     budget = rc.max_candidates
     solvers = {t: TopKSolver(metas, k, total, budget) for t in tasks}
-    reader = ChunkReader(str(base_dir), {t: str(d) for t, d in probe_dirs.items()}, rc.score,
-                         {t: str(d) for t, d in (fisher_dirs or {}).items()})
+    reader = ChunkReader(
+        str(base_dir),
+        {t: str(d) for t, d in probe_dirs.items()},
+        rc.score,
+        {t: str(d) for t, d in (fisher_dirs or {}).items()},
+    )
     requests = {}
     refined = []
     for t in tasks:
@@ -196,8 +217,9 @@ def compute_regions(cfg: PipelineConfig, base_dir: str | Path, probe_dirs: dict[
         if h is not None and not solvers[t].trivial and int(np.sum(h)) == total:
             solvers[t].hist = np.asarray(h, dtype=np.int64)
             b, _ = threshold_bin(solvers[t].hist, k)
-            requests[t] = solvers[t]._set(ScanRequest(
-                "scan", lo=b << HIST_SHIFT, hi=(b << HIST_SHIFT) | LOW_MASK))
+            requests[t] = solvers[t]._set(
+                ScanRequest("scan", lo=b << HIST_SHIFT, hi=(b << HIST_SHIFT) | LOW_MASK)
+            )
             refined.append(t)
             continue
         sk, sw = sample_keys(reader, chunks, t) if not solvers[t].trivial else ([], [])
@@ -209,10 +231,19 @@ def compute_regions(cfg: PipelineConfig, base_dir: str | Path, probe_dirs: dict[
     while requests:
         npass += 1
         caps = {t: solvers[t].cap(0) for t in requests}
-        for idx, res in run_pass(chunks, str(base_dir), probe_dirs, requests, caps, rc.score,
-                                 fisher_dirs, rc.num_actors, block_elems or DEFAULT_BLOCK_ELEMS,
-                                 getattr(rc, "cpus_per_actor", 1.0),
-                                 getattr(rc, "custom_resources", None)):
+        for idx, res in run_pass(
+            chunks,
+            str(base_dir),
+            probe_dirs,
+            requests,
+            caps,
+            rc.score,
+            fisher_dirs,
+            rc.num_actors,
+            block_elems or DEFAULT_BLOCK_ELEMS,
+            getattr(rc, "cpus_per_actor", 1.0),
+            getattr(rc, "custom_resources", None),
+        ):
             for t, r in res.items():
                 solvers[t].add(idx, densify(r, HIST_BINS))
         nxt = {}
@@ -232,12 +263,23 @@ def compute_regions(cfg: PipelineConfig, base_dir: str | Path, probe_dirs: dict[
         if rc.granularity == "element" and count != k:
             raise RuntimeError(f"task {t!r}: selected {count} elements, expected k={k}")
         thr = solvers[t].threshold
-        meta = {"task": t, "p": repr(float(rc.p)), "k": k, "D": total, "count": count,
-                "score": rc.score, "granularity": rc.granularity,
-                "threshold": "" if thr is None else repr(thr)}
+        meta = {
+            "task": t,
+            "p": repr(float(rc.p)),
+            "k": k,
+            "D": total,
+            "count": count,
+            "score": rc.score,
+            "granularity": rc.granularity,
+            "threshold": "" if thr is None else repr(thr),
+        }
         path = out_dir / f"{t}{MASK_SUFFIX}"
-        write_mask_file(path, {n: torch.from_numpy(a) for n, a in packed.items()},
-                        {n: by_name[n].numel for n in packed}, meta)
+        write_mask_file(
+            path,
+            {n: torch.from_numpy(a) for n, a in packed.items()},
+            {n: by_name[n].numel for n in packed},
+            meta,
+        )
         del packed
         written.append(path)
         layers, modules = Counter(), Counter()
@@ -245,10 +287,17 @@ def compute_regions(cfg: PipelineConfig, base_dir: str | Path, probe_dirs: dict[
             layers[layer_of(n)] += c
             modules[module_of(n)] += c
         stats[t] = {
-            "p": rc.p, "k": k, "D": total, "count": count, "score": rc.score,
-            "granularity": rc.granularity, "threshold": thr,
-            "threshold_key": solvers[t].threshold_key, "passes": solvers[t].passes,
-            "per_layer": dict(sorted(layers.items())), "per_module": dict(sorted(modules.items())),
+            "p": rc.p,
+            "k": k,
+            "D": total,
+            "count": count,
+            "score": rc.score,
+            "granularity": rc.granularity,
+            "threshold": thr,
+            "threshold_key": solvers[t].threshold_key,
+            "passes": solvers[t].passes,
+            "per_layer": dict(sorted(layers.items())),
+            "per_module": dict(sorted(modules.items())),
             "per_tensor": {n: c for n, c in per_tensor.items() if c},
         }
     hist_path = out_dir / HIST_FILE
@@ -256,19 +305,40 @@ def compute_regions(cfg: PipelineConfig, base_dir: str | Path, probe_dirs: dict[
         np.savez_compressed(f, **{t: solvers[t].hist for t in tasks})
     written.append(hist_path)
     stats_path = out_dir / STATS_FILE
-    write_json(stats_path, {
-        "p": rc.p, "k": k, "D": total, "score": rc.score, "granularity": rc.granularity,
-        "num_tensors": len(tensors), "num_chunks": len(chunks), "num_passes": npass,
-        "refinement": {"from_histogram": refined},
-        "histogram": {"file": HIST_FILE, "shift": HIST_SHIFT,
-                      "meaning": "bin b: elements whose float32 score bits >> shift == b"},
-        "timing_s": {"plan_and_sample": round(t_plan, 3), "select": round(t_select, 3),
-                     "write": round(time.time() - t0 - t_plan - t_select, 3)},
-        "tasks": stats,
-    })
+    write_json(
+        stats_path,
+        {
+            "p": rc.p,
+            "k": k,
+            "D": total,
+            "score": rc.score,
+            "granularity": rc.granularity,
+            "num_tensors": len(tensors),
+            "num_chunks": len(chunks),
+            "num_passes": npass,
+            "refinement": {"from_histogram": refined},
+            "histogram": {
+                "file": HIST_FILE,
+                "shift": HIST_SHIFT,
+                "meaning": "bin b: elements whose float32 score bits >> shift == b",
+            },
+            "timing_s": {
+                "plan_and_sample": round(t_plan, 3),
+                "select": round(t_select, 3),
+                "write": round(time.time() - t0 - t_plan - t_select, 3),
+            },
+            "tasks": stats,
+        },
+    )
     written.append(stats_path)
-    log.info("regions: k=%d of D=%d for %d tasks in %d pass(es), %.1fs", k, total, len(tasks),
-             npass, time.time() - t0)
+    log.info(
+        "regions: k=%d of D=%d for %d tasks in %d pass(es), %.1fs",
+        k,
+        total,
+        len(tasks),
+        npass,
+        time.time() - t0,
+    )
     return written
 
 
@@ -296,8 +366,13 @@ class GroupsStage(Stage):
 
     def config_slice(self, cfg: PipelineConfig) -> dict:
         g = cfg.groups
-        out = {"tau": g.tau, "order": g.order, "given": g.given, "seed": g.seed,
-               "tasks": [t.name for t in cfg.tasks]}
+        out = {
+            "tau": g.tau,
+            "order": g.order,
+            "given": g.given,
+            "seed": g.seed,
+            "tasks": [t.name for t in cfg.tasks],
+        }
         if g.tau_mode != "absolute":  # absent when absolute: runs recorded before it stay current
             out["tau_mode"] = g.tau_mode
         return out
@@ -315,8 +390,9 @@ class GroupsStage(Stage):
         return f"{line}\n{detail}" if detail else line
 
 
-def compute_groups(cfg: PipelineConfig, regions_dir: str | Path, out_dir: str | Path,
-                   tasks: list[str]) -> list[Path]:
+def compute_groups(
+    cfg: PipelineConfig, regions_dir: str | Path, out_dir: str | Path, tasks: list[str]
+) -> list[Path]:
     g = cfg.groups
     out_dir = Path(out_dir)
     paths = [Path(regions_dir) / f"{t}{MASK_SUFFIX}" for t in tasks]
@@ -330,10 +406,21 @@ def compute_groups(cfg: PipelineConfig, regions_dir: str | Path, out_dir: str | 
     comps = connected_components(tasks, sim, threshold)
     groups = order_groups(comps, g.order, g.seed, g.given)
     ov = out_dir / "overlap.json"
-    write_json(ov, {"tasks": tasks, "jaccard": sim.round(8).tolist(),
-                    "intersection": inter.tolist(), "core_sizes": np.diag(inter).tolist(),
-                    "tau": g.tau, "tau_mode": g.tau_mode, "p": p, "chance": chance_jaccard(p),
-                    "threshold": threshold, "components": comps})
+    write_json(
+        ov,
+        {
+            "tasks": tasks,
+            "jaccard": sim.round(8).tolist(),
+            "intersection": inter.tolist(),
+            "core_sizes": np.diag(inter).tolist(),
+            "tau": g.tau,
+            "tau_mode": g.tau_mode,
+            "p": p,
+            "chance": chance_jaccard(p),
+            "threshold": threshold,
+            "components": comps,
+        },
+    )
     gp = out_dir / "groups.json"
     write_json(gp, groups)
     return [ov, gp]

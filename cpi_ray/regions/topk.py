@@ -82,8 +82,9 @@ def unit_keys(score: torch.Tensor, unit_len: int) -> torch.Tensor:
 # --------------------------------------------------------------------------- chunk side
 
 
-def histogram_chunk(keys: torch.Tensor, weight: int = 1, prefix: Optional[int] = None,
-                    shift: int = HIST_SHIFT) -> np.ndarray:
+def histogram_chunk(
+    keys: torch.Tensor, weight: int = 1, prefix: Optional[int] = None, shift: int = HIST_SHIFT
+) -> np.ndarray:
     """Weighted counts of keys by their bits above `shift` (prefix None), or, for keys whose bits
     above `shift` equal `prefix`, by their low `shift` bits."""
     if prefix is None:
@@ -112,8 +113,7 @@ class ScanResult:
 _NONE_ABOVE = MAX_FINITE_KEY + 1
 
 
-def scan_chunk(keys: torch.Tensor, lo: int, hi: int, cap: int,
-               with_hist: bool = False) -> ScanResult:
+def scan_chunk(keys: torch.Tensor, lo: int, hi: int, cap: int, with_hist: bool = False) -> ScanResult:
     above = keys > hi
     n_above = int(above.sum())
     min_above = int(torch.where(above, keys, _NONE_ABOVE).amin()) if n_above else _NONE_ABOVE
@@ -161,8 +161,9 @@ class ChunkMeta:
     unit_offset: int
 
 
-def sample_interval(sample_keys: np.ndarray, sample_weights: np.ndarray, k: int, total: int,
-                    max_candidates: int) -> tuple[int, int]:
+def sample_interval(
+    sample_keys: np.ndarray, sample_weights: np.ndarray, k: int, total: int, max_candidates: int
+) -> tuple[int, int]:
     """[lo, hi] around the estimated k-th key of a sample, wide enough to expect about a quarter
     of the candidate budget (and at least a few standard errors of the sample quantile)."""
     n = len(sample_keys)
@@ -173,8 +174,10 @@ def sample_interval(sample_keys: np.ndarray, sample_weights: np.ndarray, k: int,
     cw = np.cumsum(sample_weights[order].astype(np.float64))
     wtot = cw[-1]
     q = k / total
-    half = max(0.25 * max_candidates / max(total, 1),  # budget share (fraction of the weight)
-               6 * math.sqrt(q * (1 - q) / n) + 16 / n)
+    half = max(
+        0.25 * max_candidates / max(total, 1),  # budget share (fraction of the weight)
+        6 * math.sqrt(q * (1 - q) / n) + 16 / n,
+    )
     i_hi = int(np.searchsorted(cw, (q - half) * wtot, side="left"))
     i_lo = int(np.searchsorted(cw, (q + half) * wtot, side="left"))
     hi = MAX_FINITE_KEY if q - half <= 0 else int(sk[min(i_hi, n - 1)])
@@ -218,8 +221,7 @@ class TopKSolver:
 
     def start(self, sample_keys: np.ndarray, sample_weights: np.ndarray) -> ScanRequest:
         if self.request is None:
-            lo, hi = sample_interval(sample_keys, sample_weights, self.k, self.total,
-                                     self.max_candidates)
+            lo, hi = sample_interval(sample_keys, sample_weights, self.k, self.total, self.max_candidates)
             self.request = ScanRequest("scan", lo=lo, hi=hi, with_hist=True)
         return self.request
 
@@ -276,8 +278,7 @@ class TopKSolver:
             if overflow and req.lo == req.hi:
                 # one key value with more units than the budget: take them in global order
                 counts = {i: res[i].n_cand for i in self.order}
-                return self._set(ScanRequest("quota", value=req.lo,
-                                             quotas=self._quotas(counts, need)))
+                return self._set(ScanRequest("quota", value=req.lo, quotas=self._quotas(counts, need)))
         if req.with_hist:
             # the common flood of ties is exact zeros (untouched weights): when every non-zero
             # unit fits in k, the rest are zeros taken in global order, without narrowing down
@@ -381,8 +382,7 @@ class TopKSolver:
 # --------------------------------------------------------------------------- in-memory drivers
 
 
-def run_request(req: ScanRequest, key_blocks: Iterable[torch.Tensor], unit_len: int, cap: int,
-                idx: int):
+def run_request(req: ScanRequest, key_blocks: Iterable[torch.Tensor], unit_len: int, cap: int, idx: int):
     """What one chunk computes for a request, from its unit keys given as consecutive blocks
     (each a multiple of 8 units but the last, so packed bits concatenate). Shared by the
     in-memory driver and the Ray UDF, which streams a chunk block by block."""
@@ -425,9 +425,16 @@ def run_request(req: ScanRequest, key_blocks: Iterable[torch.Tensor], unit_len: 
         n_zero += r.n_zero
         off += kb.numel()
     cat = np.concatenate
-    return ScanResult(n_above, cat(bits) if bits else np.empty(0, np.uint8), min_above, n_cand,
-                      None if over else (cat(ci) if ci else np.empty(0, np.int64)),
-                      None if over else (cat(ck) if ck else np.empty(0, np.int32)), hist, n_zero)
+    return ScanResult(
+        n_above,
+        cat(bits) if bits else np.empty(0, np.uint8),
+        min_above,
+        n_cand,
+        None if over else (cat(ci) if ci else np.empty(0, np.int64)),
+        None if over else (cat(ck) if ck else np.empty(0, np.int32)),
+        hist,
+        n_zero,
+    )
 
 
 def _pack_block(sel: torch.Tensor) -> np.ndarray:
@@ -445,9 +452,14 @@ def _aligned(blocks: Iterable[torch.Tensor]) -> Iterable[torch.Tensor]:
         yield b
 
 
-def run_in_memory(unit_keys_per_chunk: Sequence[torch.Tensor], unit_lens: Sequence[int], k: int,
-                  max_candidates: int = 1 << 21, sample: Optional[np.ndarray] = None,
-                  block_units: int = 0) -> tuple[list[np.ndarray], TopKSolver]:
+def run_in_memory(
+    unit_keys_per_chunk: Sequence[torch.Tensor],
+    unit_lens: Sequence[int],
+    k: int,
+    max_candidates: int = 1 << 21,
+    sample: Optional[np.ndarray] = None,
+    block_units: int = 0,
+) -> tuple[list[np.ndarray], TopKSolver]:
     """Run the streaming protocol over in-memory chunks (the reference the Ray passes follow,
     and what the tests exercise). `sample` (indices into the concatenated units) overrides the
     default sample. Returns one bool unit mask per chunk and the solver."""

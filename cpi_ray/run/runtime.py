@@ -23,8 +23,10 @@ def train_env() -> dict[str, str]:
     in the environment win."""
     import os
 
-    return {TRAIN_POLL_ENV: os.environ.get(TRAIN_POLL_ENV, "0.5"),
-            TRAIN_START_ENV: os.environ.get(TRAIN_START_ENV, "3600")}
+    return {
+        TRAIN_POLL_ENV: os.environ.get(TRAIN_POLL_ENV, "0.5"),
+        TRAIN_START_ENV: os.environ.get(TRAIN_START_ENV, "3600"),
+    }
 
 
 def _train_resources(tc) -> dict[str, float]:
@@ -82,13 +84,15 @@ def connect_ray(cfg: PipelineConfig) -> str:
     os.environ.update(train_env())
     if ray.is_initialized():
         return "already connected"
-    env = {"env_vars": {"DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "")}} \
-        if os.environ.get("DS_ACCELERATOR") else None
+    env = (
+        {"env_vars": {"DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "")}}
+        if os.environ.get("DS_ACCELERATOR")
+        else None
+    )
     address = cfg.ray.address or ("auto" if os.environ.get("RAY_ADDRESS") else None)
     if address is not None and address != "local":
         _check_reachable(address)
-        ray.init(address=address, namespace=cfg.ray.namespace, runtime_env=env,
-                 log_to_driver=True)
+        ray.init(address=address, namespace=cfg.ray.namespace, runtime_env=env, log_to_driver=True)
         return f"cluster at {address}"
     if address is None:
         # Only `ray start` records its cluster as this machine's current one; address="auto"
@@ -101,8 +105,11 @@ def connect_ray(cfg: PipelineConfig) -> str:
                 ray.init(address=started, namespace=cfg.ray.namespace, runtime_env=env)
                 return f"cluster started with `ray start` at {started}"
             except ConnectionError as e:
-                log.warning("the cluster `ray start` recorded at %s does not answer (%s); "
-                            "starting a local Ray", started, e)
+                log.warning(
+                    "the cluster `ray start` recorded at %s does not answer (%s); starting a local Ray",
+                    started,
+                    e,
+                )
 
     def start_local() -> None:
         # The dashboard stays on: Ray Train needs it to start more than one worker group reliably.

@@ -27,6 +27,7 @@ from cpi_ray.io.records import RECORD_NAME, file_sha256, output_problem, stable_
 
 log = logging.getLogger("cpi_ray")
 
+
 @dataclass
 class RunContext:
     """What every stage gets: the validated config, the run directory and the resolved base
@@ -90,8 +91,7 @@ class Stage(ABC):
                 )
             inputs[dep] = rec["fingerprint"]
         cfg_hash = stable_hash(self.config_slice(ctx.cfg))
-        fp = stable_hash({"stage": self.name, "version": self.version, "config": cfg_hash,
-                          "inputs": inputs})
+        fp = stable_hash({"stage": self.name, "version": self.version, "config": cfg_hash, "inputs": inputs})
         return fp, {"config_hash": cfg_hash, **inputs}
 
     def completed(self, ctx: RunContext) -> Optional[dict]:
@@ -108,8 +108,7 @@ class Stage(ABC):
         for out in rec.get("outputs", []):
             problem = output_problem(ctx.path(out["path"]), out)
             if problem is not None:
-                log.warning("stage %s: output %s %s; redoing the stage", self.name, out["path"],
-                            problem)
+                log.warning("stage %s: output %s %s; redoing the stage", self.name, out["path"], problem)
                 return None
         return rec
 
@@ -131,8 +130,13 @@ class Stage(ABC):
             out = Path(out)
             for f in sorted(out.rglob("*")) if out.is_dir() else [out]:
                 if f.is_file() and f.name != RECORD_NAME:
-                    files.append({"path": str(f.relative_to(ctx.run_dir)),
-                                  "bytes": f.stat().st_size, "sha256": file_sha256(f)})
+                    files.append(
+                        {
+                            "path": str(f.relative_to(ctx.run_dir)),
+                            "bytes": f.stat().st_size,
+                            "sha256": file_sha256(f),
+                        }
+                    )
         rec = {
             "stage": self.name,
             "fingerprint": fp,

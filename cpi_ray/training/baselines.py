@@ -59,8 +59,10 @@ def _read_mode_record(model_dir: Path) -> Optional[dict]:
 def cpi_budget_rows(cfg: PipelineConfig, n_groups: int) -> int:
     """Training rows CPI-FT consumes: every probe plus every consolidation stage."""
     p, c = cfg.probe, cfg.consolidate
-    return (p.steps * p.batch_size * p.num_workers * len(cfg.tasks)
-            + c.steps * c.batch_size * c.num_workers * n_groups)
+    return (
+        p.steps * p.batch_size * p.num_workers * len(cfg.tasks)
+        + c.steps * c.batch_size * c.num_workers * n_groups
+    )
 
 
 def random_groups(tasks: list[str], k: int, seed: int) -> list[list[str]]:
@@ -81,11 +83,15 @@ def plan_modes(cfg: PipelineConfig, cpi_groups: Optional[list[list[str]]]) -> di
     plans: dict[str, dict] = {}
     for mode in b.modes:
         if mode == "full_mtl":
-            plans[mode] = {"start": "base", "stages": [
-                {"tasks": names, "frozen": [], "steps": total_steps, "lr": c.lr}]}
+            plans[mode] = {
+                "start": "base",
+                "stages": [{"tasks": names, "frozen": [], "steps": total_steps, "lr": c.lr}],
+            }
         elif mode == "full_mtl_light":
-            plans[mode] = {"start": "base", "stages": [
-                {"tasks": names, "frozen": [], "steps": c.steps * n_groups, "lr": c.lr}]}
+            plans[mode] = {
+                "start": "base",
+                "stages": [{"tasks": names, "frozen": [], "steps": c.steps * n_groups, "lr": c.lr}],
+            }
         elif mode == "multistage":
             if b.multistage_grouping == "given":
                 groups = b.multistage_groups
@@ -95,16 +101,33 @@ def plan_modes(cfg: PipelineConfig, cpi_groups: Optional[list[list[str]]]) -> di
                 groups = cpi_groups
             else:
                 groups = random_groups(names, b.multistage_num_groups, b.seed)
-            plans[mode] = {"start": "base", "stages": [
-                {"tasks": g, "frozen": [], "lr": c.lr,
-                 "steps": max(1, round(total_steps * len(g) / len(names)))} for g in groups]}
+            plans[mode] = {
+                "start": "base",
+                "stages": [
+                    {
+                        "tasks": g,
+                        "frozen": [],
+                        "lr": c.lr,
+                        "steps": max(1, round(total_steps * len(g) / len(names))),
+                    }
+                    for g in groups
+                ],
+            }
         else:
             a, bt = b.sequential
             p = cfg.probe
             steps = max(1, math.ceil(p.steps * p.batch_size * p.num_workers / rows_per_step))
-            plans[mode] = {"start": f"probe:{a}", "stages": [
-                {"tasks": [bt], "frozen": [a] if mode == "sequential_cpi" else [],
-                 "steps": steps, "lr": p.lr}]}
+            plans[mode] = {
+                "start": f"probe:{a}",
+                "stages": [
+                    {
+                        "tasks": [bt],
+                        "frozen": [a] if mode == "sequential_cpi" else [],
+                        "steps": steps,
+                        "lr": p.lr,
+                    }
+                ],
+            }
     weights = {t.name: t.weight for t in cfg.tasks}
     for plan in plans.values():
         for st in plan["stages"]:
@@ -119,11 +142,17 @@ def cpi_budget(cfg: PipelineConfig, groups: Optional[list[list[str]]]) -> dict:
     p, c = cfg.probe, cfg.consolidate
     groups = groups or [[t.name] for t in cfg.tasks]
     n = c.steps * c.batch_size * c.num_workers
-    return {"rows": cpi_budget_rows(cfg, len(groups)),
-            "probe_rows": {t.name: p.steps * p.batch_size * p.num_workers for t in cfg.tasks},
-            "consolidate": {"data": c.data, "stages": [
+    return {
+        "rows": cpi_budget_rows(cfg, len(groups)),
+        "probe_rows": {t.name: p.steps * p.batch_size * p.num_workers for t in cfg.tasks},
+        "consolidate": {
+            "data": c.data,
+            "stages": [
                 {"tasks": g, "rows_per_task": stage_rows_per_task(cfg, groups, k, n)}
-                for k, g in enumerate(groups)]}}
+                for k, g in enumerate(groups)
+            ],
+        },
+    }
 
 
 class BaselinesStage(Stage):
@@ -135,18 +164,25 @@ class BaselinesStage(Stage):
         deps = ["probe"]
         if "sequential_cpi" in b.modes:
             deps.append("regions")
-        if ("multistage" in b.modes and b.multistage_grouping == "cpi"
-                or {"full_mtl", "full_mtl_light"} & set(b.modes)):
+        if (
+            "multistage" in b.modes
+            and b.multistage_grouping == "cpi"
+            or {"full_mtl", "full_mtl_light"} & set(b.modes)
+        ):
             deps.append("groups")  # the budget counts CPI-FT's stages
         return tuple(dict.fromkeys(deps))
 
     def config_slice(self, cfg: PipelineConfig) -> dict:
         from cpi_ray.data.tasks import task_identity
 
-        return {"baselines": cfg.baselines.model_dump(), "consolidate": cfg.consolidate.model_dump(),
-                "probe": cfg.probe.model_dump(), "data": cfg.data.model_dump(),
-                "tasks": [task_identity(t) for t in cfg.tasks],
-                "max_shard_size": cfg.model.max_shard_size}
+        return {
+            "baselines": cfg.baselines.model_dump(),
+            "consolidate": cfg.consolidate.model_dump(),
+            "probe": cfg.probe.model_dump(),
+            "data": cfg.data.model_dump(),
+            "tasks": [task_identity(t) for t in cfg.tasks],
+            "max_shard_size": cfg.model.max_shard_size,
+        }
 
     def run(self, ctx: RunContext) -> list[Path]:
         from cpi_ray.models.loading import load_tokenizer
@@ -162,8 +198,11 @@ class BaselinesStage(Stage):
         tok = load_tokenizer(ctx.base_model_dir, cfg.model.trust_remote_code)
         outputs: list[Path] = []
         for mode, plan in plans.items():
-            start = ctx.base_model_dir if plan["start"] == "base" else ctx.path(
-                "probes", plan["start"].split(":", 1)[1])
+            start = (
+                ctx.base_model_dir
+                if plan["start"] == "base"
+                else ctx.path("probes", plan["start"].split(":", 1)[1])
+            )
             final = out_dir / mode
             mode_fp = self.mode_fingerprint(ctx, mode, plan)
             kept = _read_mode_record(final)
@@ -184,22 +223,47 @@ class BaselinesStage(Stage):
                         union_masks(cores, cores[0], mask_path, {"mode": mode})
                     else:
                         _empty_mask(prev, mask_path)
-                    log.info("baselines %s stage %d/%d: tasks %s, %d steps, frozen %s", mode, k + 1,
-                             len(plan["stages"]), st["tasks"], st["steps"], st["frozen"] or "-")
+                    log.info(
+                        "baselines %s stage %d/%d: tasks %s, %d steps, frozen %s",
+                        mode,
+                        k + 1,
+                        len(plan["stages"]),
+                        st["tasks"],
+                        st["steps"],
+                        st["frozen"] or "-",
+                    )
                     stage_cfg = cfg.model_copy(deep=True)
                     stage_cfg.consolidate.steps = st["steps"]
                     stage_cfg.consolidate.lr = st["lr"]
                     stage_cfg.consolidate.freeze = "prior" if st["frozen"] else "none"
-                    examples = _mixed_examples(stage_cfg, tok, st["tasks"],
-                                               st["steps"] * cfg.consolidate.batch_size
-                                               * cfg.consolidate.num_workers, seed=cfg.baselines.seed + k)
-                    fit_group(stage_cfg, stage=k + 1, tasks=st["tasks"], frozen=st["frozen"],
-                              start_dir=prev, out_dir=out, mask_path=mask_path, examples=examples,
-                              pad_id=tok.pad_token_id, storage=ctx.path("_ray"),
-                              fingerprint=fp, rows_per_task=st["rows_per_task"])
+                    examples = _mixed_examples(
+                        stage_cfg,
+                        tok,
+                        st["tasks"],
+                        st["steps"] * cfg.consolidate.batch_size * cfg.consolidate.num_workers,
+                        seed=cfg.baselines.seed + k,
+                    )
+                    fit_group(
+                        stage_cfg,
+                        stage=k + 1,
+                        tasks=st["tasks"],
+                        frozen=st["frozen"],
+                        start_dir=prev,
+                        out_dir=out,
+                        mask_path=mask_path,
+                        examples=examples,
+                        pad_id=tok.pad_token_id,
+                        storage=ctx.path("_ray"),
+                        fingerprint=fp,
+                        rows_per_task=st["rows_per_task"],
+                    )
                 prev = out
-            copy_model_dir(prev, final, skip=(FROZEN_MASK, STAGE_RECORD),
-                           extra={MODE_RECORD: {"fingerprint": mode_fp, "mode": mode, **plan}})
+            copy_model_dir(
+                prev,
+                final,
+                skip=(FROZEN_MASK, STAGE_RECORD),
+                extra={MODE_RECORD: {"fingerprint": mode_fp, "mode": mode, **plan}},
+            )
             outputs.append(final)
         cpi = cpi_budget(cfg, cpi_groups)
         budget = {"cpi_rows": cpi["rows"], "cpi": cpi, "modes": plans}
@@ -223,8 +287,16 @@ class BaselinesStage(Stage):
         for dep in reads:
             rec = ctx.records.get(dep) or _load_record(ctx.path(STAGE_FOLDERS[dep], RECORD_NAME))
             inputs[dep] = None if rec is None else rec["fingerprint"]
-        return stable_hash({"config": sl, "base_model": ctx.base_model_id, "mode": mode,
-                            "plan": plan, "inputs": inputs, "version": self.version})
+        return stable_hash(
+            {
+                "config": sl,
+                "base_model": ctx.base_model_id,
+                "mode": mode,
+                "plan": plan,
+                "inputs": inputs,
+                "version": self.version,
+            }
+        )
 
     def summary(self, ctx: RunContext) -> Optional[str]:
         from cpi_ray.io.atomic import read_json
@@ -237,8 +309,9 @@ class BaselinesStage(Stage):
             return None
         lines = [f"baselines (CPI-FT budget: {budget['cpi_rows']} rows)"]
         for mode, plan in budget["modes"].items():
-            lines.append(f"  {mode:<15} {len(plan['stages'])} stage(s), {plan['rows']} rows, "
-                         f"from {plan['start']}")
+            lines.append(
+                f"  {mode:<15} {len(plan['stages'])} stage(s), {plan['rows']} rows, from {plan['start']}"
+            )
         return "\n".join(lines)
 
 
@@ -258,5 +331,9 @@ def _empty_mask(model_dir: Path, out: Path) -> None:
 
     with CheckpointReader(model_dir) as r:
         numels = {n: r.info(n).numel for n in r.names() if r.info(n).dtype.is_floating_point}
-    write_mask_file(out, {n: torch.zeros((k + 7) // 8, dtype=torch.uint8) for n, k in numels.items()},
-                    numels, {"frozen": "none"})
+    write_mask_file(
+        out,
+        {n: torch.zeros((k + 7) // 8, dtype=torch.uint8) for n, k in numels.items()},
+        numels,
+        {"frozen": "none"},
+    )

@@ -53,8 +53,9 @@ def frozen_tasks(groups: list[list[str]], k: int, mode: str) -> list[str]:
     raise ValueError(f"unknown freeze mode {mode!r}")
 
 
-def union_masks(mask_paths: list[Path], names_from: Path, out: Path,
-                metadata: Optional[dict[str, str]] = None) -> int:
+def union_masks(
+    mask_paths: list[Path], names_from: Path, out: Path, metadata: Optional[dict[str, str]] = None
+) -> int:
     """OR the packed region masks into one mask file (tensor names and sizes of `names_from`;
     all zeros when `mask_paths` is empty). Returns the number of frozen elements."""
     ref = MaskFile(names_from)
@@ -80,8 +81,7 @@ def union_masks(mask_paths: list[Path], names_from: Path, out: Path,
         m.close()
 
 
-def check_frozen(start_dir: Path, out_dir: Path, mask_path: Path,
-                 chunk: int = 1 << 24) -> dict[str, Any]:
+def check_frozen(start_dir: Path, out_dir: Path, mask_path: Path, chunk: int = 1 << 24) -> dict[str, Any]:
     """Compare a stage's export with the weights it started from, streaming `chunk` elements at a
     time: frozen elements must be bitwise equal. Returns counts and the tensors that broke it."""
     mask = MaskFile(mask_path)
@@ -154,12 +154,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     params = zero3.named_parameters(model)
     decay = [p for _, p in params if p.requires_grad and len(p.ds_shape) >= 2]
     no_decay = [p for _, p in params if p.requires_grad and len(p.ds_shape) < 2]
-    groups = [{"params": decay, "weight_decay": tc.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     sched_fn = zero3.lr_lambda(tc.schedule, tc.steps, tc.warmup_ratio)
     engine, _, _, scheduler = deepspeed.initialize(
-        model=model, model_parameters=groups, config=ds_config,
-        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, sched_fn))
+        model=model,
+        model_parameters=groups,
+        config=ds_config,
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, sched_fn),
+    )
 
     with CheckpointReader(start_dir) as reader:
         if tc.precision != "fp32":
@@ -174,14 +176,27 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             _, client = engine.load_checkpoint(d, tag=_CKPT_TAG)
         start = int(client["step"])
         freezer.restore()
-    log.info("consolidate rank %d/%d: %d frozen elements in this partition (%d in all), "
-             "starting at step %d", rank, world, len(freezer), frozen_total, start)
+    log.info(
+        "consolidate rank %d/%d: %d frozen elements in this partition (%d in all), starting at step %d",
+        rank,
+        world,
+        len(freezer),
+        frozen_total,
+        start,
+    )
 
     micro = tc.batch_size // tc.grad_accum
     examples = ray.get(config["examples"])
-    batches = iterate_batches(examples, micro, config["pad_id"], seed=tc.seed,
-                              packing=data.packing, rank=rank, world_size=world,
-                              max_seq_len=data.max_seq_len)
+    batches = iterate_batches(
+        examples,
+        micro,
+        config["pad_id"],
+        seed=tc.seed,
+        packing=data.packing,
+        rank=rank,
+        world_size=world,
+        max_seq_len=data.max_seq_len,
+    )
     # A resumed run skips what the finished steps consumed, so it sees the same data.
     for _ in range(start * tc.grad_accum):
         next(batches)
@@ -189,8 +204,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     fault = config.get("fault")
     val_batches = None
     if config.get("val_examples") is not None:
-        val_batches = _val_batches(ray.get(config["val_examples"]), micro, config["pad_id"],
-                                   rank, world)
+        val_batches = _val_batches(ray.get(config["val_examples"]), micro, config["pad_id"], rank, world)
     engine.train()
     t0 = time.time()
     step_times: list[float] = []
@@ -213,11 +227,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             loss += float(lo.detach())
         freezer.restore()
         step_times.append(time.perf_counter() - ts)
-        metrics = {"step": step + 1, "loss": loss, "lr": scheduler.get_last_lr()[0],
-                   "grad_norm": float(engine.get_global_grad_norm() or 0.0),
-                   "elapsed_s": time.time() - t0}
-        checkpoint = bool(tc.checkpoint_every and (step + 1) % tc.checkpoint_every == 0
-                          and step + 1 < tc.steps)
+        metrics = {
+            "step": step + 1,
+            "loss": loss,
+            "lr": scheduler.get_last_lr()[0],
+            "grad_norm": float(engine.get_global_grad_norm() or 0.0),
+            "elapsed_s": time.time() - t0,
+        }
+        checkpoint = bool(
+            tc.checkpoint_every and (step + 1) % tc.checkpoint_every == 0 and step + 1 < tc.steps
+        )
         if checkpoint or should_report(step + 1, tc.steps):
             if val_batches is not None:
                 metrics["val_loss"] = val_loss = _val_loss(engine, val_batches, device)
@@ -229,25 +248,37 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             kill_once(fault)
 
     record = {
-        "fingerprint": config["fingerprint"], "stage": config["stage"],
-        "tasks": config["tasks"], "frozen_tasks": config["frozen_tasks"],
-        "freeze": tc.freeze, "frozen_elements": frozen_total, "steps": tc.steps,
-        "final_loss": loss, "val_loss": val_loss, "resumed_at_step": start,
-        "train_rows": len(examples), "rows_per_task": config.get("rows_per_task"),
+        "fingerprint": config["fingerprint"],
+        "stage": config["stage"],
+        "tasks": config["tasks"],
+        "frozen_tasks": config["frozen_tasks"],
+        "freeze": tc.freeze,
+        "frozen_elements": frozen_total,
+        "steps": tc.steps,
+        "final_loss": loss,
+        "val_loss": val_loss,
+        "resumed_at_step": start,
+        "train_rows": len(examples),
+        "rows_per_task": config.get("rows_per_task"),
         "world_size": world,
         "step_time_s": (sum(step_times) / len(step_times)) if step_times else None,
-        "train_time_s": round(time.time() - t0, 2), "start": str(start_dir),
+        "train_time_s": round(time.time() - t0, 2),
+        "start": str(start_dir),
     }
     extra = None
     if rank == 0:
-        extra = {FROZEN_MASK: Path(config["mask_path"]).read_bytes(),
-                 STAGE_RECORD: json.dumps(record, indent=2) + "\n"}
-    zero3.export_hf_model(engine.module, out_dir, start_dir, parse_size(model_cfg.max_shard_size),
-                          extra_files=extra)
+        extra = {
+            FROZEN_MASK: Path(config["mask_path"]).read_bytes(),
+            STAGE_RECORD: json.dumps(record, indent=2) + "\n",
+        }
+    zero3.export_hf_model(
+        engine.module, out_dir, start_dir, parse_size(model_cfg.max_shard_size), extra_files=extra
+    )
 
 
-def _val_batches(rows: list[dict], micro: int, pad_id: int, rank: int,
-                 world: int) -> list[tuple[dict, float]]:
+def _val_batches(
+    rows: list[dict], micro: int, pad_id: int, rank: int, world: int
+) -> list[tuple[dict, float]]:
     """This rank's share of the validation rows as (batch, weight) pairs. Every rank gets the
     same number of batches (a ZeRO-3 forward is collective); a rank out of rows runs a
     zero-weight batch."""
@@ -258,7 +289,7 @@ def _val_batches(rows: list[dict], micro: int, pad_id: int, rank: int,
     n = -(-per_rank // micro)
     out = []
     for j in range(n):
-        part = mine[j * micro:(j + 1) * micro]
+        part = mine[j * micro : (j + 1) * micro]
         weight = 1.0 if part else 0.0
         part = part or rows[:1]
         out.append((_collate([(r["input_ids"], r["labels"]) for r in part], pad_id, 1), weight))
@@ -302,11 +333,24 @@ def _report_checkpoint(engine, metrics: dict, step: int) -> None:
 # ---------------------------------------------------------------------------- driver
 
 
-def fit_group(cfg: PipelineConfig, *, stage: int, tasks: list[str], frozen: list[str],
-              start_dir: Path, out_dir: Path, mask_path: Path, examples: list[dict], pad_id: int,
-              storage: Path, fingerprint: str, fault: Optional[dict] = None,
-              callbacks: Optional[list] = None, val_examples: Optional[list[dict]] = None,
-              rows_per_task: Optional[dict[str, int]] = None) -> dict:
+def fit_group(
+    cfg: PipelineConfig,
+    *,
+    stage: int,
+    tasks: list[str],
+    frozen: list[str],
+    start_dir: Path,
+    out_dir: Path,
+    mask_path: Path,
+    examples: list[dict],
+    pad_id: int,
+    storage: Path,
+    fingerprint: str,
+    fault: Optional[dict] = None,
+    callbacks: Optional[list] = None,
+    val_examples: Optional[list[dict]] = None,
+    rows_per_task: Optional[dict[str, int]] = None,
+) -> dict:
     """Train one group with a TorchTrainer and return its record (read back from `out_dir`).
     `rows_per_task`: how many of `examples` came from each task, kept in the record.
     `callbacks`: Ray Train callbacks (a Tune search passes TuneReportCallback); `val_examples`:
@@ -321,32 +365,48 @@ def fit_group(cfg: PipelineConfig, *, stage: int, tasks: list[str], frozen: list
     name = f"consolidate-{stage}-{fingerprint}"
     if tc.zero_stage != 3:
         # Loading, export and element freezing all work on ZeRO-3 partitions.
-        raise ValueError(f"consolidate.zero_stage is {tc.zero_stage}: the consolidation engine "
-                         "runs DeepSpeed ZeRO-3 only (set it to 3; offload etc. go through "
-                         "consolidate.deepspeed)")
+        raise ValueError(
+            f"consolidate.zero_stage is {tc.zero_stage}: the consolidation engine "
+            "runs DeepSpeed ZeRO-3 only (set it to 3; offload etc. go through "
+            "consolidate.deepspeed)"
+        )
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
-            "consolidate": tc.model_dump(), "data": cfg.data.model_dump(),
-            "model": cfg.model.model_dump(), "stage": stage, "tasks": tasks, "frozen_tasks": frozen,
-            "start_dir": str(start_dir), "out_dir": str(out_dir), "mask_path": str(mask_path),
-            "examples": ray.put(examples), "pad_id": pad_id, "fingerprint": fingerprint,
-            "fault": fault, "rows_per_task": rows_per_task,
+            "consolidate": tc.model_dump(),
+            "data": cfg.data.model_dump(),
+            "model": cfg.model.model_dump(),
+            "stage": stage,
+            "tasks": tasks,
+            "frozen_tasks": frozen,
+            "start_dir": str(start_dir),
+            "out_dir": str(out_dir),
+            "mask_path": str(mask_path),
+            "examples": ray.put(examples),
+            "pad_id": pad_id,
+            "fingerprint": fingerprint,
+            "fault": fault,
+            "rows_per_task": rows_per_task,
             "val_examples": ray.put(val_examples) if val_examples else None,
         },
         torch_config=TorchConfig(backend="nccl" if tc.use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
-                                     resources_per_worker=worker_resources(cfg, "consolidate")),
-        run_config=RunConfig(name=name, storage_path=str(storage),
-                             failure_config=FailureConfig(max_failures=tc.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=1),
-                             callbacks=list(callbacks) if callbacks else None),
+        scaling_config=ScalingConfig(
+            num_workers=tc.num_workers,
+            use_gpu=tc.use_gpu,
+            resources_per_worker=worker_resources(cfg, "consolidate"),
+        ),
+        run_config=RunConfig(
+            name=name,
+            storage_path=str(storage),
+            failure_config=FailureConfig(max_failures=tc.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=1),
+            callbacks=list(callbacks) if callbacks else None,
+        ),
     )
     trainer.fit()
     rec = stage_record(out_dir)
     if rec is None or rec.get("fingerprint") != fingerprint:
-        raise RuntimeError(f"consolidate stage {stage}: training finished but {out_dir} was not "
-                           "written")
+        raise RuntimeError(f"consolidate stage {stage}: training finished but {out_dir} was not written")
     # Its ZeRO-3 checkpoint only served resumption; the stage's model is written.
     shutil.rmtree(Path(storage) / name, ignore_errors=True)
     return rec
@@ -359,8 +419,9 @@ def stage_record(out: Path) -> Optional[dict]:
         return None
 
 
-def stage_data(cfg: PipelineConfig, groups: list[list[str]], k: int,
-               n: int) -> list[tuple[list[str], int, int]]:
+def stage_data(
+    cfg: PipelineConfig, groups: list[list[str]], k: int, n: int
+) -> list[tuple[list[str], int, int]]:
     """Stage k's n training rows as parts (tasks, rows, mixing seed), each part mixed by the
     tasks' weights. `consolidate.data` mixed: one part, every task; group: the group's tasks,
     and a `replay` share from the tasks of earlier groups."""
@@ -375,8 +436,7 @@ def stage_data(cfg: PipelineConfig, groups: list[list[str]], k: int,
     return parts
 
 
-def stage_rows_per_task(cfg: PipelineConfig, groups: list[list[str]], k: int,
-                        n: int) -> dict[str, int]:
+def stage_rows_per_task(cfg: PipelineConfig, groups: list[list[str]], k: int, n: int) -> dict[str, int]:
     """Rows stage k draws from each task (what its record and the budget file show)."""
     from cpi_ray.data.batching import mix_counts
 
@@ -388,14 +448,14 @@ def stage_rows_per_task(cfg: PipelineConfig, groups: list[list[str]], k: int,
     return out
 
 
-def group_examples(cfg: PipelineConfig, tokenizer, groups: list[list[str]], k: int,
-                   n: int) -> list[dict]:
+def group_examples(cfg: PipelineConfig, tokenizer, groups: list[list[str]], k: int, n: int) -> list[dict]:
     """n encoded training rows for stage k, as `stage_data` plans them."""
     from cpi_ray.data.batching import build_train_examples, mix_examples
 
     parts = stage_data(cfg, groups, k, n)
-    per_task = build_train_examples(cfg, tokenizer, list(dict.fromkeys(
-        t for tasks, _, _ in parts for t in tasks)))
+    per_task = build_train_examples(
+        cfg, tokenizer, list(dict.fromkeys(t for tasks, _, _ in parts for t in tasks))
+    )
     weights = {t: cfg.task(t).weight for t in per_task}
     rows: list[dict] = []
     for tasks, count, seed in parts:
@@ -403,8 +463,9 @@ def group_examples(cfg: PipelineConfig, tokenizer, groups: list[list[str]], k: i
     return rows
 
 
-def copy_model_dir(src: Path, dst: Path, skip: tuple[str, ...] = (),
-                   extra: Optional[dict[str, Any]] = None) -> Path:
+def copy_model_dir(
+    src: Path, dst: Path, skip: tuple[str, ...] = (), extra: Optional[dict[str, Any]] = None
+) -> Path:
     """Copy a model directory atomically, less the `skip` files, plus `extra` JSON files."""
     with atomic_dir(dst) as tmp:
         for p in src.iterdir():
@@ -419,8 +480,12 @@ class ConsolidateStage(Stage):
     name = "consolidate"
     depends = ("fuse", "groups", "regions")
 
-    def __init__(self, fault: Optional[dict] = None, callbacks: Optional[list] = None,
-                 val_examples: Optional[list[dict]] = None):
+    def __init__(
+        self,
+        fault: Optional[dict] = None,
+        callbacks: Optional[list] = None,
+        val_examples: Optional[list[dict]] = None,
+    ):
         # Test hook: {"stage": k, "step": s, "rank": r, "marker": path} kills rank r (SIGKILL)
         # after step s of stage k, once (the marker file records that it happened).
         self.fault = fault
@@ -431,11 +496,12 @@ class ConsolidateStage(Stage):
     def config_slice(self, cfg: PipelineConfig) -> dict:
         from cpi_ray.data.tasks import task_identity
 
-        return {"consolidate": cfg.consolidate.model_dump(exclude={"cpus_per_worker",
-                                                                   "custom_resources"}),
-                "data": cfg.data.model_dump(),
-                "tasks": [task_identity(t) for t in cfg.tasks],
-                "max_shard_size": cfg.model.max_shard_size}
+        return {
+            "consolidate": cfg.consolidate.model_dump(exclude={"cpus_per_worker", "custom_resources"}),
+            "data": cfg.data.model_dump(),
+            "tasks": [task_identity(t) for t in cfg.tasks],
+            "max_shard_size": cfg.model.max_shard_size,
+        }
 
     def run(self, ctx: RunContext) -> list[Path]:
         from cpi_ray.models.loading import load_tokenizer
@@ -461,30 +527,61 @@ class ConsolidateStage(Stage):
                 log.info("consolidate stage %d: already trained, kept (%s)", k + 1, out)
             else:
                 mask_path = ctx.path("consolidate", "masks", f"frozen-{k + 1}.mask.safetensors")
-                n_frozen = union_masks([region[t] for t in frozen], region[groups[0][0]],
-                                       mask_path, {"stage": str(k + 1), "freeze": tc.freeze,
-                                                   "tasks": ",".join(frozen)})
-                log.info("consolidate stage %d/%d: tasks %s, freeze %s (%s): %d elements",
-                         k + 1, len(groups), tasks, tc.freeze, frozen or "-", n_frozen)
+                n_frozen = union_masks(
+                    [region[t] for t in frozen],
+                    region[groups[0][0]],
+                    mask_path,
+                    {"stage": str(k + 1), "freeze": tc.freeze, "tasks": ",".join(frozen)},
+                )
+                log.info(
+                    "consolidate stage %d/%d: tasks %s, freeze %s (%s): %d elements",
+                    k + 1,
+                    len(groups),
+                    tasks,
+                    tc.freeze,
+                    frozen or "-",
+                    n_frozen,
+                )
                 examples = group_examples(cfg, tok, groups, k, n_rows)
                 rows = stage_rows_per_task(cfg, groups, k, n_rows)
                 log.info("consolidate stage %d: %s data, rows per task %s", k + 1, tc.data, rows)
                 fault = self.fault if self.fault and self.fault.get("stage") == k + 1 else None
-                rec = fit_group(cfg, stage=k + 1, tasks=tasks, frozen=frozen,
-                                start_dir=start_dir, out_dir=out, mask_path=mask_path,
-                                examples=examples, pad_id=tok.pad_token_id,
-                                storage=ctx.path("_ray"), fingerprint=fp, fault=fault,
-                                callbacks=self.callbacks, val_examples=self.val_examples,
-                                rows_per_task=rows)
-                log.info("consolidate stage %d: final loss %.4f, %.2fs/step", k + 1,
-                         rec["final_loss"], rec["step_time_s"] or 0.0)
+                rec = fit_group(
+                    cfg,
+                    stage=k + 1,
+                    tasks=tasks,
+                    frozen=frozen,
+                    start_dir=start_dir,
+                    out_dir=out,
+                    mask_path=mask_path,
+                    examples=examples,
+                    pad_id=tok.pad_token_id,
+                    storage=ctx.path("_ray"),
+                    fingerprint=fp,
+                    fault=fault,
+                    callbacks=self.callbacks,
+                    val_examples=self.val_examples,
+                    rows_per_task=rows,
+                )
+                log.info(
+                    "consolidate stage %d: final loss %.4f, %.2fs/step",
+                    k + 1,
+                    rec["final_loss"],
+                    rec["step_time_s"] or 0.0,
+                )
                 chk = check_frozen(start_dir, out, out / FROZEN_MASK)
                 if chk["frozen_moved"]:
                     raise RuntimeError(
                         f"consolidate stage {k + 1}: {chk['frozen_moved']} frozen elements changed "
-                        f"(tensors {chk['broken'][:5]}); the export in {out} is not trustworthy")
-                log.info("consolidate stage %d: %d frozen elements bitwise unchanged, %d of %d "
-                         "others changed", k + 1, chk["frozen"], chk["free_changed"], chk["free"])
+                        f"(tensors {chk['broken'][:5]}); the export in {out} is not trustworthy"
+                    )
+                log.info(
+                    "consolidate stage %d: %d frozen elements bitwise unchanged, %d of %d others changed",
+                    k + 1,
+                    chk["frozen"],
+                    chk["free_changed"],
+                    chk["free"],
+                )
             start_dir, prev_fp = out, fp
         final = copy_model_dir(start_dir, ctx.path("final"), skip=(FROZEN_MASK, STAGE_RECORD))
         shutil.rmtree(ctx.path("consolidate", "masks"), ignore_errors=True)
@@ -496,9 +593,14 @@ class ConsolidateStage(Stage):
             rec = stage_record(d)
             if rec:
                 rows = rec.get("rows_per_task")
-                data = (f", {ctx.cfg.consolidate.data} data "
-                        + " ".join(f"{t}:{n}" for t, n in rows.items()) if rows else "")
-                lines.append(f"stage {rec['stage']}: group {','.join(rec['tasks'])}{data}, "
-                             f"frozen {rec['frozen_elements']} ({rec['freeze']}), "
-                             f"loss {rec['final_loss']:.4f}")
+                data = (
+                    f", {ctx.cfg.consolidate.data} data " + " ".join(f"{t}:{n}" for t, n in rows.items())
+                    if rows
+                    else ""
+                )
+                lines.append(
+                    f"stage {rec['stage']}: group {','.join(rec['tasks'])}{data}, "
+                    f"frozen {rec['frozen_elements']} ({rec['freeze']}), "
+                    f"loss {rec['final_loss']:.4f}"
+                )
         return "\n".join(lines) or None

@@ -16,8 +16,14 @@ import torch
 from cpi_ray.training.sft import token_loss_sum
 
 
-def diagonal_fisher(model: torch.nn.Module, batches: Iterator[dict], n_batches: int,
-                    device: torch.device, names: list[str], world_size: int = 1) -> dict[str, torch.Tensor]:
+def diagonal_fisher(
+    model: torch.nn.Module,
+    batches: Iterator[dict],
+    n_batches: int,
+    device: torch.device,
+    names: list[str],
+    world_size: int = 1,
+) -> dict[str, torch.Tensor]:
     """{parameter name: mean squared gradient} for the named parameters (fp32, on CPU)."""
     import torch.distributed as dist
 

@@ -57,8 +57,12 @@ class ElementFreezer:
     empty set) keyed by checkpoint tensor names; `reference` is the checkpoint whose values the
     frozen elements must keep."""
 
-    def __init__(self, params: list[tuple[str, torch.nn.Parameter]], mask: Optional[MaskFile],
-                 reference: CheckpointReader):
+    def __init__(
+        self,
+        params: list[tuple[str, torch.nn.Parameter]],
+        mask: Optional[MaskFile],
+        reference: CheckpointReader,
+    ):
         self.entries: list[_Frozen] = []
         self.local_frozen = 0
         if mask is None:
@@ -67,8 +71,10 @@ class ElementFreezer:
             if name not in mask:
                 continue
             if mask.numels[name] != p.ds_numel:
-                raise ValueError(f"{mask.path}: mask of {name!r} has {mask.numels[name]} elements,"
-                                 f" the parameter {p.ds_numel}")
+                raise ValueError(
+                    f"{mask.path}: mask of {name!r} has {mask.numels[name]} elements,"
+                    f" the parameter {p.ds_numel}"
+                )
             if not p.requires_grad:
                 continue  # nothing can move it
             start, stop, part = local_range(p)
@@ -89,8 +95,7 @@ class ElementFreezer:
                     fvals = reference.read_flat(name).to(torch.float32)[fsel].to(p.ds_tensor.device)
                     fsel = fsel.to(p.ds_tensor.device)
                     if entry is None:
-                        entry = _Frozen(name, p, torch.zeros(0, dtype=torch.long),
-                                        torch.zeros(0))
+                        entry = _Frozen(name, p, torch.zeros(0, dtype=torch.long), torch.zeros(0))
                     entry.full_sel, entry.full_values = fsel, fvals
             if entry is not None:
                 self.entries.append(entry)
@@ -178,8 +183,12 @@ def check_freezable(ds_config: dict) -> None:
     """Element freezing needs ZeRO-3's local partition API and one partition per parameter."""
     zero = ds_config.get("zero_optimization", {})
     if int(zero.get("stage", 0)) != 3:
-        raise ValueError("element freezing needs DeepSpeed ZeRO stage 3 (consolidate.zero_stage: 3)"
-                         " when the frozen set is not empty")
+        raise ValueError(
+            "element freezing needs DeepSpeed ZeRO stage 3 (consolidate.zero_stage: 3)"
+            " when the frozen set is not empty"
+        )
     if int(zero.get("zero_hpz_partition_size", 1)) > 1 or zero.get("mics_shard_size", -1) > 0:
-        raise ValueError("element freezing does not support ZeRO++ hpZ or MiCS partitioning "
-                         "(their secondary partitions would keep updated values)")
+        raise ValueError(
+            "element freezing does not support ZeRO++ hpZ or MiCS partitioning "
+            "(their secondary partitions would keep updated values)"
+        )

@@ -45,9 +45,15 @@ _CKPT_WEIGHTS = "model.safetensors"
 
 
 def probe_fingerprint(cfg: PipelineConfig, task: str, base_id: str) -> str:
-    return stable_hash({"task": cfg.task(task).model_dump(), "data": cfg.data.model_dump(),
-                        "probe": cfg.probe.model_dump(exclude=PLACEMENT_FIELDS | {"fisher_batches"}),
-                        "dtype": cfg.model.dtype, "base": base_id})
+    return stable_hash(
+        {
+            "task": cfg.task(task).model_dump(),
+            "data": cfg.data.model_dump(),
+            "probe": cfg.probe.model_dump(exclude=PLACEMENT_FIELDS | {"fisher_batches"}),
+            "dtype": cfg.model.dtype,
+            "base": base_id,
+        }
+    )
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -74,11 +80,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     t0 = time.time()
     record = {} if train else (_probe_record(Path(out_dir)) or {})
     if train:
-        model, loss, start = _train(model, examples, tok, cfg, rank, world, device, task,
-                                    config.get("fault"))
-        record = {"task": task, "fingerprint": config["fingerprint"], "steps": tc.steps,
-                  "final_loss": loss, "train_rows": len(examples), "resumed_at_step": start,
-                  "train_time_s": round(time.time() - t0, 2)}
+        model, loss, start = _train(model, examples, tok, cfg, rank, world, device, task, config.get("fault"))
+        record = {
+            "task": task,
+            "fingerprint": config["fingerprint"],
+            "steps": tc.steps,
+            "final_loss": loss,
+            "train_rows": len(examples),
+            "resumed_at_step": start,
+            "train_time_s": round(time.time() - t0, 2),
+        }
     raw = model.module if hasattr(model, "module") else model
 
     fisher = None
@@ -88,16 +99,26 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
         t1 = time.time()
         params = dict(raw.named_parameters())
-        names = [n for n, t in unique_state_dict(raw).items()
-                 if n in params and t.is_floating_point()]
-        batches = iterate_batches(examples, micro_batch_size(tc), tok.pad_token_id,
-                                  seed=tc.seed + 1, packing=cfg.data.packing, rank=rank,
-                                  world_size=world, max_seq_len=cfg.data.max_seq_len)
+        names = [n for n, t in unique_state_dict(raw).items() if n in params and t.is_floating_point()]
+        batches = iterate_batches(
+            examples,
+            micro_batch_size(tc),
+            tok.pad_token_id,
+            seed=tc.seed + 1,
+            packing=cfg.data.packing,
+            rank=rank,
+            world_size=world,
+            max_seq_len=cfg.data.max_seq_len,
+        )
         fisher = diagonal_fisher(raw, batches, config["fisher_batches"], device, names, world)
-        record["fisher"] = {"batches": config["fisher_batches"],
-                            "time_s": round(time.time() - t1, 2)}
-        log.info("probe %s: Fisher over %d batches in %.1fs (training took %.1fs)", task,
-                 config["fisher_batches"], time.time() - t1, record.get("train_time_s", 0.0))
+        record["fisher"] = {"batches": config["fisher_batches"], "time_s": round(time.time() - t1, 2)}
+        log.info(
+            "probe %s: Fisher over %d batches in %.1fs (training took %.1fs)",
+            task,
+            config["fisher_batches"],
+            time.time() - t1,
+            record.get("train_time_s", 0.0),
+        )
 
     if rank == 0:
         from cpi_ray.io.atomic import atomic_dir
@@ -114,8 +135,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         write_json(Path(out_dir) / PROBE_RECORD, record)
 
 
-def _train(model, examples, tok, cfg: PipelineConfig, rank: int, world: int, device, task: str,
-           fault: dict | None = None):
+def _train(
+    model,
+    examples,
+    tok,
+    cfg: PipelineConfig,
+    rank: int,
+    world: int,
+    device,
+    task: str,
+    fault: dict | None = None,
+):
     import ray.train
     import ray.train.torch
     from safetensors.torch import load_file, save_file
@@ -138,9 +168,16 @@ def _train(model, examples, tok, cfg: PipelineConfig, rank: int, world: int, dev
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
 
-    batches = iterate_batches(examples, micro_batch_size(tc), tok.pad_token_id, seed=tc.seed,
-                              packing=cfg.data.packing, rank=rank, world_size=world,
-                              max_seq_len=cfg.data.max_seq_len)
+    batches = iterate_batches(
+        examples,
+        micro_batch_size(tc),
+        tok.pad_token_id,
+        seed=tc.seed,
+        packing=cfg.data.packing,
+        rank=rank,
+        world_size=world,
+        max_seq_len=cfg.data.max_seq_len,
+    )
     # Skip what the resumed steps consumed, so that a resumed run sees the same data.
     for _ in range(start * tc.grad_accum):
         next(batches)
@@ -155,8 +192,14 @@ def _train(model, examples, tok, cfg: PipelineConfig, rank: int, world: int, dev
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        metrics = {"task": task, "step": step + 1, "loss": loss, "lr": sched.get_last_lr()[0],
-                   "grad_norm": gnorm, "elapsed_s": time.time() - t0}
+        metrics = {
+            "task": task,
+            "step": step + 1,
+            "loss": loss,
+            "lr": sched.get_last_lr()[0],
+            "grad_norm": gnorm,
+            "elapsed_s": time.time() - t0,
+        }
         if (step + 1) % every == 0 and step + 1 < tc.steps:
             _report_checkpoint(metrics, model, opt, sched, step + 1, rank, save_file)
         elif should_report(step + 1, tc.steps):
@@ -175,10 +218,14 @@ def _report_checkpoint(metrics, model, opt, sched, step, rank, save_file) -> Non
         ckpt = None
         if rank == 0:
             raw = model.module if hasattr(model, "module") else model
-            save_file({k: v.detach().cpu().contiguous() for k, v in unique_state_dict(raw).items()},
-                      os.path.join(d, _CKPT_WEIGHTS))
-            torch.save({"step": step, "optimizer": opt.state_dict(),
-                        "scheduler": sched.state_dict()}, os.path.join(d, _CKPT_STATE))
+            save_file(
+                {k: v.detach().cpu().contiguous() for k, v in unique_state_dict(raw).items()},
+                os.path.join(d, _CKPT_WEIGHTS),
+            )
+            torch.save(
+                {"step": step, "optimizer": opt.state_dict(), "scheduler": sched.state_dict()},
+                os.path.join(d, _CKPT_STATE),
+            )
             ckpt = ray.train.Checkpoint.from_directory(d)
         ray.train.report(metrics, checkpoint=ckpt)
 
@@ -194,9 +241,13 @@ class ProbeStage(Stage):
 
     def config_slice(self, cfg: PipelineConfig) -> dict:
         # The Fisher is part of the stage's output only when a core score reads it.
-        return {"tasks": [t.model_dump() for t in cfg.tasks], "data": cfg.data.model_dump(),
-                "probe": cfg.probe.model_dump(exclude=PLACEMENT_FIELDS | {"fisher_batches"}),
-                "dtype": cfg.model.dtype, "fisher_batches": fisher_batches_needed(cfg)}
+        return {
+            "tasks": [t.model_dump() for t in cfg.tasks],
+            "data": cfg.data.model_dump(),
+            "probe": cfg.probe.model_dump(exclude=PLACEMENT_FIELDS | {"fisher_batches"}),
+            "dtype": cfg.model.dtype,
+            "fisher_batches": fisher_batches_needed(cfg),
+        }
 
     def run(self, ctx: RunContext) -> list[Path]:
         import ray
@@ -219,13 +270,21 @@ class ProbeStage(Stage):
         if not pending:
             return outputs
 
-        fit = ray.remote(num_cpus=0, max_retries=0)(_fit_probe).options(
-            runtime_env={"env_vars": train_env()})
-        refs = {task: fit.remote(cfg.model_dump(), task, str(ctx.base_model_dir),
-                                 str(ctx.path("probes", task)), str(ctx.path("_ray")), fp, mode,
-                                 fisher_batches,
-                                 self.fault if self.fault and self.fault["task"] == task else None)
-                for task, fp, mode in pending}
+        fit = ray.remote(num_cpus=0, max_retries=0)(_fit_probe).options(runtime_env={"env_vars": train_env()})
+        refs = {
+            task: fit.remote(
+                cfg.model_dump(),
+                task,
+                str(ctx.base_model_dir),
+                str(ctx.path("probes", task)),
+                str(ctx.path("_ray")),
+                fp,
+                mode,
+                fisher_batches,
+                self.fault if self.fault and self.fault["task"] == task else None,
+            )
+            for task, fp, mode in pending
+        }
         log.info("probe: %d trainer(s) submitted (%s)", len(refs), ", ".join(refs))
         failures = {}
         from tqdm import tqdm
@@ -238,16 +297,21 @@ class ProbeStage(Stage):
                 try:
                     info = ray.get(ready[0])
                     fisher = info.get("fisher") or {}
-                    log.info("probe %s: done, final loss %.4f, trained in %.1fs%s", task,
-                             info["final_loss"], info["train_time_s"],
-                             f", Fisher in {fisher['time_s']:.1f}s" if fisher else "")
+                    log.info(
+                        "probe %s: done, final loss %.4f, trained in %.1fs%s",
+                        task,
+                        info["final_loss"],
+                        info["train_time_s"],
+                        f", Fisher in {fisher['time_s']:.1f}s" if fisher else "",
+                    )
                 except Exception as e:  # noqa: BLE001 - reported per task below
                     failures[task] = e
                 bar.update(1)
         if failures:
             msg = "; ".join(f"{t}: {_short(e)}" for t, e in failures.items())
-            raise RuntimeError(f"probe failed for task(s) {', '.join(failures)} "
-                               f"(finished probes are kept): {msg}")
+            raise RuntimeError(
+                f"probe failed for task(s) {', '.join(failures)} (finished probes are kept): {msg}"
+            )
         return outputs
 
 
@@ -258,8 +322,17 @@ def fisher_batches_needed(cfg: PipelineConfig) -> int:
     return cfg.probe.fisher_batches if needs_fisher(cfg.regions.score) else 0
 
 
-def _fit_probe(cfg_dump: dict, task: str, base_dir: str, out_dir: str, storage: str,
-               fingerprint: str, mode: str, fisher_batches: int, fault: dict | None = None) -> dict:
+def _fit_probe(
+    cfg_dump: dict,
+    task: str,
+    base_dir: str,
+    out_dir: str,
+    storage: str,
+    fingerprint: str,
+    mode: str,
+    fisher_batches: int,
+    fault: dict | None = None,
+) -> dict:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -270,14 +343,27 @@ def _fit_probe(cfg_dump: dict, task: str, base_dir: str, out_dir: str, storage: 
     tc = cfg.probe
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": cfg_dump, "task": task, "base_dir": base_dir,
-                           "out_dir": out_dir, "fingerprint": fingerprint, "mode": mode,
-                           "fisher_batches": fisher_batches, "fault": fault},
-        scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
-                                     resources_per_worker=worker_resources(cfg, "probe")),
-        run_config=RunConfig(name=name, storage_path=storage,
-                             failure_config=FailureConfig(max_failures=2),
-                             checkpoint_config=CheckpointConfig(num_to_keep=1)),
+        train_loop_config={
+            "cfg": cfg_dump,
+            "task": task,
+            "base_dir": base_dir,
+            "out_dir": out_dir,
+            "fingerprint": fingerprint,
+            "mode": mode,
+            "fisher_batches": fisher_batches,
+            "fault": fault,
+        },
+        scaling_config=ScalingConfig(
+            num_workers=tc.num_workers,
+            use_gpu=tc.use_gpu,
+            resources_per_worker=worker_resources(cfg, "probe"),
+        ),
+        run_config=RunConfig(
+            name=name,
+            storage_path=storage,
+            failure_config=FailureConfig(max_failures=2),
+            checkpoint_config=CheckpointConfig(num_to_keep=1),
+        ),
     )
     trainer.fit()
     rec = _probe_record(Path(out_dir))
@@ -298,6 +384,10 @@ def _probe_record(out: Path) -> dict | None:
 def _short(e: BaseException) -> str:
     """The line of a (remote, wrapped) exception that names the underlying error."""
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    named = [ln for ln in lines if re.search(r"\b\w*(Error|Exception)\b", ln)
-             and not ln.startswith(("File ", "Traceback", "For further"))]
+    named = [
+        ln
+        for ln in lines
+        if re.search(r"\b\w*(Error|Exception)\b", ln)
+        and not ln.startswith(("File ", "Traceback", "For further"))
+    ]
     return (named or lines or [type(e).__name__])[-1][:500]

@@ -17,8 +17,7 @@ def make_optimizer(model: torch.nn.Module, tc: TrainConfig) -> torch.optim.Optim
     for p in model.parameters():
         if p.requires_grad:
             (decay if p.ndim >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": tc.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=tc.lr, betas=(0.9, 0.999), eps=1e-8)
 
 
@@ -26,8 +25,9 @@ def make_scheduler(optimizer: torch.optim.Optimizer, tc: TrainConfig):
     from transformers import get_scheduler
 
     name = "constant_with_warmup" if tc.schedule == "constant" else tc.schedule
-    return get_scheduler(name, optimizer, num_warmup_steps=int(tc.warmup_ratio * tc.steps),
-                         num_training_steps=tc.steps)
+    return get_scheduler(
+        name, optimizer, num_warmup_steps=int(tc.warmup_ratio * tc.steps), num_training_steps=tc.steps
+    )
 
 
 def autocast(tc: TrainConfig, device: torch.device):
@@ -49,8 +49,9 @@ def micro_batch_size(tc: TrainConfig) -> int:
     return tc.batch_size // tc.grad_accum
 
 
-def accumulate_loss(model: torch.nn.Module, batches: Iterator[dict], tc: TrainConfig,
-                    device: torch.device, backward=None) -> float:
+def accumulate_loss(
+    model: torch.nn.Module, batches: Iterator[dict], tc: TrainConfig, device: torch.device, backward=None
+) -> float:
     """Forward/backward `grad_accum` micro-batches; returns the mean loss per supervised token.
 
     Each micro-batch's summed token loss is divided by the token count of the whole accumulated
@@ -72,8 +73,7 @@ def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Summed next-token cross entropy over supervised (label != -100) positions, in fp32."""
     shift_logits = logits[:, :-1].float().reshape(-1, logits.shape[-1])
     shift_labels = labels[:, 1:].reshape(-1)
-    return torch.nn.functional.cross_entropy(shift_logits, shift_labels, ignore_index=-100,
-                                             reduction="sum")
+    return torch.nn.functional.cross_entropy(shift_logits, shift_labels, ignore_index=-100, reduction="sum")
 
 
 def clip_grad(model: torch.nn.Module, tc: TrainConfig) -> Optional[float]:

@@ -46,7 +46,10 @@ def build_ds_config(cfg: ConsolidateConfig, world_size: int, use_gpu: bool = Fal
     `consolidate.deepspeed` dict deep-merged over it (offload, bucket sizes, ... win)."""
     micro = cfg.batch_size // cfg.grad_accum
     opt_params: dict[str, Any] = {
-        "lr": cfg.lr, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": cfg.weight_decay,
+        "lr": cfg.lr,
+        "betas": [0.9, 0.999],
+        "eps": 1e-8,
+        "weight_decay": cfg.weight_decay,
     }
     if not use_gpu:
         # DeepSpeed's fused Adam needs CUDA; torch's AdamW is exact and portable on CPU.
@@ -70,8 +73,10 @@ def build_ds_config(cfg: ConsolidateConfig, world_size: int, use_gpu: bool = Fal
     }
     merged = deep_merge(generated, cfg.deepspeed)
     if cfg.deepspeed.get("fp16", {}).get("enabled") and not use_gpu:
-        raise ValueError("consolidate.deepspeed enables fp16, which DeepSpeed does not support on CPU;"
-                         " use precision: bf16 or fp32")
+        raise ValueError(
+            "consolidate.deepspeed enables fp16, which DeepSpeed does not support on CPU;"
+            " use precision: bf16 or fp32"
+        )
     # The batch arithmetic must stay consistent whatever the user overrode.
     mb = merged["train_micro_batch_size_per_gpu"]
     ga = merged["gradient_accumulation_steps"]
@@ -167,8 +172,12 @@ def checkpoint_name(name: str, reader: CheckpointReader) -> str:
 # ---------------------------------------------------------------------------- loading
 
 
-def load_zero3_model(model_dir: str | os.PathLike, ds_config: Mapping[str, Any],
-                     dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
+def load_zero3_model(
+    model_dir: str | os.PathLike,
+    ds_config: Mapping[str, Any],
+    dtype: torch.dtype = torch.float32,
+    trust_remote_code: bool = False,
+):
     """Build the HF causal LM of `model_dir` under `zero.Init` (each rank allocates only its
     partitions) and fill every partition from the sharded safetensors, each rank reading only its
     own slice of each tensor. Returns (model, hf_ds_config); keep the second alive while training
@@ -187,8 +196,7 @@ def load_zero3_model(model_dir: str | os.PathLike, ds_config: Mapping[str, Any],
         stack.enter_context(prevent_arange_dtype_change())
         stack.enter_context(deepspeed.zero.Init(config_dict_or_path=dict(ds_config), dtype=dtype))
         stack.enter_context(set_zero3_state())
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype,
-                                                 trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
         # Under zero.Init the tied output embedding comes out as a parameter of its own: tie it
         # again so that it is the input embedding's parameter, as in the checkpoint.
         if getattr(config, "tie_word_embeddings", False):
@@ -205,12 +213,13 @@ def fill_partitions(model: torch.nn.Module, reader: CheckpointReader) -> None:
         src = checkpoint_name(name, reader)
         info = reader.info(src)
         if tuple(info.shape) != tuple(p.ds_shape):
-            raise ValueError(f"{reader.path}: {src!r} has shape {tuple(info.shape)}, the model "
-                             f"expects {tuple(p.ds_shape)}")
+            raise ValueError(
+                f"{reader.path}: {src!r} has shape {tuple(info.shape)}, the model expects {tuple(p.ds_shape)}"
+            )
         start, stop, part = local_range(p)
         local = p.ds_tensor.data
         local[: stop - start].copy_(reader.read_flat(src, start, stop))
-        local[stop - start:].zero_()
+        local[stop - start :].zero_()
 
 
 @torch.no_grad()
@@ -241,8 +250,9 @@ def load_fp32_master(params: list[tuple[str, torch.nn.Parameter]], reader: Check
 # ---------------------------------------------------------------------------- export
 
 
-def gathered_tensors(model: torch.nn.Module, dtypes: Optional[Mapping[str, torch.dtype]] = None,
-                     rank0_only: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
+def gathered_tensors(
+    model: torch.nn.Module, dtypes: Optional[Mapping[str, torch.dtype]] = None, rank0_only: bool = True
+) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (name, full tensor) for every parameter, all-gathered one at a time from the fp32
     master partitions (the optimizer's exact values, not the bf16 working copy). Collective: every
     rank must exhaust it. With `rank0_only`, other ranks get empty placeholders."""
@@ -264,9 +274,13 @@ def gathered_tensors(model: torch.nn.Module, dtypes: Optional[Mapping[str, torch
         yield name, full.detach().to("cpu", dtype=dt).reshape(p.ds_shape).contiguous()
 
 
-def export_hf_model(model: torch.nn.Module, out_dir: str | os.PathLike, src_dir: str | os.PathLike,
-                    max_shard_size: int, extra_files: Optional[Mapping[str, str | bytes]] = None,
-                    ) -> Optional[Path]:
+def export_hf_model(
+    model: torch.nn.Module,
+    out_dir: str | os.PathLike,
+    src_dir: str | os.PathLike,
+    max_shard_size: int,
+    extra_files: Optional[Mapping[str, str | bytes]] = None,
+) -> Optional[Path]:
     """Write the ZeRO-3 model as an HF model directory (atomically, on rank 0), each tensor in the
     dtype it has in `src_dir` (the model the stage started from), side files (config, tokenizer)
     copied from `src_dir`. Collective; returns the path on rank 0, None elsewhere."""
@@ -277,8 +291,7 @@ def export_hf_model(model: torch.nn.Module, out_dir: str | os.PathLike, src_dir:
     tensors = gathered_tensors(model, dtypes)
     out: Optional[Path] = None
     if dist.get_rank() == 0:
-        out = save_model_dir(tensors, out_dir, max_shard_size, extra_files=extra_files,
-                             copy_from=src_dir)
+        out = save_model_dir(tensors, out_dir, max_shard_size, extra_files=extra_files, copy_from=src_dir)
     else:
         for _ in tensors:
             pass

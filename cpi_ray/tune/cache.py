@@ -110,8 +110,7 @@ class StageCache:
                 return rec, how
             rec, ran = stage.execute(ctx)
             self.publish(ctx.path(stage.folder), entry)
-            log.info("stage %s: %s, published to the cache (%s)", stage.name,
-                     RAN if ran else CURRENT, fp)
+            log.info("stage %s: %s, published to the cache (%s)", stage.name, RAN if ran else CURRENT, fp)
             return rec, RAN if ran else CURRENT
 
     def publish(self, folder: Path, entry: Path) -> None:
@@ -119,5 +118,6 @@ class StageCache:
 
     def entries(self, stage: str) -> list[Path]:
         d = self.root / stage
-        return sorted(p for p in d.iterdir() if p.is_dir() and not p.name.startswith(".")) \
-            if d.is_dir() else []
+        return (
+            sorted(p for p in d.iterdir() if p.is_dir() and not p.name.startswith(".")) if d.is_dir() else []
+        )

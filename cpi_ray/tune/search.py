@@ -64,8 +64,9 @@ def validation_rows(cfg: PipelineConfig) -> dict[str, list[dict]]:
     return {t.name: load_splits(t, cfg.data.split_seed).val for t in cfg.tasks}
 
 
-def _score(model_dir: str, rows: dict[str, list[dict]], cfg_dump: dict,
-           tokenizer_dir: Optional[str]) -> dict[str, float]:
+def _score(
+    model_dir: str, rows: dict[str, list[dict]], cfg_dump: dict, tokenizer_dir: Optional[str]
+) -> dict[str, float]:
     from cpi_ray.evaluation.evaluate import score_model
 
     return score_model(model_dir, rows, PipelineConfig.model_validate(cfg_dump), tokenizer_dir)
@@ -77,9 +78,13 @@ def _score_remote(cfg: PipelineConfig):
     ev = cfg.evaluate
     # "DEFAULT": not inside the calling trial's placement group, which holds only the trial's
     # own small share (Tune makes child tasks inherit it otherwise).
-    return ray.remote(num_cpus=ev.cpus_per_worker, num_gpus=1 if ev.use_gpu else 0,
-                      resources=dict(ev.custom_resources) or None, max_retries=0,
-                      scheduling_strategy="DEFAULT")(_score)
+    return ray.remote(
+        num_cpus=ev.cpus_per_worker,
+        num_gpus=1 if ev.use_gpu else 0,
+        resources=dict(ev.custom_resources) or None,
+        max_retries=0,
+        scheduling_strategy="DEFAULT",
+    )(_score)
 
 
 def expert_scores(ctx: RunContext, out: Path) -> dict[str, float]:
@@ -91,9 +96,14 @@ def expert_scores(ctx: RunContext, out: Path) -> dict[str, float]:
     from cpi_ray.run.stage import stable_hash
 
     cfg = ctx.cfg
-    key = stable_hash({"probe": ctx.records["probe"]["fingerprint"],
-                       "tasks": [task_identity(t) for t in cfg.tasks], "data": cfg.data.model_dump(),
-                       "evaluate": cfg.evaluate.model_dump(exclude={"num_workers", "models"})})
+    key = stable_hash(
+        {
+            "probe": ctx.records["probe"]["fingerprint"],
+            "tasks": [task_identity(t) for t in cfg.tasks],
+            "data": cfg.data.model_dump(),
+            "evaluate": cfg.evaluate.model_dump(exclude={"num_workers", "models"}),
+        }
+    )
     try:
         doc = read_json(out)
         if doc.get("key") == key:
@@ -102,11 +112,14 @@ def expert_scores(ctx: RunContext, out: Path) -> dict[str, float]:
         pass
     rows = validation_rows(cfg)
     score = _score_remote(cfg)
-    refs = {t: score.remote(str(ctx.path("probes", t)), {t: rows[t]}, cfg.model_dump(mode="json"),
-                            str(ctx.base_model_dir)) for t in rows}
+    refs = {
+        t: score.remote(
+            str(ctx.path("probes", t)), {t: rows[t]}, cfg.model_dump(mode="json"), str(ctx.base_model_dir)
+        )
+        for t in rows
+    }
     scores = {t: float(ray.get(r)[t]) for t, r in refs.items()}
-    write_json(out, {"key": key, "scores": scores,
-                     "val_rows": {t: len(r) for t, r in rows.items()}})
+    write_json(out, {"key": key, "scores": scores, "val_rows": {t: len(r) for t, r in rows.items()}})
     return scores
 
 
@@ -140,8 +153,9 @@ def _shared_stages(cfg_dump: dict, tdir: str, setup: dict[str, Any], doc: dict) 
     cfg = PipelineConfig.model_validate(cfg_dump)
     tdir = Path(tdir)
     tune_dir = Path(setup["tune_dir"])
-    ctx = RunContext(cfg=cfg, run_dir=tdir, base_model_dir=Path(setup["base_dir"]),
-                     base_model_id=setup["base_id"])
+    ctx = RunContext(
+        cfg=cfg, run_dir=tdir, base_model_dir=Path(setup["base_dir"]), base_model_id=setup["base_id"]
+    )
 
     def save() -> None:
         write_json(tdir / TRIAL_RECORD, doc)
@@ -159,8 +173,11 @@ def _shared_stages(cfg_dump: dict, tdir: str, setup: dict[str, Any], doc: dict) 
     for stage in (RegionsStage(hists), GroupsStage(), FuseStage()):
         t0 = time.time()
         rec, how = cache.materialize(stage, ctx)
-        doc["stages"][stage.name] = {"status": how, "fingerprint": rec["fingerprint"],
-                                     "wall_s": round(time.time() - t0, 3)}
+        doc["stages"][stage.name] = {
+            "status": how,
+            "fingerprint": rec["fingerprint"],
+            "wall_s": round(time.time() - t0, 3),
+        }
         save()
     doc["groups"] = load_groups(tdir)
     save()
@@ -187,8 +204,9 @@ def trial_driver(knobs: dict[str, Any], setup: dict[str, Any]) -> None:
     doc: dict[str, Any] = {"trial_id": trial_id, "knobs": knobs, "stages": {}, "status": "running"}
     prepare = ray.remote(num_cpus=0, max_retries=0, scheduling_strategy="DEFAULT")(_shared_stages)
     doc = ray.get(prepare.remote(cfg.model_dump(mode="json"), str(tdir), setup, doc))
-    ctx = RunContext(cfg=cfg, run_dir=tdir, base_model_dir=Path(setup["base_dir"]),
-                     base_model_id=setup["base_id"])
+    ctx = RunContext(
+        cfg=cfg, run_dir=tdir, base_model_dir=Path(setup["base_dir"]), base_model_id=setup["base_id"]
+    )
     for name, st in doc["stages"].items():
         ctx.records[name] = read_json(tdir / STAGE_FOLDERS[name] / RECORD_NAME)
         assert ctx.records[name]["fingerprint"] == st["fingerprint"]
@@ -198,28 +216,40 @@ def trial_driver(knobs: dict[str, Any], setup: dict[str, Any]) -> None:
 
     tok = load_tokenizer(ctx.base_model_dir, cfg.model.trust_remote_code)
     rows = validation_rows(cfg)
-    val_examples = [ex for t in cfg.tasks
-                    for ex in encode_rows(tok, t, rows[t.name], cfg.data.max_seq_len)]
+    val_examples = [ex for t in cfg.tasks for ex in encode_rows(tok, t, rows[t.name], cfg.data.max_seq_len)]
     t0 = time.time()
     stage = ConsolidateStage(callbacks=[TuneReportCallback()], val_examples=val_examples)
     rec, _ = stage.execute(ctx)
-    doc["stages"]["consolidate"] = {"status": RAN, "fingerprint": rec["fingerprint"],
-                                    "wall_s": round(time.time() - t0, 3)}
+    doc["stages"]["consolidate"] = {
+        "status": RAN,
+        "fingerprint": rec["fingerprint"],
+        "wall_s": round(time.time() - t0, 3),
+    }
     last = stage_record(tdir / "consolidate" / f"stage-{len(doc['groups'])}")
     val_loss = float(last["val_loss"]) if last and last.get("val_loss") is not None else math.nan
 
-    scores = ray.get(_score_remote(cfg).remote(str(tdir / "final"), rows,
-                                               cfg.model_dump(mode="json"),
-                                               str(ctx.base_model_dir)))
+    scores = ray.get(
+        _score_remote(cfg).remote(
+            str(tdir / "final"), rows, cfg.model_dump(mode="json"), str(ctx.base_model_dir)
+        )
+    )
     norm = normalized_scores(scores, setup["experts"])
-    result = {"objective": objective_of(norm, cfg.tune.objective),
-              "mean_normalized": objective_of(norm, "mean_normalized"),
-              "min_normalized": objective_of(norm, "min_normalized"),
-              "val_loss": val_loss, "finished": True,
-              **{f"val_score/{t}": s for t, s in scores.items()},
-              **{f"normalized/{t}": v for t, v in norm.items()}}
-    doc.update(status="finished", val_scores=scores, normalized=norm,
-               objective=result["objective"], val_loss=val_loss)
+    result = {
+        "objective": objective_of(norm, cfg.tune.objective),
+        "mean_normalized": objective_of(norm, "mean_normalized"),
+        "min_normalized": objective_of(norm, "min_normalized"),
+        "val_loss": val_loss,
+        "finished": True,
+        **{f"val_score/{t}": s for t, s in scores.items()},
+        **{f"normalized/{t}": v for t, v in norm.items()},
+    }
+    doc.update(
+        status="finished",
+        val_scores=scores,
+        normalized=norm,
+        objective=result["objective"],
+        val_loss=val_loss,
+    )
     save()
     tune.report(result)
 
@@ -238,9 +268,12 @@ class TuneOutcome:
     def render(self) -> str:
         lines = [f"tune directory: {self.tune_dir}", "", trials_table(self.trials, markdown=False)]
         if self.best:
-            lines += ["", f"best trial {self.best['trial_id']}: objective "
-                      f"{self.best['objective']:.4f}, knobs {self.best['knobs']}",
-                      f"best config: {self.tune_dir / 'best.yaml'}"]
+            lines += [
+                "",
+                f"best trial {self.best['trial_id']}: objective "
+                f"{self.best['objective']:.4f}, knobs {self.best['knobs']}",
+                f"best config: {self.tune_dir / 'best.yaml'}",
+            ]
             if (self.tune_dir / "best_model").is_dir():
                 lines.append(f"best model: {self.tune_dir / 'best_model'}")
         return "\n".join(lines)
@@ -262,9 +295,14 @@ def _scheduler(cfg: PipelineConfig):
     tc = cfg.tune
     if tc.scheduler == "fifo":
         return FIFOScheduler()
-    return ASHAScheduler(time_attr="training_iteration", metric="val_loss", mode="min",
-                         max_t=max_iterations(cfg), grace_period=tc.grace_period,
-                         reduction_factor=tc.reduction_factor)
+    return ASHAScheduler(
+        time_attr="training_iteration",
+        metric="val_loss",
+        mode="min",
+        max_t=max_iterations(cfg),
+        grace_period=tc.grace_period,
+        reduction_factor=tc.reduction_factor,
+    )
 
 
 def _search_alg(cfg: PipelineConfig):
@@ -311,38 +349,64 @@ def run_tune(cfg: PipelineConfig, run_dir: Path) -> TuneOutcome:
     shared: dict[str, Any] = {}
     t0 = time.time()
     rec, ran = ProbeStage().execute(ctx)
-    shared["probe"] = {"status": "ran" if ran else "current", "fingerprint": rec["fingerprint"],
-                       "wall_s": round(time.time() - t0, 3)}
+    shared["probe"] = {
+        "status": "ran" if ran else "current",
+        "fingerprint": rec["fingerprint"],
+        "wall_s": round(time.time() - t0, 3),
+    }
     t0 = time.time()
     rec, how = StageCache(tune_dir / "cache").materialize(RegionsStage(), ctx)
-    shared["regions"] = {"status": how, "fingerprint": rec["fingerprint"], "p": cfg.regions.p,
-                         "wall_s": round(time.time() - t0, 3)}
+    shared["regions"] = {
+        "status": how,
+        "fingerprint": rec["fingerprint"],
+        "p": cfg.regions.p,
+        "wall_s": round(time.time() - t0, 3),
+    }
     t0 = time.time()
     experts = expert_scores(ctx, tune_dir / "experts.json")
     shared["experts"] = {"scores": experts, "wall_s": round(time.time() - t0, 3)}
     write_json(tune_dir / "shared.json", shared)
-    log.info("tune: probes %s, base regions %s, experts' validation scores %s",
-             shared["probe"]["status"], how, experts)
+    log.info(
+        "tune: probes %s, base regions %s, experts' validation scores %s",
+        shared["probe"]["status"],
+        how,
+        experts,
+    )
 
-    setup = {"cfg": cfg.model_dump(mode="json"), "tune_dir": str(tune_dir),
-             "base_dir": str(base_dir), "base_id": base_id, "probes_dir": str(run_dir / "probes"),
-             "histograms_dir": str(run_dir / "regions"), "experts": experts}
+    setup = {
+        "cfg": cfg.model_dump(mode="json"),
+        "tune_dir": str(tune_dir),
+        "base_dir": str(base_dir),
+        "base_id": base_id,
+        "probes_dir": str(run_dir / "probes"),
+        "histograms_dir": str(run_dir / "regions"),
+        "experts": experts,
+    }
     # No CPU for the driver function by default: a fraction would keep a stage's actors (one
     # CPU each) from all fitting on a small node, and they wait for each other.
-    trainable = tune.with_resources(tune.with_parameters(trial_driver, setup=setup),
-                                    {"cpu": tc.cpus_per_trial,
-                                     "memory": tc.trial_memory_mb * 2**20})
+    trainable = tune.with_resources(
+        tune.with_parameters(trial_driver, setup=setup),
+        {"cpu": tc.cpus_per_trial, "memory": tc.trial_memory_mb * 2**20},
+    )
     name = time.strftime("search-%Y%m%d-%H%M%S")
     # Trials fit their trainers in processes started from here: they inherit these.
     os.environ.update(train_env())
     tuner = tune.Tuner(
-        trainable, param_space=param_space(tc),
-        tune_config=tune.TuneConfig(num_samples=tc.num_samples,
-                                    max_concurrent_trials=(tc.max_concurrent_trials
-                                                           if tc.search_alg == "optuna" else None),
-                                    scheduler=_scheduler(cfg), search_alg=_search_alg(cfg)),
-        run_config=tune.RunConfig(name=name, storage_path=str(tune_dir / "_ray"), verbose=1,
-                                  failure_config=tune.FailureConfig(max_failures=0)))
+        trainable,
+        param_space=param_space(tc),
+        tune_config=tune.TuneConfig(
+            num_samples=tc.num_samples,
+            max_concurrent_trials=(tc.max_concurrent_trials if tc.search_alg == "optuna" else None),
+            scheduler=_scheduler(cfg),
+            search_alg=_search_alg(cfg),
+        ),
+        run_config=tune.RunConfig(
+            name=name,
+            storage_path=str(tune_dir / "_ray"),
+            verbose=1,
+            failure_config=tune.FailureConfig(max_failures=0),
+        ),
+    )
     grid = tuner.fit()
 
     trials = collect_trials(grid, tune_dir, cfg)
@@ -357,16 +421,27 @@ def run_tune(cfg: PipelineConfig, run_dir: Path) -> TuneOutcome:
     best_cfg = apply_knobs(cfg, best["knobs"]).model_dump(mode="json")
     best_cfg["tune"]["enabled"] = False
     with atomic_file(tune_dir / "best.yaml", "w") as f:
-        f.write(f"# best of {len(trials)} trial(s) of {name}: trial {best['trial_id']}, "
-                f"{tc.objective} {best['objective']:.4f} (validation split)\n")
+        f.write(
+            f"# best of {len(trials)} trial(s) of {name}: trial {best['trial_id']}, "
+            f"{tc.objective} {best['objective']:.4f} (validation split)\n"
+        )
         yaml.safe_dump(best_cfg, f, sort_keys=False)
     if tc.export_best:
         link_tree(trial_dir_of(tune_dir, best["trial_id"]) / "final", tune_dir / "best_model")
     outcome.wall_s = time.time() - t_start
-    write_json(tune_dir / "search.json", {
-        "name": name, "wall_s": round(outcome.wall_s, 3), "best_trial": best["trial_id"],
-        "objective": tc.objective, "search_alg": tc.search_alg, "scheduler": tc.scheduler,
-        "num_trials": len(trials), "shared": shared})
+    write_json(
+        tune_dir / "search.json",
+        {
+            "name": name,
+            "wall_s": round(outcome.wall_s, 3),
+            "best_trial": best["trial_id"],
+            "objective": tc.objective,
+            "search_alg": tc.search_alg,
+            "scheduler": tc.scheduler,
+            "num_trials": len(trials),
+            "shared": shared,
+        },
+    )
     try:
         from cpi_ray.evaluation.report import build_report
 
@@ -393,12 +468,20 @@ def collect_trials(grid, tune_dir: Path, cfg: PipelineConfig) -> list[dict]:
             status = "finished"
         else:
             status = "stopped"  # ended by the scheduler before its last result
-        row = {"trial_id": trial_id, "status": status, "iterations": iters,
-               "knobs": {k: res.config[k] for k in cfg.tune.search_space if k in res.config},
-               "objective": m.get("objective"), "mean_normalized": m.get("mean_normalized"),
-               "min_normalized": m.get("min_normalized"), "val_loss": m.get("val_loss"),
-               "normalized": doc.get("normalized"), "val_scores": doc.get("val_scores"),
-               "groups": doc.get("groups"), "stages": doc.get("stages", {})}
+        row = {
+            "trial_id": trial_id,
+            "status": status,
+            "iterations": iters,
+            "knobs": {k: res.config[k] for k in cfg.tune.search_space if k in res.config},
+            "objective": m.get("objective"),
+            "mean_normalized": m.get("mean_normalized"),
+            "min_normalized": m.get("min_normalized"),
+            "val_loss": m.get("val_loss"),
+            "normalized": doc.get("normalized"),
+            "val_scores": doc.get("val_scores"),
+            "groups": doc.get("groups"),
+            "stages": doc.get("stages", {}),
+        }
         if res.error is not None:
             row["error"] = f"{type(res.error).__name__}: {str(res.error).splitlines()[0][:300]}"
         rows.append(row)
@@ -413,16 +496,32 @@ def write_trials(tune_dir: Path, trials: list[dict]) -> None:
     stages = ["regions", "groups", "fuse"]
     buf = io.StringIO()
     w = csv.writer(buf)
-    w.writerow(["trial_id", "status", "iterations", *knob_keys, "objective", "mean_normalized",
-                "min_normalized", "val_loss", *(f"normalized/{t}" for t in tasks),
-                *(f"{s}_status" for s in stages)])
+    w.writerow(
+        [
+            "trial_id",
+            "status",
+            "iterations",
+            *knob_keys,
+            "objective",
+            "mean_normalized",
+            "min_normalized",
+            "val_loss",
+            *(f"normalized/{t}" for t in tasks),
+            *(f"{s}_status" for s in stages),
+        ]
+    )
     for t in trials:
-        w.writerow([t["trial_id"], t["status"], t["iterations"],
-                    *(t["knobs"].get(k) for k in knob_keys),
-                    *(t.get(c) for c in ("objective", "mean_normalized", "min_normalized",
-                                         "val_loss")),
-                    *((t.get("normalized") or {}).get(x) for x in tasks),
-                    *((t["stages"].get(s) or {}).get("status") for s in stages)])
+        w.writerow(
+            [
+                t["trial_id"],
+                t["status"],
+                t["iterations"],
+                *(t["knobs"].get(k) for k in knob_keys),
+                *(t.get(c) for c in ("objective", "mean_normalized", "min_normalized", "val_loss")),
+                *((t.get("normalized") or {}).get(x) for x in tasks),
+                *((t["stages"].get(s) or {}).get("status") for s in stages),
+            ]
+        )
     with atomic_file(tune_dir / "trials.csv", "w") as f:
         f.write(buf.getvalue())
 
@@ -437,16 +536,33 @@ def _fmt(v: Any) -> str:
 
 def trials_table(trials: list[dict], markdown: bool = True) -> str:
     knob_keys = sorted({k for t in trials for k in t["knobs"]})
-    header = ["trial", "status", "iters", *knob_keys, "objective", "val_loss", "groups",
-              "regions", "groups stage", "fuse"]
+    header = [
+        "trial",
+        "status",
+        "iters",
+        *knob_keys,
+        "objective",
+        "val_loss",
+        "groups",
+        "regions",
+        "groups stage",
+        "fuse",
+    ]
     body = []
     for t in trials:
         st = t.get("stages") or {}
-        body.append([t["trial_id"], t["status"], str(t["iterations"]),
-                     *(_fmt(t["knobs"].get(k)) for k in knob_keys), _fmt(t.get("objective")),
-                     _fmt(t.get("val_loss")),
-                     " → ".join("{" + ",".join(g) + "}" for g in t.get("groups") or []) or "-",
-                     *((st.get(s) or {}).get("status", "-") for s in ("regions", "groups", "fuse"))])
+        body.append(
+            [
+                t["trial_id"],
+                t["status"],
+                str(t["iterations"]),
+                *(_fmt(t["knobs"].get(k)) for k in knob_keys),
+                _fmt(t.get("objective")),
+                _fmt(t.get("val_loss")),
+                " → ".join("{" + ",".join(g) + "}" for g in t.get("groups") or []) or "-",
+                *((st.get(s) or {}).get("status", "-") for s in ("regions", "groups", "fuse")),
+            ]
+        )
     if markdown:
         from cpi_ray.evaluation.report import markdown_table
 
@@ -457,13 +573,17 @@ def trials_table(trials: list[dict], markdown: bool = True) -> str:
 
 def report_sections(outcome: TuneOutcome, cfg: PipelineConfig) -> list[tuple[str, str]]:
     tc = cfg.tune
-    intro = (f"{len(outcome.trials)} trial(s), search {tc.search_alg}, scheduler {tc.scheduler} "
-             f"(over consolidation steps, on the validation loss); objective `{tc.objective}` on "
-             "the validation split: each task's score over its expert's (probe's). Stage columns: "
-             "`ran` computed by that trial, `cached` linked from a trial that computed it.")
+    intro = (
+        f"{len(outcome.trials)} trial(s), search {tc.search_alg}, scheduler {tc.scheduler} "
+        f"(over consolidation steps, on the validation loss); objective `{tc.objective}` on "
+        "the validation split: each task's score over its expert's (probe's). Stage columns: "
+        "`ran` computed by that trial, `cached` linked from a trial that computed it."
+    )
     body = intro + "\n\n" + trials_table(outcome.trials)
     if outcome.best:
         b = outcome.best
-        body += (f"\n\nBest: trial `{b['trial_id']}`, objective {b['objective']:.4f}, knobs "
-                 f"`{b['knobs']}`; config `tune/best.yaml`, model `tune/best_model/`.")
+        body += (
+            f"\n\nBest: trial `{b['trial_id']}`, objective {b['objective']:.4f}, knobs "
+            f"`{b['knobs']}`; config `tune/best.yaml`, model `tune/best_model/`."
+        )
     return [("Tune trials", body)]

@@ -56,9 +56,10 @@ def check_space(cfg: PipelineConfig) -> None:
         raise SpaceError("tune.search_space is empty: nothing to search")
     no_val = [t.name for t in cfg.tasks if t.val_size < 1]
     if no_val:
-        raise SpaceError(f"tasks {no_val} have val_size 0: trials are scored on the validation "
-                         "split (tasks.<name>.val_size), never on the eval split")
+        raise SpaceError(
+            f"tasks {no_val} have val_size 0: trials are scored on the validation "
+            "split (tasks.<name>.val_size), never on the eval split"
+        )
     for key, dim in tc.search_space.items():
         for v in dim.values() or [dim.uniform or dim.loguniform][0]:
             apply_knobs(cfg, {key: v})
-
