@@ -44,6 +44,12 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _error(problem: object, code: int) -> int:
+    """The command's last word: one line on stderr, and its exit code."""
+    print(f"error: {problem}", file=sys.stderr)
+    return code
+
+
 def config_from_args(args: argparse.Namespace):
     """The validated config of `--config`, `--set` and `--stages` (raises ConfigError)."""
     overrides = list(args.overrides)
@@ -59,8 +65,7 @@ def run_command(args: argparse.Namespace) -> int:
     try:
         cfg = config_from_args(args)
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_CONFIG
+        return _error(e, EXIT_CONFIG)
     _setup_logging()
     log = logging.getLogger("cpi_ray")
     run_dir = resolve_run_dir(cfg, args.run_dir)
@@ -68,8 +73,7 @@ def run_command(args: argparse.Namespace) -> int:
         # Before Ray starts: a bad row or field costs seconds, not a cluster's start-up.
         report = check_config(cfg, run_dir)
     except CheckError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_CHECK
+        return _error(e, EXIT_CHECK)
     log.info("check passed:\n%s", report.render())
     tuning = getattr(args, "tune", False) or cfg.tune.enabled
     if tuning:
@@ -78,15 +82,13 @@ def run_command(args: argparse.Namespace) -> int:
         try:
             check_space(cfg)
         except SpaceError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return EXIT_CONFIG
+            return _error(e, EXIT_CONFIG)
     with contextlib.ExitStack() as held:
         try:
             # Before Ray starts: a second job on this run directory stops here, writing nothing.
             held.enter_context(run_lease(run_dir))
         except RunBusyError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 1
+            return _error(e, 1)
         return _run(cfg, run_dir, tuning, log)
 
 
@@ -108,8 +110,7 @@ def _run(cfg, run_dir, tuning: bool, log: logging.Logger) -> int:
         return 130
     except Exception as e:  # noqa: BLE001 - the job's last word must be the reason it failed
         log.debug("failure", exc_info=True)
-        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
-        return 1
+        return _error(f"{type(e).__name__}: {e}", 1)
     print()
     print(result.render())
     return 0
@@ -137,8 +138,7 @@ def plan_command(args: argparse.Namespace) -> int:
         cfg = config_from_args(args)
         plan = build_plan(cfg, str(args.config))
     except (ConfigError, PlanError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_CONFIG
+        return _error(e, EXIT_CONFIG)
     print(plan_json(plan) if args.json else plan.render())
     return 0
 
@@ -152,8 +152,7 @@ def check_command(args: argparse.Namespace) -> int:
     try:
         cfg = config_from_args(args)
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_CONFIG
+        return _error(e, EXIT_CONFIG)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     run_dir = resolve_run_dir(cfg, args.run_dir)
     print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False).rstrip())
@@ -161,8 +160,7 @@ def check_command(args: argparse.Namespace) -> int:
     try:
         report = check_config(cfg, run_dir)
     except CheckError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_CHECK
+        return _error(e, EXIT_CHECK)
     print(report.render())
     print("ok")
     return 0

@@ -86,25 +86,11 @@ def test_model_side_files_carry_remote_code_never_weights(tmp_path):
 
     src = tmp_path / "src"
     src.mkdir()
-    for name in (
-        "config.json",
-        "tokenizer.json",
-        "modeling_x.py",
-        "tokenization_x.py",
-        "chat_template.jinja",
-        INDEX_NAME,
-        "stage.json",
-        "model-00001.safetensors",
-    ):
+    copied = ("config.json", "tokenizer.json", "modeling_x.py", "tokenization_x.py", "chat_template.jinja")
+    for name in (*copied, INDEX_NAME, "stage.json", "model-00001.safetensors"):
         (src / name).write_text(name)
     out = save_model_dir({"w": torch.zeros(2)}, tmp_path / "out", 2**20, copy_from=src)
-    for name in (
-        "config.json",
-        "tokenizer.json",
-        "modeling_x.py",
-        "tokenization_x.py",
-        "chat_template.jinja",
-    ):
+    for name in copied:
         assert (out / name).read_text() == name
     assert (out / "stage.json").exists() is False
     assert "model-00001.safetensors" not in {p.name for p in out.iterdir()}
