@@ -30,7 +30,6 @@ from cpi_ray.run.stage import RECORD_NAME, RunContext, Stage, _load_record, file
 
 log = logging.getLogger("cpi_ray")
 
-SCORES_NAME = "scores.json"
 PREDICTIONS_NAME = "predictions.jsonl"
 
 # generate_fn(prompts, max_new_tokens) -> predictions, one per prompt
@@ -173,7 +172,7 @@ class EvaluateStage(Stage):
                 continue
             if kind == "probes":
                 for t in ctx.task_names():
-                    d = ctx.path("probes", t)
+                    d = ctx.layout.probe(t)
                     if _is_model_dir(d):
                         models[f"probe:{t}"] = d
                     else:
@@ -181,7 +180,7 @@ class EvaluateStage(Stage):
                 continue
             if kind == "baselines":
                 for mode in ctx.cfg.baselines.modes:
-                    d = ctx.path("baselines", mode)
+                    d = ctx.layout.baseline(mode)
                     if _record_exists(ctx, stage) and _is_model_dir(d):
                         models[f"baseline:{mode}"] = d
                     else:
@@ -334,7 +333,7 @@ class EvaluateStage(Stage):
             "skipped": skipped,
         }
         out_dir = ctx.path(self.folder)
-        write_json(out_dir / SCORES_NAME, scores)
+        write_json(ctx.layout.eval_scores, scores)
         with atomic_file(out_dir / PREDICTIONS_NAME, "w") as f:
             for m in order:
                 for t, rows in tasks_rows.items():
@@ -355,7 +354,7 @@ class EvaluateStage(Stage):
                             + "\n"
                         )
         outputs = [
-            out_dir / SCORES_NAME,
+            ctx.layout.eval_scores,
             out_dir / PREDICTIONS_NAME,
             *(cache_dir / _cache_name(m, what) for m, what in keys),
         ]
@@ -411,7 +410,7 @@ class EvaluateStage(Stage):
 
     def summary(self, ctx: RunContext) -> Optional[str]:
         try:
-            data = read_json(ctx.path(self.folder, SCORES_NAME))
+            data = read_json(ctx.layout.eval_scores)
         except (FileNotFoundError, json.JSONDecodeError):
             return None
         return format_table(data)

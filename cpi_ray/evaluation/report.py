@@ -19,6 +19,7 @@ from cpi_ray.evaluation.harness import HARNESS_NAME, harness_rows
 from cpi_ray.evaluation.stats import fmt_mean_se
 from cpi_ray.io.atomic import atomic_dir
 from cpi_ray.regions.grouping import overlap_summary
+from cpi_ray.run.layout import RunLayout
 
 REPORT_DIR = "report"
 
@@ -270,10 +271,11 @@ def build_report(run_dir: str | Path, extra_sections: Optional[list[tuple[str, s
     """Write `report/` from the run's records; returns its path. `extra_sections` are
     (title, markdown) pairs, e.g. the forgetting table of the baselines."""
     run_dir = Path(run_dir)
-    scores_doc = _load(run_dir / "eval" / "scores.json") or {}
-    overlap = _load(run_dir / "groups" / "overlap.json")
-    groups_doc = _load(run_dir / "groups" / "groups.json")
-    stats = (_load(run_dir / "regions" / "stats.json") or {}).get("tasks")
+    layout = RunLayout(run_dir)
+    scores_doc = _load(layout.eval_scores) or {}
+    overlap = _load(layout.overlap_json)
+    groups_doc = _load(layout.groups_json)
+    stats = (_load(layout.region_stats) or {}).get("tasks")
     tasks: list[str] = scores_doc.get("tasks", [])
     scores: dict[str, dict[str, float]] = scores_doc.get("scores", {})
     groups = _groups_list(groups_doc)
@@ -331,7 +333,7 @@ def build_report(run_dir: str | Path, extra_sections: Optional[list[tuple[str, s
                 md += [detail[0].upper() + detail[1:] + ".", ""]
         if stats and plot_core_locations(stats, out / "cores.png"):
             figures.append(("Where the cores live", "cores.png"))
-        forgetting = forgetting_rows(scores, _load(run_dir / "baselines" / "budget.json"))
+        forgetting = forgetting_rows(scores, _load(layout.budget_json))
         if forgetting:
             md += [
                 "## Forgetting (sequential training)",
@@ -339,7 +341,7 @@ def build_report(run_dir: str | Path, extra_sections: Optional[list[tuple[str, s
                 markdown_table(FORGETTING_HEADER, forgetting),
                 "",
             ]
-        harness = _load(run_dir / "eval" / HARNESS_NAME)
+        harness = _load(layout.folder("evaluate") / HARNESS_NAME)
         if harness and harness.get("models"):
             header, rows = harness_rows(harness)
             md += [

@@ -154,20 +154,20 @@ class FuseStage(Stage):
 
     def run(self, ctx: RunContext) -> list[Path]:
         tasks = ctx.task_names()
-        task_dirs = {t: ctx.path("probes", t) for t in tasks}
+        task_dirs = {t: ctx.layout.probe(t) for t in tasks}
         mask_paths = {}
         for t in tasks:
-            p = ctx.path("regions", f"{t}.mask.safetensors")
+            p = ctx.layout.mask(t)
             if not p.is_file():
                 raise FuseError(f"{p}: mask file of task {t!r} is missing (run the regions stage)")
             mask_paths[t] = p
         groups = None
         if ctx.cfg.fuse.policy == "priority":
-            groups = read_groups(ctx.path("groups", "groups.json"))
+            groups = read_groups(ctx.layout.groups_json)
         from cpi_ray.run.runtime import connect_ray
 
         connect_ray(ctx.cfg)  # a no-op inside the pipeline, which connected already
-        out = ctx.path("fused")
+        out = ctx.layout.fused
         stats = run_fusion(
             ctx.base_model_dir, task_dirs, mask_paths, out, ctx.cfg, groups, self.chunk_elems, self.fault
         )

@@ -14,6 +14,7 @@ import yaml
 from cpi_ray.config.schema import PipelineConfig
 from cpi_ray.config.stages import STAGE_FOLDERS, STAGES, stage_spec
 from cpi_ray.io.lease import run_lease
+from cpi_ray.run.layout import RunLayout
 from cpi_ray.run.stage import RunContext, Stage
 
 log = logging.getLogger("cpi_ray")
@@ -91,7 +92,7 @@ def _run_stages(cfg: PipelineConfig, run_dir: Path, stages: Optional[list[str]])
         store.pull(run_dir, list(STAGE_FOLDERS.values()))
     _write_config(cfg, run_dir)
     if store is not None:
-        store.put_file(run_dir / "config.yaml", "config.yaml")
+        store.put_file(RunLayout(run_dir).config_yaml, "config.yaml")
     ctx = RunContext(cfg=cfg, run_dir=run_dir, base_model_dir=base_dir, base_model_id=base_id)
     result = PipelineResult(run_dir, store_uri=store.uri if store is not None else None)
     log.info("stages to run: %s", ", ".join(selected))
@@ -139,5 +140,5 @@ def check_prompt_format(cfg: PipelineConfig, base_dir: Path) -> None:
 def _write_config(cfg: PipelineConfig, run_dir: Path) -> None:
     from cpi_ray.io.atomic import atomic_file
 
-    with atomic_file(run_dir / "config.yaml", "w") as f:
+    with atomic_file(RunLayout(run_dir).config_yaml, "w") as f:
         yaml.safe_dump(cfg.model_dump(mode="json"), f, sort_keys=False)

@@ -38,21 +38,20 @@ from cpi_ray.regions.topk import (
     TopKSolver,
     core_size,
 )
+from cpi_ray.run.layout import GROUPS_JSON, MASK_SUFFIX, OVERLAP_JSON, REGION_STATS, RunLayout
 from cpi_ray.run.runtime import connect_ray
 from cpi_ray.run.stage import RunContext, Stage
 
 log = logging.getLogger("cpi_ray")
 
-MASK_SUFFIX = ".mask.safetensors"
 HIST_FILE = "histograms.npz"
-STATS_FILE = "stats.json"
 
 
 # --------------------------------------------------------------------------- paths and readers
 
 
 def mask_path(run_dir: str | Path, task: str) -> Path:
-    return Path(run_dir) / "regions" / f"{task}{MASK_SUFFIX}"
+    return RunLayout(Path(run_dir)).mask(task)
 
 
 def load_mask(run_dir: str | Path, task: str) -> MaskFile:
@@ -61,7 +60,7 @@ def load_mask(run_dir: str | Path, task: str) -> MaskFile:
 
 
 def load_region_stats(run_dir: str | Path) -> dict:
-    return read_json(Path(run_dir) / "regions" / STATS_FILE)
+    return read_json(RunLayout(Path(run_dir)).region_stats)
 
 
 def load_histogram(run_dir: str | Path, task: str) -> np.ndarray:
@@ -84,11 +83,11 @@ def threshold_bin(hist: np.ndarray, k: int) -> tuple[int, int]:
 
 
 def load_groups(run_dir: str | Path) -> list[list[str]]:
-    return read_groups(Path(run_dir) / "groups" / "groups.json")
+    return read_groups(RunLayout(Path(run_dir)).groups_json)
 
 
 def load_overlap(run_dir: str | Path) -> dict:
-    return read_json(Path(run_dir) / "groups" / "overlap.json")
+    return read_json(RunLayout(Path(run_dir)).overlap_json)
 
 
 def fisher_dir(run_dir: str | Path, task: str) -> Path:
@@ -140,7 +139,7 @@ class RegionsStage(Stage):
         }
 
     def run(self, ctx: RunContext) -> list[Path]:
-        out_dir = ctx.path("regions")
+        out_dir = ctx.layout.folder("regions")
         out_dir.mkdir(parents=True, exist_ok=True)
         tasks = ctx.task_names()
         for t in tasks:  # no stale mask may outlive a failed rerun
@@ -148,7 +147,7 @@ class RegionsStage(Stage):
         res = compute_regions(
             ctx.cfg,
             ctx.base_model_dir,
-            {t: ctx.path("probes", t) for t in tasks},
+            {t: ctx.layout.probe(t) for t in tasks},
             out_dir,
             fisher_dirs=(
                 {t: fisher_dir(ctx.run_dir, t) for t in tasks}
@@ -304,7 +303,7 @@ def compute_regions(
     with atomic_file(hist_path, "wb") as f:
         np.savez_compressed(f, **{t: solvers[t].hist for t in tasks})
     written.append(hist_path)
-    stats_path = out_dir / STATS_FILE
+    stats_path = out_dir / REGION_STATS
     write_json(
         stats_path,
         {
@@ -378,12 +377,14 @@ class GroupsStage(Stage):
         return out
 
     def run(self, ctx: RunContext) -> list[Path]:
-        return compute_groups(ctx.cfg, ctx.path("regions"), ctx.path("groups"), ctx.task_names())
+        return compute_groups(
+            ctx.cfg, ctx.layout.folder("regions"), ctx.layout.folder("groups"), ctx.task_names()
+        )
 
     def summary(self, ctx: RunContext) -> Optional[str]:
         line = " -> ".join("{" + ", ".join(g) + "}" for g in load_groups(ctx.run_dir))
         try:
-            ov = read_json(ctx.path(self.folder, "overlap.json"))
+            ov = read_json(ctx.layout.overlap_json)
         except (FileNotFoundError, ValueError):
             return line
         detail = overlap_summary(ov)
@@ -405,7 +406,7 @@ def compute_groups(
     threshold = link_threshold(g.tau, g.tau_mode, p)
     comps = connected_components(tasks, sim, threshold)
     groups = order_groups(comps, g.order, g.seed, g.given)
-    ov = out_dir / "overlap.json"
+    ov = out_dir / OVERLAP_JSON
     write_json(
         ov,
         {
@@ -421,6 +422,6 @@ def compute_groups(
             "components": comps,
         },
     )
-    gp = out_dir / "groups.json"
+    gp = out_dir / GROUPS_JSON
     write_json(gp, groups)
     return [ov, gp]

@@ -24,6 +24,7 @@ from cpi_ray.config.schema import PipelineConfig
 from cpi_ray.config.stages import STAGE_FOLDERS
 from cpi_ray.io.atomic import read_json, remove_stale_temps, write_json
 from cpi_ray.io.records import RECORD_NAME, file_sha256, output_problem, stable_hash
+from cpi_ray.run.layout import RunLayout
 
 log = logging.getLogger("cpi_ray")
 
@@ -41,6 +42,10 @@ class RunContext:
 
     def path(self, *parts: str) -> Path:
         return self.run_dir.joinpath(*parts)
+
+    @property
+    def layout(self) -> RunLayout:
+        return RunLayout(self.run_dir)
 
     def task_names(self) -> list[str]:
         return [t.name for t in self.cfg.tasks]

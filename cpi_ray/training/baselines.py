@@ -43,7 +43,6 @@ from cpi_ray.training.consolidate import (
 
 log = logging.getLogger("cpi_ray")
 
-BUDGET_FILE = "budget.json"
 MODE_RECORD = "baseline.json"  # in each mode's model directory: what it was trained from
 
 
@@ -188,7 +187,7 @@ class BaselinesStage(Stage):
         from cpi_ray.models.loading import load_tokenizer
 
         cfg = ctx.cfg
-        groups_file = ctx.path("groups", "groups.json")
+        groups_file = ctx.layout.groups_json
         cpi_groups = read_groups(groups_file) if groups_file.is_file() else None
         plans = plan_modes(cfg, cpi_groups)
         out_dir = ctx.path(self.folder)
@@ -201,7 +200,7 @@ class BaselinesStage(Stage):
             start = (
                 ctx.base_model_dir
                 if plan["start"] == "base"
-                else ctx.path("probes", plan["start"].split(":", 1)[1])
+                else ctx.layout.probe(plan["start"].split(":", 1)[1])
             )
             final = out_dir / mode
             mode_fp = self.mode_fingerprint(ctx, mode, plan)
@@ -219,7 +218,7 @@ class BaselinesStage(Stage):
                 if rec is None or rec.get("fingerprint") != fp:
                     mask_path = work / f"frozen-{k + 1}.mask.safetensors"
                     if st["frozen"]:
-                        cores = [ctx.path("regions", f"{t}.mask.safetensors") for t in st["frozen"]]
+                        cores = [ctx.layout.mask(t) for t in st["frozen"]]
                         union_masks(cores, cores[0], mask_path, {"mode": mode})
                     else:
                         _empty_mask(prev, mask_path)
@@ -253,7 +252,7 @@ class BaselinesStage(Stage):
                         mask_path=mask_path,
                         examples=examples,
                         pad_id=tok.pad_token_id,
-                        storage=ctx.path("_ray"),
+                        storage=ctx.layout.ray_storage,
                         fingerprint=fp,
                         rows_per_task=st["rows_per_task"],
                     )
@@ -267,10 +266,10 @@ class BaselinesStage(Stage):
             outputs.append(final)
         cpi = cpi_budget(cfg, cpi_groups)
         budget = {"cpi_rows": cpi["rows"], "cpi": cpi, "modes": plans}
-        write_json(out_dir / BUDGET_FILE, budget)
+        write_json(ctx.layout.budget_json, budget)
         # Intermediate stages only serve resumption within this stage; the finals are copied out.
         shutil.rmtree(out_dir / "stages", ignore_errors=True)
-        return [*outputs, out_dir / BUDGET_FILE]
+        return [*outputs, ctx.layout.budget_json]
 
     def mode_fingerprint(self, ctx: RunContext, mode: str, plan: dict) -> str:
         """What one mode's model depends on: the stage's config except the list of modes (adding
@@ -302,7 +301,7 @@ class BaselinesStage(Stage):
         from cpi_ray.io.atomic import read_json
 
         try:
-            budget = read_json(ctx.path(self.folder, BUDGET_FILE))
+            budget = read_json(ctx.layout.budget_json)
         except (FileNotFoundError, ValueError):
             return None
         if not budget["modes"]:

@@ -507,18 +507,18 @@ class ConsolidateStage(Stage):
         from cpi_ray.models.loading import load_tokenizer
 
         cfg, tc = ctx.cfg, ctx.cfg.consolidate
-        groups = read_groups(ctx.path("groups", "groups.json"))
-        region = {t: ctx.path("regions", f"{t}.mask.safetensors") for g in groups for t in g}
+        groups = read_groups(ctx.layout.groups_json)
+        region = {t: ctx.layout.mask(t) for g in groups for t in g}
         missing = [str(p) for p in region.values() if not p.is_file()]
         if missing:
             raise FileNotFoundError(f"consolidate: region masks missing: {missing}")
         stage_fp, _ = self.fingerprint(ctx)
-        tok = load_tokenizer(ctx.path("fused"), cfg.model.trust_remote_code)
+        tok = load_tokenizer(ctx.layout.fused, cfg.model.trust_remote_code)
         n_rows = tc.steps * tc.batch_size * tc.num_workers
-        start_dir, prev_fp = ctx.path("fused"), stage_fp
+        start_dir, prev_fp = ctx.layout.fused, stage_fp
         outputs: list[Path] = []
         for k, tasks in enumerate(groups):
-            out = ctx.path("consolidate", f"stage-{k + 1}")
+            out = ctx.layout.stage(k + 1)
             fp = stable_hash({"stage": stage_fp, "k": k, "groups": groups, "start": prev_fp})
             frozen = frozen_tasks(groups, k, tc.freeze)
             outputs.append(out)
@@ -556,7 +556,7 @@ class ConsolidateStage(Stage):
                     mask_path=mask_path,
                     examples=examples,
                     pad_id=tok.pad_token_id,
-                    storage=ctx.path("_ray"),
+                    storage=ctx.layout.ray_storage,
                     fingerprint=fp,
                     fault=fault,
                     callbacks=self.callbacks,
@@ -583,7 +583,7 @@ class ConsolidateStage(Stage):
                     chk["free"],
                 )
             start_dir, prev_fp = out, fp
-        final = copy_model_dir(start_dir, ctx.path("final"), skip=(FROZEN_MASK, STAGE_RECORD))
+        final = copy_model_dir(start_dir, ctx.layout.final, skip=(FROZEN_MASK, STAGE_RECORD))
         shutil.rmtree(ctx.path("consolidate", "masks"), ignore_errors=True)
         return [*outputs, final]
 

@@ -256,7 +256,7 @@ class ProbeStage(Stage):
         fisher_batches = fisher_batches_needed(cfg)
         pending, outputs = [], []
         for task in ctx.task_names():
-            out = ctx.path("probes", task)
+            out = ctx.layout.probe(task)
             fp = probe_fingerprint(cfg, task, ctx.base_model_id)
             outputs.append(out)
             rec = _probe_record(out)
@@ -276,8 +276,8 @@ class ProbeStage(Stage):
                 cfg.model_dump(),
                 task,
                 str(ctx.base_model_dir),
-                str(ctx.path("probes", task)),
-                str(ctx.path("_ray")),
+                str(ctx.layout.probe(task)),
+                str(ctx.layout.ray_storage),
                 fp,
                 mode,
                 fisher_batches,
