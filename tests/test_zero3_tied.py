@@ -29,7 +29,15 @@ def test_tied_embeddings_load_train_and_export(tmp_path):
         m.config.save_pretrained(src)
         zero3.init_distributed(False)
         ds = zero3.build_ds_config(ConsolidateConfig(num_workers=1, batch_size=2), 1, False)
+        # The config's precision decides the dtype (DeepSpeed's zero.Init once built fp32
+        # runs in bf16 on CPU).
+        bf16 = ConsolidateConfig(num_workers=1, batch_size=2, precision="bf16")
+        ds16 = zero3.build_ds_config(bf16, 1, False)
+        m16, _ = zero3.load_zero3_model(src, ds16, torch.bfloat16)
+        assert {{p.dtype for p in m16.parameters()}} == {{torch.bfloat16}}
+        del m16
         model, _hf = zero3.load_zero3_model(src, ds)
+        assert {{p.dtype for p in model.parameters()}} == {{torch.float32}}
         names = [n for n, _ in zero3.named_parameters(model)]
         assert "lm_head.weight" not in names and "model.embed_tokens.weight" in names, names
         engine, *_ = deepspeed.initialize(model=model, config=ds,
@@ -42,6 +50,7 @@ def test_tied_embeddings_load_train_and_export(tmp_path):
         assert sorted(after.names()) == sorted(before.names())
         emb = "model.embed_tokens.weight"
         assert not torch.equal(before.read(emb), after.read(emb))
+        assert after.read(emb).dtype == torch.float32
         print("OK")
     """)
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)

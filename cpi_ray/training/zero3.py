@@ -194,13 +194,19 @@ def load_zero3_model(
         # Random init is skipped: every element is overwritten from the checkpoint below.
         stack.enter_context(hf_init.no_init_weights())
         stack.enter_context(prevent_arange_dtype_change())
-        stack.enter_context(deepspeed.zero.Init(config_dict_or_path=dict(ds_config), dtype=dtype))
+        # dtype=None: the config's bf16 flag decides. An explicit dtype is ignored where the
+        # accelerator has no fp16 (DeepSpeed 0.19's `dtype or fp16 if fp16_supported else bf16`
+        # precedence), so on CPU fp32 runs were built, and trained, in bf16.
+        stack.enter_context(deepspeed.zero.Init(config_dict_or_path=dict(ds_config), dtype=None))
         stack.enter_context(set_zero3_state())
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
         # Under zero.Init the tied output embedding comes out as a parameter of its own: tie it
         # again so that it is the input embedding's parameter, as in the checkpoint.
         if getattr(config, "tie_word_embeddings", False):
             model.tie_weights()
+    wrong = {str(p.dtype) for p in model.parameters() if p.dtype != dtype}
+    if wrong:
+        raise RuntimeError(f"{model_dir}: parameters built as {', '.join(sorted(wrong))}, not {dtype}")
     with CheckpointReader(model_dir) as reader:
         fill_partitions(model, reader)
         fill_buffers(model, reader)
