@@ -156,6 +156,7 @@ def cpi_budget(cfg: PipelineConfig, groups: Optional[list[list[str]]]) -> dict:
 
 class BaselinesStage(Stage):
     name = "baselines"
+    version = 2  # 2: fp32 runs train in fp32 (1 built them in bf16 on CPU)
     depends = ("probe",)
 
     def dependencies(self, ctx: RunContext) -> tuple[str, ...]:

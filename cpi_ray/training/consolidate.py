@@ -478,6 +478,7 @@ def copy_model_dir(
 
 class ConsolidateStage(Stage):
     name = "consolidate"
+    version = 2  # 2: fp32 runs train in fp32 (1 built them in bf16 on CPU)
     depends = ("fuse", "groups", "regions")
 
     def __init__(
