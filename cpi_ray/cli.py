@@ -24,18 +24,24 @@ def _setup_logging() -> None:
     )
 
 
-def add_run_args(p: argparse.ArgumentParser) -> None:
+def _add_config_args(p: argparse.ArgumentParser, run_dir: bool, stages: bool, set_example: str) -> None:
     p.add_argument("--config", required=True, help="pipeline YAML")
-    p.add_argument("--run-dir", help="run directory (default: storage.path/storage.run_name)")
-    p.add_argument("--stages", help=f"comma-separated subset of: {','.join(STAGES)}")
+    if run_dir:
+        p.add_argument("--run-dir", help="run directory (default: storage.path/storage.run_name)")
+    if stages:
+        p.add_argument("--stages", help=f"comma-separated subset of: {','.join(STAGES)}")
     p.add_argument(
         "--set",
         dest="overrides",
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="override a config value, e.g. --set regions.p=5 (repeatable)",
+        help=f"override a config value, e.g. --set {set_example} (repeatable)",
     )
+
+
+def add_run_args(p: argparse.ArgumentParser) -> None:
+    _add_config_args(p, run_dir=True, stages=True, set_example="regions.p=5")
     p.add_argument(
         "--tune",
         action="store_true",
@@ -117,16 +123,7 @@ def _run(cfg, run_dir, tuning: bool, log: logging.Logger) -> int:
 
 
 def add_plan_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", required=True, help="pipeline YAML")
-    p.add_argument("--stages", help=f"comma-separated subset of: {','.join(STAGES)}")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value, e.g. --set consolidate.num_workers=16 (repeatable)",
-    )
+    _add_config_args(p, run_dir=False, stages=True, set_example="consolidate.num_workers=16")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
 
 
@@ -172,16 +169,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     add_run_args(sub.add_parser("run", help="run the pipeline"))
     add_plan_args(sub.add_parser("plan", help="print each stage's resources and memory per worker"))
     check = sub.add_parser("check", help="check the data, tokenizer and storage before a run")
-    check.add_argument("--config", required=True, help="pipeline YAML")
-    check.add_argument("--run-dir", help="run directory (default: storage.path/storage.run_name)")
-    check.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value (repeatable)",
-    )
+    _add_config_args(check, run_dir=True, stages=False, set_example="tasks.0.eval_size=50")
     args = parser.parse_args(argv)
     if args.command == "run":
         return run_command(args)
