@@ -529,3 +529,35 @@ def test_new_task_fields_at_defaults_keep_fingerprints(tmp_path):
     assert task_identity(task)["prompt_field"] == "question"
     templated = _task(tmp_path / "t.jsonl", prompt_template="{question}")
     assert task_identity(templated)["prompt_template"] == "{question}"
+    # The probe's fingerprint (probes are the costly stage) hashes the fields tasks had before.
+    from cpi_ray.config.schema import PipelineConfig
+    from cpi_ray.run.stage import stable_hash
+    from cpi_ray.training.probe import probe_fingerprint
+
+    cfg = PipelineConfig(tasks=[task.model_dump()])
+    before = [
+        "name",
+        "path",
+        "hub_id",
+        "hub_split",
+        "reasoning_gym",
+        "prompt_field",
+        "answer_field",
+        "scorer",
+        "system_prompt",
+        "eval_size",
+        "val_size",
+        "train_size",
+        "weight",
+        "max_new_tokens",
+    ]
+    old_task = {k: task.model_dump()[k] for k in before}
+    assert probe_fingerprint(cfg, "t", "base") == stable_hash(
+        {
+            "task": old_task,
+            "data": cfg.data.model_dump(),
+            "probe": cfg.probe.model_dump(exclude={"cpus_per_worker", "custom_resources", "fisher_batches"}),
+            "dtype": cfg.model.dtype,
+            "base": "base",
+        }
+    )

@@ -47,7 +47,7 @@ _CKPT_WEIGHTS = "model.safetensors"
 def probe_fingerprint(cfg: PipelineConfig, task: str, base_id: str) -> str:
     return stable_hash(
         {
-            "task": cfg.task(task).model_dump(),
+            "task": cfg.task(task).fingerprint_dump(),
             "data": cfg.data.model_dump(),
             "probe": cfg.probe.model_dump(exclude=PLACEMENT_FIELDS | {"fisher_batches"}),
             "dtype": cfg.model.dtype,
@@ -242,7 +242,7 @@ class ProbeStage(Stage):
     def config_slice(self, cfg: PipelineConfig) -> dict:
         # The Fisher is part of the stage's output only when a core score reads it.
         return {
-            "tasks": [t.model_dump() for t in cfg.tasks],
+            "tasks": [t.fingerprint_dump() for t in cfg.tasks],
             "data": cfg.data.model_dump(),
             "probe": cfg.probe.model_dump(exclude=PLACEMENT_FIELDS | {"fisher_batches"}),
             "dtype": cfg.model.dtype,
