@@ -58,10 +58,6 @@ def score_rows(
     return out
 
 
-def _has_tokenizer(d: Path) -> bool:
-    return (d / "tokenizer_config.json").is_file() or (d / "tokenizer.json").is_file()
-
-
 def evaluate_model_dir(
     model_dir: str | Path,
     tasks_rows: dict[str, list[dict]],
@@ -73,10 +69,10 @@ def evaluate_model_dir(
     import torch
 
     from cpi_ray.evaluation.generate import greedy_generate
-    from cpi_ray.models.loading import load_model, load_tokenizer
+    from cpi_ray.models.loading import load_model, load_tokenizer, tokenizer_dir_for
 
     model_dir = Path(model_dir)
-    tok_dir = model_dir if _has_tokenizer(model_dir) or tokenizer_dir is None else Path(tokenizer_dir)
+    tok_dir = tokenizer_dir_for(model_dir, tokenizer_dir)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tok = load_tokenizer(tok_dir, cfg.model.trust_remote_code)
     model = load_model(model_dir, cfg.model.dtype, cfg.model.trust_remote_code, device=device)

@@ -48,11 +48,13 @@ def run_harness(model_dir: str | Path, cfg: PipelineConfig, tokenizer_dir: str |
     import lm_eval
     import torch
 
+    from cpi_ray.models.loading import tokenizer_dir_for
+
     ev = cfg.evaluate
     kind = backend(cfg)
     args: dict[str, Any] = {
         "pretrained": str(model_dir),
-        "tokenizer": str(tokenizer_dir),
+        "tokenizer": str(tokenizer_dir_for(model_dir, tokenizer_dir)),
         "dtype": cfg.model.dtype,
         "trust_remote_code": cfg.model.trust_remote_code,
     }

@@ -172,6 +172,14 @@ def load_model(
     return model.to(device) if device else model
 
 
+def tokenizer_dir_for(model_dir: str | os.PathLike, fallback: Optional[str | os.PathLike]) -> Path:
+    """Where a model's tokenizer is: its own directory when it has one (every model the pipeline
+    writes does), else `fallback` (the base model's)."""
+    d = Path(model_dir)
+    own = (d / "tokenizer_config.json").is_file() or (d / "tokenizer.json").is_file()
+    return d if own or fallback is None else Path(fallback)
+
+
 def load_tokenizer(path: str | os.PathLike, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
