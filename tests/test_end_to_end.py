@@ -19,6 +19,8 @@ import torch
 
 from cpi_ray.io.masks import MaskFile
 from cpi_ray.io.safetensors_io import CheckpointReader
+from cpi_ray.run.progress import METRICS_FILE, read_metrics
+from cpi_ray.training.sft import make_scheduler
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -137,12 +139,44 @@ def test_smoke_pipeline_killed_and_resumed(tmp_path):
     assert {"base", "fused", "final", *(f"probe:{t}" for t in tasks)} <= set(scores["scores"])
     assert (run_dir / "report" / "index.html").is_file()
 
+    # Training you can watch: a step line per job on the console, not Ray's result dumps; every
+    # model keeps its per-step metrics, every SFT job on the one LR schedule; the report draws them.
+    cfg = _config(run_dir)
+    assert "probe reverse step 60/60 loss" in out and "Reporting training result" not in out + log
+    assert f"consolidate stage {len(groups)}/{len(groups)} step 6/6 loss" in log
+    jobs = [(run_dir / "probes" / t, cfg.probe) for t in tasks]
+    jobs += [(run_dir / "consolidate" / f"stage-{i}", cfg.consolidate) for i in range(1, len(groups) + 1)]
+    for model_dir, tc in jobs:
+        rows = read_metrics(model_dir / METRICS_FILE)
+        assert [r["step"] for r in rows] == list(range(1, tc.steps + 1)), model_dir
+        assert [r["lr"] for r in rows] == pytest.approx(_schedule(tc)), model_dir
+        assert all(r["tokens"] > 0 and r["tokens_per_s"] > 0 for r in rows), model_dir
+    assert not (run_dir / "final" / METRICS_FILE).exists()
+    assert "## Training" in (run_dir / "report" / "report.md").read_text()
+    assert (run_dir / "report" / "training.png").is_file()
 
-def _base_dir(run_dir: Path) -> Path:
+
+def _schedule(tc) -> list[float]:
+    """The rate each step applies, from the schedule every trainer builds."""
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=tc.lr)
+    sched = make_scheduler(opt, tc)
+    rates = []
+    for _ in range(tc.steps):
+        rates.append(sched.get_last_lr()[0])
+        opt.step()
+        sched.step()
+    return rates
+
+
+def _config(run_dir: Path):
     import yaml
 
     from cpi_ray.config.schema import PipelineConfig
+
+    return PipelineConfig.model_validate(yaml.safe_load((run_dir / "config.yaml").read_text()))
+
+
+def _base_dir(run_dir: Path) -> Path:
     from cpi_ray.models.loading import resolve_base_model
 
-    cfg = PipelineConfig.model_validate(yaml.safe_load((run_dir / "config.yaml").read_text()))
-    return resolve_base_model(cfg)[0]
+    return resolve_base_model(_config(run_dir))[0]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 
 import pytest
@@ -10,8 +11,10 @@ import torch
 from cpi_ray.config.schema import ConsolidateConfig, PipelineConfig
 from cpi_ray.io.masks import MaskFile, pack_mask, write_mask_file
 from cpi_ray.io.safetensors_io import CheckpointReader
+from cpi_ray.run.progress import METRICS_FILE, read_metrics
 from cpi_ray.training.consolidate import fit_group, frozen_tasks, union_masks
-from cpi_ray.training.zero3 import build_ds_config, deep_merge, lr_lambda
+from cpi_ray.training.sft import make_scheduler
+from cpi_ray.training.zero3 import build_ds_config, deep_merge
 
 
 def test_deep_merge_nested_and_copies():
@@ -48,11 +51,30 @@ def test_ds_config_from_ours_with_passthrough():
         build_ds_config(tc.model_copy(update={"deepspeed": {"fp16": {"enabled": True}}}), 2)
 
 
-def test_lr_schedule_shapes():
-    f = lr_lambda("cosine", 10, 0.2)
-    assert f(0) < f(1) <= 1.0 and f(2) == pytest.approx(1.0) and f(9) < 0.05
-    assert lr_lambda("constant", 10, 0.0)(7) == 1.0
-    assert lr_lambda("linear", 10, 0.0)(5) == pytest.approx(0.5)
+@pytest.mark.parametrize("schedule", ["cosine", "linear", "constant"])
+def test_one_lr_schedule(schedule):
+    """Every trainer's schedule: warm-up from 0 over int(ratio * steps) steps, then the decay."""
+    steps, ratio, peak = 10, 0.25, 1e-3
+    tc = ConsolidateConfig(steps=steps, warmup_ratio=ratio, lr=peak, schedule=schedule)
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], lr=peak)
+    sched = make_scheduler(opt, tc)
+    warm = int(ratio * steps)
+
+    def expected(s: int) -> float:
+        if s < warm:
+            return peak * s / warm
+        frac = (s - warm) / (steps - warm)
+        return (
+            peak
+            * {"cosine": 0.5 * (1 + math.cos(math.pi * frac)), "linear": 1 - frac, "constant": 1.0}[schedule]
+        )
+
+    got = []
+    for _ in range(steps):
+        got.append(sched.get_last_lr()[0])
+        opt.step()
+        sched.step()
+    assert got == pytest.approx([expected(s) for s in range(steps)])
 
 
 def test_frozen_task_modes():
@@ -166,6 +188,8 @@ def test_zero3_frozen_bitwise_with_decay_accum_clip_and_worker_kill(ray_session,
         pad_id=0,
         storage=tmp_path / "_ray",
         fingerprint="fp",
+        job="test stage",
+        metrics_path=tmp_path / "live.metrics.jsonl",
         fault={"step": 3, "rank": 1, "marker": str(marker)},
     )
     assert marker.exists(), "the fault was not injected"
@@ -174,6 +198,14 @@ def test_zero3_frozen_bitwise_with_decay_accum_clip_and_worker_kill(ray_session,
     frozen, changed, free = assert_frozen_exact(tiny_model_dir, out, out / "frozen.mask.safetensors")
     assert frozen == rec["frozen_elements"]
     assert changed > 0.95 * free
+    # The resumed job rewrote the steps after its checkpoint: each step once, in order, at the
+    # rate of the one schedule (4 steps, no warm-up at ratio 0.1, cosine from lr 1e-2).
+    rows = read_metrics(out / METRICS_FILE)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert [r["lr"] for r in rows] == pytest.approx(
+        [1e-2 * 0.5 * (1 + math.cos(math.pi * s / 4)) for s in range(4)]
+    )
+    assert all(r["tokens"] > 0 and math.isfinite(r["loss"]) for r in rows)
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -222,4 +254,6 @@ def test_fit_group_needs_zero3(tmp_path):
             pad_id=0,
             storage=tmp_path,
             fingerprint="f",
+            job="j",
+            metrics_path=tmp_path / "m.jsonl",
         )

@@ -125,3 +125,51 @@ def test_mean_se_and_verdicts_match_independent_formulas():
     assert verdict(*paired_difference([30.0, 31.0, 32.0], [20.0, 22.0, 21.0])) == "win"
     assert verdict(*paired_difference([10.0, 11.0, 12.0], [20.0, 22.0, 21.0])) == "loss"
     assert verdict(*paired_difference([10.0], [20.0])) == "n/a"
+
+
+def _metrics(path, losses, stage=None):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows = [
+        {
+            "step": i + 1,
+            "loss": x,
+            "lr": 1e-4,
+            "tokens": 100,
+            "tokens_per_s": 50.0,
+            **({"stage": stage} if stage else {}),
+        }
+        for i, x in enumerate(losses)
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_training_curves_from_each_models_metrics(tmp_path):
+    from cpi_ray.evaluation.report import training_curves
+    from cpi_ray.run.layout import RunLayout
+
+    layout = RunLayout(tmp_path)
+    _metrics(layout.probe("a") / "metrics.jsonl", [3.0, 2.0, 1.5])
+    _metrics(layout.probe("b") / "metrics.jsonl", [2.5, 2.4])
+    _metrics(layout.stage(1) / "metrics.jsonl", [2.0, 1.8])
+    _metrics(layout.stage(2) / "metrics.jsonl", [1.9, 1.7, 1.6])
+    _metrics(layout.baseline("multistage") / "metrics.jsonl", [2.0, 1.5])
+    text = (layout.baseline("multistage") / "metrics.jsonl").read_text()
+    (layout.baseline("multistage") / "metrics.jsonl").write_text(
+        text + text.replace('"loss": 2.0', '"loss": 1.4')
+    )
+    curves = training_curves(layout)
+    assert [label for label, _ in curves["probes"]] == ["a", "b"]
+    # Consolidation stages end to end: stage 2 starts after stage 1's two steps.
+    assert [(label, [m["x"] for m in ms]) for label, ms in curves["consolidation"]] == [
+        ("stage 1", [1, 2]),
+        ("stage 2", [3, 4, 5]),
+    ]
+    ((label, ms),) = curves["baselines"]
+    assert label == "multistage" and [m["x"] for m in ms] == [1, 2, 3, 4]
+    assert [m["loss"] for m in ms] == [2.0, 1.5, 1.4, 1.5]
+
+    out = _build_example_report(tmp_path)
+    md = (out / "report.md").read_text()
+    assert "| probes | a | 3 | 3.0000 | 1.5000 | 50 |" in md
+    assert "| consolidation | stage 2 | 3 | 1.9000 | 1.6000 | 50 |" in md
+    assert (out / "training.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

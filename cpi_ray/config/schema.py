@@ -318,8 +318,12 @@ class TrainConfig(_Section):
     )
     grad_accum: int = Field(1, ge=1)
     lr: float = Field(5e-5, gt=0, le=1.0)
-    warmup_ratio: float = Field(0.1, ge=0, lt=1)
-    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_ratio: float = Field(
+        0.1, ge=0, lt=1, description="linear warm-up from 0 over int(warmup_ratio * steps) optimizer steps"
+    )
+    schedule: Literal["cosine", "linear", "constant"] = Field(
+        "cosine", description="after warm-up (transformers' get_scheduler, the same for every trainer)"
+    )
     weight_decay: float = Field(0.0, ge=0, le=1)
     max_grad_norm: Optional[float] = Field(1.0, gt=0)
     precision: Literal["fp32", "bf16"] = "fp32"
@@ -706,6 +710,22 @@ class RayConfig(_Section):
     namespace: str = "cpi-ray"
 
 
+class LoggingConfig(_Section):
+    """Where every SFT job's per-step metrics go, besides its model's `metrics.jsonl` and the
+    console (rank 0 logs, as Ray Train recommends)."""
+
+    report_to: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(
+        default_factory=lambda: ["tensorboard"],
+        description="trackers: tensorboard (event files under <run>/logs/tensorboard/), mlflow "
+        "(MLFLOW_TRACKING_URI), wandb (WANDB_* settings); the last two are extras: "
+        "pip install 'cpi-ray[mlflow]' / 'cpi-ray[wandb]'",
+    )
+    project: str = Field("cpi-ray", min_length=1, description="the mlflow experiment / wandb project")
+    every_steps: Optional[int] = Field(
+        None, ge=1, description="a console line every N optimizer steps (default: ten per job)"
+    )
+
+
 class PipelineConfig(_Section):
     model: ModelConfig = ModelConfig()
     tasks: list[TaskConfig] = Field(..., min_length=1)
@@ -721,6 +741,7 @@ class PipelineConfig(_Section):
     tune: TuneConfig = TuneConfig()
     storage: StorageConfig = StorageConfig()
     ray: RayConfig = RayConfig()
+    logging: LoggingConfig = LoggingConfig()
     stages: list[str] = Field(default_factory=lambda: list(STAGES))
 
     @field_validator("stages")

@@ -26,6 +26,8 @@ from cpi_ray.data.tasks import answer_text, load_splits, task_identity
 from cpi_ray.evaluation.harness import HARNESS_NAME, backend
 from cpi_ray.evaluation.stats import mean_se
 from cpi_ray.io.atomic import atomic_file, read_json, write_json
+from cpi_ray.run.progress import format_duration
+from cpi_ray.run.runtime import worker_resources
 from cpi_ray.run.stage import RECORD_NAME, RunContext, Stage, _load_record, file_sha256, stable_hash
 
 log = logging.getLogger("cpi_ray")
@@ -241,8 +243,6 @@ class EvaluateStage(Stage):
             ", ".join(f"{t} ({len(r)} rows)" for t, r in tasks_rows.items()),
         )
 
-        from cpi_ray.run.runtime import worker_resources
-
         res = worker_resources(cfg, "evaluate")
         remote = ray.remote(_evaluate_task).options(
             num_cpus=res.pop("CPU"),
@@ -280,6 +280,7 @@ class EvaluateStage(Stage):
                 )
             else:
                 queue.append((m, what))
+        total, t_start = len(queue), time.time()
         while queue or pending:
             while queue and len(pending) < cfg.evaluate.num_workers:
                 m, what = queue.pop(0)
@@ -298,17 +299,22 @@ class EvaluateStage(Stage):
                 ) from e
             write_json(cache_dir / _cache_name(m, what), {"key": keys[m, what], **done_by[what][m]})
             r = done_by[what][m]
+            finished = total - len(queue) - len(pending)
+            eta = (time.time() - t_start) / finished * (total - finished)
+            progress = f"{finished}/{total}, eta {format_duration(eta)}"
             if what == "scores":
                 log.info(
-                    "evaluate: %s scored in %.1fs: %s",
+                    "evaluate: %s scored (%s) in %.1fs: %s",
                     m,
+                    progress,
                     r["wall_s"],
                     ", ".join(f"{t}={x['score']:.1f}" for t, x in r["tasks"].items()),
                 )
             else:
                 log.info(
-                    "evaluate: %s through the harness in %.1fs: %s",
+                    "evaluate: %s through the harness (%s) in %.1fs: %s",
                     m,
+                    progress,
                     r["wall_s"],
                     ", ".join(
                         f"{t} {k}={v:.4f}" for t, x in r["harness"].items() for k, v in x["metrics"].items()

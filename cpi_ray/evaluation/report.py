@@ -2,8 +2,9 @@
 stages recorded (`eval/scores.json`, `groups/*.json`, `regions/stats.json`).
 
 Plots: the Jaccard overlap heatmap with the groups marked, where the cores live (by layer and by
-module type), per-task scores of every model, and the seesaw chart (each model's per-task change
-against that task's single-task expert). The HTML references the PNGs by relative path, so it
+module type), per-task scores of every model, the seesaw chart (each model's per-task change
+against that task's single-task expert), and the training loss of every SFT job (from each model's
+`metrics.jsonl`). The HTML references the PNGs by relative path, so it
 reads in a browser straight from disk.
 """
 
@@ -20,6 +21,7 @@ from cpi_ray.evaluation.stats import fmt_mean_se
 from cpi_ray.io.atomic import atomic_dir
 from cpi_ray.regions.grouping import overlap_summary
 from cpi_ray.run.layout import RunLayout
+from cpi_ray.run.progress import METRICS_FILE, read_metrics
 
 REPORT_DIR = "report"
 
@@ -264,6 +266,75 @@ def plot_seesaw(deltas: dict[str, dict[str, float]], tasks: list[str], out: Path
     return True
 
 
+def training_curves(layout: RunLayout) -> dict[str, list[tuple[str, list[dict]]]]:
+    """Per kind of SFT job (probes, consolidation, baselines): (label, metrics rows) for every
+    model of the run that kept its `metrics.jsonl`. A consolidation's stages and a baseline's
+    stages are laid end to end (`x`: steps since the job's start)."""
+    out: dict[str, list[tuple[str, list[dict]]]] = {}
+    probes = layout.folder("probe")
+    if probes.is_dir():
+        for d in sorted(p for p in probes.iterdir() if p.is_dir()):
+            rows = read_metrics(d / METRICS_FILE)
+            if rows:
+                out.setdefault("probes", []).append((d.name, [{**r, "x": r["step"]} for r in rows]))
+    offset = 0
+    k = 1
+    while layout.stage(k).is_dir():
+        rows = read_metrics(layout.stage(k) / METRICS_FILE)
+        if rows:
+            out.setdefault("consolidation", []).append(
+                (f"stage {k}", [{**r, "x": offset + r["step"]} for r in rows])
+            )
+            offset += rows[-1]["step"]
+        k += 1
+    baselines = layout.folder("baselines")
+    if baselines.is_dir():
+        for d in sorted(p for p in baselines.iterdir() if p.is_dir()):
+            rows = read_metrics(d / METRICS_FILE)
+            if rows:
+                out.setdefault("baselines", []).append(
+                    (d.name, [{**r, "x": i + 1} for i, r in enumerate(rows)])
+                )
+    return out
+
+
+def training_rows(curves: dict[str, list[tuple[str, list[dict]]]]) -> list[list[str]]:
+    """One row per job: steps, first and last loss, mean tokens/s."""
+    rows = []
+    for kind, jobs in curves.items():
+        for label, ms in jobs:
+            rate = [m["tokens_per_s"] for m in ms if m.get("tokens_per_s")]
+            rows.append(
+                [
+                    kind,
+                    label,
+                    str(len(ms)),
+                    f"{ms[0]['loss']:.4f}",
+                    f"{ms[-1]['loss']:.4f}",
+                    f"{sum(rate) / len(rate):.0f}" if rate else "",
+                ]
+            )
+    return rows
+
+
+def plot_training_curves(curves: dict[str, list[tuple[str, list[dict]]]], out: Path) -> bool:
+    if not curves:
+        return False
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(curves), figsize=(5 * len(curves), 3.6), squeeze=False)
+    for ax, (kind, jobs) in zip(axes[0], curves.items()):
+        for label, ms in jobs:
+            ax.plot([m["x"] for m in ms], [m["loss"] for m in ms], label=label, linewidth=1.2)
+        ax.set_title(f"{kind}: training loss")
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("loss per supervised token")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return True
+
+
 # ---------------------------------------------------------------------------------- report
 
 
@@ -333,6 +404,20 @@ def build_report(run_dir: str | Path, extra_sections: Optional[list[tuple[str, s
                 md += [detail[0].upper() + detail[1:] + ".", ""]
         if stats and plot_core_locations(stats, out / "cores.png"):
             figures.append(("Where the cores live", "cores.png"))
+        curves = training_curves(layout)
+        if curves:
+            md += [
+                "## Training",
+                "",
+                "Every SFT job's per-step metrics are in `metrics.jsonl` in its model directory.",
+                "",
+                markdown_table(
+                    ["job", "model", "steps", "first loss", "last loss", "tokens/s"], training_rows(curves)
+                ),
+                "",
+            ]
+            if plot_training_curves(curves, out / "training.png"):
+                figures.append(("Training loss", "training.png"))
         forgetting = forgetting_rows(scores, _load(layout.budget_json))
         if forgetting:
             md += [

@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from tqdm import tqdm
+
 from cpi_ray.config.schema import PipelineConfig
 from cpi_ray.fusion.plan import FusePlan, build_plan, group_ranks
 from cpi_ray.fusion.worker import FuseError, FuseSettings
@@ -21,6 +23,7 @@ from cpi_ray.io.atomic import atomic_dir, read_json, write_json
 from cpi_ray.io.safetensors_io import copy_model_side_files, write_index
 from cpi_ray.io.sizes import parse_size
 from cpi_ray.regions.grouping import read_groups
+from cpi_ray.run.runtime import worker_resources
 from cpi_ray.run.stage import RunContext, Stage
 
 log = logging.getLogger("cpi_ray")
@@ -61,8 +64,6 @@ def run_fusion(
         chunk_elems=chunk_elems,
         fault=fault,
     )
-    from cpi_ray.run.runtime import worker_resources
-
     res = worker_resources(cfg, "fuse")
     per_actor = res.pop("CPU")
     # more actors than the cluster has CPUs for would wait forever
@@ -93,15 +94,18 @@ def run_fusion(
             todo = sorted(plan.shards, key=lambda s: -s.nbytes)
             running = {}
             free = list(actors)
-            while todo or running:
-                while todo and free:
-                    a = free.pop()
-                    running[a.fuse.remote(todo.pop(0))] = a
-                done, _ = ray.wait(list(running), num_returns=1)
-                for ref in done:
-                    a = running.pop(ref)
-                    stats.append(_get(ref))
-                    free.append(a)
+            with tqdm(total=sum(s.nbytes for s in todo), desc="fuse", unit="B", unit_scale=True) as bar:
+                while todo or running:
+                    while todo and free:
+                        a = free.pop()
+                        shard = todo.pop(0)
+                        running[a.fuse.remote(shard)] = (a, shard.nbytes)
+                    done, _ = ray.wait(list(running), num_returns=1)
+                    for ref in done:
+                        a, nbytes = running.pop(ref)
+                        stats.append(_get(ref))
+                        free.append(a)
+                        bar.update(nbytes)
             peaks = ray.get([a.peak_rss.remote() for a in actors])
         finally:
             for a in actors:

@@ -190,7 +190,19 @@ def check_config(cfg: PipelineConfig, run_dir: Path) -> CheckReport:
         report.tasks.append(check_task(cfg, t.name, tokenizer))
     if cfg.evaluate.harness_tasks:
         check_harness(cfg)
+    check_trackers(cfg)
     return report
+
+
+def check_trackers(cfg: PipelineConfig) -> None:
+    """Each tracker of `logging.report_to` must be importable (the workers open them)."""
+    import importlib.util
+
+    modules = {"tensorboard": "tensorboardX", "mlflow": "mlflow", "wandb": "wandb"}
+    for name in cfg.logging.report_to:
+        if importlib.util.find_spec(modules[name]) is None:
+            extra = f" (pip install 'cpi-ray[{name}]')" if name != "tensorboard" else ""
+            raise CheckError(f"logging.report_to: {name} needs the {modules[name]} package{extra}")
 
 
 def check_harness(cfg: PipelineConfig) -> None:

@@ -78,6 +78,20 @@ class RunLayout:
         return self.root / "config.yaml"
 
     @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+    def train_log(self, job: str) -> Path:
+        """The live per-step metrics of training job `job` (a probe, a consolidation or baseline
+        stage) while it runs; the job copies them into its model as `metrics.jsonl`."""
+        return self.logs / f"{job}.metrics.jsonl"
+
+    @property
+    def tensorboard(self) -> Path:
+        """TensorBoard event files of every training job (`logging.report_to`)."""
+        return self.logs / "tensorboard"
+
+    @property
     def ray_storage(self) -> Path:
         """Ray Train's storage for checkpoints of the run's trainers."""
         return self.root / "_ray"

@@ -29,6 +29,19 @@ def train_env() -> dict[str, str]:
     }
 
 
+def quiet_train_reports() -> None:
+    """In a Ray Train worker: drop Ray's INFO line that prints every `ray.train.report` result
+    whole (each job logs its own step line instead). Ray 2.60 logs it from
+    `logging.getLogger(__file__)` in `ray/train/v2/_internal/execution/context.py`, a name that
+    `LoggingConfig(log_level=...)` does not reach (it filters `ray.train.*` loggers only); ray is
+    pinned to 2.60.* in pyproject.toml."""
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
 def _train_resources(tc) -> dict[str, float]:
     res = {"CPU": float(tc.cpus_per_worker)}
     if tc.use_gpu:

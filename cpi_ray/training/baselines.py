@@ -30,6 +30,7 @@ from cpi_ray.data.batching import mix_counts
 from cpi_ray.io.atomic import read_json, write_json
 from cpi_ray.io.safetensors_io import INDEX_NAME
 from cpi_ray.regions.grouping import read_groups
+from cpi_ray.run.progress import METRICS_FILE, concat_metrics, tracking_spec
 from cpi_ray.run.stage import RECORD_NAME, RunContext, Stage, _load_record, stable_hash
 from cpi_ray.training.consolidate import (
     FROZEN_MASK,
@@ -156,7 +157,8 @@ def cpi_budget(cfg: PipelineConfig, groups: Optional[list[list[str]]]) -> dict:
 
 class BaselinesStage(Stage):
     name = "baselines"
-    version = 2  # 2: fp32 runs train in fp32 (1 built them in bf16 on CPU)
+    # 2: fp32 runs train in fp32 (1 built them in bf16 on CPU); 3: the probes' LR schedule
+    version = 3
     depends = ("probe",)
 
     def dependencies(self, ctx: RunContext) -> tuple[str, ...]:
@@ -255,14 +257,22 @@ class BaselinesStage(Stage):
                         pad_id=tok.pad_token_id,
                         storage=ctx.layout.ray_storage,
                         fingerprint=fp,
+                        job=f"baseline {mode} stage {k + 1}/{len(plan['stages'])}",
+                        metrics_path=ctx.layout.train_log(f"baselines-{mode}-stage-{k + 1}"),
+                        tracking=tracking_spec(cfg, ctx.layout),
                         rows_per_task=st["rows_per_task"],
                     )
                 prev = out
+            # One loss curve for the mode: its stages' metrics in order, each line tagged.
+            curve = concat_metrics(
+                ({"stage": k + 1}, work / f"stage-{k + 1}" / METRICS_FILE) for k in range(len(plan["stages"]))
+            )
             copy_model_dir(
                 prev,
                 final,
-                skip=(FROZEN_MASK, STAGE_RECORD),
+                skip=(FROZEN_MASK, STAGE_RECORD, METRICS_FILE),
                 extra={MODE_RECORD: {"fingerprint": mode_fp, "mode": mode, **plan}},
+                texts={METRICS_FILE: curve},
             )
             outputs.append(final)
         cpi = cpi_budget(cfg, cpi_groups)

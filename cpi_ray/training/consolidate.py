@@ -28,7 +28,18 @@ from cpi_ray.io.atomic import atomic_dir, read_json
 from cpi_ray.io.masks import MaskFile, write_mask_file
 from cpi_ray.io.safetensors_io import INDEX_NAME, CheckpointReader
 from cpi_ray.regions.grouping import read_groups
+from cpi_ray.run.progress import METRICS_FILE, TrainLog, tracking_spec
+from cpi_ray.run.runtime import quiet_train_reports, worker_resources
 from cpi_ray.run.stage import RunContext, Stage, stable_hash
+from cpi_ray.training.sft import (
+    accumulate_loss,
+    kill_once,
+    make_scheduler,
+    param_groups,
+    should_report,
+    sum_over_ranks,
+    token_loss_sum,
+)
 
 log = logging.getLogger("cpi_ray")
 
@@ -127,13 +138,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     tc = ConsolidateConfig.model_validate(config["consolidate"])
     data = DataConfig.model_validate(config["data"])
     model_cfg = ModelConfig.model_validate(config["model"])
+    quiet_train_reports()
     zero3.set_accelerator_env(tc.use_gpu)
     import deepspeed
 
     from cpi_ray.data.batching import iterate_batches
     from cpi_ray.io.sizes import parse_size
     from cpi_ray.training.freeze import ElementFreezer, check_freezable
-    from cpi_ray.training.sft import kill_once, should_report, token_loss_sum
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -152,15 +163,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if hasattr(model.config, "use_cache"):
         model.config.use_cache = False
     params = zero3.named_parameters(model)
-    decay = [p for _, p in params if p.requires_grad and len(p.ds_shape) >= 2]
-    no_decay = [p for _, p in params if p.requires_grad and len(p.ds_shape) < 2]
-    groups = [{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    sched_fn = zero3.lr_lambda(tc.schedule, tc.steps, tc.warmup_ratio)
     engine, _, _, scheduler = deepspeed.initialize(
         model=model,
-        model_parameters=groups,
+        model_parameters=param_groups((p for _, p in params), tc.weight_decay),
         config=ds_config,
-        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, sched_fn),
+        lr_scheduler=lambda opt: make_scheduler(opt, tc),
     )
 
     with CheckpointReader(start_dir) as reader:
@@ -205,35 +212,32 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     val_batches = None
     if config.get("val_examples") is not None:
         val_batches = _val_batches(ray.get(config["val_examples"]), micro, config["pad_id"], rank, world)
+
+    def backward(loss: torch.Tensor) -> None:
+        # The gradient is already the token mean of the whole accumulated batch.
+        engine.backward(loss, scale_wrt_gas=False)
+        if engine.is_gradient_accumulation_boundary():
+            freezer.zero_grads()
+        engine.step()
+
     engine.train()
+    train_log = TrainLog(
+        config["metrics_path"], config["job"], tc.steps, start, rank, tracking=config["tracking"]
+    )
     t0 = time.time()
     step_times: list[float] = []
     loss = float("nan")
     val_loss = None
     for step in range(start, tc.steps):
         ts = time.perf_counter()
-        mbs = [next(batches) for _ in range(tc.grad_accum)]
-        tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in mbs)
-        loss = 0.0
-        for b in mbs:
-            b = {k: v.to(device) for k, v in b.items()}
-            logits = engine(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-            # Token-mean over the whole accumulated batch, as the probe trainer does.
-            lo = token_loss_sum(logits, b["labels"]) / max(tokens, 1)
-            engine.backward(lo, scale_wrt_gas=False)
-            if engine.is_gradient_accumulation_boundary():
-                freezer.zero_grads()
-            engine.step()
-            loss += float(lo.detach())
+        lr = scheduler.get_last_lr()[0]  # the rate this step applies
+        # DeepSpeed keeps precision itself (bf16 weights with fp32 masters): no autocast.
+        loss, tokens = accumulate_loss(engine, batches, tc, device, backward=backward, amp=False)
         freezer.restore()
         step_times.append(time.perf_counter() - ts)
-        metrics = {
-            "step": step + 1,
-            "loss": loss,
-            "lr": scheduler.get_last_lr()[0],
-            "grad_norm": float(engine.get_global_grad_norm() or 0.0),
-            "elapsed_s": time.time() - t0,
-        }
+        metrics = train_log.step(
+            step + 1, loss, lr, float(engine.get_global_grad_norm() or 0.0), sum_over_ranks(tokens, device)
+        )
         checkpoint = bool(
             tc.checkpoint_every and (step + 1) % tc.checkpoint_every == 0 and step + 1 < tc.steps
         )
@@ -246,6 +250,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 ray.train.report(metrics)
         if fault and step + 1 == fault["step"] and rank == fault["rank"]:
             kill_once(fault)
+    train_log.close()
 
     record = {
         "fingerprint": config["fingerprint"],
@@ -270,6 +275,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         extra = {
             FROZEN_MASK: Path(config["mask_path"]).read_bytes(),
             STAGE_RECORD: json.dumps(record, indent=2) + "\n",
+            METRICS_FILE: Path(config["metrics_path"]).read_bytes(),
         }
     zero3.export_hf_model(
         engine.module, out_dir, start_dir, parse_size(model_cfg.max_shard_size), extra_files=extra
@@ -299,8 +305,6 @@ def _val_batches(
 def _val_loss(engine, batches: list[tuple[dict, float]], device) -> float:
     """Token-mean loss over every rank's validation rows (what ASHA compares between trials)."""
     import torch.distributed as dist
-
-    from cpi_ray.training.sft import token_loss_sum
 
     engine.eval()
     acc = torch.zeros(2, dtype=torch.float64)
@@ -346,20 +350,23 @@ def fit_group(
     pad_id: int,
     storage: Path,
     fingerprint: str,
+    job: str,
+    metrics_path: Path,
+    tracking: Optional[dict] = None,
     fault: Optional[dict] = None,
     callbacks: Optional[list] = None,
     val_examples: Optional[list[dict]] = None,
     rows_per_task: Optional[dict[str, int]] = None,
 ) -> dict:
     """Train one group with a TorchTrainer and return its record (read back from `out_dir`).
+    `job` names it on the console; `metrics_path` is where its live per-step metrics go, and
+    `tracking` (`tracking_spec`) to which trackers.
     `rows_per_task`: how many of `examples` came from each task, kept in the record.
     `callbacks`: Ray Train callbacks (a Tune search passes TuneReportCallback); `val_examples`:
     encoded validation rows whose loss each metrics report carries as `val_loss`."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
-
-    from cpi_ray.run.runtime import worker_resources
 
     tc = cfg.consolidate
     name = f"consolidate-{stage}-{fingerprint}"
@@ -385,6 +392,9 @@ def fit_group(
             "examples": ray.put(examples),
             "pad_id": pad_id,
             "fingerprint": fingerprint,
+            "job": job,
+            "metrics_path": str(metrics_path),
+            "tracking": tracking,
             "fault": fault,
             "rows_per_task": rows_per_task,
             "val_examples": ray.put(val_examples) if val_examples else None,
@@ -464,21 +474,29 @@ def group_examples(cfg: PipelineConfig, tokenizer, groups: list[list[str]], k: i
 
 
 def copy_model_dir(
-    src: Path, dst: Path, skip: tuple[str, ...] = (), extra: Optional[dict[str, Any]] = None
+    src: Path,
+    dst: Path,
+    skip: tuple[str, ...] = (),
+    extra: Optional[dict[str, Any]] = None,
+    texts: Optional[dict[str, str]] = None,
 ) -> Path:
-    """Copy a model directory atomically, less the `skip` files, plus `extra` JSON files."""
+    """Copy a model directory atomically, less the `skip` files, plus `extra` JSON files and
+    `texts` files."""
     with atomic_dir(dst) as tmp:
         for p in src.iterdir():
             if p.is_file() and p.name not in skip and not p.name.startswith("."):
                 shutil.copy2(p, tmp / p.name)
         for name, doc in (extra or {}).items():
             (tmp / name).write_text(json.dumps(doc, indent=2, default=str) + "\n")
+        for name, text in (texts or {}).items():
+            (tmp / name).write_text(text)
     return dst
 
 
 class ConsolidateStage(Stage):
     name = "consolidate"
-    version = 2  # 2: fp32 runs train in fp32 (1 built them in bf16 on CPU)
+    # 2: fp32 runs train in fp32 (1 built them in bf16 on CPU); 3: the probes' LR schedule
+    version = 3
     depends = ("fuse", "groups", "regions")
 
     def __init__(
@@ -559,6 +577,9 @@ class ConsolidateStage(Stage):
                     pad_id=tok.pad_token_id,
                     storage=ctx.layout.ray_storage,
                     fingerprint=fp,
+                    job=f"consolidate stage {k + 1}/{len(groups)}",
+                    metrics_path=ctx.layout.train_log(f"consolidate-stage-{k + 1}"),
+                    tracking=tracking_spec(cfg, ctx.layout),
                     fault=fault,
                     callbacks=self.callbacks,
                     val_examples=self.val_examples,
@@ -584,7 +605,8 @@ class ConsolidateStage(Stage):
                     chk["free"],
                 )
             start_dir, prev_fp = out, fp
-        final = copy_model_dir(start_dir, ctx.layout.final, skip=(FROZEN_MASK, STAGE_RECORD))
+        # final/ is the last stage's model; each stage keeps its own record and loss curve.
+        final = copy_model_dir(start_dir, ctx.layout.final, skip=(FROZEN_MASK, STAGE_RECORD, METRICS_FILE))
         shutil.rmtree(ctx.path("consolidate", "masks"), ignore_errors=True)
         return [*outputs, final]
 

@@ -22,7 +22,8 @@ import torch
 
 from cpi_ray.config.schema import PipelineConfig
 from cpi_ray.io.atomic import read_json, write_json
-from cpi_ray.run.runtime import train_env
+from cpi_ray.run.progress import METRICS_FILE, TrainLog, last_step, tracking_spec
+from cpi_ray.run.runtime import quiet_train_reports, train_env, worker_resources
 from cpi_ray.run.stage import RunContext, Stage, stable_hash
 from cpi_ray.training.sft import (
     accumulate_loss,
@@ -32,6 +33,7 @@ from cpi_ray.training.sft import (
     make_scheduler,
     micro_batch_size,
     should_report,
+    sum_over_ranks,
 )
 
 log = logging.getLogger("cpi_ray")
@@ -67,6 +69,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     cfg = PipelineConfig.model_validate(config["cfg"])
     tc = cfg.probe
+    quiet_train_reports()
     task, base_dir, out_dir = config["task"], config["base_dir"], config["out_dir"]
     train = config["mode"] == "train"  # else: only the Fisher of an existing probe
     ctx = ray.train.get_context()
@@ -80,7 +83,19 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     t0 = time.time()
     record = {} if train else (_probe_record(Path(out_dir)) or {})
     if train:
-        model, loss, start = _train(model, examples, tok, cfg, rank, world, device, task, config.get("fault"))
+        model, loss, start = _train(
+            model,
+            examples,
+            tok,
+            cfg,
+            rank,
+            world,
+            device,
+            task,
+            config["metrics_path"],
+            config["tracking"],
+            config.get("fault"),
+        )
         record = {
             "task": task,
             "fingerprint": config["fingerprint"],
@@ -121,13 +136,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         )
 
     if rank == 0:
-        from cpi_ray.io.atomic import atomic_dir
+        from cpi_ray.io.atomic import atomic_dir, atomic_file
         from cpi_ray.io.safetensors_io import save_sharded
         from cpi_ray.io.sizes import parse_size
 
         shard = parse_size(cfg.model.max_shard_size)
         if train:
             save_model(raw, tok, out_dir, shard)
+            with atomic_file(Path(out_dir) / METRICS_FILE) as f:
+                f.write(Path(config["metrics_path"]).read_bytes())
         if fisher is not None:
             with atomic_dir(Path(out_dir) / FISHER_DIR) as d:
                 save_sharded(fisher, d, shard)
@@ -144,6 +161,8 @@ def _train(
     world: int,
     device,
     task: str,
+    metrics_path: str,
+    tracking: dict,
     fault: dict | None = None,
 ):
     import ray.train
@@ -183,29 +202,25 @@ def _train(
         next(batches)
 
     model.train()
-    t0 = time.time()
+    train_log = TrainLog(metrics_path, f"probe {task}", tc.steps, start, rank, tracking=tracking)
     every = max(1, tc.steps // 4)
     loss = float("nan")
     for step in range(start, tc.steps):
-        loss = accumulate_loss(model, batches, tc, device)
+        lr = sched.get_last_lr()[0]  # the rate this step applies
+        loss, tokens = accumulate_loss(model, batches, tc, device)
         gnorm = clip_grad(model, tc)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        metrics = {
-            "task": task,
-            "step": step + 1,
-            "loss": loss,
-            "lr": sched.get_last_lr()[0],
-            "grad_norm": gnorm,
-            "elapsed_s": time.time() - t0,
-        }
+        metrics = train_log.step(step + 1, loss, lr, gnorm, sum_over_ranks(tokens, device))
+        metrics["task"] = task
         if (step + 1) % every == 0 and step + 1 < tc.steps:
             _report_checkpoint(metrics, model, opt, sched, step + 1, rank, save_file)
         elif should_report(step + 1, tc.steps):
             ray.train.report(metrics)
         if fault and step + 1 == fault["step"] and rank == fault["rank"]:
             kill_once(fault)
+    train_log.close()
     return model, loss, start
 
 
@@ -249,6 +264,11 @@ class ProbeStage(Stage):
             "fisher_batches": fisher_batches_needed(cfg),
         }
 
+    @staticmethod
+    def metrics_path(ctx: RunContext, task: str) -> Path:
+        """Where task's probe trainer keeps its live metrics (copied into the probe when done)."""
+        return ctx.layout.train_log(f"probe-{task}")
+
     def run(self, ctx: RunContext) -> list[Path]:
         import ray
 
@@ -281,6 +301,8 @@ class ProbeStage(Stage):
                 fp,
                 mode,
                 fisher_batches,
+                str(self.metrics_path(ctx, task)),
+                tracking_spec(cfg, ctx.layout),
                 self.fault if self.fault and self.fault["task"] == task else None,
             )
             for task, fp, mode in pending
@@ -289,24 +311,38 @@ class ProbeStage(Stage):
         failures = {}
         from tqdm import tqdm
 
-        with tqdm(total=len(refs), desc="probe", unit="task") as bar:
-            remaining = dict((ref, task) for task, ref in refs.items())
+        # The bar counts the steps the trainers' live metrics record (tasks for a Fisher-only pass).
+        training = [task for task, _, mode in pending if mode == "train"]
+        total = cfg.probe.steps * len(training)
+        with tqdm(total=total or len(refs), desc="probe", unit="step" if total else "task") as bar:
+            remaining = {ref: task for task, ref in refs.items()}
+            finished: set[str] = set()
             while remaining:
-                ready, _ = ray.wait(list(remaining), num_returns=1)
-                task = remaining.pop(ready[0])
-                try:
-                    info = ray.get(ready[0])
-                    fisher = info.get("fisher") or {}
-                    log.info(
-                        "probe %s: done, final loss %.4f, trained in %.1fs%s",
-                        task,
-                        info["final_loss"],
-                        info["train_time_s"],
-                        f", Fisher in {fisher['time_s']:.1f}s" if fisher else "",
+                ready, _ = ray.wait(list(remaining), num_returns=1, timeout=5.0)
+                for ref in ready:
+                    task = remaining.pop(ref)
+                    finished.add(task)
+                    try:
+                        info = ray.get(ref)
+                        fisher = info.get("fisher") or {}
+                        log.info(
+                            "probe %s: done, final loss %.4f, trained in %.1fs%s",
+                            task,
+                            info["final_loss"],
+                            info["train_time_s"],
+                            f", Fisher in {fisher['time_s']:.1f}s" if fisher else "",
+                        )
+                    except Exception as e:  # noqa: BLE001 - reported per task below
+                        failures[task] = e
+                if total:
+                    steps = cfg.probe.steps
+                    bar.n = sum(
+                        steps if t in finished else min(steps, last_step(self.metrics_path(ctx, t)))
+                        for t in training
                     )
-                except Exception as e:  # noqa: BLE001 - reported per task below
-                    failures[task] = e
-                bar.update(1)
+                else:
+                    bar.n = len(finished)
+                bar.refresh()
         if failures:
             msg = "; ".join(f"{t}: {_short(e)}" for t, e in failures.items())
             raise RuntimeError(
@@ -331,12 +367,12 @@ def _fit_probe(
     fingerprint: str,
     mode: str,
     fisher_batches: int,
+    metrics_path: str,
+    tracking: dict,
     fault: dict | None = None,
 ) -> dict:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
-
-    from cpi_ray.run.runtime import worker_resources
 
     cfg = PipelineConfig.model_validate(cfg_dump)
     name = f"probe-{task}-{fingerprint}-{mode}"
@@ -351,6 +387,8 @@ def _fit_probe(
             "fingerprint": fingerprint,
             "mode": mode,
             "fisher_batches": fisher_batches,
+            "metrics_path": metrics_path,
+            "tracking": tracking,
             "fault": fault,
         },
         scaling_config=ScalingConfig(

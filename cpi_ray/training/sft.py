@@ -4,24 +4,32 @@ config, precision, and one optimizer step over accumulated micro-batches."""
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Optional
+from typing import Callable, Iterable, Iterator, Optional
 
 import torch
 
 from cpi_ray.config.schema import TrainConfig
 
 
-def make_optimizer(model: torch.nn.Module, tc: TrainConfig) -> torch.optim.Optimizer:
-    # Decay matrices only: norms and biases are conventionally excluded from weight decay.
+def param_groups(params: Iterable[torch.nn.Parameter], weight_decay: float) -> list[dict]:
+    """AdamW's parameter groups for every trainer: decay on matrices only (norms and biases are
+    conventionally excluded). A ZeRO-3 partitioned parameter's shape is its `ds_shape`."""
     decay, no_decay = [], []
-    for p in model.parameters():
+    for p in params:
         if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+            (decay if len(getattr(p, "ds_shape", p.shape)) >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def make_optimizer(model: torch.nn.Module, tc: TrainConfig) -> torch.optim.Optimizer:
+    groups = param_groups(model.parameters(), tc.weight_decay)
     return torch.optim.AdamW(groups, lr=tc.lr, betas=(0.9, 0.999), eps=1e-8)
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, tc: TrainConfig):
+    """The LR schedule of every SFT job (probes, consolidation stages, baselines), transformers'
+    `get_scheduler`: linear warm-up from 0 over `int(warmup_ratio * steps)` optimizer steps, then
+    cosine or linear decay to 0 at `steps`, or constant."""
     from transformers import get_scheduler
 
     name = "constant_with_warmup" if tc.schedule == "constant" else tc.schedule
@@ -50,23 +58,41 @@ def micro_batch_size(tc: TrainConfig) -> int:
 
 
 def accumulate_loss(
-    model: torch.nn.Module, batches: Iterator[dict], tc: TrainConfig, device: torch.device, backward=None
-) -> float:
-    """Forward/backward `grad_accum` micro-batches; returns the mean loss per supervised token.
+    model: torch.nn.Module,
+    batches: Iterator[dict],
+    tc: TrainConfig,
+    device: torch.device,
+    backward: Optional[Callable[[torch.Tensor], None]] = None,
+    amp: bool = True,
+) -> tuple[float, int]:
+    """Forward/backward `grad_accum` micro-batches. Returns the mean loss per supervised token
+    and the input (non-padding) tokens this rank processed.
 
     Each micro-batch's summed token loss is divided by the token count of the whole accumulated
-    batch, so that a step's gradient is the same however the batch is split."""
+    batch, so that a step's gradient is the same however the batch is split. `backward` replaces
+    `loss.backward()` (DeepSpeed's engine backward and step); `amp=False` leaves precision to it."""
     micro = [next(batches) for _ in range(tc.grad_accum)]
     tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
     total = 0.0
     for b in micro:
         b = {k: v.to(device) for k, v in b.items()}
-        with autocast(tc, device):
+        with autocast(tc, device) if amp else contextlib.nullcontext():
             logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
         loss = token_loss_sum(logits, b["labels"]) / max(tokens, 1)
         (backward or torch.Tensor.backward)(loss)
         total += float(loss.detach())
-    return total
+    return total, sum(int(b["attention_mask"].sum()) for b in micro)
+
+
+def sum_over_ranks(n: int, device: torch.device) -> int:
+    """`n` summed over the job's ranks (a collective when torch.distributed is up)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return n
+    t = torch.tensor([n], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return int(t.item())
 
 
 def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,6 @@ DeepSpeed picks its accelerator.
 from __future__ import annotations
 
 import copy
-import math
 import os
 from contextlib import ExitStack
 from pathlib import Path
@@ -88,25 +87,6 @@ def build_ds_config(cfg: ConsolidateConfig, world_size: int, use_gpu: bool = Fal
             f"{mb} x accumulation {ga} x workers {world_size}"
         )
     return merged
-
-
-def lr_lambda(schedule: str, total_steps: int, warmup_ratio: float):
-    """Multiplier of the peak lr at optimizer step `s` (0-based): linear warm-up, then cosine,
-    linear or constant down to 0 at `total_steps`."""
-    warmup = int(math.ceil(warmup_ratio * total_steps))
-
-    def f(s: int) -> float:
-        if s < warmup:
-            return (s + 1) / (warmup + 1)
-        if schedule == "constant":
-            return 1.0
-        frac = (s - warmup) / max(1, total_steps - warmup)
-        frac = min(max(frac, 0.0), 1.0)
-        if schedule == "linear":
-            return 1.0 - frac
-        return 0.5 * (1.0 + math.cos(math.pi * frac))
-
-    return f
 
 
 # ---------------------------------------------------------------------------- distributed
