@@ -231,3 +231,93 @@ def test_a_downloaded_hub_model_is_read_from_the_cache(tmp_path, tiny_model_dir)
     shutil.copytree(tiny_model_dir, cached)
     f = model_facts(load_config(LLAMA7B, [f"model.cache_dir={tmp_path}"]))
     assert f.source.endswith("config.json") and f.num_parameters < 10**6
+
+
+def test_disk_figures_by_hand_for_the_7b_config(tmp_path):
+    """Probes at 2 B/param (bf16) each, two Ray Train checkpoints of weights + AdamW moments per
+    trainer while it runs; masks P/8; the fused model; every consolidation stage with its mask,
+    and final/; a Fisher (fp32) only when the core score reads it."""
+    n, w, mask = 4, 2, -(-P7 // 8)
+    cfg = _cfg(tmp_path, ["baselines.modes=[full_mtl,multistage]", "baselines.multistage_num_groups=3"])
+    disk = {s.name: s.disk for s in build_plan(cfg, "llama7b").stages}
+    assert disk["probe"].kept_bytes == n * P7 * w
+    assert disk["probe"].peak_bytes == n * P7 * w + n * 2 * 3 * P7 * w
+    assert disk["regions"].kept_bytes == n * mask
+    assert disk["fuse"].kept_bytes == P7 * w
+    assert disk["consolidate"].kept_bytes == n * (P7 * w + mask) + P7 * w  # grouping unknown: n stages
+    assert disk["baselines"].kept_bytes == 2 * P7 * w and disk["baselines"].peak_bytes == 5 * P7 * w
+    fisher = {s.name: s.disk for s in build_plan(_cfg(tmp_path, ["regions.score=delta_fisher"])).stages}
+    assert fisher["probe"].kept_bytes == n * P7 * w + n * P7 * 4
+    a, b, c, d = (t.name for t in cfg.tasks)
+    given = _cfg(tmp_path, ["groups.order=given", f"groups.given=[[{a},{b}],[{c},{d}]]"])
+    cons = {s.name: s.disk for s in build_plan(given).stages}["consolidate"]
+    assert cons.kept_bytes == 2 * (P7 * w + mask) + P7 * w
+
+
+def test_disk_estimate_of_a_model_matches_a_saved_one(tmp_path, tiny_model_dir):
+    """The per-model bytes the plan counts are the weights the run's models actually hold."""
+    cfg = _cfg(tmp_path, path=str(REPO / "jobs/configs/smoke.yaml"))
+    fused = {s.name: s.disk for s in build_plan(cfg).stages}["fuse"].kept_bytes
+    weights = sum(p.stat().st_size for p in Path(tiny_model_dir).glob("*.safetensors"))
+    assert abs(weights - fused) < 0.02 * fused + 64 * 1024  # safetensors headers
+
+
+def test_free_space_check_names_need_free_and_place(tmp_path):
+    from cpi_ray.pipeline.plan import DiskSpaceError, check_free_space
+
+    cfg = _cfg(tmp_path)
+    plan = build_plan(cfg)
+    run = tmp_path / "run"
+    disk = {s.name: s.disk for s in plan.stages}
+    need_all = sum(d.kept_bytes for d in disk.values()) + max(
+        d.peak_bytes - d.kept_bytes for d in disk.values()
+    )
+    needed, free = check_free_space(plan, run, ["probe", "regions", "fuse"], free=10**15)
+    assert needed == sum(disk[s].kept_bytes for s in ("probe", "regions", "fuse")) + (
+        disk["probe"].peak_bytes - disk["probe"].kept_bytes
+    )
+    assert check_free_space(plan, run, list(cfg.stages), free=10**15)[0] == need_all
+    with pytest.raises(
+        DiskSpaceError, match=rf"disk: fuse, consolidate need about .* in {run} .*; 1.0 MiB free"
+    ):
+        check_free_space(plan, run, ["fuse", "consolidate"], free=2**20)
+    # What a stage folder already holds is not needed again (a resumed run).
+    (run / "fused").mkdir(parents=True)
+    (run / "fused" / "w.bin").write_bytes(b"x" * 1000)
+    assert check_free_space(plan, run, ["fuse"], free=10**15)[0] == disk["fuse"].kept_bytes - 1000
+
+
+def test_a_stage_checks_disk_only_when_it_has_work(tmp_path):
+    from cpi_ray.run.stage import RunContext, Stage
+
+    class Writer(Stage):
+        name = "fuse"
+
+        def config_slice(self, cfg):
+            return {}
+
+        def run(self, ctx):
+            out = ctx.path("fused", "w.bin")
+            out.write_bytes(b"1")
+            return [out]
+
+    cfg = load_config(str(REPO / "jobs/configs/smoke.yaml"), [])
+    ctx = RunContext(cfg=cfg, run_dir=tmp_path, base_model_dir=tmp_path, base_model_id="b")
+    calls = []
+    assert Writer().execute(ctx, before_run=lambda: calls.append(1))[1]
+    assert not Writer().execute(ctx, before_run=lambda: calls.append(2))[1]
+    assert calls == [1]
+
+
+def test_check_stops_a_run_that_cannot_fit(tmp_path, monkeypatch, capsys):
+    import shutil
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 4096, 4096))
+    code = main(
+        ["check", "--config", str(REPO / "jobs/configs/smoke.yaml"), "--run-dir", str(tmp_path / "r")]
+    )
+    assert code == 3
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: disk: probe, regions") and "0.0 MiB free" in err[0]

@@ -655,6 +655,11 @@ class StorageConfig(_Section):
         description="with an s3:// or gs:// path: where the stages "
         "work on their copy of the run (on multi-node clusters, a mount every node shares)",
     )
+    check_free_space: bool = Field(
+        True,
+        description="stop before a stage when the run directory's disk cannot hold what the stages "
+        "still write (cpi-ray plan's estimate), instead of failing mid-write",
+    )
 
     @field_validator("path")
     @classmethod

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from cpi_ray.config.schema import PipelineConfig
+from cpi_ray.pipeline.plan import DiskSpaceError, PlanError, build_plan, check_free_space, format_gib
 
 LEARNED_OPEN, LEARNED_CLOSE = "[[", "]]"
 
@@ -41,6 +42,7 @@ class CheckReport:
     chat_template: bool
     run_dir: str
     tasks: list[TaskCheck] = field(default_factory=list)
+    disk: Optional[str] = None
 
     def render(self) -> str:
         lines = [
@@ -55,6 +57,8 @@ class CheckReport:
             lines.append(f"  example, learned tokens in {LEARNED_OPEN} {LEARNED_CLOSE}:")
             lines += ["    " + line for line in t.example.splitlines() or [""]]
         lines.append(f"run directory: {self.run_dir} (writable)")
+        if self.disk:
+            lines.append(self.disk)
         return "\n".join(lines)
 
 
@@ -191,7 +195,24 @@ def check_config(cfg: PipelineConfig, run_dir: Path) -> CheckReport:
     if cfg.evaluate.harness_tasks:
         check_harness(cfg)
     check_trackers(cfg)
+    report.disk = check_disk(cfg, run_dir)
     return report
+
+
+def check_disk(cfg: PipelineConfig, run_dir: Path) -> Optional[str]:
+    """Room on the run directory's disk for every selected stage (cpi-ray plan's estimate, less
+    what the run already holds); the runner checks again before each stage that has work."""
+    if not cfg.storage.check_free_space:
+        return None
+    try:
+        plan = build_plan(cfg)
+    except PlanError:
+        return "disk: checked before each stage (the model's size is known once it is downloaded)"
+    try:
+        needed, free = check_free_space(plan, run_dir, list(cfg.stages))
+    except DiskSpaceError as e:
+        raise CheckError(str(e)) from None
+    return f"disk: about {format_gib(needed)} to write, {format_gib(free)} free"
 
 
 def check_trackers(cfg: PipelineConfig) -> None:

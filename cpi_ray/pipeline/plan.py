@@ -18,6 +18,14 @@ Memory per worker, in bytes (P parameters, N workers of a trainer, w the weight 
 - regions / fuse: streaming actors; a few chunk-sized buffers each, independent of model size.
 - evaluate: the weights, a KV cache and the last logits per batch.
 
+Disk per stage, in the run directory (w the saved dtype's size): what the stage keeps (models
+P·w each, Fisher P·4, masks P/8) and what it holds on top while it runs: Ray Train checkpoints
+(a probe's: weights and AdamW moments, 3·P·w; a ZeRO-3 stage's: fp32 master, m and v, 12·P),
+two at a time while a new one is persisted before the old one goes (each is first written to
+the worker's temporary directory, a disk of its own node); a consolidation holds every stage's
+model until `final/`. With
+an unknown grouping, every task is counted as its own group (the most stages).
+
 Activations are a rough upper estimate without recomputation: per token and layer about
 10·hidden + 4·intermediate saved values (attention projections, norms, residuals, SwiGLU), plus the
 logits (kept in the compute dtype, then fp32 for the loss and its gradient).
@@ -75,6 +83,20 @@ class ModelFacts:
 
 
 @dataclass
+class DiskUse:
+    kept: list[tuple[str, int]] = field(default_factory=list)  # stays in the run directory
+    transient: list[tuple[str, int]] = field(default_factory=list)  # on top, while it runs
+
+    @property
+    def kept_bytes(self) -> int:
+        return sum(b for _, b in self.kept)
+
+    @property
+    def peak_bytes(self) -> int:
+        return self.kept_bytes + sum(b for _, b in self.transient)
+
+
+@dataclass
 class StagePlan:
     name: str
     engine: str
@@ -84,6 +106,7 @@ class StagePlan:
     memory: list[tuple[str, int]] = field(default_factory=list)  # per worker
     driver_memory: list[tuple[str, int]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    disk: DiskUse = field(default_factory=DiskUse)
 
     @property
     def memory_per_worker(self) -> int:
@@ -133,14 +156,28 @@ class Plan:
             if s.units:
                 lines.append(f"  each asks    {_resources(s.resources)}")
             if s.memory:
-                lines.append(f"  memory/each  {_gib(s.memory_per_worker)} (estimate)")
+                lines.append(f"  memory/each  {format_gib(s.memory_per_worker)} (estimate)")
                 for label, b in s.memory:
-                    lines.append(f"    {_gib(b):>10}  {label}")
+                    lines.append(f"    {format_gib(b):>10}  {label}")
             for label, b in s.driver_memory:
-                lines.append(f"  driver       {_gib(b)}  {label}")
+                lines.append(f"  driver       {format_gib(b)}  {label}")
+            if s.disk.kept or s.disk.transient:
+                kept, peak = format_gib(s.disk.kept_bytes), format_gib(s.disk.peak_bytes)
+                lines.append(f"  disk         {kept} kept, {peak} at its peak (estimate)")
+                for label, b in s.disk.kept:
+                    lines.append(f"    {format_gib(b):>10}  {label}")
+                for label, b in s.disk.transient:
+                    lines.append(f"    {format_gib(b):>10}  while it runs: {label}")
             for n in s.notes:
                 lines.append(f"  note: {n}")
-        lines += ["", f"Memory figures exclude the runtime: {RUNTIME_OVERHEAD_NOTE}."]
+        kept = sum(s.disk.kept_bytes for s in self.stages)
+        peak = max((s.disk.peak_bytes - s.disk.kept_bytes for s in self.stages), default=0)
+        lines += [
+            "",
+            f"disk: {format_gib(kept)} kept in the run directory by these stages, {format_gib(kept + peak)} "
+            "at the peak (plus the model cache)",
+            f"Memory figures exclude the runtime: {RUNTIME_OVERHEAD_NOTE}.",
+        ]
         return "\n".join(lines)
 
 
@@ -306,12 +343,107 @@ def build_plan(cfg: PipelineConfig, config_name: str = "config", facts: Optional
         "baselines": _baselines,
         "evaluate": _evaluate,
     }
-    return Plan(
-        config=config_name,
-        model=facts,
-        dtype=cfg.model.dtype,
-        stages=[builders.get(s, _unsized)(cfg, facts, s) for s in cfg.stages],
+    stages = [builders.get(s, _unsized)(cfg, facts, s) for s in cfg.stages]
+    for sp in stages:
+        sp.disk = stage_disk(cfg, facts, sp.name)
+    return Plan(config=config_name, model=facts, dtype=cfg.model.dtype, stages=stages)
+
+
+# ------------------------------------------------------------------------------ disk
+
+
+def stage_disk(cfg: PipelineConfig, f: ModelFacts, name: str) -> DiskUse:
+    """What stage `name` writes into the run directory (see the module's docstring)."""
+    from cpi_ray.regions.scores import needs_fisher
+
+    P, n = f.num_parameters, len(cfg.tasks)
+    model = P * DTYPE_BYTES[cfg.model.dtype]
+    mask = math.ceil(P / 8)
+    zero3_ckpt = 12 * P
+    cons = cfg.consolidate
+    stage_ckpts = (
+        [
+            (
+                f"ZeRO-3 checkpoints (the last and the one being persisted, {format_gib(zero3_ckpt)} each)",
+                2 * zero3_ckpt,
+            )
+        ]
+        if cons.checkpoint_every and cons.checkpoint_every < cons.steps
+        else []
     )
+    if name == "probe":
+        kept = [(f"{n} probe model(s)", n * model)]
+        if needs_fisher(cfg.regions.score):
+            kept.append((f"{n} Fisher score(s) (fp32)", n * P * 4))
+        ckpt = 3 * model  # weights + AdamW m, v in the weights' dtype
+        # Every trainer checkpoints each quarter of its steps; two exist while one is persisted.
+        return DiskUse(
+            kept, [(f"Ray Train checkpoints of {n} trainer(s) (2 x {format_gib(ckpt)} each)", 2 * n * ckpt)]
+        )
+    if name == "regions":
+        return DiskUse([(f"{n} bit-packed core mask(s) (P/8 bytes)", n * mask)])
+    if name == "fuse":
+        return DiskUse([("the fused model", model)])
+    if name == "consolidate":
+        given = cfg.groups.given if cfg.groups.order == "given" and cfg.groups.given else None
+        k = len(given) if given else n
+        return DiskUse(
+            [(f"{k} stage model(s) + their frozen masks, and final/", k * (model + mask) + model)],
+            [("the frozen-set mask being built", mask), *stage_ckpts],
+        )
+    if name == "baselines":
+        modes = list(cfg.baselines.modes)
+        stages = [cfg.baselines.multistage_num_groups if m == "multistage" else 1 for m in modes]
+        if not modes:
+            return DiskUse()
+        return DiskUse(
+            [(f"{len(modes)} baseline model(s)", len(modes) * model)],
+            [(f"a mode's stage models until it is copied out (up to {max(stages)})", max(stages) * model)]
+            + stage_ckpts,
+        )
+    return DiskUse()
+
+
+def bytes_under(path: Path) -> int:
+    """Bytes of the files under `path` (0 when it does not exist)."""
+    if not path.exists():
+        return 0
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+class DiskSpaceError(RuntimeError):
+    """The run directory's file system cannot hold what the next stages write."""
+
+
+def check_free_space(
+    plan: Plan, run_dir: Path, stages: list[str], free: Optional[int] = None
+) -> tuple[int, int]:
+    """Stop, naming what is needed against what is free and where, when the file system of
+    `run_dir` cannot take the outputs `stages` still have to write (their kept bytes less what
+    their folders already hold) plus the largest peak among them. Returns (needed, free) bytes."""
+    import shutil
+
+    from cpi_ray.config.stages import STAGE_FOLDERS
+
+    by_name = {s.name: s for s in plan.stages}
+    todo = [by_name[s] for s in stages if s in by_name]
+    missing = {s.name: max(0, s.disk.kept_bytes - bytes_under(run_dir / STAGE_FOLDERS[s.name])) for s in todo}
+    peak = max((s.disk.peak_bytes - s.disk.kept_bytes for s in todo), default=0)
+    needed = sum(missing.values()) + peak
+    probe = run_dir
+    while not probe.exists():
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free if free is None else free
+    if needed > free:
+        parts = ", ".join(f"{name} {format_gib(b)}" for name, b in missing.items() if b) or "no new outputs"
+        if peak:
+            parts += f", and {format_gib(peak)} while the largest runs"
+        raise DiskSpaceError(
+            f"disk: {', '.join(missing)} need about {format_gib(needed)} in {run_dir} ({parts}); "
+            f"{format_gib(free)} free there. Free space, point storage.path elsewhere, or set "
+            "storage.check_free_space false"
+        )
+    return needed, free
 
 
 def _unsized(cfg: PipelineConfig, f: ModelFacts, name: str) -> StagePlan:
@@ -502,7 +634,7 @@ def _evaluate(cfg: PipelineConfig, f: ModelFacts, name: str = "") -> StagePlan:
 # ------------------------------------------------------------------------------ formatting
 
 
-def _gib(b: float) -> str:
+def format_gib(b: float) -> str:
     if b >= GIB / 10:
         return f"{b / GIB:.2f} GiB"
     return f"{b / 2**20:.1f} MiB"

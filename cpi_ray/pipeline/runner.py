@@ -14,6 +14,7 @@ import yaml
 from cpi_ray.config.schema import PipelineConfig
 from cpi_ray.config.stages import STAGE_FOLDERS, STAGES, stage_spec
 from cpi_ray.io.lease import run_lease
+from cpi_ray.pipeline.plan import Plan, build_plan, check_free_space, facts_from_config_dir
 from cpi_ray.run.layout import RunLayout
 from cpi_ray.run.stage import RunContext, Stage
 
@@ -96,11 +97,14 @@ def _run_stages(cfg: PipelineConfig, run_dir: Path, stages: Optional[list[str]])
     ctx = RunContext(cfg=cfg, run_dir=run_dir, base_model_dir=base_dir, base_model_id=base_id)
     result = PipelineResult(run_dir, store_uri=store.uri if store is not None else None)
     log.info("stages to run: %s", ", ".join(selected))
-    for name in selected:
+    plan = disk_plan(cfg, base_dir)
+    for i, name in enumerate(selected):
         stage = load_stage(name)
         t0 = time.time()
         log.info("stage %s: starting", name)
-        rec, ran = stage.execute(ctx)
+        # Room for this stage and the ones after it, checked only when it has work to do.
+        check = (lambda rest=selected[i:]: check_free_space(plan, run_dir, rest)) if plan else None
+        rec, ran = stage.execute(ctx, before_run=check)
         wall = time.time() - t0
         status = "ran" if ran else "skipped (up to date)"
         log.info("stage %s: %s in %.1fs -> %s", name, status, wall, run_dir / STAGE_FOLDERS[name])
@@ -119,6 +123,14 @@ def _run_stages(cfg: PipelineConfig, run_dir: Path, stages: Optional[list[str]])
         if summary:
             result.summaries.append(summary)
     return result
+
+
+def disk_plan(cfg: PipelineConfig, base_dir: Path) -> Optional[Plan]:
+    """The plan whose disk figures the free-space checks use (None when they are off)."""
+    if not cfg.storage.check_free_space:
+        return None
+    facts = facts_from_config_dir(base_dir, str(base_dir), cfg.model.trust_remote_code)
+    return build_plan(cfg, facts=facts)
 
 
 def check_prompt_format(cfg: PipelineConfig, base_dir: Path) -> None:

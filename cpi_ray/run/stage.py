@@ -18,7 +18,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, ClassVar, Optional
+from typing import Any, Callable, ClassVar, Optional
 
 from cpi_ray.config.schema import PipelineConfig
 from cpi_ray.config.stages import STAGE_FOLDERS
@@ -117,12 +117,15 @@ class Stage(ABC):
                 return None
         return rec
 
-    def execute(self, ctx: RunContext) -> tuple[dict, bool]:
-        """Run the stage unless its record is current. Returns (record, ran)."""
+    def execute(self, ctx: RunContext, before_run: Optional[Callable[[], None]] = None) -> tuple[dict, bool]:
+        """Run the stage unless its record is current. Returns (record, ran). `before_run` is
+        called when the stage is about to run (the runner's free-space check)."""
         rec = self.completed(ctx)
         if rec is not None:
             ctx.records[self.name] = rec
             return rec, False
+        if before_run is not None:
+            before_run()
         fp, inputs = self.fingerprint(ctx)
         self.record_path(ctx).unlink(missing_ok=True)
         ctx.path(self.folder).mkdir(parents=True, exist_ok=True)
