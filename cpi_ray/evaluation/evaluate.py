@@ -248,7 +248,9 @@ class EvaluateStage(Stage):
             num_cpus=res.pop("CPU"),
             num_gpus=res.pop("GPU", 0),
             resources=res,
-            max_retries=0,
+            # A lost node or a killed worker (system failures; a model's own error is not
+            # retried) scores that model again: scoring is deterministic, the others are kept.
+            max_retries=2,
             name="cpi-evaluate",
         )
         rows_ref = ray.put(tasks_rows)

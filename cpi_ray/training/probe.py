@@ -290,7 +290,9 @@ class ProbeStage(Stage):
         if not pending:
             return outputs
 
-        fit = ray.remote(num_cpus=0, max_retries=0)(_fit_probe).options(runtime_env={"env_vars": train_env()})
+        # A fit lost with its node is started again under the same Ray Train run name, so the
+        # trainer resumes from the checkpoint it had persisted (errors in training are not retried).
+        fit = ray.remote(num_cpus=0, max_retries=2)(_fit_probe).options(runtime_env={"env_vars": train_env()})
         refs = {
             task: fit.remote(
                 cfg.model_dump(),
