@@ -43,8 +43,10 @@ def main() -> int:
     import ray
 
     from cpi_ray.config.load import load_config
+    from cpi_ray.io.records import RECORD_NAME, load_record
     from cpi_ray.models.loading import resolve_base_model
     from cpi_ray.pipeline.runner import run_pipeline
+    from cpi_ray.run.layout import RunLayout
     from cpi_ray.run.runtime import connect_ray
     from cpi_ray.run.stage import RunContext
     from cpi_ray.tune.search import (
@@ -100,9 +102,7 @@ def main() -> int:
         t1 = time.time()
         run_pipeline(c, run_dir, ["probe", "regions", "groups", "fuse", "consolidate"])
         ctx = RunContext(cfg=c, run_dir=run_dir, base_model_dir=base_dir, base_model_id=base_id)
-        from cpi_ray.run.stage import _load_record
-
-        ctx.records["probe"] = _load_record(run_dir / "probes" / "stage.json")
+        ctx.records["probe"] = load_record(RunLayout(run_dir).folder("probe") / RECORD_NAME)
         experts = expert_scores(ctx, run_dir / "experts.json")
         scores = ray.get(
             _score_remote(c).remote(

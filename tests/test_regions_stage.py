@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 from cpi_ray.config.schema import PipelineConfig
 from cpi_ray.io.masks import MaskFile
+from cpi_ray.io.records import file_sha256
 from cpi_ray.io.safetensors_io import CheckpointError, save_model_dir
 from cpi_ray.models.tiny import save_tiny_model
 from cpi_ray.regions.stage import (
@@ -22,7 +23,7 @@ from cpi_ray.regions.stage import (
     load_region_stats,
     mask_path,
 )
-from cpi_ray.run.stage import RunContext, file_sha256
+from cpi_ray.run.stage import RunContext
 
 TASKS = ["a", "b", "d"]
 

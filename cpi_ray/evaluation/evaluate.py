@@ -26,9 +26,10 @@ from cpi_ray.data.tasks import answer_text, load_splits, task_identity
 from cpi_ray.evaluation.harness import HARNESS_NAME, backend
 from cpi_ray.evaluation.stats import mean_se
 from cpi_ray.io.atomic import atomic_file, read_json, write_json
+from cpi_ray.io.records import RECORD_NAME, file_sha256, load_record, stable_hash
 from cpi_ray.run.progress import format_duration
 from cpi_ray.run.runtime import worker_resources
-from cpi_ray.run.stage import RECORD_NAME, RunContext, Stage, _load_record, file_sha256, stable_hash
+from cpi_ray.run.stage import RunContext, Stage
 
 log = logging.getLogger("cpi_ray")
 
@@ -145,7 +146,7 @@ def _is_model_dir(d: Path) -> bool:
 
 
 def _record_exists(ctx: RunContext, stage: str) -> bool:
-    return stage in ctx.records or _load_record(ctx.path(STAGE_FOLDERS[stage], RECORD_NAME)) is not None
+    return stage in ctx.records or load_record(ctx.path(STAGE_FOLDERS[stage], RECORD_NAME)) is not None
 
 
 class EvaluateStage(Stage):

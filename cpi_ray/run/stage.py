@@ -11,7 +11,6 @@ never leaves a record that claims outputs it did not finish).
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from abc import ABC, abstractmethod
@@ -22,8 +21,8 @@ from typing import Any, Callable, ClassVar, Optional
 
 from cpi_ray.config.schema import PipelineConfig
 from cpi_ray.config.stages import STAGE_FOLDERS
-from cpi_ray.io.atomic import read_json, remove_stale_temps, write_json
-from cpi_ray.io.records import RECORD_NAME, file_sha256, output_problem, stable_hash
+from cpi_ray.io.atomic import remove_stale_temps, write_json
+from cpi_ray.io.records import RECORD_NAME, load_record, output_entry, record_problem, stable_hash
 from cpi_ray.run.layout import RunLayout
 
 log = logging.getLogger("cpi_ray")
@@ -39,6 +38,9 @@ class RunContext:
     base_model_dir: Path
     base_model_id: str  # identity of the base weights, part of every fingerprint
     records: dict[str, dict] = field(default_factory=dict)  # stage name -> its record, this run
+    # Stages whose outputs this run has checked against their records (or written): a stage's
+    # inputs are hashed at most once per run.
+    verified: set[str] = field(default_factory=set)
 
     def path(self, *parts: str) -> Path:
         return self.run_dir.joinpath(*parts)
@@ -88,7 +90,7 @@ class Stage(ABC):
     def fingerprint(self, ctx: RunContext) -> tuple[str, dict[str, str]]:
         inputs = {"base_model": ctx.base_model_id}
         for dep in self.dependencies(ctx):
-            rec = ctx.records.get(dep) or _load_record(ctx.path(STAGE_FOLDERS[dep], RECORD_NAME))
+            rec = ctx.records.get(dep) or load_record(ctx.path(STAGE_FOLDERS[dep], RECORD_NAME))
             if rec is None:
                 raise RuntimeError(
                     f"stage {self.name!r} needs stage {dep!r}, which has not run in {ctx.run_dir};"
@@ -101,7 +103,7 @@ class Stage(ABC):
 
     def completed(self, ctx: RunContext) -> Optional[dict]:
         """The record if this stage's outputs are current and intact, else None."""
-        rec = _load_record(self.record_path(ctx))
+        rec = load_record(self.record_path(ctx))
         if rec is None:
             return None
         try:
@@ -110,12 +112,30 @@ class Stage(ABC):
             return None
         if rec.get("fingerprint") != fp:
             return None
-        for out in rec.get("outputs", []):
-            problem = output_problem(ctx.path(out["path"]), out)
-            if problem is not None:
-                log.warning("stage %s: output %s %s; redoing the stage", self.name, out["path"], problem)
-                return None
+        problem = record_problem(rec, ctx.run_dir)
+        if problem is not None:
+            log.warning("stage %s: output %s %s; redoing the stage", self.name, *problem)
+            return None
+        ctx.verified.add(self.name)
         return rec
+
+    def verify_inputs(self, ctx: RunContext) -> None:
+        """Every output of the stages this one reads must still be what their records say: a
+        replaced or damaged input stops the stage before it reads anything, naming the file."""
+        for dep in self.dependencies(ctx):
+            if dep in ctx.verified:
+                continue
+            rec = ctx.records.get(dep) or load_record(ctx.path(STAGE_FOLDERS[dep], RECORD_NAME))
+            if rec is None:
+                continue  # the fingerprint names the stage that has not run
+            problem = record_problem(rec, ctx.run_dir)
+            if problem is not None:
+                path, what = problem
+                raise RuntimeError(
+                    f"stage {self.name!r}: its input {path} {what} since stage {dep!r} wrote it;"
+                    f" rerun {dep!r} (add it to --stages)"
+                )
+            ctx.verified.add(dep)
 
     def execute(self, ctx: RunContext, before_run: Optional[Callable[[], None]] = None) -> tuple[dict, bool]:
         """Run the stage unless its record is current. Returns (record, ran). `before_run` is
@@ -124,27 +144,30 @@ class Stage(ABC):
         if rec is not None:
             ctx.records[self.name] = rec
             return rec, False
+        fp, inputs = self.fingerprint(ctx)
+        self.verify_inputs(ctx)
         if before_run is not None:
             before_run()
-        fp, inputs = self.fingerprint(ctx)
         self.record_path(ctx).unlink(missing_ok=True)
-        ctx.path(self.folder).mkdir(parents=True, exist_ok=True)
-        remove_stale_temps(ctx.path(self.folder))
+        folder = ctx.path(self.folder)
+        created = not folder.exists()
+        folder.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(folder)
         t0 = time.time()
-        outputs = self.run(ctx)
+        try:
+            outputs = self.run(ctx)
+        except BaseException:
+            # A stage that refuses or fails leaves no empty folder behind (fused/ is a model).
+            if created and folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
+            raise
         wall = time.time() - t0
         files: list[dict] = []
         for out in outputs:
             out = Path(out)
             for f in sorted(out.rglob("*")) if out.is_dir() else [out]:
                 if f.is_file() and f.name != RECORD_NAME:
-                    files.append(
-                        {
-                            "path": str(f.relative_to(ctx.run_dir)),
-                            "bytes": f.stat().st_size,
-                            "sha256": file_sha256(f),
-                        }
-                    )
+                    files.append(output_entry(f, ctx.run_dir))
         rec = {
             "stage": self.name,
             "fingerprint": fp,
@@ -155,12 +178,5 @@ class Stage(ABC):
         }
         write_json(self.record_path(ctx), rec)
         ctx.records[self.name] = rec
+        ctx.verified.add(self.name)
         return rec, True
-
-
-def _load_record(path: Path) -> Optional[dict]:
-    try:
-        rec = read_json(path)
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
-    return rec if isinstance(rec, dict) and "fingerprint" in rec else None

@@ -28,10 +28,11 @@ from cpi_ray.config.schema import PipelineConfig
 from cpi_ray.config.stages import STAGE_FOLDERS
 from cpi_ray.data.batching import mix_counts
 from cpi_ray.io.atomic import read_json, write_json
+from cpi_ray.io.records import RECORD_NAME, load_record, stable_hash
 from cpi_ray.io.safetensors_io import INDEX_NAME
 from cpi_ray.regions.grouping import read_groups
 from cpi_ray.run.progress import METRICS_FILE, concat_metrics, tracking_spec
-from cpi_ray.run.stage import RECORD_NAME, RunContext, Stage, _load_record, stable_hash
+from cpi_ray.run.stage import RunContext, Stage
 from cpi_ray.training.consolidate import (
     FROZEN_MASK,
     STAGE_RECORD,
@@ -295,7 +296,7 @@ class BaselinesStage(Stage):
             reads.append("regions")
         inputs = {}
         for dep in reads:
-            rec = ctx.records.get(dep) or _load_record(ctx.path(STAGE_FOLDERS[dep], RECORD_NAME))
+            rec = ctx.records.get(dep) or load_record(ctx.path(STAGE_FOLDERS[dep], RECORD_NAME))
             inputs[dep] = None if rec is None else rec["fingerprint"]
         return stable_hash(
             {

@@ -20,8 +20,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Optional
 
-from cpi_ray.io.atomic import read_json
-from cpi_ray.run.stage import RECORD_NAME, RunContext, Stage
+from cpi_ray.io.records import RECORD_NAME, load_record, record_problem
+from cpi_ray.run.stage import RunContext, Stage
 
 log = logging.getLogger("cpi_ray")
 
@@ -76,17 +76,11 @@ class StageCache:
         """The entry when it holds a finished record of this fingerprint with all its outputs
         (sizes only; the stage protocol checks sha256 after linking)."""
         entry = self.entry(stage.name, fingerprint)
-        try:
-            rec = read_json(entry / RECORD_NAME)
-        except (FileNotFoundError, ValueError):
+        rec = load_record(entry / RECORD_NAME)
+        if rec is None or rec.get("fingerprint") != fingerprint:
             return None
-        if rec.get("fingerprint") != fingerprint:
+        if record_problem(rec, entry, check="size", strip=stage.folder) is not None:
             return None
-        for out in rec.get("outputs", []):
-            rel = Path(out["path"]).relative_to(stage.folder)
-            p = entry / rel
-            if not p.is_file() or p.stat().st_size != out["bytes"]:
-                return None
         return entry
 
     def materialize(self, stage: Stage, ctx: RunContext) -> tuple[dict, str]:
