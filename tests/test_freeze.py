@@ -257,3 +257,63 @@ def test_fit_group_needs_zero3(tmp_path):
             job="j",
             metrics_path=tmp_path / "m.jsonl",
         )
+
+
+@pytest.mark.slow
+def test_gradient_checkpointing_trains_the_same_weights(ray_session, tiny_model_dir, tmp_path):
+    """Recomputing activations is a memory option, not a change of the math: a ZeRO-3 stage with
+    it exports the same bits as without (fp32, CPU), frozen elements held either way."""
+    mask = tmp_path / "frozen.mask.safetensors"
+    random_mask_file(tiny_model_dir, mask, density=0.2)
+    outs = {}
+    for on in (False, True):
+        cfg = tiny_cfg(steps=3, batch_size=4, grad_accum=2, lr=1e-2, gradient_checkpointing=on)
+        outs[on] = tmp_path / f"out-{on}"
+        fit_group(
+            cfg,
+            stage=1,
+            tasks=["t"],
+            frozen=["t"],
+            start_dir=tiny_model_dir,
+            out_dir=outs[on],
+            mask_path=mask,
+            examples=synthetic_examples(24),
+            pad_id=0,
+            storage=tmp_path / "_ray",
+            fingerprint=f"gc-{on}",
+            job="test stage",
+            metrics_path=tmp_path / f"gc-{on}.metrics.jsonl",
+        )
+    with CheckpointReader(outs[False]) as a, CheckpointReader(outs[True]) as b:
+        for name in a.names():
+            assert torch.equal(a.read(name), b.read(name)), name
+    assert_frozen_exact(tiny_model_dir, outs[True], mask)
+
+
+def test_gradient_checkpointing_is_on_and_changes_no_gradient():
+    from cpi_ray.config.schema import ProbeConfig
+    from cpi_ray.models.tiny import build_tiny_model
+    from cpi_ray.training.sft import apply_memory_options
+
+    model, _ = build_tiny_model()
+    model.train()
+    ids = torch.randint(0, 50, (2, 16), generator=torch.Generator().manual_seed(0))
+
+    def grads():
+        model.zero_grad()
+        model(input_ids=ids, labels=ids).loss.backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    plain = grads()
+    apply_memory_options(model, ProbeConfig(gradient_checkpointing=True))
+    # transformers 5 renamed the flag; 4.x has only the old name
+    assert getattr(model, "is_activation_checkpointing", None) or model.is_gradient_checkpointing
+    assert all(torch.equal(a, b) for a, b in zip(plain, grads()))
+
+
+def test_execution_fields_stay_out_of_fingerprints():
+    from cpi_ray.config.schema import ProbeConfig
+
+    on, off = ProbeConfig(gradient_checkpointing=True, cpus_per_worker=4), ProbeConfig()
+    assert on.recipe_dump() == off.recipe_dump()
+    assert ProbeConfig(lr=1e-3).recipe_dump() != off.recipe_dump()

@@ -132,6 +132,8 @@ def test_activation_estimate_needs_the_shape():
     assert activation_bytes(ModelFacts("m", "hint", 10**9), 4, 512, 2) is None
     f = ModelFacts("m", "x", 1, num_layers=2, hidden_size=8, intermediate_size=16, vocab_size=10)
     assert activation_bytes(f, 3, 5, 4) == 2 * 15 * (80 + 64) * 4 + 15 * 10 * 12
+    # Recomputed: each layer's input (15 tokens x hidden 8), one layer's full set, the logits.
+    assert activation_bytes(f, 3, 5, 4, recompute=True) == 2 * 15 * 8 * 4 + 15 * (80 + 64) * 4 + 15 * 10 * 12
 
 
 def test_streaming_stages_do_not_grow_with_the_model(tmp_path):

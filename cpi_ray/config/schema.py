@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional
+from typing import Annotated, Any, ClassVar, Literal, Optional
 
 from pydantic import (
     AfterValidator,
@@ -332,6 +332,20 @@ class TrainConfig(_Section):
     cpus_per_worker: float = Field(1, gt=0)
     use_gpu: bool = False
     custom_resources: CustomResources = _custom_resources_field()
+    gradient_checkpointing: bool = Field(
+        False,
+        description="recompute each decoder layer's activations in the backward pass: saved "
+        "activations drop to about one layer's plus each layer's input, for about a third more compute",
+    )
+
+    # Where and how a job runs, not what it computes: changing them keeps a finished job.
+    EXECUTION_FIELDS: ClassVar[frozenset[str]] = frozenset(
+        {"cpus_per_worker", "custom_resources", "gradient_checkpointing"}
+    )
+
+    def recipe_dump(self, exclude: frozenset[str] = frozenset()) -> dict:
+        """The fields that decide the trained weights (what fingerprints hash)."""
+        return self.model_dump(exclude=set(self.EXECUTION_FIELDS | exclude))
 
     @model_validator(mode="after")
     def _accum(self) -> "TrainConfig":

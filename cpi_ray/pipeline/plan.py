@@ -318,14 +318,20 @@ def train_state_bytes(params: int, precision: str, zero_stage: int, world: int) 
     return {"weights": params * w, "gradients": params * g, "optimizer": params * o}
 
 
-def activation_bytes(facts: ModelFacts, micro_batch: int, seq_len: int, compute_bytes: int) -> Optional[int]:
-    """Saved activations of one micro-batch (rough, no recomputation); None without the shape."""
+def activation_bytes(
+    facts: ModelFacts, micro_batch: int, seq_len: int, compute_bytes: int, recompute: bool = False
+) -> Optional[int]:
+    """Saved activations of one micro-batch (rough); None without the shape. With `recompute`
+    (gradient checkpointing) only each layer's input is kept, plus one layer's full set while
+    its backward recomputes it."""
     if not (facts.num_layers and facts.hidden_size and facts.vocab_size):
         return None
     inter = facts.intermediate_size or 4 * facts.hidden_size
     tokens = micro_batch * seq_len
     per_layer = tokens * (10 * facts.hidden_size + 4 * inter) * compute_bytes
     logits = tokens * facts.vocab_size * (compute_bytes + 8)  # compute dtype, fp32 copy, its grad
+    if recompute:
+        return facts.num_layers * tokens * facts.hidden_size * compute_bytes + per_layer + logits
     return facts.num_layers * per_layer + logits
 
 
@@ -446,6 +452,11 @@ def check_free_space(
     return needed, free
 
 
+def _activations_label(tc, micro: int, seq_len: int) -> str:
+    how = "recomputed per layer" if tc.gradient_checkpointing else "rough"
+    return f"activations (micro-batch {micro} x {seq_len} tokens, {how})"
+
+
 def _unsized(cfg: PipelineConfig, f: ModelFacts, name: str) -> StagePlan:
     return StagePlan(name=name, engine="(not sized by cpi-ray plan)", layout="?", units=0, resources={})
 
@@ -464,10 +475,10 @@ def _probe(cfg: PipelineConfig, f: ModelFacts, name: str = "") -> StagePlan:
         mem.append((f"DDP gradient buckets ({w} B/param)", P * w))
     compute = 2 if tc.precision == "bf16" else w
     micro = tc.batch_size // tc.grad_accum
-    act = activation_bytes(f, micro, cfg.data.max_seq_len, compute)
+    act = activation_bytes(f, micro, cfg.data.max_seq_len, compute, tc.gradient_checkpointing)
     notes = []
     if act is not None:
-        mem.append((f"activations (micro-batch {micro} x {cfg.data.max_seq_len} tokens, rough)", act))
+        mem.append((_activations_label(tc, micro, cfg.data.max_seq_len), act))
     else:
         notes.append("activations unknown: give model.architecture for them")
     plan = StagePlan(
@@ -481,8 +492,8 @@ def _probe(cfg: PipelineConfig, f: ModelFacts, name: str = "") -> StagePlan:
     )
     if tc.use_gpu and plan.memory_per_worker > 80 * GIB:
         notes.append(
-            "more than an 80 GiB GPU holds: use model.dtype bfloat16, a smaller "
-            "micro-batch (probe.grad_accum) or a sharded probe"
+            "more than an 80 GiB GPU holds: use model.dtype bfloat16, probe.gradient_checkpointing, "
+            "a smaller micro-batch (probe.grad_accum) or a sharded probe"
         )
     return plan
 
@@ -508,9 +519,9 @@ def _consolidate(cfg: PipelineConfig, f: ModelFacts, name: str = "") -> StagePla
         else:
             notes.append("gathered layer unknown: give model.architecture for it")
     micro = tc.batch_size // tc.grad_accum
-    act = activation_bytes(f, micro, cfg.data.max_seq_len, compute)
+    act = activation_bytes(f, micro, cfg.data.max_seq_len, compute, tc.gradient_checkpointing)
     if act is not None:
-        mem.append((f"activations (micro-batch {micro} x {cfg.data.max_seq_len} tokens, rough)", act))
+        mem.append((_activations_label(tc, micro, cfg.data.max_seq_len), act))
     zo = tc.deepspeed.get("zero_optimization", {})
     if zo.get("offload_optimizer", {}).get("device") in ("cpu", "nvme"):
         notes.append("offload_optimizer is set: the optimizer part lives in host memory/NVMe instead")

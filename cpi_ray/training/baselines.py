@@ -180,8 +180,8 @@ class BaselinesStage(Stage):
 
         return {
             "baselines": cfg.baselines.model_dump(),
-            "consolidate": cfg.consolidate.model_dump(),
-            "probe": cfg.probe.model_dump(),
+            "consolidate": cfg.consolidate.recipe_dump(),
+            "probe": cfg.probe.recipe_dump(),
             "data": cfg.data.model_dump(),
             "tasks": [task_identity(t) for t in cfg.tasks],
             "max_shard_size": cfg.model.max_shard_size,

@@ -33,6 +33,7 @@ from cpi_ray.run.runtime import quiet_train_reports, worker_resources
 from cpi_ray.run.stage import RunContext, Stage, stable_hash
 from cpi_ray.training.sft import (
     accumulate_loss,
+    apply_memory_options,
     kill_once,
     make_scheduler,
     param_groups,
@@ -162,6 +163,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     model, _hf_ds = zero3.load_zero3_model(start_dir, ds_config, dtype, model_cfg.trust_remote_code)
     if hasattr(model.config, "use_cache"):
         model.config.use_cache = False
+    apply_memory_options(model, tc)
     params = zero3.named_parameters(model)
     engine, _, _, scheduler = deepspeed.initialize(
         model=model,
@@ -516,7 +518,7 @@ class ConsolidateStage(Stage):
         from cpi_ray.data.tasks import task_identity
 
         return {
-            "consolidate": cfg.consolidate.model_dump(exclude={"cpus_per_worker", "custom_resources"}),
+            "consolidate": cfg.consolidate.recipe_dump(),
             "data": cfg.data.model_dump(),
             "tasks": [task_identity(t) for t in cfg.tasks],
             "max_shard_size": cfg.model.max_shard_size,

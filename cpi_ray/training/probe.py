@@ -27,6 +27,7 @@ from cpi_ray.run.runtime import quiet_train_reports, train_env, worker_resources
 from cpi_ray.run.stage import RunContext, Stage, stable_hash
 from cpi_ray.training.sft import (
     accumulate_loss,
+    apply_memory_options,
     clip_grad,
     kill_once,
     make_optimizer,
@@ -40,8 +41,6 @@ log = logging.getLogger("cpi_ray")
 
 PROBE_RECORD = "probe.json"
 FISHER_DIR = "fisher"  # beside the probe's weights, sharded safetensors named like them
-# Where workers run, not what they compute: changing these must not retrain a probe.
-PLACEMENT_FIELDS = {"cpus_per_worker", "custom_resources"}
 _CKPT_STATE = "train_state.pt"
 _CKPT_WEIGHTS = "model.safetensors"
 
@@ -51,7 +50,7 @@ def probe_fingerprint(cfg: PipelineConfig, task: str, base_id: str) -> str:
         {
             "task": cfg.task(task).fingerprint_dump(),
             "data": cfg.data.model_dump(),
-            "probe": cfg.probe.model_dump(exclude=PLACEMENT_FIELDS | {"fisher_batches"}),
+            "probe": cfg.probe.recipe_dump(exclude=frozenset({"fisher_batches"})),
             "dtype": cfg.model.dtype,
             "base": base_id,
         }
@@ -180,6 +179,7 @@ def _train(
             model.load_state_dict(load_file(os.path.join(d, _CKPT_WEIGHTS)), strict=False)
             state = torch.load(os.path.join(d, _CKPT_STATE), weights_only=True)
         start = int(state["step"])
+    apply_memory_options(model, tc)
     model = ray.train.torch.prepare_model(model)
     opt = make_optimizer(model, tc)
     sched = make_scheduler(opt, tc)
@@ -259,7 +259,7 @@ class ProbeStage(Stage):
         return {
             "tasks": [t.fingerprint_dump() for t in cfg.tasks],
             "data": cfg.data.model_dump(),
-            "probe": cfg.probe.model_dump(exclude=PLACEMENT_FIELDS | {"fisher_batches"}),
+            "probe": cfg.probe.recipe_dump(exclude=frozenset({"fisher_batches"})),
             "dtype": cfg.model.dtype,
             "fisher_batches": fisher_batches_needed(cfg),
         }

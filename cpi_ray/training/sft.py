@@ -38,6 +38,19 @@ def make_scheduler(optimizer: torch.optim.Optimizer, tc: TrainConfig):
     )
 
 
+def apply_memory_options(model: torch.nn.Module, tc: TrainConfig) -> None:
+    """Activation recomputation when `gradient_checkpointing` is on (non-reentrant, as PyTorch
+    and transformers recommend; it works under ZeRO-3's gathered parameters). The model's config
+    is left as it is: a probe saves it."""
+    if not tc.gradient_checkpointing:
+        return
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers 5.x's name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def autocast(tc: TrainConfig, device: torch.device):
     if tc.precision == "bf16":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
