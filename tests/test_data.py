@@ -556,9 +556,15 @@ def test_new_task_fields_at_defaults_keep_fingerprints(tmp_path):
         {
             "task": old_task,
             "data": cfg.data.model_dump(),
-            # the probe fields as they were (gradient_checkpointing came later, outside fingerprints)
+            # the probe fields as they were (later execution fields stay outside fingerprints)
             "probe": cfg.probe.model_dump(
-                exclude={"cpus_per_worker", "custom_resources", "fisher_batches", "gradient_checkpointing"}
+                exclude={
+                    "cpus_per_worker",
+                    "custom_resources",
+                    "fisher_batches",
+                    "gradient_checkpointing",
+                    "max_failures",
+                }
             ),
             "dtype": cfg.model.dtype,
             "base": "base",

@@ -332,6 +332,9 @@ class TrainConfig(_Section):
     cpus_per_worker: float = Field(1, gt=0)
     use_gpu: bool = False
     custom_resources: CustomResources = _custom_resources_field()
+    max_failures: int = Field(
+        2, ge=0, description="worker-group restarts from the latest checkpoint after a failure (Ray Train)"
+    )
     gradient_checkpointing: bool = Field(
         False,
         description="recompute each decoder layer's activations in the backward pass: saved "
@@ -340,7 +343,7 @@ class TrainConfig(_Section):
 
     # Where and how a job runs, not what it computes: changing them keeps a finished job.
     EXECUTION_FIELDS: ClassVar[frozenset[str]] = frozenset(
-        {"cpus_per_worker", "custom_resources", "gradient_checkpointing"}
+        {"cpus_per_worker", "custom_resources", "gradient_checkpointing", "max_failures"}
     )
 
     def recipe_dump(self, exclude: frozenset[str] = frozenset()) -> dict:
@@ -449,7 +452,6 @@ class ConsolidateConfig(TrainConfig):
     deepspeed: dict[str, Any] = Field(
         default_factory=dict, description="merged over the generated DeepSpeed config"
     )
-    max_failures: int = Field(2, ge=0)
     checkpoint_every: int = Field(0, ge=0, description="steps between checkpoints; 0 = once per stage")
 
     @field_validator("replay")

@@ -29,8 +29,9 @@ from cpi_ray.io.masks import MaskFile, write_mask_file
 from cpi_ray.io.safetensors_io import INDEX_NAME, CheckpointReader
 from cpi_ray.regions.grouping import read_groups
 from cpi_ray.run.progress import METRICS_FILE, TrainLog, tracking_spec
-from cpi_ray.run.runtime import quiet_train_reports, worker_resources
+from cpi_ray.run.runtime import quiet_train_reports
 from cpi_ray.run.stage import RunContext, Stage, stable_hash
+from cpi_ray.training.launch import fit_job
 from cpi_ray.training.sft import (
     accumulate_loss,
     apply_memory_options,
@@ -367,11 +368,8 @@ def fit_group(
     `callbacks`: Ray Train callbacks (a Tune search passes TuneReportCallback); `val_examples`:
     encoded validation rows whose loss each metrics report carries as `val_loss`."""
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
 
     tc = cfg.consolidate
-    name = f"consolidate-{stage}-{fingerprint}"
     if tc.zero_stage != 3:
         # Loading, export and element freezing all work on ZeRO-3 partitions.
         raise ValueError(
@@ -379,9 +377,9 @@ def fit_group(
             "runs DeepSpeed ZeRO-3 only (set it to 3; offload etc. go through "
             "consolidate.deepspeed)"
         )
-    trainer = TorchTrainer(
+    return fit_job(
         train_loop_per_worker,
-        train_loop_config={
+        {
             "consolidate": tc.model_dump(),
             "data": cfg.data.model_dump(),
             "model": cfg.model.model_dump(),
@@ -401,27 +399,15 @@ def fit_group(
             "rows_per_task": rows_per_task,
             "val_examples": ray.put(val_examples) if val_examples else None,
         },
-        torch_config=TorchConfig(backend="nccl" if tc.use_gpu else "gloo"),
-        scaling_config=ScalingConfig(
-            num_workers=tc.num_workers,
-            use_gpu=tc.use_gpu,
-            resources_per_worker=worker_resources(cfg, "consolidate"),
-        ),
-        run_config=RunConfig(
-            name=name,
-            storage_path=str(storage),
-            failure_config=FailureConfig(max_failures=tc.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=1),
-            callbacks=list(callbacks) if callbacks else None,
-        ),
+        cfg,
+        "consolidate",
+        name=f"consolidate-{stage}-{fingerprint}",
+        storage=storage,
+        out_dir=out_dir,
+        fingerprint=fingerprint,
+        read_record=stage_record,
+        callbacks=callbacks,
     )
-    trainer.fit()
-    rec = stage_record(out_dir)
-    if rec is None or rec.get("fingerprint") != fingerprint:
-        raise RuntimeError(f"consolidate stage {stage}: training finished but {out_dir} was not written")
-    # Its ZeRO-3 checkpoint only served resumption; the stage's model is written.
-    shutil.rmtree(Path(storage) / name, ignore_errors=True)
-    return rec
 
 
 def stage_record(out: Path) -> Optional[dict]:

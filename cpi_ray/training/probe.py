@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -23,8 +22,9 @@ import torch
 from cpi_ray.config.schema import PipelineConfig
 from cpi_ray.io.atomic import read_json, write_json
 from cpi_ray.run.progress import METRICS_FILE, TrainLog, last_step, tracking_spec
-from cpi_ray.run.runtime import quiet_train_reports, train_env, worker_resources
+from cpi_ray.run.runtime import quiet_train_reports, train_env
 from cpi_ray.run.stage import RunContext, Stage, stable_hash
+from cpi_ray.training.launch import fit_job
 from cpi_ray.training.sft import (
     accumulate_loss,
     apply_memory_options,
@@ -373,15 +373,10 @@ def _fit_probe(
     tracking: dict,
     fault: dict | None = None,
 ) -> dict:
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
     cfg = PipelineConfig.model_validate(cfg_dump)
-    name = f"probe-{task}-{fingerprint}-{mode}"
-    tc = cfg.probe
-    trainer = TorchTrainer(
+    return fit_job(
         train_loop_per_worker,
-        train_loop_config={
+        {
             "cfg": cfg_dump,
             "task": task,
             "base_dir": base_dir,
@@ -393,25 +388,14 @@ def _fit_probe(
             "tracking": tracking,
             "fault": fault,
         },
-        scaling_config=ScalingConfig(
-            num_workers=tc.num_workers,
-            use_gpu=tc.use_gpu,
-            resources_per_worker=worker_resources(cfg, "probe"),
-        ),
-        run_config=RunConfig(
-            name=name,
-            storage_path=storage,
-            failure_config=FailureConfig(max_failures=2),
-            checkpoint_config=CheckpointConfig(num_to_keep=1),
-        ),
+        cfg,
+        "probe",
+        name=f"probe-{task}-{fingerprint}-{mode}",
+        storage=storage,
+        out_dir=out_dir,
+        fingerprint=fingerprint,
+        read_record=_probe_record,
     )
-    trainer.fit()
-    rec = _probe_record(Path(out_dir))
-    if rec is None or rec.get("fingerprint") != fingerprint:
-        raise RuntimeError(f"probe {task}: training finished but {out_dir} was not written")
-    # Its checkpoints (weights and optimizer state) only served resumption; the probe is written.
-    shutil.rmtree(Path(storage) / name, ignore_errors=True)
-    return rec
 
 
 def _probe_record(out: Path) -> dict | None:
