@@ -210,6 +210,7 @@ def trial_driver(knobs: dict[str, Any], setup: dict[str, Any]) -> None:
     for name, st in doc["stages"].items():
         ctx.records[name] = read_json(tdir / STAGE_FOLDERS[name] / RECORD_NAME)
         assert ctx.records[name]["fingerprint"] == st["fingerprint"]
+        ctx.verified.add(name)  # checked against its record by _shared_stages just now
 
     def save() -> None:
         write_json(tdir / TRIAL_RECORD, doc)
