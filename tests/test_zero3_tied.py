@@ -5,7 +5,10 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 
+
+@pytest.mark.slow  # a DeepSpeed ZeRO-3 training job (about two minutes)
 def test_tied_embeddings_load_train_and_export(tmp_path):
     script = textwrap.dedent(f"""
         import os, torch
