@@ -5,6 +5,7 @@ against what the 7B config's stages ask for, and no public dashboard, no secrets
 from __future__ import annotations
 
 import copy
+import fnmatch
 import json
 import re
 from pathlib import Path
@@ -294,6 +295,76 @@ def test_rayjob_keeps_token_auth_and_a_private_dashboard():
     assert head.get("serviceType", "ClusterIP") == "ClusterIP"
     assert not head.get("enableIngress", False)
     assert "dashboard-host" not in head["rayStartParams"]  # KubeRay's in-pod default only
+
+
+# ----------------------------------------------------------------------------- the image
+
+# The CUDA major version each pinned torch release is built for: the image's base must ship the
+# same toolkit, or DeepSpeed's fused-Adam JIT build runs against the wrong nvcc. Bumping torch
+# means stating its CUDA major here and, if it changed, moving the base image with it.
+TORCH_CUDA_MAJOR = {"2.13.0": "13"}
+
+
+def _dockerfile() -> str:
+    return (CLUSTER / "Dockerfile").read_text()
+
+
+def _torch_pins(text: str) -> set[str]:
+    return set(re.findall(r"\btorch==([0-9][0-9A-Za-z.+]*)", text))
+
+
+def test_dockerfile_builds_on_a_pinned_ray_cuda_image():
+    froms = re.findall(r"(?m)^FROM\s+(\S+)", _dockerfile())
+    assert len(froms) == 1, froms
+    m = re.fullmatch(r"rayproject/ray:(2\.60\.\d+)-py(\d)(\d+)-cu(\d+)(\d)", froms[0])
+    assert m, f"{froms[0]}: not a pinned rayproject/ray:2.60.x-pyXY-cuXYZ tag"
+    # The Python of the image is one the project supports.
+    floor = re.search(r'requires-python = ">=3\.(\d+)"', (REPO / "pyproject.toml").read_text())
+    assert m.group(2) == "3" and int(m.group(3)) >= int(floor.group(1))
+    # The base's CUDA toolkit is the one the pinned torch is built for.
+    (torch,) = _torch_pins(_dockerfile())
+    assert torch in TORCH_CUDA_MAJOR, f"torch {torch}: add its CUDA major to TORCH_CUDA_MAJOR"
+    assert m.group(4) == TORCH_CUDA_MAJOR[torch], f"{froms[0]} does not ship torch {torch}'s CUDA"
+
+
+def test_image_pins_the_torch_that_ci_and_the_readme_install():
+    pins = {
+        "cluster/Dockerfile": _torch_pins(_dockerfile()),
+        ".ci/run": _torch_pins((REPO / ".ci/run").read_text()),
+        "README.md": _torch_pins((REPO / "README.md").read_text()),
+    }
+    assert all(len(p) == 1 for p in pins.values()), pins
+    assert len(set().union(*pins.values())) == 1, pins
+
+
+def test_image_installs_the_project_and_copies_what_it_needs():
+    text = _dockerfile()
+    assert re.search(r"pip install [^\n]*-e /app", text)
+    copied = set()
+    for srcs in re.findall(r"(?m)^COPY\s+(?:--\S+\s+)*(.+?)\s+\S+$", text):
+        copied |= set(srcs.split())
+    assert {"pyproject.toml", "README.md", "cpi_ray", "jobs"} <= copied, copied
+    assert all((REPO / c).exists() for c in copied), copied
+
+
+def test_build_context_leaves_out_runs_venvs_and_caches():
+    # BuildKit reads <Dockerfile>.dockerignore next to the Dockerfile; patterns are relative to
+    # the build context (the repository root).
+    ignore = CLUSTER / "Dockerfile.dockerignore"
+    patterns = [ln.strip() for ln in ignore.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+    assert {".git", ".venv", "runs", "**/__pycache__"} <= set(patterns), patterns
+
+    def ignored(path: str) -> bool:
+        # Enough of the .dockerignore matching for these patterns: "**/" matches any depth.
+        return any(
+            fnmatch.fnmatch(path, pat) or (pat.startswith("**/") and fnmatch.fnmatch(path, pat[3:]))
+            for pat in patterns
+        )
+
+    for needed in ("pyproject.toml", "README.md", "cpi_ray", "cpi_ray/cli.py", "jobs/cpi_pipeline.py"):
+        assert not ignored(needed), needed
+    for dropped in (".git", ".venv", "runs", "cpi_ray/__pycache__", "cpi_ray.egg-info"):
+        assert ignored(dropped), dropped
 
 
 # ----------------------------------------------------------------------- all cluster files
