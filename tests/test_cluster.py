@@ -33,6 +33,12 @@ def _load(name: str) -> dict:
     return yaml.safe_load((CLUSTER / name).read_text())
 
 
+def _cluster_image() -> str:
+    """The one image tag the deployment files use: the RayJob's head container's."""
+    job = _load("kuberay-rayjob.yaml")
+    return job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["image"]
+
+
 def _llama7b():
     return load_config(REPO / "jobs/configs/llama7b.yaml")
 
@@ -125,7 +131,108 @@ def test_launcher_keeps_token_auth_and_a_private_dashboard(name):
         assert c.index("export RAY_AUTH_MODE=token") < c.index("ray start")
     (head,) = [c for c in cfg["head_start_ray_commands"] if "ray start" in c]
     assert "--dashboard-host=127.0.0.1" in head
-    assert any("pip install" in c and "-e ~/cpi-ray" in c for c in cfg["setup_commands"])
+
+
+# Installing a package at boot, in any form a command could take.
+INSTALLS = re.compile(
+    r"\b(pip3?|uv pip|conda|mamba|micromamba)\s+install\b|-m\s+pip\b|-m\s+venv\b|\bvirtualenv\b"
+)
+PINNED_IMAGE = re.compile(r"[a-z0-9.-]+(:[0-9]+)?(/[a-z0-9._-]+)+:(\d+\.\d+\.\d+)")
+
+
+def _all_commands(cfg: dict) -> list[str]:
+    keys = (
+        "initialization_commands",
+        "setup_commands",
+        "head_setup_commands",
+        "worker_setup_commands",
+        "head_start_ray_commands",
+        "worker_start_ray_commands",
+    )
+    cmds = [c for k in keys for c in cfg.get(k, [])]
+    for node in cfg["available_node_types"].values():
+        cmds += node.get("initialization_commands", []) + node.get("worker_setup_commands", [])
+    return cmds
+
+
+def _docker_of(cfg: dict, node_type: str) -> tuple[str, list[str]]:
+    """The image and `docker run` options a node of this type gets, as Ray's updater merges them
+    (StandardAutoscaler._get_node_specific_docker_config, DockerCommandRunner.run_init): the
+    node type's `docker` over the global one, then run_options + head_/worker_run_options."""
+    head = node_type == cfg["head_node_type"]
+    docker = dict(cfg["docker"])
+    if not head:
+        docker.update(cfg["available_node_types"][node_type].get("docker", {}))
+    role = "head" if head else "worker"
+    image = docker.get(f"{role}_image", docker.get("image"))
+    return image, docker.get("run_options", []) + docker.get(f"{role}_run_options", [])
+
+
+@pytest.mark.parametrize("name", LAUNCHER)
+def test_launcher_installs_nothing_at_boot(name):
+    from ray.autoscaler._private.util import prepare_config
+
+    cfg = _load(name)
+    # What `ray up` runs: Ray's provider defaults merged in (they pip-install on the head unless
+    # the config sets its own command lists), setup_commands folded into head and worker lists.
+    prepared = prepare_config(copy.deepcopy(cfg))
+    for c in _all_commands(cfg) + _all_commands(prepared):
+        assert not INSTALLS.search(c), c
+        assert "venv" not in c, c
+    # Nothing left that only an install made sense for.
+    assert all("cpi-ray" not in src for src in cfg["file_mounts"]), cfg["file_mounts"]
+    # Commands run in the image's container; the host only mounts the shared run directory.
+    assert prepared["docker"]["container_name"]
+
+
+def test_install_check_has_teeth():
+    for c in (
+        "~/venv/bin/pip install -q torch==2.13.0",
+        "python -m pip install -e .",
+        "pip3 install boto3",
+        "uv pip install --system ray",
+        "python3 -m venv ~/venv",
+        "conda install -y numpy",
+    ):
+        assert INSTALLS.search(c), c
+    for c in ("ray stop", "sudo apt-get install -y -qq nfs-common", "chmod 600 ~/.ray/auth_token"):
+        assert not INSTALLS.search(c), c
+    # Ray's own defaults install on every boot: a config that leaves out its lists gets them.
+    from ray.autoscaler._private.util import prepare_config
+
+    for name in LAUNCHER:
+        cfg = _load(name)
+        del cfg["head_setup_commands"]
+        assert any(INSTALLS.search(c) for c in _all_commands(prepare_config(cfg))), name
+
+
+@pytest.mark.parametrize("name", LAUNCHER)
+def test_every_node_runs_the_same_pinned_image(name):
+    cfg = _load(name)
+    images = {t: _docker_of(cfg, t)[0] for t in cfg["available_node_types"]}
+    assert len(set(images.values())) == 1, images
+    (image,) = set(images.values())
+    assert PINNED_IMAGE.fullmatch(image), f"{image}: pin a version tag (not latest, not a bare name)"
+    assert image == _cluster_image(), (image, _cluster_image())
+    assert cfg["docker"]["pull_before_run"] is True
+
+
+@pytest.mark.parametrize("name", LAUNCHER)
+def test_gpu_node_types_get_the_gpus_and_the_run_directory(name):
+    cfg = _load(name)
+    storage = _llama7b().storage.path
+    for t, node in cfg["available_node_types"].items():
+        _, opts = _docker_of(cfg, t)
+        flags = " ".join(opts)
+        # The shared run directory, mounted on the host, at the same path in the container.
+        mounts = dict(re.findall(r"-v\s+(\S+?):(\S+)", flags))
+        assert any(storage.startswith(dst + "/") and src == dst for src, dst in mounts.items()), (t, mounts)
+        if node["resources"].get("GPU", 0):
+            assert "--gpus all" in opts, (t, opts)
+            shm = re.findall(r"--shm-size=(\d+)g\b", flags)
+            assert len(shm) == 1 and int(shm[0]) >= 32, (t, opts)
+        else:
+            assert "--gpus" not in flags, (t, opts)
 
 
 # --------------------------------------------------------------------------------- KubeRay
