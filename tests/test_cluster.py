@@ -394,6 +394,37 @@ def test_rayjob_groups_fit_the_stages():
     assert min(offered["gpu8"][k] // v for k, v in ask.items()) >= cfg.consolidate.num_workers
 
 
+# Node labels that pin a GPU model: GKE's, EKS with Karpenter's, NVIDIA GPU Feature Discovery's.
+ACCELERATOR_LABELS = {
+    "cloud.google.com/gke-accelerator",
+    "karpenter.k8s.aws/instance-gpu-name",
+    "nvidia.com/gpu.product",
+}
+
+
+def test_rayjob_pins_the_gpu_model_and_the_image():
+    rc = _rayjob()["spec"]["rayClusterSpec"]
+    pods = {"head": rc["headGroupSpec"]["template"]["spec"]}
+    pods |= {g["groupName"]: g["template"]["spec"] for g in rc["workerGroupSpecs"]}
+    images = {n: c["image"] for n, p in pods.items() for c in p["containers"]}
+    assert len(set(images.values())) == 1, images
+    assert PINNED_IMAGE.fullmatch(images["head"]), images["head"]
+    for name, pod in pods.items():
+        (container,) = pod["containers"]
+        gpus = int(container["resources"].get("limits", {}).get("nvidia.com/gpu", "0"))
+        selector = pod.get("nodeSelector", {})
+        pinned = {k: v for k, v in selector.items() if k in ACCELERATOR_LABELS}
+        if gpus:
+            assert len(pinned) == 1 and all(v.strip() for v in pinned.values()), (name, selector)
+            # NCCL and the object store need more than the container runtime's 64 MiB /dev/shm.
+            assert "/dev/shm" in {v["mountPath"] for v in container["volumeMounts"]}, name
+        else:
+            assert not pinned, (name, selector)
+    # The sizing in cluster/README.md is for 80 GB GPUs.
+    gke = {pods[g]["nodeSelector"].get("cloud.google.com/gke-accelerator") for g in ("gpu1-spot", "gpu8")}
+    assert gke == {"nvidia-a100-80gb"}, gke
+
+
 def test_rayjob_keeps_token_auth_and_a_private_dashboard():
     job = _rayjob()
     rc = job["spec"]["rayClusterSpec"]
