@@ -549,5 +549,23 @@ def test_cluster_readme_covers_what_it_must():
         "7B",
         "ZeRO-3",
         "16 B",
+        "## The image",
+        "docker build -f cluster/Dockerfile -t",
+        "docker push",
+        "## Idle timeouts and stage gaps",
+        "idle_timeout_minutes",
+        "idleTimeoutSeconds",
     ):
         assert must in text, must
+
+
+def test_cluster_readme_7b_numbers_follow_the_shipped_config():
+    text = (CLUSTER / "README.md").read_text()
+    section = text[text.index("### 7B") : text.index("### 70B")]
+    tasks = len(_llama7b().tasks)
+    counts = [int(n) for n in re.findall(r"(\d+) tasks\b", section)]
+    assert counts and set(counts) == {tasks}, counts
+    m = re.search(r"Cluster: (\d+) `gpu1_spot`", section)
+    assert m and int(m.group(1)) == tasks
+    # The image tag the README tells users to replace is the one the files ship with.
+    assert f"`{_cluster_image()}`" in text
