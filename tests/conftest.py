@@ -32,3 +32,12 @@ def ray_session():
         )
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture
+def ray_local(ray_session):
+    """The session's Ray, with Ray Data's progress bars off for quiet test logs."""
+    from ray.data import DataContext
+
+    DataContext.get_current().enable_progress_bars = False
+    yield ray_session

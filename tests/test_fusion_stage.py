@@ -17,19 +17,7 @@ from cpi_ray.io.masks import MaskFile
 from cpi_ray.io.safetensors_io import save_model_dir
 
 ray = pytest.importorskip("ray")
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    from cpi_ray.models.tiny import save_tiny_model
-
-    return save_tiny_model(tmp_path_factory.mktemp("tiny") / "base")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def ray_local(ray_session):
-    """The session's Ray (one cluster for the whole test run)."""
-    yield
+pytestmark = pytest.mark.usefixtures("ray_local")
 
 
 def masks_of(ctx, names):
@@ -129,8 +117,8 @@ def check_fused(ctx, fused, policy, groups=None):
 
 
 @pytest.fixture(scope="module")
-def run3(tmp_path_factory, tiny):
-    return make_run(tmp_path_factory.mktemp("fuse3"), groups=[["b"], ["a", "c"]], base_dir=tiny)
+def run3(tmp_path_factory, tiny_model_dir):
+    return make_run(tmp_path_factory.mktemp("fuse3"), groups=[["b"], ["a", "c"]], base_dir=tiny_model_dir)
 
 
 @pytest.mark.parametrize("policy", ["magnitude", "mean", "priority"])
@@ -140,10 +128,10 @@ def test_core_and_noncore_match_independent_computation(run3, policy):
     check_fused(ctx, load_state(out), policy, groups=[["b"], ["a", "c"]])
 
 
-def test_backbone_task_omega_overrides_and_generation(tmp_path, tiny):
+def test_backbone_task_omega_overrides_and_generation(tmp_path, tiny_model_dir):
     ctx = make_run(
         tmp_path,
-        base_dir=tiny,
+        base_dir=tiny_model_dir,
         tasks=["a", "b"],
         backbone="b",
         omega=0.3,
@@ -163,8 +151,8 @@ def test_backbone_task_omega_overrides_and_generation(tmp_path, tiny):
         assert torch.equal(p, fused[n])
 
 
-def test_bf16_base_is_written_in_bf16(tmp_path, tiny):
-    ctx = make_run(tmp_path, base_dir=tiny, tasks=["a", "b"], dtype=torch.bfloat16)
+def test_bf16_base_is_written_in_bf16(tmp_path, tiny_model_dir):
+    ctx = make_run(tmp_path, base_dir=tiny_model_dir, tasks=["a", "b"], dtype=torch.bfloat16)
     (out,) = FuseStage().run(ctx)
     fused = load_state(out)
     assert all(v.dtype == torch.bfloat16 for v in fused.values())
@@ -198,8 +186,8 @@ def ref_multislerp64(xs, keep, w):
     return sum(c * x for c, x in zip(coef, full))
 
 
-def test_multislerp_matches_formula(tmp_path, tiny):
-    ctx = make_run(tmp_path, base_dir=tiny, tasks=["a", "b", "c"], method="multislerp", omega=0.4)
+def test_multislerp_matches_formula(tmp_path, tiny_model_dir):
+    ctx = make_run(tmp_path, base_dir=tiny_model_dir, tasks=["a", "b", "c"], method="multislerp", omega=0.4)
     (out,) = FuseStage().run(ctx)
     fused = load_state(out)
     base = load_state(ctx.base_model_dir)
@@ -260,8 +248,8 @@ def test_actor_killed_mid_shard_is_retried_bitwise(run3, tmp_path):
     assert digest(tmp_path / "faulty") == clean
 
 
-def test_identical_inputs_return_the_base(tmp_path, tiny):
-    ctx = make_run(tmp_path, base_dir=tiny, identical=True)
+def test_identical_inputs_return_the_base(tmp_path, tiny_model_dir):
+    ctx = make_run(tmp_path, base_dir=tiny_model_dir, identical=True)
     for policy in ("magnitude", "mean"):
         (out,) = FuseStage(chunk_elems=2048).run(with_fuse(ctx, policy=policy))
         fused, base = load_state(out), load_state(ctx.base_model_dir)
@@ -276,8 +264,8 @@ def corrupt(ctx, task, fn):
     save_model_dir(st, d, 100_000, copy_from=ctx.base_model_dir)
 
 
-def test_nan_in_a_task_model_is_reported_and_nothing_is_written(tmp_path, tiny):
-    ctx = make_run(tmp_path, base_dir=tiny, tasks=["a", "b"])
+def test_nan_in_a_task_model_is_reported_and_nothing_is_written(tmp_path, tiny_model_dir):
+    ctx = make_run(tmp_path, base_dir=tiny_model_dir, tasks=["a", "b"])
     name = "model.layers.1.mlp.down_proj.weight"
 
     def nan(st):
@@ -293,8 +281,8 @@ def test_nan_in_a_task_model_is_reported_and_nothing_is_written(tmp_path, tiny):
     assert not [p for p in ctx.run_dir.iterdir() if p.name.startswith(".fused")]
 
 
-def test_missing_tensor_and_shape_mismatch(tmp_path, tiny):
-    ctx = make_run(tmp_path, base_dir=tiny, tasks=["a", "b"])
+def test_missing_tensor_and_shape_mismatch(tmp_path, tiny_model_dir):
+    ctx = make_run(tmp_path, base_dir=tiny_model_dir, tasks=["a", "b"])
     name = "model.layers.0.self_attn.q_proj.weight"
     corrupt(ctx, "a", lambda st: {k: v for k, v in st.items() if k != name})
     with pytest.raises(FuseError, match=re.escape(name)) as e:
@@ -315,10 +303,10 @@ def test_missing_tensor_and_shape_mismatch(tmp_path, tiny):
     assert not ctx.path("fused").exists()
 
 
-def test_bad_mask_is_reported(tmp_path, tiny):
+def test_bad_mask_is_reported(tmp_path, tiny_model_dir):
     from cpi_ray.io.masks import pack_mask, write_mask_file
 
-    ctx = make_run(tmp_path, base_dir=tiny, tasks=["a", "b"])
+    ctx = make_run(tmp_path, base_dir=tiny_model_dir, tasks=["a", "b"])
     name = "model.norm.weight"
     write_mask_file(
         ctx.path("regions", "a.mask.safetensors"),

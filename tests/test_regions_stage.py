@@ -28,15 +28,6 @@ from cpi_ray.run.stage import RunContext
 TASKS = ["a", "b", "d"]
 
 
-@pytest.fixture(scope="module")
-def ray_local(ray_session):
-    """The session's Ray, with Ray Data's progress bars off for quiet test logs."""
-    from ray.data import DataContext
-
-    DataContext.get_current().enable_progress_bars = False
-    yield
-
-
 def load_dir(d):
     out = {}
     for f in sorted(d.glob("*.safetensors")):
