@@ -83,3 +83,19 @@ def test_a_failing_stage_leaves_no_empty_folder(tmp_path):
     with pytest.raises(ValueError, match="shapes"):
         Fuse(fail=True).execute(ctx)
     assert not (tmp_path / "fused").exists()
+
+
+def test_finished_item_needs_its_fingerprint_and_the_files_beside_it(tmp_path):
+    from cpi_ray.io.records import finished_item
+
+    d = tmp_path / "item"
+    d.mkdir()
+    assert finished_item(d, "rec.json", "fp1") is None  # nothing written yet
+    (d / "rec.json").write_text('{"fingerprint": "fp1", "steps": 3}')
+    assert finished_item(d, "rec.json", "fp1") == {"fingerprint": "fp1", "steps": 3}
+    assert finished_item(d, "rec.json", "fp2") is None  # written for another recipe
+    assert finished_item(d, "rec.json", "fp1", requires=("index.json",)) is None
+    (d / "index.json").write_text("{}")
+    assert finished_item(d, "rec.json", "fp1", requires=("index.json",))["steps"] == 3
+    (d / "rec.json").write_text('{"fingerprint": "fp1"')  # torn
+    assert finished_item(d, "rec.json", "fp1") is None

@@ -45,6 +45,19 @@ def load_record(path: Path) -> Optional[dict]:
     return rec if isinstance(rec, dict) and "fingerprint" in rec else None
 
 
+def finished_item(
+    folder: Path, record: str, fingerprint: str, requires: tuple[str, ...] = ()
+) -> Optional[dict]:
+    """The record `folder/record` of one item a stage resumes by (a probe, a consolidation or
+    baseline stage, a baseline mode), when it was written for `fingerprint` and the files
+    `requires` are beside it; None when the item must be (re)done. Items write their record last,
+    so a record with the right fingerprint means the item finished."""
+    rec = load_record(Path(folder) / record)
+    if rec is None or rec["fingerprint"] != fingerprint:
+        return None
+    return rec if all((Path(folder) / f).is_file() for f in requires) else None
+
+
 def output_entry(path: Path, root: Path) -> dict:
     """How a record lists the file `path` of the run directory `root`."""
     return {"path": str(path.relative_to(root)), "bytes": path.stat().st_size, "sha256": file_sha256(path)}

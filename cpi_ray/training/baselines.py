@@ -28,7 +28,7 @@ from cpi_ray.config.schema import PipelineConfig
 from cpi_ray.config.stages import STAGE_FOLDERS
 from cpi_ray.data.batching import mix_counts
 from cpi_ray.io.atomic import read_json, write_json
-from cpi_ray.io.records import RECORD_NAME, load_record, stable_hash
+from cpi_ray.io.records import RECORD_NAME, finished_item, load_record, stable_hash
 from cpi_ray.io.safetensors_io import INDEX_NAME
 from cpi_ray.regions.grouping import read_groups
 from cpi_ray.run.progress import METRICS_FILE, concat_metrics, tracking_spec
@@ -38,7 +38,6 @@ from cpi_ray.training.consolidate import (
     STAGE_RECORD,
     copy_model_dir,
     fit_group,
-    stage_record,
     stage_rows_per_task,
     union_masks,
 )
@@ -46,15 +45,6 @@ from cpi_ray.training.consolidate import (
 log = logging.getLogger("cpi_ray")
 
 MODE_RECORD = "baseline.json"  # in each mode's model directory: what it was trained from
-
-
-def _read_mode_record(model_dir: Path) -> Optional[dict]:
-    if not (model_dir / INDEX_NAME).is_file():
-        return None
-    try:
-        return read_json(model_dir / MODE_RECORD)
-    except (FileNotFoundError, ValueError):
-        return None
 
 
 def cpi_budget_rows(cfg: PipelineConfig, n_groups: int) -> int:
@@ -208,8 +198,7 @@ class BaselinesStage(Stage):
             )
             final = out_dir / mode
             mode_fp = self.mode_fingerprint(ctx, mode, plan)
-            kept = _read_mode_record(final)
-            if kept is not None and kept.get("fingerprint") == mode_fp:
+            if finished_item(final, MODE_RECORD, mode_fp, requires=(INDEX_NAME,)):
                 log.info("baselines %s: already trained, kept (%s)", mode, final)
                 outputs.append(final)
                 continue
@@ -218,8 +207,8 @@ class BaselinesStage(Stage):
             for k, st in enumerate(plan["stages"]):
                 out = work / f"stage-{k + 1}"
                 fp = stable_hash({"mode": mode_fp, "k": k})
-                rec = stage_record(out)
-                if rec is None or rec.get("fingerprint") != fp:
+                rec = finished_item(out, STAGE_RECORD, fp, requires=(INDEX_NAME,))
+                if rec is None:
                     mask_path = work / f"frozen-{k + 1}.mask.safetensors"
                     if st["frozen"]:
                         cores = [ctx.layout.mask(t) for t in st["frozen"]]
@@ -310,7 +299,6 @@ class BaselinesStage(Stage):
         )
 
     def summary(self, ctx: RunContext) -> Optional[str]:
-        from cpi_ray.io.atomic import read_json
 
         try:
             budget = read_json(ctx.layout.budget_json)

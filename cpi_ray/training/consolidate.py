@@ -24,8 +24,9 @@ from typing import Any, Optional
 import torch
 
 from cpi_ray.config.schema import ConsolidateConfig, DataConfig, ModelConfig, PipelineConfig
-from cpi_ray.io.atomic import atomic_dir, read_json
+from cpi_ray.io.atomic import atomic_dir
 from cpi_ray.io.masks import MaskFile, write_mask_file
+from cpi_ray.io.records import finished_item, load_record
 from cpi_ray.io.safetensors_io import INDEX_NAME, CheckpointReader
 from cpi_ray.regions.grouping import read_groups
 from cpi_ray.run.progress import METRICS_FILE, TrainLog, tracking_spec
@@ -405,16 +406,13 @@ def fit_group(
         storage=storage,
         out_dir=out_dir,
         fingerprint=fingerprint,
-        read_record=stage_record,
+        record=STAGE_RECORD,
         callbacks=callbacks,
     )
 
 
 def stage_record(out: Path) -> Optional[dict]:
-    try:
-        return read_json(out / STAGE_RECORD)
-    except (FileNotFoundError, ValueError):
-        return None
+    return load_record(out / STAGE_RECORD)
 
 
 def stage_data(
@@ -529,8 +527,7 @@ class ConsolidateStage(Stage):
             fp = stable_hash({"stage": stage_fp, "k": k, "groups": groups, "start": prev_fp})
             frozen = frozen_tasks(groups, k, tc.freeze)
             outputs.append(out)
-            rec = stage_record(out)
-            if rec is not None and rec.get("fingerprint") == fp and (out / INDEX_NAME).is_file():
+            if finished_item(out, STAGE_RECORD, fp, requires=(INDEX_NAME,)):
                 log.info("consolidate stage %d: already trained, kept (%s)", k + 1, out)
             else:
                 mask_path = ctx.path("consolidate", "masks", f"frozen-{k + 1}.mask.safetensors")

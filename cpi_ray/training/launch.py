@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Callable, Literal, Optional
 
 from cpi_ray.config.schema import PipelineConfig
+from cpi_ray.io.records import finished_item
 from cpi_ray.run.runtime import worker_resources
 
 
@@ -23,12 +24,13 @@ def fit_job(
     storage: str | Path,
     out_dir: str | Path,
     fingerprint: str,
-    read_record: Callable[[Path], Optional[dict]],
+    record: str,
     callbacks: Optional[list] = None,
 ) -> dict:
     """Train `loop` on every worker of `stage`'s trainer under the Ray Train run `name` (a rerun
-    with the same name resumes from its persisted checkpoint) and return the record the job
-    wrote into `out_dir` with `fingerprint`. `callbacks`: Ray Train callbacks (Tune's reporter)."""
+    with the same name resumes from its persisted checkpoint) and return the record (file name
+    `record`) the job wrote into `out_dir` with `fingerprint`. `callbacks`: Ray Train callbacks
+    (Tune's reporter)."""
     # Ray Train is imported where used: the CLI and the config checks start without it.
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -52,8 +54,8 @@ def fit_job(
         ),
     )
     trainer.fit()
-    rec = read_record(Path(out_dir))
-    if rec is None or rec.get("fingerprint") != fingerprint:
+    rec = finished_item(Path(out_dir), record, fingerprint)
+    if rec is None:
         raise RuntimeError(f"{name}: training finished but {out_dir} was not written")
     shutil.rmtree(Path(storage) / name, ignore_errors=True)
     return rec

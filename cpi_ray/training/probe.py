@@ -20,7 +20,8 @@ from typing import Any
 import torch
 
 from cpi_ray.config.schema import PipelineConfig
-from cpi_ray.io.atomic import read_json, write_json
+from cpi_ray.io.atomic import write_json
+from cpi_ray.io.records import finished_item, load_record
 from cpi_ray.run.progress import METRICS_FILE, TrainLog, last_step, tracking_spec
 from cpi_ray.run.runtime import quiet_train_reports, train_env
 from cpi_ray.run.stage import RunContext, Stage, stable_hash
@@ -80,7 +81,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     model = load_model(base_dir if train else out_dir, cfg.model.dtype, cfg.model.trust_remote_code)
     examples = build_train_examples(cfg, tok, [task])[task]
     t0 = time.time()
-    record = {} if train else (_probe_record(Path(out_dir)) or {})
+    record = {} if train else (load_record(Path(out_dir) / PROBE_RECORD) or {})
     if train:
         model, loss, start = _train(
             model,
@@ -279,8 +280,8 @@ class ProbeStage(Stage):
             out = ctx.layout.probe(task)
             fp = probe_fingerprint(cfg, task, ctx.base_model_id)
             outputs.append(out)
-            rec = _probe_record(out)
-            if rec is None or rec.get("fingerprint") != fp:
+            rec = finished_item(out, PROBE_RECORD, fp)
+            if rec is None:
                 pending.append((task, fp, "train"))
             elif fisher_batches and (rec.get("fisher") or {}).get("batches") != fisher_batches:
                 log.info("probe %s: trained, computing its Fisher (%s)", task, out)
@@ -394,15 +395,8 @@ def _fit_probe(
         storage=storage,
         out_dir=out_dir,
         fingerprint=fingerprint,
-        read_record=_probe_record,
+        record=PROBE_RECORD,
     )
-
-
-def _probe_record(out: Path) -> dict | None:
-    try:
-        return read_json(out / PROBE_RECORD)
-    except (FileNotFoundError, ValueError):
-        return None
 
 
 def _short(e: BaseException) -> str:
