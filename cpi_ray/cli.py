@@ -10,9 +10,16 @@ import logging
 import sys
 from typing import Optional
 
+import yaml
+
 from cpi_ray.config.load import ConfigError, load_config
 from cpi_ray.config.stages import STAGES
+from cpi_ray.io.lease import RunBusyError, run_lease
 from cpi_ray.pipeline.check import CheckError, check_config
+from cpi_ray.pipeline.plan import PlanError, build_plan, plan_json
+from cpi_ray.pipeline.runner import resolve_run_dir, run_pipeline
+from cpi_ray.run.runtime import connect_ray
+from cpi_ray.tune.space import SpaceError, check_space
 
 EXIT_CONFIG = 2
 EXIT_CHECK = 3
@@ -65,9 +72,6 @@ def config_from_args(args: argparse.Namespace):
 
 
 def run_command(args: argparse.Namespace) -> int:
-    from cpi_ray.io.lease import RunBusyError, run_lease
-    from cpi_ray.pipeline.runner import resolve_run_dir
-
     try:
         cfg = config_from_args(args)
     except ConfigError as e:
@@ -83,8 +87,6 @@ def run_command(args: argparse.Namespace) -> int:
     log.info("check passed:\n%s", report.render())
     tuning = getattr(args, "tune", False) or cfg.tune.enabled
     if tuning:
-        from cpi_ray.tune.space import SpaceError, check_space
-
         try:
             check_space(cfg)
         except SpaceError as e:
@@ -99,14 +101,11 @@ def run_command(args: argparse.Namespace) -> int:
 
 
 def _run(cfg, run_dir, tuning: bool, log: logging.Logger) -> int:
-    from cpi_ray.pipeline.runner import run_pipeline
-    from cpi_ray.run.runtime import connect_ray
-
     try:
         where = connect_ray(cfg)
         log.info("Ray: %s", where)
         if tuning:
-            from cpi_ray.tune.search import run_tune
+            from cpi_ray.tune.search import run_tune  # torch and Ray Tune: seconds, for --tune only
 
             result = run_tune(cfg, run_dir)
         else:
@@ -129,8 +128,6 @@ def add_plan_args(p: argparse.ArgumentParser) -> None:
 
 def plan_command(args: argparse.Namespace) -> int:
     """Print the plan; touches neither Ray nor the network."""
-    from cpi_ray.pipeline.plan import PlanError, build_plan, plan_json
-
     try:
         cfg = config_from_args(args)
         plan = build_plan(cfg, str(args.config))
@@ -142,10 +139,6 @@ def plan_command(args: argparse.Namespace) -> int:
 
 def check_command(args: argparse.Namespace) -> int:
     """Print the resolved config and what `check_config` found; exit non-zero on a problem."""
-    import yaml
-
-    from cpi_ray.pipeline.runner import resolve_run_dir
-
     try:
         cfg = config_from_args(args)
     except ConfigError as e:

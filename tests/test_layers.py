@@ -1,9 +1,16 @@
 """The package graph, computed from every import (module level and inside functions): no cycle,
-and no package imports one of a higher layer (ARCHITECTURE.md)."""
+and no package imports one of a higher layer (ARCHITECTURE.md); and every import inside a
+function says why it is there."""
 
 from __future__ import annotations
 
 import ast
+import io
+import os
+import re
+import subprocess
+import sys
+import tokenize
 from collections import defaultdict
 from pathlib import Path
 
@@ -95,6 +102,165 @@ def test_no_package_imports_upward():
         if LEVEL[dst] > LEVEL[src]
     )
     assert not upward, "\n".join(upward)
+
+
+# A module's comment line `# Imported where used: ray (why), lm_eval (why).` explains every
+# in-function import of the modules it names (and of their submodules).
+MARKER = "# Imported where used:"
+_PRAGMA = re.compile(r"#\s*(noqa|type:|pragma|fmt:|isort:)")
+
+# tidied with the training engine change: its rewrite replaces these files' imports.
+TIDIED_WITH_TRAINING_ENGINE_CHANGE = {
+    "cpi_ray/training/baselines.py",
+    "cpi_ray/training/consolidate.py",
+    "cpi_ray/training/fisher.py",
+    "cpi_ray/training/freeze.py",
+    "cpi_ray/training/probe.py",
+    "cpi_ray/training/sft.py",
+    "cpi_ray/training/zero3.py",
+}
+
+
+def _marker_names(text: str) -> set[str]:
+    """The module names of a marker line: its comma-separated entries, reasons in () dropped."""
+    entries = re.sub(r"\([^()]*\)", "", text[len(MARKER) :]).rstrip(" .").split(",")
+    return {e.strip() for e in entries if re.fullmatch(r"[A-Za-z_][\w.]*", e.strip())}
+
+
+def _imported(node: ast.Import | ast.ImportFrom) -> list[str]:
+    """What an import statement names: `import a.b` -> a.b; `from a import b, c` -> a, a.b, a.c."""
+    if isinstance(node, ast.Import):
+        return [a.name for a in node.names]
+    base = "." * node.level + (node.module or "")
+    return [base, *(f"{base}.{a.name}".replace("..", ".") for a in node.names)]
+
+
+def _inner_imports(tree: ast.Module) -> list[ast.Import | ast.ImportFrom]:
+    """Imports inside a function or class body (a module-level `if` or `try` is module level)."""
+    found = []
+
+    def visit(node: ast.AST, inside: bool) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, (ast.Import, ast.ImportFrom)) and inside:
+                found.append(child)
+            scope = isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef))
+            visit(child, inside or scope)
+
+    visit(tree, False)
+    return found
+
+
+def unexplained_imports(source: str) -> list[str]:
+    """`line: statement` for each import inside a function that has no comment saying why: on
+    its own line(s), on the line above it (or above the block of imports it belongs to), or a
+    module marker line naming what it imports."""
+    lines = source.splitlines()
+    comments: dict[int, list[str]] = defaultdict(list)  # line -> its comments
+    markers: set[str] = set()
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        if tok.type != tokenize.COMMENT:
+            continue
+        if tok.string.startswith(MARKER) and tok.start[1] == 0:
+            markers |= _marker_names(tok.string)
+        elif not _PRAGMA.match(tok.string) and tok.string.strip("# "):
+            comments[tok.start[0]].append(tok.string)
+    inner = _inner_imports(ast.parse(source))
+    starts = {n.end_lineno: n.lineno for n in inner}  # an import's last line -> its first
+
+    def said_above(line: int) -> bool:
+        """A comment line directly above, stepping up over the imports (and blank lines between
+        their groups) of the same block."""
+        above = line - 1
+        while above > 0:
+            if above in starts:
+                above = starts[above] - 1
+            elif not lines[above - 1].strip():
+                above -= 1
+            else:
+                break
+        return above > 0 and lines[above - 1].lstrip().startswith("#") and bool(comments.get(above))
+
+    missing = []
+    for node in inner:
+        if any(comments.get(i) for i in range(node.lineno, node.end_lineno + 1)) or said_above(node.lineno):
+            continue
+        if any(n == m or n.startswith(m + ".") for n in _imported(node) for m in markers):
+            continue
+        missing.append(f"{node.lineno}: {ast.unparse(node)}")
+    return missing
+
+
+def test_the_import_check_finds_an_unexplained_import():
+    """The check itself, on a made-up module: reasons on the line, above the import's block or in
+    the marker line pass; a bare import, a noqa alone or an unnamed module does not."""
+    src = '''"""A module."""
+import json
+# Imported where used: heavy (seconds to import), opt.ional (an optional extra).
+try:
+    import fast
+except ImportError:
+    fast = None
+
+
+def plain():
+    import os
+    return os
+
+
+def said_on_the_line():
+    import numpy  # the worker has it, the driver may not
+    from heavy.sub import thing
+    import opt.ional.sub
+    from opt import ional
+    return numpy, thing
+
+
+def said_above():
+    # Ray: seconds to import, and only this path needs it
+    import ray
+    from ray import tune
+
+    from mine import helper
+    x = 1
+    import late
+    return ray, tune, helper, x, late
+
+
+class K:
+    def m(self):
+        import heavyweight  # noqa: F401
+        from opt import other
+'''
+    assert unexplained_imports(src) == [
+        "11: import os",
+        "30: import late",
+        "36: import heavyweight",
+        "37: from opt import other",
+    ]
+
+
+def test_imports_inside_functions_say_why():
+    """An import inside a function hides a dependency from the top of the module: each one says
+    why it cannot be there (ARCHITECTURE.md)."""
+    found = []
+    for f in sorted(PKG.rglob("*.py")):
+        rel = f.relative_to(PKG.parent).as_posix()
+        if rel in TIDIED_WITH_TRAINING_ENGINE_CHANGE:
+            continue
+        found += [f"{rel}:{m}" for m in unexplained_imports(f.read_text())]
+    assert not found, "imports inside functions without a comment saying why:\n" + "\n".join(found)
+
+
+def test_cli_starts_without_the_heavy_dependencies():
+    """What the in-function imports of the CLI's start-up path are for: `cpi-ray --help`, `plan`
+    and `check` start without torch, transformers, numpy, datasets or Ray."""
+    heavy = ["torch", "transformers", "numpy", "datasets", "ray", "pyarrow"]
+    code = f"import sys, cpi_ray.cli; print(' '.join(m for m in {heavy!r} if m in sys.modules))"
+    path = [str(PKG.parent), *filter(None, [os.environ.get("PYTHONPATH")])]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split() == [], f"importing cpi_ray.cli loads {r.stdout.strip()}"
 
 
 def test_stage_registry_is_the_one_stage_list():

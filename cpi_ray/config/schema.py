@@ -6,7 +6,9 @@ time with a message naming the field, before any work starts.
 
 from __future__ import annotations
 
+import importlib.util
 import re
+import string
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, Optional
 
@@ -21,6 +23,7 @@ from pydantic import (
 )
 
 from cpi_ray.config.stages import MODEL_KINDS, STAGES
+from cpi_ray.io.sizes import parse_size
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
@@ -28,8 +31,6 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 def template_fields(template: str) -> list[str]:
     """The field names of a prompt template (`{instruction}`, `{meta.context}`); ValueError for a
     template without fields or with positional, converted or formatted ones."""
-    import string
-
     try:
         parts = list(string.Formatter().parse(template))
     except ValueError as e:
@@ -130,8 +131,6 @@ class ModelConfig(_Section):
     @field_validator("max_shard_size")
     @classmethod
     def _size(cls, v: str) -> str:
-        from cpi_ray.io.sizes import parse_size
-
         parse_size(v)
         return v
 
@@ -649,8 +648,6 @@ class TuneConfig(_Section):
             if bad:
                 raise ValueError(f"search_alg grid needs choice/grid dimensions; {bad} are ranges")
         if self.search_alg == "optuna":
-            import importlib.util
-
             if importlib.util.find_spec("optuna") is None:
                 raise ValueError("search_alg optuna needs optuna (pip install -e '.[tune]')")
             bad = [k for k, d in self.search_space.items() if d.grid is not None]

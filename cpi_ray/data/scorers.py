@@ -115,6 +115,6 @@ def _checked(task_name: str, score: Scorer) -> Scorer:
 
 @functools.lru_cache(maxsize=32)
 def _rg_dataset(name: str, size: int, seed: int, options_json: str):
-    import reasoning_gym
+    import reasoning_gym  # an optional extra (cpi-ray[demo])
 
     return reasoning_gym.create_dataset(name, size=size, seed=seed, **json.loads(options_json))

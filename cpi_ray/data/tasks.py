@@ -11,13 +11,14 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import math
+import string
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 
-from cpi_ray.config.schema import TaskConfig
+from cpi_ray.config.schema import TaskConfig, template_fields
 
 _LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
@@ -53,8 +54,6 @@ def render_template(template: str, row: dict) -> str:
     """`prompt_template` filled from the row. Each placeholder owns the literal text just before
     it, so an empty or missing field drops with its label: `"{instruction}\\n\\n{input}"` with no
     input gives the instruction alone; text after the last placeholder is kept."""
-    import string
-
     out: list[str] = []
     for literal, name, _, _ in string.Formatter().parse(template):
         if name is None:
@@ -135,7 +134,7 @@ def load_rows(task: TaskConfig) -> list[dict]:
 
 
 def _load_reasoning_gym(task: TaskConfig) -> list[dict]:
-    import reasoning_gym
+    import reasoning_gym  # an optional extra (cpi-ray[demo])
 
     src = task.reasoning_gym
     ds = reasoning_gym.create_dataset(src.name, size=src.size, seed=src.seed, **src.options)
@@ -143,7 +142,7 @@ def _load_reasoning_gym(task: TaskConfig) -> list[dict]:
 
 
 def _load_local(task: TaskConfig) -> list[dict]:
-    import datasets
+    import datasets  # seconds to import; only file and hub tasks need it
 
     path = Path(task.path)
     if not path.is_file():
@@ -163,7 +162,7 @@ def _load_local(task: TaskConfig) -> list[dict]:
 
 
 def _load_hub(task: TaskConfig) -> list[dict]:
-    import datasets
+    import datasets  # seconds to import; only file and hub tasks need it
 
     try:
         with _quiet_datasets():
@@ -187,7 +186,7 @@ def _load_hub(task: TaskConfig) -> list[dict]:
 @contextlib.contextmanager
 def _quiet_datasets() -> Iterator[None]:
     """No progress bars in worker logs; the previous setting is restored afterwards."""
-    from datasets.utils import logging as dlog
+    from datasets.utils import logging as dlog  # datasets: seconds to import, needed around loads only
 
     was_enabled = dlog.is_progress_bar_enabled()
     dlog.disable_progress_bar()
@@ -274,8 +273,6 @@ def _check_text(where: str, field: str, kind: str, value: Any) -> None:
 
 
 def _check_template(where: str, template: str, row: dict) -> None:
-    from cpi_ray.config.schema import template_fields
-
     for name in template_fields(template):
         try:
             value = get_field(row, name)

@@ -18,15 +18,22 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
+import ray
+import torch
+
 from cpi_ray.config.schema import PipelineConfig
 from cpi_ray.config.stages import MODEL_KINDS, STAGE_FOLDERS
 from cpi_ray.data.formatting import format_prompt
 from cpi_ray.data.scorers import get_scorer
 from cpi_ray.data.tasks import answer_text, load_splits, task_identity
-from cpi_ray.evaluation.harness import HARNESS_NAME, backend
+from cpi_ray.evaluation.generate import greedy_generate
+from cpi_ray.evaluation.harness import HARNESS_NAME, backend, run_harness
+from cpi_ray.evaluation.report import build_report
 from cpi_ray.evaluation.stats import mean_se
 from cpi_ray.io.atomic import atomic_file, read_json, write_json
 from cpi_ray.io.records import RECORD_NAME, file_sha256, load_record, stable_hash
+from cpi_ray.models.card import CARD_NAME, model_card
+from cpi_ray.models.loading import DEMO_HUB_ID, load_model, load_tokenizer, tokenizer_dir_for
 from cpi_ray.run.progress import format_duration
 from cpi_ray.run.runtime import worker_resources
 from cpi_ray.run.stage import RunContext, Stage
@@ -69,11 +76,6 @@ def evaluate_model_dir(
 ) -> dict[str, dict]:
     """Load one model (and its tokenizer: from `model_dir` when it has one, else
     `tokenizer_dir`) and run `score_rows` with batched greedy generation."""
-    import torch
-
-    from cpi_ray.evaluation.generate import greedy_generate
-    from cpi_ray.models.loading import load_model, load_tokenizer, tokenizer_dir_for
-
     model_dir = Path(model_dir)
     tok_dir = tokenizer_dir_for(model_dir, tokenizer_dir)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -103,8 +105,6 @@ def _evaluate_task(
     lm-eval harness tasks (`what="harness"`)."""
     t0 = time.time()
     if what == "harness":
-        from cpi_ray.evaluation.harness import run_harness
-
         return {"harness": run_harness(model_dir, cfg, tokenizer_dir), "wall_s": time.time() - t0}
     result = evaluate_model_dir(model_dir, tasks_rows, cfg, tokenizer_dir)
     return {"tasks": result, "wall_s": time.time() - t0}
@@ -226,8 +226,6 @@ class EvaluateStage(Stage):
     # ------------------------------------------------------------------ run
 
     def run(self, ctx: RunContext) -> list[Path]:
-        import ray
-
         cfg = ctx.cfg
         models, skipped = self.resolve_models(ctx)
         for m, why in skipped.items():
@@ -378,7 +376,6 @@ class EvaluateStage(Stage):
         else:  # a harness table of an earlier run with other settings would mislead
             (out_dir / HARNESS_NAME).unlink(missing_ok=True)
         outputs += self._write_cards(ctx, models, scores, harness)
-        from cpi_ray.evaluation.report import build_report
 
         report = build_report(ctx.run_dir)
         log.info("evaluate: report written to %s", report / "index.html")
@@ -390,9 +387,6 @@ class EvaluateStage(Stage):
     ) -> list[Path]:
         """A model card (`README.md`, with this evaluation's scores) in every scored model's
         directory but the base model's, which is not the run's to write into."""
-        from cpi_ray.models.card import CARD_NAME, model_card
-        from cpi_ray.models.loading import DEMO_HUB_ID
-
         source = ctx.cfg.model.source
         base = {"demo": DEMO_HUB_ID, "tiny": ctx.base_model_id}.get(source, source)
         written = []

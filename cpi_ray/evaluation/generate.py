@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any, Optional, Sequence
 
 import torch
+from transformers import GenerationConfig
 
 from cpi_ray.data.formatting import prompt_ids
 
@@ -37,8 +38,6 @@ def greedy_generate(
     device: Optional[torch.device | str] = None,
 ) -> list[str]:
     """Greedy continuations of `prompts` (already formatted), stripped, in input order."""
-    from transformers import GenerationConfig
-
     if not prompts:
         return []
     device = torch.device(device) if device is not None else next(model.parameters()).device

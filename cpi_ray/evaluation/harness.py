@@ -13,6 +13,8 @@ from typing import Any, Optional
 
 from cpi_ray.config.schema import PipelineConfig
 
+# Imported where used: lm_eval (an optional extra), torch, cpi_ray.models (slow: the CLI imports this module).
+
 HARNESS_NAME = "harness.json"
 _STDERR = "_stderr,"
 

@@ -144,10 +144,11 @@ FORGETTING_HEADER = [
 
 
 def _plt():
+    # Only the plots need matplotlib (about a second to import), on a backend chosen first.
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # after the backend is chosen
 
     return plt
 

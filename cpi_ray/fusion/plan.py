@@ -15,6 +15,7 @@ from typing import Mapping, Optional, Sequence
 from cpi_ray.config.schema import FuseConfig
 from cpi_ray.fusion import slerp as S
 from cpi_ray.fusion.worker import FLOAT_DTYPES, NP_DTYPES, FuseError, ShardJob, Source, TensorJob
+from cpi_ray.io.masks import MaskFile
 from cpi_ray.io.safetensors_io import DTYPE_NAMES, CheckpointReader, plan_shards, shard_filename
 
 
@@ -146,8 +147,6 @@ def build_plan(
 
 
 def _mask_sources(path: Path, task: str, base: CheckpointReader) -> dict[str, Source]:
-    from cpi_ray.io.masks import MaskFile
-
     if not path.is_file():
         raise FuseError(f"{path}: mask file of task {task!r} is missing")
     mf = MaskFile(path)

@@ -14,16 +14,19 @@ import time
 from pathlib import Path
 from typing import Optional
 
+import ray
+from ray.exceptions import RayTaskError
 from tqdm import tqdm
 
 from cpi_ray.config.schema import PipelineConfig
+from cpi_ray.fusion.actors import FuseActor
 from cpi_ray.fusion.plan import FusePlan, build_plan, group_ranks
 from cpi_ray.fusion.worker import FuseError, FuseSettings
 from cpi_ray.io.atomic import atomic_dir, read_json, write_json
 from cpi_ray.io.safetensors_io import copy_model_side_files, write_index
 from cpi_ray.io.sizes import parse_size
 from cpi_ray.regions.grouping import read_groups
-from cpi_ray.run.runtime import worker_resources
+from cpi_ray.run.runtime import connect_ray, worker_resources
 from cpi_ray.run.stage import RunContext, Stage
 
 log = logging.getLogger("cpi_ray")
@@ -43,10 +46,6 @@ def run_fusion(
 ) -> dict:
     """Fuse into `out_dir` (an HF model directory, created atomically). Returns timings and
     per-shard stats. Ray must be initialized."""
-    import ray
-
-    from cpi_ray.fusion.actors import FuseActor
-
     fc = cfg.fuse
     t0 = time.perf_counter()
     plan: FusePlan = build_plan(base_dir, task_dirs, mask_paths, fc, parse_size(cfg.model.max_shard_size))
@@ -125,9 +124,6 @@ def run_fusion(
 
 
 def _get(ref):
-    import ray
-    from ray.exceptions import RayTaskError
-
     try:
         return ray.get(ref)
     except RayTaskError as e:
@@ -168,7 +164,6 @@ class FuseStage(Stage):
         groups = None
         if ctx.cfg.fuse.policy == "priority":
             groups = read_groups(ctx.layout.groups_json)
-        from cpi_ray.run.runtime import connect_ray
 
         connect_ray(ctx.cfg)  # a no-op inside the pipeline, which connected already
         out = ctx.layout.fused

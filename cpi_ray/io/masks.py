@@ -13,6 +13,7 @@ from typing import Mapping, Optional
 
 import numpy as np
 import torch
+from safetensors import safe_open
 
 from cpi_ray.io.safetensors_io import CheckpointReader, write_shard
 
@@ -60,8 +61,6 @@ class MaskFile:
     """Read access to a mask file: per tensor, packed bytes or any unpacked element range."""
 
     def __init__(self, path: str | os.PathLike):
-        from safetensors import safe_open
-
         self.path = Path(path)
         self._reader = CheckpointReader(self.path)
         with safe_open(str(self.path), framework="pt") as f:

@@ -45,7 +45,7 @@ class RunStore:
     """The durable copy of one run directory in an object store."""
 
     def __init__(self, uri: str):
-        import pyarrow.fs as pafs
+        import pyarrow.fs as pafs  # slow to import: only object-store runs need it, not the CLI
 
         self.uri = uri
         try:

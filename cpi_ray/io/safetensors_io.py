@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import mmap
 import os
+import shutil
 import struct
 import warnings
 from dataclasses import dataclass
@@ -335,8 +336,6 @@ SIDE_FILE_SUFFIXES = (".json", ".txt", ".model", ".jinja", ".tiktoken", ".py")
 def copy_model_side_files(src: str | os.PathLike, dst: str | os.PathLike) -> None:
     """Copy config, generation config, tokenizer and model code files, never weights or
     indexes."""
-    import shutil
-
     src, dst = Path(src), Path(dst)
     for p in src.iterdir():
         if (

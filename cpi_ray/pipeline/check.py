@@ -8,14 +8,20 @@ before a cluster spends anything on it.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
-from dataclasses import dataclass, field
+import socket
+import uuid
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 from cpi_ray.config.schema import PipelineConfig
+from cpi_ray.evaluation.harness import harness_missing, unknown_tasks
 from cpi_ray.pipeline.plan import DiskSpaceError, PlanError, build_plan, check_free_space, format_gib
+
+# Imported where used: cpi_ray.models, cpi_ray.data, ray (slow to import; the CLI imports this module).
 
 LEARNED_OPEN, LEARNED_CLOSE = "[[", "]]"
 
@@ -217,8 +223,6 @@ def check_disk(cfg: PipelineConfig, run_dir: Path) -> Optional[str]:
 
 def check_trackers(cfg: PipelineConfig) -> None:
     """Each tracker of `logging.report_to` must be importable (the workers open them)."""
-    import importlib.util
-
     modules = {"tensorboard": "tensorboardX", "mlflow": "mlflow", "wandb": "wandb"}
     for name in cfg.logging.report_to:
         if importlib.util.find_spec(modules[name]) is None:
@@ -227,8 +231,6 @@ def check_trackers(cfg: PipelineConfig) -> None:
 
 
 def check_harness(cfg: PipelineConfig) -> None:
-    from cpi_ray.evaluation.harness import harness_missing, unknown_tasks
-
     missing = harness_missing()
     if missing:
         raise CheckError(missing)
@@ -242,15 +244,11 @@ def check_harness(cfg: PipelineConfig) -> None:
 
 
 def report_json(report: CheckReport) -> str:
-    from dataclasses import asdict
-
     return json.dumps(asdict(report), indent=2)
 
 
 def _sees(path: str, token: str) -> Optional[str]:
     """On one node: None if `path` holds `token` and the directory is writable there, else why."""
-    import socket
-
     p = Path(path)
     try:
         if p.read_text() != token:
@@ -267,8 +265,6 @@ def check_shared_storage(run_dir: Path, visit=None) -> None:
     """With several alive Ray nodes, every node must see the run directory the driver writes
     (stages on one node read what stages on another wrote). `visit(node_id, fn, *args)` runs
     `fn` on that node; by default a Ray task pinned to it."""
-    import uuid
-
     import ray
 
     nodes = [n["NodeID"] for n in ray.nodes() if n.get("Alive")]

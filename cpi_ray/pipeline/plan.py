@@ -35,12 +35,16 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 from cpi_ray.config.schema import PipelineConfig
+from cpi_ray.config.stages import STAGE_FOLDERS
 from cpi_ray.run.runtime import worker_resources
+
+# Imported where used: torch, transformers, cpi_ray.models, cpi_ray.regions (slow; on the CLI start-up path).
 
 GIB = 2**30
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "fp32": 4, "bf16": 2}
@@ -427,10 +431,6 @@ def check_free_space(
     """Stop, naming what is needed against what is free and where, when the file system of
     `run_dir` cannot take the outputs `stages` still have to write (their kept bytes less what
     their folders already hold) plus the largest peak among them. Returns (needed, free) bytes."""
-    import shutil
-
-    from cpi_ray.config.stages import STAGE_FOLDERS
-
     by_name = {s.name: s for s in plan.stages}
     todo = [by_name[s] for s in stages if s in by_name]
     missing = {s.name: max(0, s.disk.kept_bytes - bytes_under(run_dir / STAGE_FOLDERS[s.name])) for s in todo}

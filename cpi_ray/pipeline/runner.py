@@ -13,10 +13,16 @@ import yaml
 
 from cpi_ray.config.schema import PipelineConfig
 from cpi_ray.config.stages import STAGE_FOLDERS, STAGES, stage_spec
+from cpi_ray.io.atomic import atomic_file
 from cpi_ray.io.lease import run_lease
+from cpi_ray.io.remote import RunStore, join_uri
+from cpi_ray.models.export import push_to_hub
+from cpi_ray.pipeline.check import check_shared_storage, require_chat_template
 from cpi_ray.pipeline.plan import Plan, build_plan, check_free_space, facts_from_config_dir
 from cpi_ray.run.layout import RunLayout
 from cpi_ray.run.stage import RunContext, Stage
+
+# Imported where used: cpi_ray.models.loading, cpi_ray.data (torch, numpy; the CLI imports this module).
 
 log = logging.getLogger("cpi_ray")
 
@@ -63,7 +69,6 @@ def run_store(cfg: PipelineConfig):
     """The object-store copy of the run when `storage.path` is a URI, else None."""
     if not cfg.storage.remote:
         return None
-    from cpi_ray.io.remote import RunStore, join_uri
 
     return RunStore(join_uri(cfg.storage.path, cfg.storage.run_name))
 
@@ -83,7 +88,6 @@ def _run_stages(cfg: PipelineConfig, run_dir: Path, stages: Optional[list[str]])
     log.info("base model: %s", base_dir)
     check_prompt_format(cfg, base_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    from cpi_ray.pipeline.check import check_shared_storage
 
     check_shared_storage(run_dir)
     store = run_store(cfg)
@@ -114,8 +118,6 @@ def _run_stages(cfg: PipelineConfig, run_dir: Path, stages: Optional[list[str]])
             StageOutcome(name, status, rec["wall_time_s"] if not ran else wall, STAGE_FOLDERS[name])
         )
     if cfg.export.hub_repo_id and "evaluate" in selected:
-        from cpi_ray.models.export import push_to_hub
-
         # After evaluate, so that the model card carries the scores.
         push_to_hub(cfg, run_dir)
     for o in result.outcomes:
@@ -138,7 +140,6 @@ def check_prompt_format(cfg: PipelineConfig, base_dir: Path) -> None:
     `data.require_chat_template` that stops the run before any work."""
     from cpi_ray.data.formatting import has_chat_template
     from cpi_ray.models.loading import load_tokenizer
-    from cpi_ray.pipeline.check import require_chat_template
 
     if has_chat_template(load_tokenizer(base_dir, cfg.model.trust_remote_code)):
         return
@@ -150,7 +151,5 @@ def check_prompt_format(cfg: PipelineConfig, base_dir: Path) -> None:
 
 
 def _write_config(cfg: PipelineConfig, run_dir: Path) -> None:
-    from cpi_ray.io.atomic import atomic_file
-
     with atomic_file(RunLayout(run_dir).config_yaml, "w") as f:
         yaml.safe_dump(cfg.model_dump(mode="json"), f, sort_keys=False)

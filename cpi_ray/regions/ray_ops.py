@@ -15,7 +15,9 @@ from dataclasses import asdict
 from typing import Iterator, Mapping, Optional, Sequence
 
 import numpy as np
+import ray.data
 import torch
+from ray.data import ActorPoolStrategy
 
 from cpi_ray.io.safetensors_io import CheckpointError, CheckpointReader
 from cpi_ray.regions.plan import Chunk
@@ -160,9 +162,6 @@ def run_pass(
 ) -> Iterator[tuple[int, dict]]:
     """One Ray Data pass over the chunks; yields (chunk idx, {task: result}) as rows stream in.
     Raises CheckpointError for a chunk whose data is bad."""
-    import ray.data
-    from ray.data import ActorPoolStrategy
-
     items = [c.as_item() for c in chunks]
     ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
     ds = ds.map_batches(

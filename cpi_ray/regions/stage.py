@@ -27,7 +27,7 @@ from cpi_ray.regions.grouping import (
 )
 from cpi_ray.regions.overlap import jaccard, mask_intersections
 from cpi_ray.regions.plan import check_compatible, plan_chunks, scored_tensors
-from cpi_ray.regions.ray_ops import ChunkReader, densify, run_pass, sample_keys
+from cpi_ray.regions.ray_ops import DEFAULT_BLOCK_ELEMS, ChunkReader, densify, run_pass, sample_keys
 from cpi_ray.regions.scores import needs_fisher
 from cpi_ray.regions.topk import (
     HIST_BINS,
@@ -37,6 +37,7 @@ from cpi_ray.regions.topk import (
     ScanRequest,
     TopKSolver,
     core_size,
+    key_to_float,
 )
 from cpi_ray.run.layout import GROUPS_JSON, MASK_SUFFIX, OVERLAP_JSON, REGION_STATS, RunLayout
 from cpi_ray.run.runtime import connect_ray
@@ -72,8 +73,6 @@ def load_histogram(run_dir: str | Path, task: str) -> np.ndarray:
 
 
 def bin_floor(b: int) -> float:
-    from cpi_ray.regions.topk import key_to_float
-
     return key_to_float(int(b) << HIST_SHIFT)
 
 
@@ -183,8 +182,6 @@ def compute_regions(
     `histograms`: each task's stored histogram from an earlier run over the same probes and
     scores (any p). The bin of the new k-th score is then known, so the selection skips the
     sample and the histogram and scans that one bin in a single pass (`refinement` in stats)."""
-    from cpi_ray.regions.ray_ops import DEFAULT_BLOCK_ELEMS
-
     rc = cfg.regions
     out_dir = Path(out_dir)
     t0 = time.time()

@@ -24,6 +24,8 @@ from typing import Any, Iterable, Optional
 from cpi_ray.config.schema import PipelineConfig
 from cpi_ray.run.layout import RunLayout
 
+# Imported where used: tensorboardX (slow to import, used if configured), mlflow, wandb (optional extras).
+
 log = logging.getLogger("cpi_ray")
 
 METRICS_FILE = "metrics.jsonl"

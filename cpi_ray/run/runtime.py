@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 
 from cpi_ray.config.schema import PipelineConfig
+
+# Imported where used: ray (seconds to import; the CLI imports this module at start-up).
 
 log = logging.getLogger("cpi_ray")
 
@@ -21,8 +24,6 @@ def train_env() -> dict[str, str]:
     resources waits an hour for them (queued behind other trainers on a small cluster, or while
     the autoscaler adds nodes) instead of failing start-up after a minute. Values already set
     in the environment win."""
-    import os
-
     return {
         TRAIN_POLL_ENV: os.environ.get(TRAIN_POLL_ENV, "0.5"),
         TRAIN_START_ENV: os.environ.get(TRAIN_START_ENV, "3600"),
@@ -72,8 +73,6 @@ def worker_resources(cfg: PipelineConfig, stage: str) -> dict[str, float]:
 def _check_reachable(address: str, timeout_s: float = 10.0) -> None:
     """Fail fast, naming the address, when nothing answers there: `ray.init` would otherwise
     retry for minutes."""
-    import socket
-
     host_port = address.split("://", 1)[-1]
     if address == "auto" or ":" not in host_port:
         return

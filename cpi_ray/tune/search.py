@@ -22,19 +22,35 @@ import csv
 import io
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
+import ray
 import yaml
+from ray import tune
+from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from cpi_ray.config.schema import PipelineConfig
 from cpi_ray.config.stages import STAGE_FOLDERS
+from cpi_ray.data.formatting import encode_rows
+from cpi_ray.data.tasks import load_splits, task_identity
+from cpi_ray.evaluation.evaluate import score_model
+from cpi_ray.evaluation.report import build_report, markdown_table
+from cpi_ray.fusion.stage import FuseStage
 from cpi_ray.io.atomic import atomic_file, read_json, write_json
-from cpi_ray.regions.stage import HIST_FILE, RegionsStage, load_groups
-from cpi_ray.run.stage import RECORD_NAME, RunContext
+from cpi_ray.models.loading import load_tokenizer, resolve_base_model
+from cpi_ray.pipeline.runner import _write_config
+from cpi_ray.regions.stage import HIST_FILE, GroupsStage, RegionsStage, load_groups
+from cpi_ray.run.runtime import train_env
+from cpi_ray.run.stage import RECORD_NAME, RunContext, stable_hash
+from cpi_ray.training.consolidate import ConsolidateStage, stage_record
+from cpi_ray.training.probe import ProbeStage
 from cpi_ray.tune.cache import RAN, StageCache, link_tree
 from cpi_ray.tune.space import apply_knobs, check_space, param_space
 
@@ -59,22 +75,16 @@ def objective_of(normalized: dict[str, float], kind: str) -> float:
 
 
 def validation_rows(cfg: PipelineConfig) -> dict[str, list[dict]]:
-    from cpi_ray.data.tasks import load_splits
-
     return {t.name: load_splits(t, cfg.data.split_seed).val for t in cfg.tasks}
 
 
 def _score(
     model_dir: str, rows: dict[str, list[dict]], cfg_dump: dict, tokenizer_dir: Optional[str]
 ) -> dict[str, float]:
-    from cpi_ray.evaluation.evaluate import score_model
-
     return score_model(model_dir, rows, PipelineConfig.model_validate(cfg_dump), tokenizer_dir)
 
 
 def _score_remote(cfg: PipelineConfig):
-    import ray
-
     ev = cfg.evaluate
     # "DEFAULT": not inside the calling trial's placement group, which holds only the trial's
     # own small share (Tune makes child tasks inherit it otherwise).
@@ -90,11 +100,6 @@ def _score_remote(cfg: PipelineConfig):
 def expert_scores(ctx: RunContext, out: Path) -> dict[str, float]:
     """Each probe scored on its own task's validation rows; kept in `out` for as long as the
     probes and the validation split are the same."""
-    import ray
-
-    from cpi_ray.data.tasks import task_identity
-    from cpi_ray.run.stage import stable_hash
-
     cfg = ctx.cfg
     key = stable_hash(
         {
@@ -145,10 +150,6 @@ def _shared_stages(cfg_dump: dict, tdir: str, setup: dict[str, Any], doc: dict) 
     """The trial's probes (linked), regions, groups and fused model (from the stage cache).
     Runs as its own Ray task, outside the trial's placement group, so that the stages' actors
     and Ray Data ask the cluster for their resources. Returns the trial record so far."""
-    from cpi_ray.fusion.stage import FuseStage
-    from cpi_ray.regions.stage import GroupsStage
-    from cpi_ray.training.probe import ProbeStage
-
     logging.basicConfig(level=logging.INFO)
     cfg = PipelineConfig.model_validate(cfg_dump)
     tdir = Path(tdir)
@@ -187,15 +188,6 @@ def _shared_stages(cfg_dump: dict, tdir: str, setup: dict[str, Any], doc: dict) 
 def trial_driver(knobs: dict[str, Any], setup: dict[str, Any]) -> None:
     """One trial: its stages in its own run directory, consolidation reporting every step to
     Tune, then the validation objective as the trial's last result."""
-    import ray
-    from ray import tune
-    from ray.tune.integration.ray_train import TuneReportCallback
-
-    from cpi_ray.data.formatting import encode_rows
-    from cpi_ray.models.loading import load_tokenizer
-    from cpi_ray.pipeline.runner import _write_config
-    from cpi_ray.training.consolidate import ConsolidateStage, stage_record
-
     trial_id = tune.get_context().get_trial_id()
     cfg = apply_knobs(PipelineConfig.model_validate(setup["cfg"]), knobs)
     tdir = trial_dir_of(Path(setup["tune_dir"]), trial_id)
@@ -291,8 +283,6 @@ def max_iterations(cfg: PipelineConfig) -> int:
 
 
 def _scheduler(cfg: PipelineConfig):
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-
     tc = cfg.tune
     if tc.scheduler == "fifo":
         return FIFOScheduler()
@@ -309,7 +299,7 @@ def _scheduler(cfg: PipelineConfig):
 def _search_alg(cfg: PipelineConfig):
     tc = cfg.tune
     if tc.search_alg == "optuna":
-        from ray.tune.search.optuna import OptunaSearch
+        from ray.tune.search.optuna import OptunaSearch  # optuna is an optional extra (cpi-ray[tune])
 
         class FinalResultOptuna(OptunaSearch):
             # Only a trial's last result carries the objective; consolidation steps carry the
@@ -319,7 +309,6 @@ def _search_alg(cfg: PipelineConfig):
                     super().on_trial_result(trial_id, result)
 
         return FinalResultOptuna(metric="objective", mode="max", seed=tc.seed)
-    from ray.tune.search.basic_variant import BasicVariantGenerator
 
     # The variant generator is not a Searcher: it takes the concurrency limit itself.
     return BasicVariantGenerator(random_state=tc.seed, max_concurrent=tc.max_concurrent_trials)
@@ -328,15 +317,6 @@ def _search_alg(cfg: PipelineConfig):
 def run_tune(cfg: PipelineConfig, run_dir: Path) -> TuneOutcome:
     """The whole search; see the module docstring. Raises SpaceError on a bad space before any
     work."""
-    import os
-
-    from ray import tune
-
-    from cpi_ray.models.loading import resolve_base_model
-    from cpi_ray.pipeline.runner import _write_config
-    from cpi_ray.run.runtime import train_env
-    from cpi_ray.training.probe import ProbeStage
-
     check_space(cfg)
     t_start = time.time()
     tc = cfg.tune
@@ -444,8 +424,6 @@ def run_tune(cfg: PipelineConfig, run_dir: Path) -> TuneOutcome:
         },
     )
     try:
-        from cpi_ray.evaluation.report import build_report
-
         build_report(run_dir, extra_sections=report_sections(outcome, cfg))
     except Exception as e:  # noqa: BLE001 - the search's results stand without the report
         log.warning("tune: report not written: %s", e)
@@ -565,8 +543,6 @@ def trials_table(trials: list[dict], markdown: bool = True) -> str:
             ]
         )
     if markdown:
-        from cpi_ray.evaluation.report import markdown_table
-
         return markdown_table(header, body)
     widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in [header, *body])

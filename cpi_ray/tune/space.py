@@ -7,6 +7,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from cpi_ray.config.load import format_validation_error
 from cpi_ray.config.schema import PipelineConfig, SearchDim, TuneConfig
 
 
@@ -15,7 +16,7 @@ class SpaceError(ValueError):
 
 
 def tune_domain(dim: SearchDim, grid_search: bool) -> Any:
-    from ray import tune
+    from ray import tune  # seconds to import: check_space runs in the CLI before Ray starts
 
     kind = dim.kind
     if kind == "grid" or (kind == "choice" and grid_search):
@@ -43,8 +44,6 @@ def apply_knobs(cfg: PipelineConfig, knobs: dict[str, Any]) -> PipelineConfig:
     try:
         return PipelineConfig.model_validate(data)
     except ValidationError as e:
-        from cpi_ray.config.load import format_validation_error
-
         raise SpaceError(f"knobs {knobs}: {format_validation_error(e)}") from None
 
 
