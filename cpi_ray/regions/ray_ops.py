@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import pickle
+import time
 from dataclasses import asdict
 from typing import Iterator, Mapping, Optional, Sequence
 
@@ -31,7 +32,7 @@ from cpi_ray.regions.topk import (
     unit_keys,
 )
 
-DEFAULT_BLOCK_ELEMS = 1 << 22  # 16 MiB of float32 scores per block
+DEFAULT_BLOCK_ELEMS = 1 << 20  # 4 MiB of float32 scores per block: small temporaries, warm caches
 # Ray Data rows: a few per actor, so that per-row overhead is paid a few times per pass, not per
 # chunk, while the last rows still balance the actors.
 ROWS_PER_ACTOR = 4
@@ -184,21 +185,18 @@ class RegionsPass:
         return out
 
     def __call__(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        idx, payloads = [], []
+        idx, payloads, busy = [], [], []
         for first, last in zip(batch["first"], batch["last"]):
             for item in self.chunks[int(first) : int(last)]:
+                t0 = time.perf_counter()
                 idx.append(int(item["idx"]))
                 payloads.append(pickle.dumps(self.process(item), protocol=pickle.HIGHEST_PROTOCOL))
-        return {"idx": np.asarray(idx, dtype=np.int64), "payload": np.array(payloads, dtype=object)}
-
-
-def densify(result: ScanResult, bins: int) -> ScanResult:
-    if isinstance(result, ScanResult) and isinstance(result.hist, tuple):
-        h = np.zeros(bins, dtype=np.int64)
-        nz, c = result.hist
-        h[nz] = c
-        result.hist = h
-    return result
+                busy.append(time.perf_counter() - t0)
+        return {
+            "idx": np.asarray(idx, dtype=np.int64),
+            "payload": np.array(payloads, dtype=object),
+            "busy_s": np.asarray(busy, dtype=np.float64),  # time in the UDF, against the pass's wall time
+        }
 
 
 def run_pass(
@@ -213,9 +211,12 @@ def run_pass(
     block_elems: int = DEFAULT_BLOCK_ELEMS,
     cpus_per_actor: float = 1.0,
     resources: Optional[Mapping[str, float]] = None,
+    timing: Optional[dict] = None,
 ) -> Iterator[tuple[int, dict]]:
     """One Ray Data pass over the chunks; yields (chunk idx, {task: result}) as rows stream in.
-    Raises CheckpointError for a chunk whose data is bad."""
+    Raises CheckpointError for a chunk whose data is bad. `timing`, when given, receives the
+    seconds to the first result (actors starting) and the actors' summed seconds in the UDF."""
+    t0 = time.perf_counter()
     import ray.data
     from ray.data import ActorPoolStrategy
 
@@ -240,11 +241,18 @@ def run_pass(
         **({"resources": dict(resources)} if resources else {}),
     )
     for batch in ds.iter_batches(batch_size=1, batch_format="numpy", prefetch_batches=0):
+        if timing is not None:
+            timing.setdefault("first_result_s", time.perf_counter() - t0)
+            timing["udf_s"] = timing.get("udf_s", 0.0) + float(np.sum(batch["busy_s"]))
         for idx, payload in zip(batch["idx"], batch["payload"]):
             res = pickle.loads(payload)
             if "error" in res:
                 raise CheckpointError(res["error"])
             yield int(idx), res
+
+
+def _gather(r: CheckpointReader, c: Chunk, elems: torch.Tensor) -> torch.Tensor:
+    return r.read_flat(c.name, c.start, c.stop)[elems]
 
 
 def sample_keys(
@@ -255,8 +263,9 @@ def sample_keys(
     block: int = 64,
 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Per task, a systematic sample of unit keys (and their weights) across all chunks: small
-    blocks at evenly spaced positions, about `target_units` units in all, read by the driver
-    (each base block once for all tasks)."""
+    blocks at evenly spaced positions, about `target_units` units in all, read by the driver.
+    A chunk's sampled elements are gathered from each file in one indexing operation (the base's
+    once for all tasks): per-block calls would cost far more than the reading."""
     total = sum(c.units for c in chunks)
     frac = min(1.0, target_units / max(total, 1))
     keys: dict[str, list] = {t: [] for t in tasks}
@@ -267,26 +276,25 @@ def sample_keys(
         *(reader.fishers[t] for t in tasks if t in reader.fishers),
     ]
     for r in readers:
-        r.random_access = True  # no readahead: a cold cache reads the sampled pages, not the files
+        r.random_access = True  # a cold cache reads the sampled pages, not the whole files
     try:
         for c in chunks:
             want = math.ceil(c.units * frac)
             b = max(1, min(block, want))
             nblk = max(1, want // b)
             starts = np.unique(np.linspace(0, max(c.units - b, 0), nblk).astype(np.int64))
+            units = (starts[:, None] + np.arange(b)).reshape(-1)
+            units = units[units < c.units]
+            elems = torch.from_numpy((units[:, None] * c.unit_len + np.arange(c.unit_len)).reshape(-1))
             try:
-                for u in starts:
-                    u1 = min(int(u) + b, c.units)
-                    a, z = c.start + int(u) * c.unit_len, c.start + u1 * c.unit_len
-                    base = reader.base.read_flat(c.name, a, z)
-                    for t in tasks:
-                        f = reader.fishers[t].read_flat(c.name, a, z) if t in reader.fishers else None
-                        s = compute_score(reader.score, base, reader.probes[t].read_flat(c.name, a, z), f)
-                        k = unit_keys(s, c.unit_len).numpy()
-                        k = k[(k >= 0) & (k <= MAX_FINITE_KEY)]  # bad values are reported by the scan
-                        keys[t].append(k)
-                        weights[t].append(np.full(k.size, c.unit_len, dtype=np.int64))
-                    base = f = None  # the maps close with their last view
+                base = _gather(reader.base, c, elems)
+                for t in tasks:
+                    f = _gather(reader.fishers[t], c, elems) if t in reader.fishers else None
+                    s = compute_score(reader.score, base, _gather(reader.probes[t], c, elems), f)
+                    k = unit_keys(s, c.unit_len).numpy()
+                    k = k[(k >= 0) & (k <= MAX_FINITE_KEY)]  # bad values are reported by the scan
+                    keys[t].append(k)
+                    weights[t].append(np.full(k.size, c.unit_len, dtype=np.int64))
             finally:
                 reader.release()
     finally:

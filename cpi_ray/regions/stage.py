@@ -26,10 +26,9 @@ from cpi_ray.regions.grouping import (
 )
 from cpi_ray.regions.overlap import jaccard, mask_intersections
 from cpi_ray.regions.plan import check_compatible, plan_chunks, scored_tensors
-from cpi_ray.regions.ray_ops import ChunkReader, densify, run_pass, sample_keys
+from cpi_ray.regions.ray_ops import ChunkReader, run_pass, sample_keys
 from cpi_ray.regions.scores import needs_fisher
 from cpi_ray.regions.topk import (
-    HIST_BINS,
     HIST_SHIFT,
     LOW_MASK,
     ChunkMeta,
@@ -293,8 +292,10 @@ def _select_and_write(
     connect_ray(cfg)  # a no-op inside the pipeline, which connected already
     npass = 0
     bytes_read = 0
+    pass_timing: list[dict] = []
     while requests:
         npass += 1
+        pass_timing.append({"start_s": time.time() - t0})
         bytes_read += _pass_bytes(base, chunks, requests, probe_dirs, fisher_dirs)
         caps = {t: solvers[t].cap(0) for t in requests}
         for idx, res in run_pass(
@@ -309,15 +310,19 @@ def _select_and_write(
             block_elems or DEFAULT_BLOCK_ELEMS,
             getattr(rc, "cpus_per_actor", 1.0),
             getattr(rc, "custom_resources", None),
+            timing=pass_timing[-1],
         ):
             for t, r in res.items():
-                solvers[t].add(idx, densify(r, HIST_BINS))
+                solvers[t].add(idx, r)  # sparse histograms are summed as they come
         nxt = {}
         for t in requests:
             req = solvers[t].end_pass()
             if req is not None:
                 nxt[t] = req
         requests = nxt
+        pt = pass_timing[-1]
+        pt["wall_s"] = time.time() - t0 - pt.pop("start_s")
+        pass_timing[-1] = {k: round(v, 3) for k, v in pt.items()}
     t_select = time.time() - t0 - t_plan
 
     written: list[Path] = []
@@ -383,6 +388,7 @@ def _select_and_write(
                 "plan_and_sample": round(t_plan, 3),
                 "select": round(t_select, 3),
                 "write": round(elapsed - t_plan - t_select, 3),
+                "passes": pass_timing,
             },
             "throughput": {
                 "bytes_read": bytes_read,

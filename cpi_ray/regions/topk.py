@@ -215,6 +215,18 @@ class ChunkRun:
 # --------------------------------------------------------------------------- driver side
 
 
+def _add_hist(acc: Optional[np.ndarray], bins: int, hist, weight: int) -> np.ndarray:
+    """acc + weight * hist, for a dense histogram or a sparse (bins, counts) pair."""
+    if acc is None:
+        acc = np.zeros(bins, dtype=np.int64)
+    if isinstance(hist, tuple):
+        nz, c = hist
+        acc[nz] += np.asarray(c, dtype=np.int64) * weight  # bins are distinct
+    else:
+        acc += np.asarray(hist, dtype=np.int64) * weight
+    return acc
+
+
 @dataclass
 class ScanRequest:
     kind: str  # "scan" | "hist" | "quota"
@@ -291,6 +303,7 @@ class TopKSolver:
         self.request: Optional[ScanRequest] = None
         self._res: dict[int, object] = {}
         self._held = 0
+        self._pass_hist: Optional[np.ndarray] = None
         if self.k <= 0:
             # nothing to rank: still one scan, for the histogram and the finiteness check
             self.request = ScanRequest("scan", lo=_NONE_ABOVE, hi=MAX_FINITE_KEY, with_hist=True)
@@ -320,10 +333,13 @@ class TopKSolver:
             else:  # quota: the bits alone
                 self.sink(idx, result)
                 result = None
-        if isinstance(result, ScanResult) and result.cand_idx is not None:
-            self._held += len(result.cand_idx)
-            if self._held > 2 * self.max_candidates:
-                result.cand_idx = result.cand_keys = None  # over budget: counts only
+        # histograms are summed as they arrive: one per chunk would grow with the model
+        if isinstance(result, ScanResult) and result.hist is not None:
+            self._pass_hist = _add_hist(self._pass_hist, HIST_BINS, result.hist, self.chunks[idx].unit_len)
+            result.hist = None
+        elif self.request is not None and self.request.kind == "hist":
+            self._pass_hist = _add_hist(self._pass_hist, 1 << HIST_SHIFT, result, 1)  # weighted already
+            result = None
         self._res[idx] = result
 
     def end_pass(self) -> Optional[ScanRequest]:
@@ -333,11 +349,12 @@ class TopKSolver:
         if missing:
             raise RuntimeError(f"pass {req.kind} lost the results of chunks {sorted(missing)[:5]}")
         self._res, self._held = {}, 0
+        self._pass_hist, pass_hist = None, self._pass_hist
         self.passes.append(req.kind)
         if req.kind == "scan":
-            return self._after_scan(req, res)
+            return self._after_scan(req, res, pass_hist)
         if req.kind == "hist":
-            return self._after_hist(req, res)
+            return self._after_hist(req, pass_hist)
         self.above_bits = {i: res[i] for i in self.order}
         self.threshold_key = req.value
         self.extra = {}
@@ -348,12 +365,11 @@ class TopKSolver:
             self.add(i, r)
         return self.end_pass()
 
-    def _after_scan(self, req: ScanRequest, res: dict) -> Optional[ScanRequest]:
+    def _after_scan(
+        self, req: ScanRequest, res: dict, pass_hist: Optional[np.ndarray]
+    ) -> Optional[ScanRequest]:
         if req.with_hist:
-            h = np.zeros(HIST_BINS, dtype=np.int64)
-            for i in self.order:
-                h += res[i].hist * self.chunks[i].unit_len
-            self.hist = h
+            self.hist = pass_hist if pass_hist is not None else np.zeros(HIST_BINS, dtype=np.int64)
         min_above = min((res[i].min_above for i in self.order), default=_NONE_ABOVE)
         if self.trivial:
             self.above_bits = {i: res[i].above_bits for i in self.order}
@@ -386,10 +402,8 @@ class TopKSolver:
             return self._set(ScanRequest("hist", prefix=b))  # the whole bucket overflowed
         return self._set(ScanRequest("scan", lo=lo_b, hi=hi_b))
 
-    def _after_hist(self, req: ScanRequest, res: dict) -> ScanRequest:
-        h = np.zeros(1 << HIST_SHIFT, dtype=np.int64)
-        for i in self.order:
-            h += res[i]
+    def _after_hist(self, req: ScanRequest, pass_hist: Optional[np.ndarray]) -> ScanRequest:
+        h = pass_hist if pass_hist is not None else np.zeros(1 << HIST_SHIFT, dtype=np.int64)
         _, above_prefix = self._bucket(self.hist, self.k)
         low, _ = self._bucket(h, self.k - above_prefix)
         v = (req.prefix << HIST_SHIFT) | low
