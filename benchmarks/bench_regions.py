@@ -326,6 +326,7 @@ def main(argv=None):
             print(f"masks identical to the reference: {same}")
         if a.results:
             res = Path(a.results) / "regions.json"
+            res.parent.mkdir(parents=True, exist_ok=True)
             rows = json.loads(res.read_text()) if res.is_file() else []
             out["command"] = "python benchmarks/bench_regions.py " + " ".join(
                 argv if argv is not None else sys.argv[1:]
