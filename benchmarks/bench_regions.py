@@ -1,22 +1,27 @@
-"""Benchmark of the regions stage against a plain in-memory torch top-k.
+"""Benchmark of the regions stage against two references measured in the same run.
 
 Builds a synthetic sharded fp32 base and N task models of --size-gb each (a task moves a random
 subset of tensors by noise of varied scale), then, each in its own process:
 
 - the stage: a local Ray (2 CPUs) and `compute_regions`, peak memory summed (PSS) over the
   driver and every Ray process it started, and separately the driver's own peak RSS;
-- the reference: every checkpoint loaded whole, |Δ| concatenated, `torch.topk`, ties broken by
-  flat index; its peak RSS.
+- the floor: the same files read block by block and |Δ| computed for every task, by as many
+  processes as the stage has actors, nothing else: what no selection can beat;
+- the reference: the base loaded whole, then each task's probe, |Δ| concatenated, `torch.topk`,
+  ties broken by flat index; its peak RSS.
 
-Prints wall time and peak memory of both, their ratios, and whether the masks are identical.
+Prints wall time, bytes read per second (and per core) and peak memory of each, and whether the
+masks are identical. --results DIR appends the figures to DIR/regions.json.
 
-    python benchmarks/bench_regions.py --size-gb 1 [--tasks 4] [--skip-reference]
+    python benchmarks/bench_regions.py --size-gb 1 [--tasks 4] [--skip-reference] [--workdir D --keep]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -112,7 +117,14 @@ tasks = sorted(p.name for p in (root / "probes").iterdir())
 cfg = PipelineConfig.model_validate({"tasks": [{"name": t, "hub_id": "x/" + t} for t in tasks],
                                      "regions": {"chunk_mib": chunk_mib, "num_actors": actors}})
 t0 = time.time()
-ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+for attempt in range(3):  # a busy machine can miss Ray's fixed 30 s startup deadline
+    try:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        break
+    except Exception:
+        if attempt == 2:
+            raise
+        ray.shutdown()
 DataContext.get_current().enable_progress_bars = False
 t1 = time.time()
 compute_regions(cfg, root / "base", {t: root / "probes" / t for t in tasks}, root / "regions")
@@ -120,6 +132,44 @@ t2 = time.time()
 print(json.dumps({"ray_init_s": t1 - t0, "stage_s": t2 - t1,
                   "driver_rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
 ray.shutdown()
+"""
+
+FLOOR_CODE = r"""
+import json, sys, time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+root, workers = Path(sys.argv[1]), int(sys.argv[2])
+BLOCK = 1 << 22
+
+def part(names):
+    import torch
+    from cpi_ray.io.safetensors_io import CheckpointReader
+    torch.set_num_threads(1)
+    base = CheckpointReader(root / "base")
+    probes = [CheckpointReader(p) for p in sorted((root / "probes").iterdir())]
+    buf = torch.empty(BLOCK)
+    n = 0
+    for name in names:
+        numel = base.info(name).numel
+        for a in range(0, numel, BLOCK):
+            b = min(a + BLOCK, numel)
+            x = base.read_flat(name, a, b)
+            for p in probes:
+                torch.sub(p.read_flat(name, a, b), x, out=buf[: b - a]).abs_()
+            del x
+            n += (b - a) * 4 * (1 + len(probes))
+            for r in (base, *probes):
+                r.close()
+    return n
+
+from cpi_ray.io.safetensors_io import CheckpointReader
+names = sorted(CheckpointReader(root / "base").names())
+t0 = time.time()
+with ProcessPoolExecutor(workers) as ex:
+    t1 = time.time()
+    nbytes = sum(ex.map(part, [names[i::workers] for i in range(workers)]))
+t2 = time.time()
+print(json.dumps({"floor_s": t2 - t1, "bytes": nbytes}))
 """
 
 REF_CODE = r"""
@@ -136,13 +186,14 @@ def load(d):
     return out
 base = load(root / "base")
 tasks = sorted(x.name for x in (root / "probes").iterdir())
-probes = {t: load(root / "probes" / t) for t in tasks}
 names = sorted(base)
 D = sum(base[n].numel() for n in names)
 k = int(p * D // 100)
 out = {}
 for t in tasks:
-    s = torch.cat([(probes[t][n] - base[n]).abs().reshape(-1) for n in names])
+    probe = load(root / "probes" / t)  # one probe at a time: memory of 3 models, not 2 x tasks + 1
+    s = torch.cat([(probe[n] - base[n]).abs().reshape(-1) for n in names])
+    del probe
     thr = torch.topk(s, k, sorted=False).values.min()
     m = s > thr
     need = k - int(m.sum())
@@ -194,40 +245,95 @@ def main(argv=None):
     ap.add_argument("--tasks", type=int, default=4)
     ap.add_argument("--chunk-mib", type=int, default=64)
     ap.add_argument("--num-actors", type=int, default=2)
-    ap.add_argument("--workdir", default=None, help="where the checkpoints go (default: a temp dir)")
+    ap.add_argument(
+        "--workdir",
+        default=None,
+        help="where the checkpoints go (default: a temp dir); reused when it holds them",
+    )
     ap.add_argument(
         "--skip-reference",
         action="store_true",
-        help="the reference needs about (2 x tasks + 1) x size of memory",
+        help="the reference needs about 3 x size of memory",
     )
     ap.add_argument("--keep", action="store_true")
+    ap.add_argument("--results", default=None, help="append the figures to RESULTS/regions.json")
     a = ap.parse_args(argv)
 
     root = Path(a.workdir or tempfile.mkdtemp(prefix="bench-regions-"))
     root.mkdir(parents=True, exist_ok=True)
     t = time.time()
-    info = build(root, a.size_gb, a.tasks)
+    spec = {"size_gb": a.size_gb, "tasks": a.tasks}
+    built = root / "build.json"
+    if built.is_file() and json.loads(built.read_text())["spec"] == spec:
+        info = json.loads(built.read_text())["info"]
+        how = "reused"
+    else:
+        info = build(root, a.size_gb, a.tasks)
+        built.write_text(json.dumps({"spec": spec, "info": info}))
+        how = f"built in {time.time() - t:.0f}s"
+    files = [
+        f for d in [root / "base", *sorted((root / "probes").iterdir())] for f in d.glob("*.safetensors")
+    ]
+    nbytes = sum(f.stat().st_size for f in files)
     print(
-        f"built base + {a.tasks} tasks of {info['params'] / 1e6:.0f}M fp32 parameters "
-        f"({info['params'] * 4 / 2**30:.2f} GiB each, {info['tensors']} tensors) "
-        f"in {time.time() - t:.0f}s"
+        f"base + {a.tasks} tasks of {info['params'] / 1e6:.0f}M fp32 parameters "
+        f"({info['params'] * 4 / 2**30:.2f} GiB each, {info['tensors']} tensors, "
+        f"{nbytes / 1e9:.2f} GB in all), {how}"
     )
+    cores = a.num_actors
+    out: dict = {"size_gb": a.size_gb, "tasks": a.tasks, "bytes": nbytes, "cores": cores}
+
+    def rate(seconds: float, what: str) -> str:
+        r = nbytes / seconds
+        out[what] = {
+            "s": round(seconds, 2),
+            "bytes_per_s": round(r),
+            "bytes_per_s_per_core": round(r / cores),
+        }
+        return f"{r / 1e6:6.0f} MB/s ({r / cores / 1e6:.0f} MB/s per core)"
+
     try:
+        (root / "reference_masks.npz").unlink(missing_ok=True)
         st, st_peak = run_child(STAGE_CODE, [str(root), str(a.chunk_mib), str(a.num_actors)], True)
         print(
-            f"stage     : {st['stage_s']:7.1f} s (+ {st['ray_init_s']:.1f} s Ray start), "
+            f"stage     : {st['stage_s']:7.1f} s, {rate(st['stage_s'], 'stage')}, "
             f"peak PSS of driver + Ray processes {st_peak / 2**20:.2f} GiB, "
-            f"driver peak RSS {st['driver_rss_kib'] / 2**20:.2f} GiB"
+            f"driver peak RSS {st['driver_rss_kib'] / 2**20:.2f} GiB (+ {st['ray_init_s']:.1f} s Ray start)"
         )
-        if a.skip_reference:
-            return
-        ref, _ = run_child(REF_CODE, [str(root)], False)
-        print(f"reference : {ref['ref_s']:7.1f} s, peak RSS {ref['ref_rss_kib'] / 2**20:.2f} GiB")
-        print(
-            f"ratios    : wall stage/reference {st['stage_s'] / ref['ref_s']:.2f}, "
-            f"memory stage/reference {st_peak / ref['ref_rss_kib']:.2f}"
+        out["stage"].update(
+            peak_pss_gib=round(st_peak / 2**20, 3), driver_rss_gib=round(st["driver_rss_kib"] / 2**20, 3)
         )
-        print(f"masks identical to the reference: {compare(root)}")
+        stats = json.loads((root / "regions" / "stats.json").read_text())
+        if "throughput" in stats:
+            out["stage"]["stats"] = stats["throughput"]
+        out["stage"]["passes"] = stats["num_passes"]
+        fl, _ = run_child(FLOOR_CODE, [str(root), str(a.num_actors)], False)
+        print(f"floor     : {fl['floor_s']:7.1f} s, {rate(fl['floor_s'], 'floor')} (read + |delta| only)")
+        if not a.skip_reference:
+            ref, _ = run_child(REF_CODE, [str(root)], False)
+            print(
+                f"reference : {ref['ref_s']:7.1f} s, {rate(ref['ref_s'], 'reference')} on 1 process, "
+                f"peak RSS {ref['ref_rss_kib'] / 2**20:.2f} GiB"
+            )
+            out["reference"]["peak_rss_gib"] = round(ref["ref_rss_kib"] / 2**20, 3)
+            print(
+                f"ratios    : wall stage/floor {st['stage_s'] / fl['floor_s']:.2f}, "
+                f"stage/reference {st['stage_s'] / ref['ref_s']:.2f}, "
+                f"memory stage/reference {st_peak / ref['ref_rss_kib']:.2f}"
+            )
+            same = compare(root)
+            out["masks_identical"] = same
+            print(f"masks identical to the reference: {same}")
+        if a.results:
+            res = Path(a.results) / "regions.json"
+            res.parent.mkdir(parents=True, exist_ok=True)
+            rows = json.loads(res.read_text()) if res.is_file() else []
+            out["command"] = "python benchmarks/bench_regions.py " + " ".join(
+                argv if argv is not None else sys.argv[1:]
+            )
+            out["machine"] = f"{platform.machine()}, {os.cpu_count()} CPUs"
+            rows.append(out)
+            res.write_text(json.dumps(rows, indent=1) + "\n")
     finally:
         if not a.keep and a.workdir is None:
             shutil.rmtree(root, ignore_errors=True)

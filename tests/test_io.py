@@ -96,3 +96,37 @@ def test_model_side_files_carry_remote_code_never_weights(tmp_path):
     assert "model-00001.safetensors" not in {p.name for p in out.iterdir()}
     if (out / INDEX_NAME).exists():  # the writer's own index, not the copied one
         assert (out / INDEX_NAME).read_text() != INDEX_NAME
+
+
+def test_mask_writer_fills_ranges_in_any_order(tmp_path):
+    """A mask written range by range, out of order, reads back as `write_mask_file` would write
+    it (MaskFile and safetensors' own reader), with metadata completed at commit."""
+    import numpy as np
+    from safetensors import safe_open
+
+    from cpi_ray.io.masks import MaskFile, MaskWriter, pack_mask
+
+    g = torch.Generator().manual_seed(0)
+    numels = {"b.w": 1001, "a.w": 17, "c.w": 64}
+    masks = {n: torch.rand(v, generator=g) < 0.3 for n, v in numels.items()}
+    path = tmp_path / "t.mask.safetensors"
+    w = MaskWriter(path, numels, {"task": "t"})
+    assert not path.exists()
+    for n in ["c.w", "b.w", "a.w"]:
+        pk = pack_mask(masks[n]).numpy()
+        w.write(n, 3, pk[3:])
+        w.write(n, 0, pk[:3])
+    np.testing.assert_array_equal(w.read("b.w", 0, 5), pack_mask(masks["b.w"]).numpy()[:5])
+    with pytest.raises(ValueError, match="outside"):
+        w.write("a.w", 2, np.zeros(2, np.uint8))
+    w.commit({"count": 12, "threshold": "0.5"})
+    m = MaskFile(path)
+    assert m.metadata["task"] == "t" and m.metadata["count"] == "12" and m.numels == numels
+    for n in numels:
+        assert torch.equal(m.flat(n), masks[n])
+    with safe_open(str(path), framework="pt") as f:
+        for n in numels:
+            assert torch.equal(f.get_tensor(n), pack_mask(masks[n]))
+    w2 = MaskWriter(tmp_path / "u.mask.safetensors", numels)
+    w2.abort()
+    assert [p.name for p in tmp_path.iterdir()] == ["t.mask.safetensors"]

@@ -75,3 +75,53 @@ def test_check_compatible_names_tensor_and_file(ckpt, tmp_path):
     p = CheckpointReader(save_model_dir(extra, tmp_path / "p4", 100))
     with pytest.raises(CheckpointError, match=r"'z.weight' is not in the base"):
         check_compatible(base, p, base.names(), "probe 't'")
+
+
+def test_chunk_rows_cover_every_chunk_once_in_order(ckpt):
+    from cpi_ray.regions.ray_ops import group_chunks
+
+    path, _ = ckpt
+    r = CheckpointReader(path)
+    chunks = plan_chunks(r, scored_tensors(r), chunk_bytes=16)
+    for actors in (1, 2, 5, 100):
+        rows = group_chunks(chunks, actors)
+        assert [i for a, b in rows for i in range(a, b)] == list(range(len(chunks)))
+        assert all(a < b for a, b in rows)
+        assert len(rows) <= max(1, actors * 4) + 1
+
+
+@pytest.mark.parametrize("unit_len_row", [False, True])
+def test_sample_gathers_the_same_units_as_block_reads(tmp_path, unit_len_row):
+    """The driver's sample (one gather per chunk and file) against plain reads of each sampled
+    block, for two tasks sharing the base."""
+    import math
+
+    import numpy as np
+
+    from cpi_ray.regions.ray_ops import ChunkReader, sample_keys
+    from cpi_ray.regions.topk import keys_of, unit_keys
+
+    g = torch.Generator().manual_seed(3)
+    base = {"a.weight": torch.randn(40, 24, generator=g), "b.bias": torch.randn(333, generator=g)}
+    probes = {t: {n: v + torch.randn(v.shape, generator=g) for n, v in base.items()} for t in "xy"}
+    save_model_dir(base, tmp_path / "base", 10_000)
+    for t, st in probes.items():
+        save_model_dir(st, tmp_path / t, 4_000)
+    r = CheckpointReader(tmp_path / "base")
+    tensors = scored_tensors(r, granularity="row" if unit_len_row else "element")
+    chunks = plan_chunks(r, tensors, chunk_bytes=512)
+    reader = ChunkReader(str(tmp_path / "base"), {t: str(tmp_path / t) for t in "xy"})
+    got = sample_keys(reader, chunks, ["x", "y"], target_units=200, block=4)
+    total = sum(c.units for c in chunks)
+    for t in "xy":
+        want, want_w = [], []
+        for c in chunks:
+            want_units = math.ceil(c.units * min(1.0, 200 / total))
+            b = max(1, min(4, want_units))
+            for u in np.unique(np.linspace(0, max(c.units - b, 0), max(1, want_units // b)).astype(np.int64)):
+                a, z = c.start + int(u) * c.unit_len, c.start + min(int(u) + b, c.units) * c.unit_len
+                s = (probes[t][c.name].reshape(-1)[a:z] - base[c.name].reshape(-1)[a:z]).abs()
+                want.append(unit_keys(s, c.unit_len).numpy() if c.unit_len > 1 else keys_of(s).numpy())
+                want_w.append(np.full(len(want[-1]), c.unit_len))
+        np.testing.assert_array_equal(got[t][0], np.concatenate(want))
+        np.testing.assert_array_equal(got[t][1], np.concatenate(want_w))

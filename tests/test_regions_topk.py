@@ -143,3 +143,96 @@ def test_zero_flood_takes_two_passes():
     masks, solver = run_in_memory(chunks, [1] * 3, 1000, max_candidates=10)
     assert solver.passes == ["scan", "quota"] and solver.threshold == 0.0
     np.testing.assert_array_equal(np.concatenate(masks), ref_mask(s.numpy(), 1000))
+
+
+@pytest.mark.parametrize("lo,hi", [(300, 700), (0, -1), (MAX_FINITE_KEY + 1, MAX_FINITE_KEY), (500, 500)])
+def test_chunk_run_scan_matches_plain_numpy(lo, hi):
+    """The block-streamed scan of one chunk against one plain numpy computation of each field."""
+    from cpi_ray.regions.topk import HIST_BINS, ChunkRun, ScanRequest
+
+    rng = np.random.default_rng(5)
+    keys = rng.integers(0, 1000, 4003).astype(np.int32)
+    keys[rng.random(4003) < 0.2] = 0
+    run = ChunkRun(ScanRequest("scan", lo=lo, hi=hi, with_hist=True), cap=10**6, idx=0)
+    for a in range(0, keys.size, 1000):
+        run.add(torch.from_numpy(keys[a : a + 1000]))
+    r = run.result()
+    above = keys > hi
+    inside = (keys >= lo) & (keys <= hi)
+    assert r.n_above == above.sum() and r.n_cand == inside.sum()
+    np.testing.assert_array_equal(r.above_bits, np.packbits(above, bitorder="big"))
+    assert r.min_above == (keys[above].min() if above.any() else MAX_FINITE_KEY + 1)
+    np.testing.assert_array_equal(r.cand_idx, np.flatnonzero(inside))
+    np.testing.assert_array_equal(r.cand_keys, keys[inside])
+    np.testing.assert_array_equal(r.hist, np.bincount(keys >> HIST_SHIFT, minlength=HIST_BINS))
+    assert r.n_zero == (keys == 0).sum()
+    # over the cap: counts only
+    run = ChunkRun(ScanRequest("scan", lo=lo, hi=hi), cap=max(int(inside.sum()) - 1, 0), idx=0)
+    for a in range(0, keys.size, 1000):
+        run.add(keys[a : a + 1000])
+    r = run.result()
+    assert r.n_cand == inside.sum() and (r.cand_idx is None) == (inside.sum() > 0)
+
+
+def test_chunk_run_hist_and_quota_match_plain_numpy():
+    from cpi_ray.regions.topk import ChunkRun, ScanRequest
+
+    rng = np.random.default_rng(6)
+    prefix = float_to_key(1.0) >> HIST_SHIFT
+    keys = ((prefix << HIST_SHIFT) + rng.integers(-40000, 40000, 5000)).astype(np.int32)
+    run = ChunkRun(ScanRequest("hist", prefix=prefix), cap=0, idx=0, unit_len=3)
+    for a in range(0, keys.size, 1024):
+        run.add(keys[a : a + 1024])
+    inb = keys[(keys >> HIST_SHIFT) == prefix]
+    np.testing.assert_array_equal(
+        run.result(), 3 * np.bincount(inb & ((1 << HIST_SHIFT) - 1), minlength=1 << HIST_SHIFT)
+    )
+    value = int(np.sort(keys)[2500])
+    want = keys > value
+    want[np.flatnonzero(keys == value)[:1]] = True
+    run = ChunkRun(ScanRequest("quota", value=value, quotas={4: 1}), cap=0, idx=4)
+    for a in range(0, keys.size, 1024):
+        run.add(keys[a : a + 1024])
+    np.testing.assert_array_equal(run.result(), np.packbits(want, bitorder="big"))
+
+
+def test_chunk_run_refuses_a_partial_block_before_the_end():
+    from cpi_ray.regions.topk import ChunkRun, ScanRequest
+
+    run = ChunkRun(ScanRequest("scan", lo=0, hi=5), cap=10, idx=0)
+    run.add(np.zeros(7, np.int32))
+    with pytest.raises(ValueError, match="multiple of 8"):
+        run.add(np.zeros(8, np.int32))
+
+
+@pytest.mark.parametrize("budget", [10, 1 << 20])
+def test_solver_sink_gets_the_final_bits(budget):
+    """With a sink the solver holds no bits: the last bits each chunk sent, plus `extra`, are the
+    mask of the in-memory run (here across fallback passes: a flood of ties at the threshold)."""
+    from cpi_ray.regions.topk import ChunkMeta, ChunkRun, TopKSolver
+
+    g = torch.Generator().manual_seed(8)
+    s = torch.rand(3000, generator=g)
+    s[500:2500] = 0.25
+    chunks = split(keys_of(s), [700, 1600, 2200])
+    k = 1400
+    metas, off = [], 0
+    for i, c in enumerate(chunks):
+        metas.append(ChunkMeta(i, c.numel(), 1, off))
+        off += c.numel()
+    got: dict[int, np.ndarray] = {}
+    solver = TopKSolver(metas, k, 3000, budget, sink=lambda i, bits: got.__setitem__(i, bits))
+    req = solver.start(keys_of(s).numpy()[::97], np.ones(31, dtype=np.int64))
+    while req is not None:
+        for m, c in zip(metas, chunks):
+            run = ChunkRun(req, solver.cap(m.idx), m.idx, 1)
+            run.add(c)
+            solver.add(m.idx, run.result())
+        req = solver.end_pass()
+    assert all(b is None for b in solver.above_bits.values())
+    masks = []
+    for m in metas:
+        u = np.unpackbits(got[m.idx], count=m.units, bitorder="big").astype(bool)
+        u[solver.extra.get(m.idx, [])] = True
+        masks.append(u)
+    np.testing.assert_array_equal(np.concatenate(masks), ref_mask(s.numpy(), k))

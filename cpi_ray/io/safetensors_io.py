@@ -114,6 +114,9 @@ class CheckpointReader:
         self.path = Path(path)
         self.tensors: dict[str, TensorInfo] = {}
         self._maps: dict[Path, mmap.mmap] = {}
+        # scattered small reads: maps opened while set read only the pages touched, without the
+        # kernel's readahead around each (which on a cold cache would read most of the file)
+        self.random_access = False
         files = self._shard_files()
         for file in files:
             header, start = read_header(file)
@@ -175,6 +178,8 @@ class CheckpointReader:
         if m is None:
             with open(file, "rb") as f:
                 m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            if self.random_access and hasattr(mmap, "MADV_RANDOM"):
+                m.madvise(mmap.MADV_RANDOM)
             self._maps[file] = m
         return m
 
@@ -195,6 +200,20 @@ class CheckpointReader:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # read-only buffer: we never write to it
             return torch.frombuffer(buf, dtype=info.dtype)
+
+    def prefetch(self, name: str, start: int = 0, stop: Optional[int] = None) -> None:
+        """Ask the kernel to start reading elements [start, stop) into the page cache, without
+        waiting (a hint: a no-op where the platform has no posix_fadvise)."""
+        info = self.info(name)
+        stop = info.numel if stop is None else stop
+        if not hasattr(os, "posix_fadvise") or stop <= start:
+            return
+        fd = os.open(info.file, os.O_RDONLY)
+        try:
+            isz = info.itemsize
+            os.posix_fadvise(fd, info.data_offset + start * isz, (stop - start) * isz, os.POSIX_FADV_WILLNEED)
+        finally:
+            os.close(fd)
 
     def read(self, name: str) -> torch.Tensor:
         info = self.info(name)

@@ -18,17 +18,30 @@ def needs_fisher(kind: str) -> bool:
 
 
 def compute_score(
-    kind: str, base: torch.Tensor, probe: torch.Tensor, fisher: Optional[torch.Tensor] = None
+    kind: str,
+    base: torch.Tensor,
+    probe: torch.Tensor,
+    fisher: Optional[torch.Tensor] = None,
+    out: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """A fresh float32 tensor (never a view of the inputs, which may alias memory maps)."""
+    """A float32 tensor, never a view of the inputs (which may alias memory maps): `out` when
+    given (a float32 buffer of the inputs' size, reused to spare an allocation per block), else
+    a fresh one."""
     if kind == "delta":
-        return torch.sub(probe.to(torch.float32), base.to(torch.float32)).abs_()
+        return _delta(base, probe, out)
     if fisher is None:
         raise ValueError(f"score {kind!r} needs the probe's Fisher tensors")
-    f = fisher.to(torch.float32).abs()  # abs: a stored -0.0 must not read as negative
     if kind == "fisher":
-        return f
+        f = fisher.to(torch.float32)
+        # abs: a stored -0.0 must not read as negative
+        return torch.abs(f, out=out) if out is not None else f.abs()
     if kind == "delta_fisher":
-        d = torch.sub(probe.to(torch.float32), base.to(torch.float32)).abs_()
-        return d.mul_(f.sqrt_())
+        d = _delta(base, probe, out)
+        return d.mul_(fisher.to(torch.float32).abs().sqrt_())
     raise ValueError(f"unknown score {kind!r}; expected one of {', '.join(SCORES)}")
+
+
+def _delta(base: torch.Tensor, probe: torch.Tensor, out: Optional[torch.Tensor]) -> torch.Tensor:
+    a, b = probe.to(torch.float32), base.to(torch.float32)
+    d = torch.sub(a, b, out=out) if out is not None else torch.sub(a, b)
+    return d.abs_()

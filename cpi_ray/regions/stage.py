@@ -11,11 +11,10 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
-import torch
 
 from cpi_ray.config.schema import PipelineConfig
 from cpi_ray.io.atomic import atomic_file, read_json, write_json
-from cpi_ray.io.masks import MaskFile, write_mask_file
+from cpi_ray.io.masks import MaskFile, MaskWriter
 from cpi_ray.io.safetensors_io import CheckpointError, CheckpointReader
 from cpi_ray.regions.grouping import (
     chance_jaccard,
@@ -27,10 +26,9 @@ from cpi_ray.regions.grouping import (
 )
 from cpi_ray.regions.overlap import jaccard, mask_intersections
 from cpi_ray.regions.plan import check_compatible, plan_chunks, scored_tensors
-from cpi_ray.regions.ray_ops import DEFAULT_BLOCK_ELEMS, ChunkReader, densify, run_pass, sample_keys
+from cpi_ray.regions.ray_ops import DEFAULT_BLOCK_ELEMS, ChunkReader, run_pass, sample_keys
 from cpi_ray.regions.scores import needs_fisher
 from cpi_ray.regions.topk import (
-    HIST_BINS,
     HIST_SHIFT,
     LOW_MASK,
     ChunkMeta,
@@ -199,7 +197,69 @@ def compute_regions(
     k = core_size(rc.p, total)
     metas = [ChunkMeta(c.idx, c.units, c.unit_len, c.unit_offset) for c in chunks]
     budget = rc.max_candidates
-    solvers = {t: TopKSolver(metas, k, total, budget) for t in tasks}
+    # Each task's mask goes to its file chunk by chunk as the results stream in (the driver holds
+    # no mask); a file is moved into place only when every task is done.
+    streams = {}
+    try:
+        for t in tasks:
+            streams[t] = MaskStream(
+                out_dir / f"{t}{MASK_SUFFIX}",
+                chunks,
+                {x.name: x.numel for x in tensors},
+                {
+                    "task": t,
+                    "p": repr(float(rc.p)),
+                    "k": k,
+                    "D": total,
+                    "score": rc.score,
+                    "granularity": rc.granularity,
+                },
+            )
+        return _select_and_write(
+            cfg,
+            base,
+            tensors,
+            chunks,
+            metas,
+            streams,
+            k,
+            total,
+            budget,
+            base_dir,
+            probe_dirs,
+            fisher_dirs,
+            block_elems,
+            histograms,
+            out_dir,
+            t0,
+        )
+    finally:
+        for st in streams.values():
+            st.writer.abort()  # a no-op for a committed file
+
+
+def _select_and_write(
+    cfg,
+    base,
+    tensors,
+    chunks,
+    metas,
+    streams,
+    k,
+    total,
+    budget,
+    base_dir,
+    probe_dirs,
+    fisher_dirs,
+    block_elems,
+    histograms,
+    out_dir,
+    t0,
+) -> list[Path]:
+
+    rc = cfg.regions
+    tasks = list(probe_dirs)
+    solvers = {t: TopKSolver(metas, k, total, budget, sink=streams[t].write_units) for t in tasks}
     reader = ChunkReader(
         str(base_dir),
         {t: str(d) for t, d in probe_dirs.items()},
@@ -208,6 +268,7 @@ def compute_regions(
     )
     requests = {}
     refined = []
+    to_sample = []
     for t in tasks:
         h = None if histograms is None else histograms.get(t)
         if h is not None and not solvers[t].trivial and int(np.sum(h)) == total:
@@ -217,15 +278,23 @@ def compute_regions(
                 ScanRequest("scan", lo=b << HIST_SHIFT, hi=(b << HIST_SHIFT) | LOW_MASK)
             )
             refined.append(t)
-            continue
-        sk, sw = sample_keys(reader, chunks, t) if not solvers[t].trivial else ([], [])
-        requests[t] = solvers[t].start(np.asarray(sk), np.asarray(sw))
+        elif solvers[t].trivial:
+            requests[t] = solvers[t].start(np.empty(0, np.int32), np.empty(0, np.int64))
+        else:
+            to_sample.append(t)
+    if to_sample:
+        for t, (sk, sw) in sample_keys(reader, chunks, to_sample).items():
+            requests[t] = solvers[t].start(sk, sw)
     reader.release()
     t_plan = time.time() - t0
     connect_ray(cfg)  # a no-op inside the pipeline, which connected already
     npass = 0
+    bytes_read = 0
+    pass_timing: list[dict] = []
     while requests:
         npass += 1
+        pass_timing.append({"start_s": time.time() - t0})
+        bytes_read += _pass_bytes(base, chunks, requests, probe_dirs, fisher_dirs)
         caps = {t: solvers[t].cap(0) for t in requests}
         for idx, res in run_pass(
             chunks,
@@ -239,45 +308,37 @@ def compute_regions(
             block_elems or DEFAULT_BLOCK_ELEMS,
             getattr(rc, "cpus_per_actor", 1.0),
             getattr(rc, "custom_resources", None),
+            timing=pass_timing[-1],
         ):
             for t, r in res.items():
-                solvers[t].add(idx, densify(r, HIST_BINS))
+                solvers[t].add(idx, r)  # sparse histograms are summed as they come
         nxt = {}
         for t in requests:
             req = solvers[t].end_pass()
             if req is not None:
                 nxt[t] = req
         requests = nxt
+        pt = pass_timing[-1]
+        pt["wall_s"] = time.time() - t0 - pt.pop("start_s")
+        pass_timing[-1] = {k: round(v, 3) for k, v in pt.items()}
     t_select = time.time() - t0 - t_plan
 
     written: list[Path] = []
     stats: dict[str, dict] = {}
-    by_name = {x.name: x for x in tensors}
+    per_tensor_all = {}
     for t in tasks:
-        packed, per_tensor = _assemble(solvers[t], chunks, tensors)
+        per_tensor = streams[t].finish(solvers[t].extra)
         count = sum(per_tensor.values())
         if rc.granularity == "element" and count != k:
             raise RuntimeError(f"task {t!r}: selected {count} elements, expected k={k}")
+        per_tensor_all[t] = per_tensor
+    for t in tasks:  # every mask is complete: move them into place
         thr = solvers[t].threshold
-        meta = {
-            "task": t,
-            "p": repr(float(rc.p)),
-            "k": k,
-            "D": total,
-            "count": count,
-            "score": rc.score,
-            "granularity": rc.granularity,
-            "threshold": "" if thr is None else repr(thr),
-        }
-        path = out_dir / f"{t}{MASK_SUFFIX}"
-        write_mask_file(
-            path,
-            {n: torch.from_numpy(a) for n, a in packed.items()},
-            {n: by_name[n].numel for n in packed},
-            meta,
+        per_tensor = per_tensor_all[t]
+        count = sum(per_tensor.values())
+        written.append(
+            streams[t].writer.commit({"count": count, "threshold": "" if thr is None else repr(thr)})
         )
-        del packed
-        written.append(path)
         layers, modules = Counter(), Counter()
         for n, c in per_tensor.items():
             layers[layer_of(n)] += c
@@ -300,6 +361,9 @@ def compute_regions(
     with atomic_file(hist_path, "wb") as f:
         np.savez_compressed(f, **{t: solvers[t].hist for t in tasks})
     written.append(hist_path)
+    elapsed = time.time() - t0
+    cores = _cores_used(rc)
+    rate = bytes_read / max(elapsed, 1e-9)
     stats_path = out_dir / REGION_STATS
     write_json(
         stats_path,
@@ -321,35 +385,85 @@ def compute_regions(
             "timing_s": {
                 "plan_and_sample": round(t_plan, 3),
                 "select": round(t_select, 3),
-                "write": round(time.time() - t0 - t_plan - t_select, 3),
+                "write": round(elapsed - t_plan - t_select, 3),
+                "passes": pass_timing,
+            },
+            "throughput": {
+                "bytes_read": bytes_read,
+                "bytes_per_s": round(rate),
+                "cores": cores,
+                "bytes_per_s_per_core": round(rate / cores),
             },
             "tasks": stats,
         },
     )
     written.append(stats_path)
     log.info(
-        "regions: k=%d of D=%d for %d tasks in %d pass(es), %.1fs",
+        "regions: k=%d of D=%d for %d tasks in %d pass(es), %.1fs; read %.2f GB at %.0f MB/s "
+        "(%.0f MB/s per core, %g cores)",
         k,
         total,
         len(tasks),
         npass,
-        time.time() - t0,
+        elapsed,
+        bytes_read / 1e9,
+        rate / 1e6,
+        rate / cores / 1e6,
+        cores,
     )
     return written
 
 
-def _assemble(solver: TopKSolver, chunks, tensors) -> tuple[dict[str, np.ndarray], dict[str, int]]:
-    """Per-tensor packed masks from the solver's per-chunk unit masks (freed as they are used)."""
-    packed = {x.name: np.zeros((x.numel + 7) // 8, dtype=np.uint8) for x in tensors}
+def _pass_bytes(base: CheckpointReader, chunks, requests, probe_dirs, fisher_dirs) -> int:
+    """Bytes one pass reads: each chunk of the base once, of each requested task's probe (and
+    Fisher) once."""
+    per = {}
     for c in chunks:
-        units = solver.unit_mask(c.idx)
-        solver.above_bits.pop(c.idx, None)
-        elems = np.repeat(units, c.unit_len) if c.unit_len > 1 else units
-        bits = np.packbits(elems, bitorder="big")
-        a = c.start // 8  # chunks start on multiples of 8 elements
-        packed[c.name][a : a + len(bits)] |= bits
-    per_tensor = {n: int(np.bitwise_count(a).sum(dtype=np.int64)) for n, a in packed.items()}
-    return packed, per_tensor
+        per[c.name] = per.get(c.name, 0) + (c.stop - c.start) * base.info(c.name).itemsize
+    data = sum(per.values())
+    files = 1 + len(requests) + (len(requests) if fisher_dirs else 0)
+    return data * files
+
+
+def _cores_used(rc) -> float:
+    """CPUs the pass actors hold (what bytes per core divides by)."""
+    return max(1.0, rc.num_actors * float(getattr(rc, "cpus_per_actor", 1.0)))
+
+
+class MaskStream:
+    """A task's mask written into its file chunk by chunk: the solver's sink for the packed unit
+    bits of each chunk (a later pass overwrites an earlier one's), then the ties or candidates
+    it took (`finish`)."""
+
+    def __init__(self, path: Path, chunks, numels: dict[str, int], metadata: dict):
+        self.writer = MaskWriter(path, numels, metadata)
+        self.chunks = {c.idx: c for c in chunks}
+        self.counts: dict[int, int] = {}  # chunk idx -> elements set
+
+    def write_units(self, idx: int, unit_bits: np.ndarray) -> None:
+        c = self.chunks[idx]
+        n_units = int(np.bitwise_count(unit_bits).sum(dtype=np.int64))
+        if c.unit_len > 1:
+            units = np.unpackbits(unit_bits, count=c.units, bitorder="big")
+            unit_bits = np.packbits(np.repeat(units, c.unit_len), bitorder="big")
+        self.writer.write(c.name, c.start // 8, unit_bits)  # chunks start on multiples of 8 elements
+        self.counts[idx] = n_units * c.unit_len
+
+    def finish(self, extra: dict[int, np.ndarray]) -> dict[str, int]:
+        """Add the extra units (chunk idx -> local unit indices); returns elements set per
+        tensor."""
+        for idx, units in extra.items():
+            c = self.chunks[idx]
+            n = c.stop - c.start
+            packed = self.writer.read(c.name, c.start // 8, (n + 7) // 8)
+            m = np.unpackbits(packed, count=n, bitorder="big").astype(bool)
+            m.reshape(-1, c.unit_len)[units] = True
+            self.writer.write(c.name, c.start // 8, np.packbits(m, bitorder="big"))
+            self.counts[idx] = self.counts.get(idx, 0) + len(units) * c.unit_len
+        per_tensor = dict.fromkeys(self.writer.numels, 0)
+        for idx, n in self.counts.items():
+            per_tensor[self.chunks[idx].name] += n
+        return per_tensor
 
 
 # --------------------------------------------------------------------------- stage: groups

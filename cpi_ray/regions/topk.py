@@ -5,7 +5,7 @@ the values. The selection is the top k units by (key descending, global index as
 weighted units (rows of several elements) it is the longest prefix of that ranking whose weight
 is at most k.
 
-Protocol (driver side in `TopKSolver`, chunk side in the `*_chunk` functions):
+Protocol (driver side in `TopKSolver`, chunk side in `ChunkRun`):
 
 1. A small sample of keys, read by the driver, brackets the k-th key in an interval [lo, hi].
 2. One streaming *scan* pass: each chunk returns the packed bits of its units above `hi`, the
@@ -28,7 +28,7 @@ import math
 import struct
 from dataclasses import dataclass, field
 from fractions import Fraction
-from typing import Iterable, Optional, Sequence
+from typing import Callable, Iterable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -80,28 +80,41 @@ def unit_keys(score: torch.Tensor, unit_len: int) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------- chunk side
+# numpy on int32 keys: counting a torch bool tensor (`.sum()`) costs several times a full pass,
+# and np.count_nonzero / packbits / flatnonzero are a fraction of one.
+
+
+def as_keys(keys) -> np.ndarray:
+    """int32 keys as a numpy array (a view of a torch tensor's memory)."""
+    k = keys.numpy() if isinstance(keys, torch.Tensor) else np.asarray(keys)
+    if k.dtype != np.int32:
+        raise TypeError(f"keys must be int32, not {k.dtype}")
+    return k
 
 
 def histogram_chunk(
-    keys: torch.Tensor, weight: int = 1, prefix: Optional[int] = None, shift: int = HIST_SHIFT
+    keys, weight: int = 1, prefix: Optional[int] = None, shift: int = HIST_SHIFT
 ) -> np.ndarray:
     """Weighted counts of keys by their bits above `shift` (prefix None), or, for keys whose bits
     above `shift` equal `prefix`, by their low `shift` bits."""
+    k = as_keys(keys)
+    low = (1 << shift) - 1
     if prefix is None:
-        idx = keys >> shift
+        idx = k >> shift
         bins = 1 << (31 - shift)
     else:
-        sel = keys[(keys >> shift) == prefix]
-        idx = sel & ((1 << shift) - 1)
+        sel = k[(k >= prefix << shift) & (k <= (prefix << shift) | low)]
+        idx = sel & low
         bins = 1 << shift
-    h = torch.bincount(idx, minlength=bins).numpy().astype(np.int64)
+    # torch's bincount takes int32 as it is; numpy's first copies it to int64
+    h = torch.bincount(torch.from_numpy(idx), minlength=bins).numpy().astype(np.int64)
     return h * weight if weight != 1 else h
 
 
 @dataclass
 class ScanResult:
     n_above: int  # units with key > hi
-    above_bits: np.ndarray  # packed (big bit order) bool of key > hi, one bit per unit
+    above_bits: Optional[np.ndarray]  # packed (big bit order) bool of key > hi, one bit per unit
     min_above: int  # smallest key above hi (MAX_FINITE_KEY + 1 when none)
     n_cand: int  # units with lo <= key <= hi
     cand_idx: Optional[np.ndarray]  # chunk-local unit indices (int64), None when over the cap
@@ -113,33 +126,105 @@ class ScanResult:
 _NONE_ABOVE = MAX_FINITE_KEY + 1
 
 
-def scan_chunk(keys: torch.Tensor, lo: int, hi: int, cap: int, with_hist: bool = False) -> ScanResult:
-    above = keys > hi
-    n_above = int(above.sum())
-    min_above = int(torch.where(above, keys, _NONE_ABOVE).amin()) if n_above else _NONE_ABOVE
-    bits = np.packbits(above.numpy(), bitorder="big")
-    inside = (keys >= lo) & ~above
-    n_cand = int(inside.sum())
-    cidx = ckeys = None
-    if n_cand <= cap:
-        nz = inside.nonzero().view(-1)
-        cidx = nz.numpy().astype(np.int64)
-        ckeys = keys[nz].numpy().astype(np.int32)
-    hist = histogram_chunk(keys) if with_hist else None
-    n_zero = int((keys == 0).sum()) if with_hist else 0
-    return ScanResult(n_above, bits, min_above, n_cand, cidx, ckeys, hist, n_zero)
+class ChunkRun:
+    """What one chunk computes for a request, fed the chunk's unit keys block by block (each block
+    a multiple of 8 units but the last, so that packed bits concatenate). Shared by the in-memory
+    driver and the Ray UDF, which streams a chunk block by block for every task at once."""
 
+    def __init__(self, req: "ScanRequest", cap: int, idx: int, unit_len: int = 1):
+        self.req, self.cap, self.idx, self.unit_len = req, cap, idx, unit_len
+        self.partial = False
+        self.off = 0
+        self.bits: list[np.ndarray] = []
+        if req.kind == "hist":
+            self.hist = np.zeros(1 << HIST_SHIFT, dtype=np.int64)
+        elif req.kind == "quota":
+            self.quota = req.quotas.get(idx, 0)
+        else:
+            self.n_above = self.n_cand = self.n_zero = 0
+            self.min_above = _NONE_ABOVE
+            self.ci: list[np.ndarray] = []
+            self.ck: list[np.ndarray] = []
+            self.over = False
+            self.hist = np.zeros(HIST_BINS, dtype=np.int64) if req.with_hist else None
 
-def quota_chunk(keys: torch.Tensor, value: int, quota: int) -> np.ndarray:
-    """Packed bits of the units with key > value, plus the first `quota` units equal to it."""
-    sel = keys > value
-    if quota > 0:
-        eq = (keys == value).nonzero().view(-1)[:quota]
-        sel[eq] = True
-    return np.packbits(sel.numpy(), bitorder="big")
+    def add(self, keys) -> None:
+        if self.partial:
+            raise ValueError("only the last block of a chunk may hold a non-multiple of 8 units")
+        k = as_keys(keys)
+        self.partial = k.size % 8 != 0
+        req = self.req
+        if req.kind == "hist":
+            self.hist += histogram_chunk(k, self.unit_len, prefix=req.prefix)
+        elif req.kind == "quota":
+            sel = k > req.value
+            if self.quota > 0:
+                eq = np.flatnonzero(k == req.value)[: self.quota]
+                sel[eq] = True
+                self.quota -= len(eq)
+            self.bits.append(np.packbits(sel, bitorder="big"))
+        else:
+            self._scan(k, req)
+        self.off += k.size
+
+    def _scan(self, k: np.ndarray, req: "ScanRequest") -> None:
+        above = k > req.hi
+        n_above = int(np.count_nonzero(above))
+        self.n_above += n_above
+        if n_above:
+            self.min_above = min(self.min_above, int(k[above].min()))
+        self.bits.append(np.packbits(above, bitorder="big"))
+        if req.lo <= req.hi:
+            inside = k >= req.lo
+            if req.lo <= req.hi + 1:
+                np.logical_xor(inside, above, out=inside)  # above is a subset of inside here
+            else:
+                inside &= ~above
+            n_cand = int(np.count_nonzero(inside))
+            self.n_cand += n_cand
+            if self.n_cand > self.cap:
+                self.over = True
+                self.ci, self.ck = [], []
+            elif n_cand and not self.over:
+                i = np.flatnonzero(inside)
+                self.ci.append(i + self.off)
+                self.ck.append(k[i])
+        if self.hist is not None:
+            self.hist += histogram_chunk(k)
+            self.n_zero += k.size - int(np.count_nonzero(k))
+
+    def result(self):
+        cat = np.concatenate
+        bits = cat(self.bits) if self.bits else np.empty(0, np.uint8)
+        if self.req.kind == "hist":
+            return self.hist
+        if self.req.kind == "quota":
+            return bits
+        return ScanResult(
+            self.n_above,
+            bits,
+            self.min_above,
+            self.n_cand,
+            None if self.over else (cat(self.ci).astype(np.int64) if self.ci else np.empty(0, np.int64)),
+            None if self.over else (cat(self.ck) if self.ck else np.empty(0, np.int32)),
+            self.hist,
+            self.n_zero,
+        )
 
 
 # --------------------------------------------------------------------------- driver side
+
+
+def _add_hist(acc: Optional[np.ndarray], bins: int, hist, weight: int) -> np.ndarray:
+    """acc + weight * hist, for a dense histogram or a sparse (bins, counts) pair."""
+    if acc is None:
+        acc = np.zeros(bins, dtype=np.int64)
+    if isinstance(hist, tuple):
+        nz, c = hist
+        acc[nz] += np.asarray(c, dtype=np.int64) * weight  # bins are distinct
+    else:
+        acc += np.asarray(hist, dtype=np.int64) * weight
+    return acc
 
 
 @dataclass
@@ -189,14 +274,26 @@ class TopKSolver:
     """Driver-side state of one exact top-k. Each pass: `request` says what the chunks compute,
     `add(idx, result)` takes each chunk's result as it streams in, `end_pass()` decides the next
     request (None when the selection is known). Candidates kept in memory never exceed about
-    twice `max_candidates` whatever the model size: past that, the pass counts as overflowing."""
+    twice `max_candidates` whatever the model size: past that, the pass counts as overflowing.
 
-    def __init__(self, chunks: Sequence[ChunkMeta], k: int, total: int, max_candidates: int):
+    `sink(idx, bits)`, when given, takes each chunk's packed unit bits (of units above the
+    threshold) as they arrive, instead of the solver holding them: every pass that has bits
+    has them for every chunk, so the last pass's bits plus `extra` are the selection."""
+
+    def __init__(
+        self,
+        chunks: Sequence[ChunkMeta],
+        k: int,
+        total: int,
+        max_candidates: int,
+        sink: Optional[Callable[[int, np.ndarray], None]] = None,
+    ):
         self.chunks = {c.idx: c for c in chunks}
         self.order = sorted(self.chunks)
         self.k = int(k)
         self.total = int(total)
         self.max_candidates = max(int(max_candidates), 1)
+        self.sink = sink
         self.done = False
         self.threshold_key: Optional[int] = None  # key of the last unit taken (None: k = 0)
         self.hist: Optional[np.ndarray] = None  # weighted 16-bit-prefix histogram, from pass 1
@@ -206,6 +303,7 @@ class TopKSolver:
         self.request: Optional[ScanRequest] = None
         self._res: dict[int, object] = {}
         self._held = 0
+        self._pass_hist: Optional[np.ndarray] = None
         if self.k <= 0:
             # nothing to rank: still one scan, for the histogram and the finiteness check
             self.request = ScanRequest("scan", lo=_NONE_ABOVE, hi=MAX_FINITE_KEY, with_hist=True)
@@ -228,10 +326,20 @@ class TopKSolver:
     # -- feeding results
 
     def add(self, idx: int, result) -> None:
-        if isinstance(result, ScanResult) and result.cand_idx is not None:
-            self._held += len(result.cand_idx)
-            if self._held > 2 * self.max_candidates:
-                result.cand_idx = result.cand_keys = None  # over budget: counts only
+        if self.sink is not None and self.request is not None and self.request.kind != "hist":
+            if isinstance(result, ScanResult):
+                self.sink(idx, result.above_bits)
+                result.above_bits = None
+            else:  # quota: the bits alone
+                self.sink(idx, result)
+                result = None
+        # histograms are summed as they arrive: one per chunk would grow with the model
+        if isinstance(result, ScanResult) and result.hist is not None:
+            self._pass_hist = _add_hist(self._pass_hist, HIST_BINS, result.hist, self.chunks[idx].unit_len)
+            result.hist = None
+        elif self.request is not None and self.request.kind == "hist":
+            self._pass_hist = _add_hist(self._pass_hist, 1 << HIST_SHIFT, result, 1)  # weighted already
+            result = None
         self._res[idx] = result
 
     def end_pass(self) -> Optional[ScanRequest]:
@@ -241,11 +349,12 @@ class TopKSolver:
         if missing:
             raise RuntimeError(f"pass {req.kind} lost the results of chunks {sorted(missing)[:5]}")
         self._res, self._held = {}, 0
+        self._pass_hist, pass_hist = None, self._pass_hist
         self.passes.append(req.kind)
         if req.kind == "scan":
-            return self._after_scan(req, res)
+            return self._after_scan(req, res, pass_hist)
         if req.kind == "hist":
-            return self._after_hist(req, res)
+            return self._after_hist(req, pass_hist)
         self.above_bits = {i: res[i] for i in self.order}
         self.threshold_key = req.value
         self.extra = {}
@@ -256,12 +365,11 @@ class TopKSolver:
             self.add(i, r)
         return self.end_pass()
 
-    def _after_scan(self, req: ScanRequest, res: dict) -> Optional[ScanRequest]:
+    def _after_scan(
+        self, req: ScanRequest, res: dict, pass_hist: Optional[np.ndarray]
+    ) -> Optional[ScanRequest]:
         if req.with_hist:
-            h = np.zeros(HIST_BINS, dtype=np.int64)
-            for i in self.order:
-                h += res[i].hist * self.chunks[i].unit_len
-            self.hist = h
+            self.hist = pass_hist if pass_hist is not None else np.zeros(HIST_BINS, dtype=np.int64)
         min_above = min((res[i].min_above for i in self.order), default=_NONE_ABOVE)
         if self.trivial:
             self.above_bits = {i: res[i].above_bits for i in self.order}
@@ -294,10 +402,8 @@ class TopKSolver:
             return self._set(ScanRequest("hist", prefix=b))  # the whole bucket overflowed
         return self._set(ScanRequest("scan", lo=lo_b, hi=hi_b))
 
-    def _after_hist(self, req: ScanRequest, res: dict) -> ScanRequest:
-        h = np.zeros(1 << HIST_SHIFT, dtype=np.int64)
-        for i in self.order:
-            h += res[i]
+    def _after_hist(self, req: ScanRequest, pass_hist: Optional[np.ndarray]) -> ScanRequest:
+        h = pass_hist if pass_hist is not None else np.zeros(1 << HIST_SHIFT, dtype=np.int64)
         _, above_prefix = self._bucket(self.hist, self.k)
         low, _ = self._bucket(h, self.k - above_prefix)
         v = (req.prefix << HIST_SHIFT) | low
@@ -365,7 +471,7 @@ class TopKSolver:
         return q
 
     def unit_mask(self, idx: int) -> np.ndarray:
-        """The final bool mask (one entry per unit) of one chunk."""
+        """The final bool mask (one entry per unit) of one chunk (without a sink)."""
         c = self.chunks[idx]
         m = np.unpackbits(self.above_bits[idx], count=c.units, bitorder="big").astype(bool)
         ex = self.extra.get(idx)
@@ -382,74 +488,12 @@ class TopKSolver:
 # --------------------------------------------------------------------------- in-memory drivers
 
 
-def run_request(req: ScanRequest, key_blocks: Iterable[torch.Tensor], unit_len: int, cap: int, idx: int):
-    """What one chunk computes for a request, from its unit keys given as consecutive blocks
-    (each a multiple of 8 units but the last, so packed bits concatenate). Shared by the
-    in-memory driver and the Ray UDF, which streams a chunk block by block."""
-    key_blocks = _aligned(key_blocks)
-    if req.kind == "hist":
-        h = np.zeros(1 << HIST_SHIFT, dtype=np.int64)
-        for kb in key_blocks:
-            h += histogram_chunk(kb, unit_len, prefix=req.prefix)
-        return h
-    if req.kind == "quota":
-        q = req.quotas.get(idx, 0)
-        parts = []
-        for kb in key_blocks:
-            sel = kb > req.value
-            if q > 0:
-                eq = (kb == req.value).nonzero().view(-1)[:q]
-                sel[eq] = True
-                q -= len(eq)
-            parts.append(_pack_block(sel))
-        return np.concatenate(parts) if parts else np.empty(0, np.uint8)
-    n_above = n_cand = off = n_zero = 0
-    min_above = _NONE_ABOVE
-    bits, ci, ck = [], [], []
-    hist = np.zeros(HIST_BINS, dtype=np.int64) if req.with_hist else None
-    over = False
+def run_request(req: ScanRequest, key_blocks: Iterable, unit_len: int, cap: int, idx: int):
+    """What one chunk computes for a request, from its unit keys given as consecutive blocks."""
+    run = ChunkRun(req, cap, idx, unit_len)
     for kb in key_blocks:
-        r = scan_chunk(kb, req.lo, req.hi, -1 if over else cap - n_cand, req.with_hist)
-        n_above += r.n_above
-        min_above = min(min_above, r.min_above)
-        bits.append(r.above_bits)
-        n_cand += r.n_cand
-        if r.cand_idx is None:
-            over = True
-            ci, ck = [], []
-        elif not over:
-            ci.append(r.cand_idx + off)
-            ck.append(r.cand_keys)
-        if hist is not None:
-            hist += r.hist
-        n_zero += r.n_zero
-        off += kb.numel()
-    cat = np.concatenate
-    return ScanResult(
-        n_above,
-        cat(bits) if bits else np.empty(0, np.uint8),
-        min_above,
-        n_cand,
-        None if over else (cat(ci) if ci else np.empty(0, np.int64)),
-        None if over else (cat(ck) if ck else np.empty(0, np.int32)),
-        hist,
-        n_zero,
-    )
-
-
-def _pack_block(sel: torch.Tensor) -> np.ndarray:
-    return np.packbits(sel.numpy(), bitorder="big")
-
-
-def _aligned(blocks: Iterable[torch.Tensor]) -> Iterable[torch.Tensor]:
-    """Pass blocks through, refusing a block after one that does not fill its last byte (packed
-    bits of blocks concatenate only when every block but the last is a multiple of 8 units)."""
-    partial = False
-    for b in blocks:
-        if partial:
-            raise ValueError("only the last block of a chunk may hold a non-multiple of 8 units")
-        partial = b.numel() % 8 != 0
-        yield b
+        run.add(kb)
+    return run.result()
 
 
 def run_in_memory(
