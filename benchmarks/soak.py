@@ -46,8 +46,9 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-# On a busy machine the embedded raylet can take minutes to register; Ray reads this at import.
+# On a busy machine the embedded raylet, and the agent it waits for, can take minutes to start.
 os.environ.setdefault("RAY_raylet_start_wait_time_s", "300")
+os.environ.setdefault("RAY_agent_register_timeout_ms", "300000")
 
 ROOT = Path(__file__).resolve().parents[1]
 
