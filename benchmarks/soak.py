@@ -18,7 +18,7 @@ process of the run, chosen at random among those alive at that moment: a Ray Tra
 regions stage, a fuse actor, or the worker running an evaluate task. Between stages, or while a
 stage has no worker up, it waits for the next one to appear. `--fault-stages` instead cycles the
 faulty runs through the given stages: the kill falls at a random moment of that stage (up to its
-length in the reference run). Found by the Ray state API, killed by pid: a real process death,
+shortest length in the runs so far). Found by the Ray state API, killed by pid: a real process death,
 the kind a node's OOM killer deals, not `ray.kill`. Only processes this script's own Ray started
 are ever candidates. Each faulty run's outputs are compared with the reference run's: `final/`
 and `probes/` tensors bitwise, the masks, `groups/groups.json` and the scores of
@@ -243,9 +243,13 @@ class Killer(threading.Thread):
             start = tr.started[self.stage]
         else:
             start = 0.0
-        if self.stop.wait(max(0.0, start + self.delay_s - tr.now())):
-            self.fault.note = "run ended first"
-            return
+        while tr.now() < start + self.delay_s:
+            if self.stop.wait(min(self.poll_s, max(0.0, start + self.delay_s - tr.now()))):
+                self.fault.note = "run ended first"
+                return
+            if self.stage is not None and tr.current != self.stage:
+                self.fault.note = f"{self.stage} ended {tr.now() - start:.0f}s in, before the kill moment"
+                return
         while not self.stop.is_set():
             stage = tr.current
             if self.stage is not None and stage != self.stage:
@@ -446,12 +450,18 @@ def summary_line(rows: list[Row]) -> str:
 
 
 def write_results(
-    out: Path, rows: list[Row], command: str, meta: dict, faults: bool, planned: Optional[int] = None
+    out: Path,
+    rows: list[Row],
+    command: str,
+    meta: dict,
+    faults: bool,
+    planned: Optional[int] = None,
+    tag: str = "",
 ) -> list[Path]:
-    """`soak.md` and `soak.json` (`soak-faults.*` with faults) in `out`; `planned`: the runs
-    asked for, when the table is written before they are all done."""
+    """`soak.md` and `soak.json` (`soak-faults.*` with faults, `-<tag>` appended when given) in
+    `out`; `planned`: the runs asked for, when the table is written before they are all done."""
     out.mkdir(parents=True, exist_ok=True)
-    stem = "soak-faults" if faults else "soak"
+    stem = ("soak-faults" if faults else "soak") + (f"-{tag}" if tag else "")
     meta = dict(meta, runs_done=len(rows), runs_planned=planned or len(rows))
     paths = [out / f"{stem}.md", out / f"{stem}.json"]
     paths[0].write_text(render_markdown(rows, command, meta))
@@ -496,6 +506,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     )
     ap.add_argument("--seed", type=int, default=0, help="of the kill moments and victims")
     ap.add_argument("--results", help="folder for the table as markdown and JSON")
+    ap.add_argument("--tag", default="", help="appended to the results' file names")
     args = ap.parse_args(argv)
     aimed = [s for s in args.fault_stages.split(",") if s]
     for s in aimed:
@@ -528,14 +539,17 @@ def main(argv: Optional[list[str]] = None) -> int:
     rows: list[Row] = []
     work = Path(tempfile.mkdtemp(prefix="cpi-soak-"))
     ref_dir: Optional[Path] = None
-    ref_wall, ref_stage_s = 0.0, {}
+    ref_wall = 0.0
+    shortest: dict[str, float] = {}  # each stage's shortest length in the runs so far
     for i in range(args.runs):
         run_dir = work / f"run-{i}"
         tracker.reset()
         killer = None
         if args.faults and i > 0:
             stage = aimed[(i - 1) % len(aimed)] if aimed else None
-            span = ref_stage_s.get(stage, 0.0) if stage else ref_wall
+            # the machine's load changes a stage's length from run to run: aim within the
+            # shortest one seen
+            span = shortest.get(stage, 0.0) if stage else ref_wall
             killer = Killer(tracker, address, rng.uniform(0.0, 0.9 * span), stage, rng)
             print(f"run {i}: a fault in {stage or 'any stage'} after {killer.delay_s:.0f}s", flush=True)
             killer.start()
@@ -569,10 +583,13 @@ def main(argv: Optional[list[str]] = None) -> int:
                 print("the reference run failed: no fault runs without it", flush=True)
                 rows.append(row)
                 break
-            ref_dir, ref_wall, ref_stage_s = run_dir, wall, tracker.durations()
+            ref_dir, ref_wall = run_dir, wall
         elif args.faults and ok and ref_dir is not None:
             row.outputs = compare_outputs(ref_dir, run_dir)
         rows.append(row)
+        if ok:
+            for k, v in tracker.durations().items():
+                shortest[k] = min(v, shortest.get(k, v))
         print(
             f"run {i}: {'ok' if ok else 'FAILED: ' + error} in {wall:.0f}s; placement groups {pgs}, "
             f"live actors {actors}; driver RSS {row.driver_rss_mib:.0f} MiB, "
@@ -585,7 +602,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         if not args.keep and run_dir != ref_dir:
             shutil.rmtree(run_dir, ignore_errors=True)
         if args.results:  # after every run: a soak stopped early keeps what it measured
-            write_results(Path(args.results), rows, command, meta, args.faults, planned=args.runs)
+            write_results(Path(args.results), rows, command, meta, args.faults, args.runs, args.tag)
 
     print("\nrun  ok   wall_s  placement_groups  live_actors  driver_rss_MiB  ray_rss_MiB")
     for r in rows:
@@ -601,7 +618,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.results:
         print(
             "results:",
-            ", ".join(map(str, write_results(Path(args.results), rows, command, meta, args.faults))),
+            ", ".join(
+                map(str, write_results(Path(args.results), rows, command, meta, args.faults, tag=args.tag))
+            ),
         )
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
