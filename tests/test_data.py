@@ -556,14 +556,16 @@ def test_new_task_fields_at_defaults_keep_fingerprints(tmp_path):
         {
             "task": old_task,
             "data": cfg.data.model_dump(),
-            # the probe fields as they were (later execution fields stay outside fingerprints)
+            # the probe's recipe fields (execution fields stay outside fingerprints)
             "probe": cfg.probe.model_dump(
                 exclude={
+                    "checkpoint_every",
                     "cpus_per_worker",
                     "custom_resources",
                     "fisher_batches",
                     "gradient_checkpointing",
                     "max_failures",
+                    "zero_stage",
                 }
             ),
             "dtype": cfg.model.dtype,

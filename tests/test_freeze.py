@@ -239,14 +239,19 @@ def test_check_frozen_counts_bit_changes(tmp_path):
     assert chk["free"] == 8 and chk["free_changed"] == 1
 
 
-def test_fit_group_needs_zero3(tmp_path):
-    cfg = tiny_cfg(zero_stage=2)
-    with pytest.raises(ValueError, match="ZeRO-3 only"):
+def test_freezing_needs_zero3(tmp_path):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="zero_stage 2 with freeze prior"):
+        tiny_cfg(zero_stage=2)
+    cfg = tiny_cfg(zero_stage=2, freeze="none")  # nothing frozen: any ZeRO stage trains
+    # A baseline names its frozen tasks itself: refused before any trainer starts.
+    with pytest.raises(ValueError, match="ZeRO-3 partitions only"):
         fit_group(
             cfg,
             stage=1,
             tasks=["t"],
-            frozen=[],
+            frozen=["t"],
             start_dir=tmp_path,
             out_dir=tmp_path / "o",
             mask_path=tmp_path / "m",
@@ -314,6 +319,7 @@ def test_gradient_checkpointing_is_on_and_changes_no_gradient():
 def test_execution_fields_stay_out_of_fingerprints():
     from cpi_ray.config.schema import ProbeConfig
 
-    on, off = ProbeConfig(gradient_checkpointing=True, cpus_per_worker=4), ProbeConfig()
+    on = ProbeConfig(gradient_checkpointing=True, cpus_per_worker=4, zero_stage=0, checkpoint_every=5)
+    off = ProbeConfig()
     assert on.recipe_dump() == off.recipe_dump()
     assert ProbeConfig(lr=1e-3).recipe_dump() != off.recipe_dump()

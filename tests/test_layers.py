@@ -109,17 +109,6 @@ def test_no_package_imports_upward():
 MARKER = "# Imported where used:"
 _PRAGMA = re.compile(r"#\s*(noqa|type:|pragma|fmt:|isort:)")
 
-# tidied with the training engine change: its rewrite replaces these files' imports.
-TIDIED_WITH_TRAINING_ENGINE_CHANGE = {
-    "cpi_ray/training/baselines.py",
-    "cpi_ray/training/consolidate.py",
-    "cpi_ray/training/fisher.py",
-    "cpi_ray/training/freeze.py",
-    "cpi_ray/training/probe.py",
-    "cpi_ray/training/sft.py",
-    "cpi_ray/training/zero3.py",
-}
-
 
 def _marker_names(text: str) -> set[str]:
     """The module names of a marker line: its comma-separated entries, reasons in () dropped."""
@@ -245,8 +234,6 @@ def test_imports_inside_functions_say_why():
     found = []
     for f in sorted(PKG.rglob("*.py")):
         rel = f.relative_to(PKG.parent).as_posix()
-        if rel in TIDIED_WITH_TRAINING_ENGINE_CHANGE:
-            continue
         found += [f"{rel}:{m}" for m in unexplained_imports(f.read_text())]
     assert not found, "imports inside functions without a comment saying why:\n" + "\n".join(found)
 

@@ -75,25 +75,62 @@ def test_demo_model_planned_before_it_is_materialized(tmp_path):
     assert not (tmp_path / "models").exists()
 
 
-def test_probe_memory_is_four_weight_copies_plus_activations(tmp_path):
-    cfg = _cfg(tmp_path)  # bf16, one worker, micro-batch 32/16 = 2, 1024 tokens
+def test_probe_memory_on_the_engine(tmp_path):
+    """The 7B probe on one GPU: ZeRO-3 with the optimizer offloaded keeps bf16 weights and
+    gradients (4 B/param) on the GPU, the gathered layers and the activations; the fp32 master and
+    AdamW moments (12 B/param) are in host memory."""
+    cfg = _cfg(tmp_path)  # bf16, one worker, micro-batch 32/16 = 2, 1024 tokens, offload
     probe = build_plan(cfg).stages[0]
-    assert probe.name == "probe"
+    assert probe.name == "probe" and "ZeRO-3" in probe.engine
     mem = dict(probe.memory)
     act = L7 * 2 * 1024 * (10 * H7 + 4 * I7) * 2 + 2 * 1024 * V7 * (2 + 8)
-    assert sum(b for k, b in mem.items() if not k.startswith("activations")) == 8 * P7
+    states = next(b for k, b in mem.items() if k.startswith("weights + gradients ("))
+    assert states == 4 * P7
     assert [b for k, b in mem.items() if k.startswith("activations")] == [act]
-    assert probe.memory_per_worker == 8 * P7 + act
-    assert 60 * GIB < probe.memory_per_worker < 62 * GIB  # fits one 80 GB GPU
+    assert probe.memory_per_worker == 4 * P7 + 2 * LAYER7 * 2 + act
+    assert 36 * GIB < probe.memory_per_worker < 38 * GIB  # one 80 GB GPU
+    host = next(n for n in probe.notes if n.startswith("offload_optimizer cpu"))
+    assert f"{12 * P7 / GIB:.2f} GiB" in host
 
-    # fp32: 16 B/param; a second worker adds DDP's gradient buckets (4 B/param).
+    # fp32 on two workers without offload: 16 B/param sharded over the two ranks.
     fp32 = build_plan(
-        _cfg(tmp_path, ["model.dtype=float32", "probe.precision=fp32", "probe.num_workers=2"])
+        _cfg(
+            tmp_path,
+            ["model.dtype=float32", "probe.precision=fp32", "probe.num_workers=2", "probe.deepspeed={}"],
+        )
     ).stages[0]
     static = sum(b for k, b in fp32.memory if not k.startswith("activations"))
-    assert static == 16 * P7 + 4 * P7
+    assert static == 16 * P7 // 2 + 2 * LAYER7 * 4
     assert fp32.units == 4 * 2  # four tasks' trainers at once, two workers each
-    assert any("80 GiB" in n for n in fp32.notes)
+
+
+def test_a_70b_probe_fits_an_8_gpu_node(tmp_path):
+    """Llama-2-70B: a probe over the 8 GPUs of one node, ZeRO-3 with the optimizer in host memory,
+    micro-batch 1 x 1024 tokens with gradient checkpointing, per rank under 80 GiB."""
+    H, FF, L, V, KV = 8192, 28672, 80, 32000, 1024
+    layer = 2 * H * H + 2 * H * KV + 3 * H * FF + 2 * H
+    P = L * layer + 2 * V * H + H
+    arch = (
+        "model.architecture={model_type: llama, hidden_size: 8192, intermediate_size: 28672, "
+        "num_hidden_layers: 80, num_attention_heads: 64, num_key_value_heads: 8, vocab_size: 32000, "
+        "tie_word_embeddings: false}"
+    )
+    cfg = _cfg(
+        tmp_path,
+        [
+            "model.source=meta-llama/Llama-2-70b-hf",
+            arch,
+            "probe.num_workers=8",
+            "probe.grad_accum=32",
+            "probe.gradient_checkpointing=true",
+        ],
+    )
+    probe = build_plan(cfg).stages[0]
+    assert model_facts(cfg).num_parameters == P
+    mem = dict(probe.memory)
+    assert next(b for k, b in mem.items() if k.startswith("weights + gradients (")) == 4 * P // 8
+    assert probe.memory_per_worker < 80 * GIB, probe.memory_per_worker / GIB
+    assert not any("80 GiB" in n for n in probe.notes)
 
 
 def test_zero3_partition_arithmetic(tmp_path):
@@ -236,14 +273,15 @@ def test_a_downloaded_hub_model_is_read_from_the_cache(tmp_path, tiny_model_dir)
 
 
 def test_disk_figures_by_hand_for_the_7b_config(tmp_path):
-    """Probes at 2 B/param (bf16) each, two Ray Train checkpoints of weights + AdamW moments per
-    trainer while it runs; masks P/8; the fused model; every consolidation stage with its mask,
-    and final/; a Fisher (fp32) only when the core score reads it."""
+    """Probes at 2 B/param (bf16) each, two DeepSpeed checkpoints (12 B/param) per trainer while
+    it runs (the config checkpoints every 50 steps); masks P/8; the fused model; every
+    consolidation stage with its mask, and final/; a Fisher (fp32) only when the core score
+    reads it."""
     n, w, mask = 4, 2, -(-P7 // 8)
     cfg = _cfg(tmp_path, ["baselines.modes=[full_mtl,multistage]", "baselines.multistage_num_groups=3"])
     disk = {s.name: s.disk for s in build_plan(cfg, "llama7b").stages}
     assert disk["probe"].kept_bytes == n * P7 * w
-    assert disk["probe"].peak_bytes == n * P7 * w + n * 2 * 3 * P7 * w
+    assert disk["probe"].peak_bytes == n * P7 * w + n * 2 * 12 * P7
     assert disk["regions"].kept_bytes == n * mask
     assert disk["fuse"].kept_bytes == P7 * w
     assert disk["consolidate"].kept_bytes == n * (P7 * w + mask) + P7 * w  # grouping unknown: n stages

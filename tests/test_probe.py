@@ -148,7 +148,8 @@ def test_stage_record_verifies_outputs(tmp_path, probe_cfg, caplog):
 @pytest.mark.slow
 def test_probe_worker_killed_resumes_from_checkpoint(ray_session, probe_cfg, tmp_path):
     """A probe worker killed (SIGKILL) after step 3 of 4: Ray Train restarts the worker group, the
-    probe resumes from the step-3 checkpoint (weights, AdamW state, schedule, data position) and
+    probe resumes from the step-3 DeepSpeed checkpoint (ZeRO-3 partitions of weights and AdamW
+    state, schedule, data position) and
     ends bitwise equal to a probe that was never interrupted."""
     from cpi_ray.models.loading import resolve_base_model
     from cpi_ray.run.stage import RunContext
@@ -156,6 +157,7 @@ def test_probe_worker_killed_resumes_from_checkpoint(ray_session, probe_cfg, tmp
 
     cfg = probe_cfg.model_copy(deep=True)
     cfg.tasks = cfg.tasks[:1]
+    cfg.probe.checkpoint_every = 1
     task = cfg.tasks[0].name
     base_dir, base_id = resolve_base_model(cfg)
     marker = tmp_path / "killed"

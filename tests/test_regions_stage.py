@@ -255,7 +255,7 @@ def test_p_changes_only_the_masks(ray_local, models, tmp_path):
 @pytest.mark.parametrize("score", ["fisher", "delta_fisher"])
 def test_fisher_scores_match_in_memory_reference(ray_local, models, tmp_path, score):
     from cpi_ray.io.safetensors_io import save_sharded
-    from cpi_ray.regions.stage import fisher_dir
+    from cpi_ray.run.layout import RunLayout
 
     run = tmp_path / "run"
     shutil.copytree(models["run"], run)
@@ -268,7 +268,7 @@ def test_fisher_scores_match_in_memory_reference(ray_local, models, tmp_path, sc
             for n, v in models["state"].items()
             if v.is_floating_point()
         }
-        d = fisher_dir(run, t)
+        d = RunLayout(run).fisher(t)
         d.mkdir(parents=True)
         save_sharded(f, d, 1_000_000)
         fishers[t] = f

@@ -339,10 +339,33 @@ class TrainConfig(_Section):
         description="recompute each decoder layer's activations in the backward pass: saved "
         "activations drop to about one layer's plus each layer's input, for about a third more compute",
     )
+    zero_stage: Literal[0, 1, 2, 3] = Field(
+        3,
+        description="DeepSpeed ZeRO stage of the job: 3 shards parameters, gradients and optimizer "
+        "states over its workers (element freezing needs it); 0 is plain data parallelism, for "
+        "a small model on one worker",
+    )
+    deepspeed: dict[str, Any] = Field(
+        default_factory=dict,
+        description="merged over the generated DeepSpeed config (offload, bucket sizes, ...)",
+    )
+    checkpoint_every: int = Field(
+        0,
+        ge=0,
+        description="optimizer steps between resumable checkpoints inside a job; 0 = none (a "
+        "finished job's output is its checkpoint)",
+    )
 
     # Where and how a job runs, not what it computes: changing them keeps a finished job.
     EXECUTION_FIELDS: ClassVar[frozenset[str]] = frozenset(
-        {"cpus_per_worker", "custom_resources", "gradient_checkpointing", "max_failures"}
+        {
+            "cpus_per_worker",
+            "custom_resources",
+            "gradient_checkpointing",
+            "max_failures",
+            "zero_stage",
+            "checkpoint_every",
+        }
     )
 
     def recipe_dump(self, exclude: frozenset[str] = frozenset()) -> dict:
@@ -447,11 +470,15 @@ class ConsolidateConfig(TrainConfig):
     replay: float = Field(
         0.0, ge=0, lt=1, description="with data group: share of earlier groups' data in each stage"
     )
-    zero_stage: Literal[0, 1, 2, 3] = 3
-    deepspeed: dict[str, Any] = Field(
-        default_factory=dict, description="merged over the generated DeepSpeed config"
-    )
-    checkpoint_every: int = Field(0, ge=0, description="steps between checkpoints; 0 = once per stage")
+
+    @model_validator(mode="after")
+    def _freezing_needs_zero3(self) -> "ConsolidateConfig":
+        if self.freeze != "none" and self.zero_stage != 3:
+            raise ValueError(
+                f"zero_stage {self.zero_stage} with freeze {self.freeze}: element freezing works on "
+                "ZeRO-3 partitions (set zero_stage: 3, or freeze: none)"
+            )
+        return self
 
     @field_validator("replay")
     @classmethod

@@ -94,7 +94,7 @@ def _take(stream: Iterator[int], k: int) -> list[int]:
     return [next(stream) for _ in range(k)]
 
 
-def _collate(
+def collate(
     rows: list[tuple[list[int], list[int]]], pad_id: int, pad_to_multiple_of: int
 ) -> dict[str, torch.Tensor]:
     width = max(len(ids) for ids, _ in rows)
@@ -206,7 +206,7 @@ def _batches(
             idx = sorted(_take(stream, window), key=lambda i: lengths[i])
             for b in order_rng.permutation(window_batches).tolist():
                 rows = idx[b * global_bs : (b + 1) * global_bs][rank::world_size]
-                yield _collate(
+                yield collate(
                     [(examples[i]["input_ids"], examples[i]["labels"]) for i in rows],
                     pad_id,
                     pad_to_multiple_of,
@@ -226,7 +226,7 @@ def _batches(
             group = bins[start : start + global_bs]
             # Like padding mode: ranks get rows of similar fill.
             group = sorted(group, key=lambda bn: -sum(lengths[i] for i in bn))[rank::world_size]
-            yield _collate([_pack(examples, bn) for bn in group], pad_id, pad_to_multiple_of)
+            yield collate([_pack(examples, bn) for bn in group], pad_id, pad_to_multiple_of)
 
 
 def _pack(examples: Sequence[dict], members: list[int]) -> tuple[list[int], list[int]]:

@@ -8,21 +8,20 @@ PyTorch's meta device, so parameter counts are exact and nothing is downloaded o
 
 Memory per worker, in bytes (P parameters, N workers of a trainer, w the weight dtype's size):
 
-- probe (plain data-parallel full fine-tuning, AdamW in the weights' dtype): weights, gradients
-  and two moments, 4·w per parameter (16 B in fp32), plus DDP's gradient buckets (w per
-  parameter) when N > 1, plus activations.
-- consolidate (DeepSpeed ZeRO): weights + gradients + optimizer states are 16 B per parameter
-  (bf16: 2 + 2 + fp32 master, m, v 12; fp32: 4 + 4 + m, v 8); stage 3 divides all of it by N,
-  and a rank additionally holds the unit being computed and the one prefetched, gathered in full
-  (2 × the largest decoder layer or embedding, in the compute dtype), plus activations.
+- probe, consolidate and the baselines (the SFT engine, DeepSpeed ZeRO): weights + gradients +
+  optimizer states are 16 B per parameter (bf16: 2 + 2 + fp32 master, m, v 12; fp32: 4 + 4 +
+  m, v 8); stage 1 divides the optimizer part by N, 2 also the gradients, 3 all of it, and under
+  ZeRO-3 a rank additionally holds the unit being computed and the one prefetched, gathered in
+  full (2 × the largest decoder layer or embedding, in the compute dtype), plus activations. An
+  `offload_optimizer` in the job's `deepspeed` moves the optimizer part to host memory (a note).
 - regions / fuse: streaming actors; a few chunk-sized buffers each, independent of model size.
 - evaluate: the weights, a KV cache and the last logits per batch.
 
 Disk per stage, in the run directory (w the saved dtype's size): what the stage keeps (models
-P·w each, Fisher P·4, masks P/8) and what it holds on top while it runs: Ray Train checkpoints
-(a probe's: weights and AdamW moments, 3·P·w; a ZeRO-3 stage's: fp32 master, m and v, 12·P),
-two at a time while a new one is persisted before the old one goes (each is first written to
-the worker's temporary directory, a disk of its own node); a consolidation holds every stage's
+P·w each, Fisher P·4, masks P/8) and what it holds on top while it runs: the DeepSpeed
+checkpoints of a job with `checkpoint_every` (fp32 master, m and v, 12·P), two at a time while a
+new one is persisted before the old one goes (each is first written to the worker's temporary
+directory, a disk of its own node); a consolidation holds every stage's
 model until `final/`. With
 an unknown grouping, every task is counted as its own group (the most stages).
 
@@ -370,26 +369,25 @@ def stage_disk(cfg: PipelineConfig, f: ModelFacts, name: str) -> DiskUse:
     model = P * DTYPE_BYTES[cfg.model.dtype]
     mask = math.ceil(P / 8)
     zero3_ckpt = 12 * P
-    cons = cfg.consolidate
-    stage_ckpts = (
-        [
+
+    def checkpoints(tc, trainers: int) -> list[tuple[str, int]]:
+        # DeepSpeed checkpoints (fp32 master weights, m and v) while a job runs, when it makes
+        # them: the last and the one being persisted.
+        if not (tc.checkpoint_every and tc.checkpoint_every < tc.steps):
+            return []
+        return [
             (
-                f"ZeRO-3 checkpoints (the last and the one being persisted, {format_gib(zero3_ckpt)} each)",
-                2 * zero3_ckpt,
+                f"DeepSpeed checkpoints of {trainers} trainer(s) (2 x {format_gib(zero3_ckpt)} each)",
+                2 * trainers * zero3_ckpt,
             )
         ]
-        if cons.checkpoint_every and cons.checkpoint_every < cons.steps
-        else []
-    )
+
+    stage_ckpts = checkpoints(cfg.consolidate, 1)
     if name == "probe":
         kept = [(f"{n} probe model(s)", n * model)]
         if needs_fisher(cfg.regions.score):
             kept.append((f"{n} Fisher score(s) (fp32)", n * P * 4))
-        ckpt = 3 * model  # weights + AdamW m, v in the weights' dtype
-        # Every trainer checkpoints each quarter of its steps; two exist while one is persisted.
-        return DiskUse(
-            kept, [(f"Ray Train checkpoints of {n} trainer(s) (2 x {format_gib(ckpt)} each)", 2 * n * ckpt)]
-        )
+        return DiskUse(kept, checkpoints(cfg.probe, n))
     if name == "regions":
         return DiskUse([(f"{n} bit-packed core mask(s) (P/8 bytes)", n * mask)])
     if name == "fuse":
@@ -461,53 +459,31 @@ def _unsized(cfg: PipelineConfig, f: ModelFacts, name: str) -> StagePlan:
     return StagePlan(name=name, engine="(not sized by cpi-ray plan)", layout="?", units=0, resources={})
 
 
-def _probe(cfg: PipelineConfig, f: ModelFacts, name: str = "") -> StagePlan:
-    tc = cfg.probe
-    n_tasks = len(cfg.tasks)
-    w = DTYPE_BYTES[cfg.model.dtype]
-    P = f.num_parameters
-    mem = [
-        (f"weights ({cfg.model.dtype}, {w} B/param)", P * w),
-        (f"gradients ({w} B/param)", P * w),
-        (f"AdamW moments m, v ({2 * w} B/param)", 2 * P * w),
-    ]
-    if tc.num_workers > 1:
-        mem.append((f"DDP gradient buckets ({w} B/param)", P * w))
-    compute = 2 if tc.precision == "bf16" else w
-    micro = tc.batch_size // tc.grad_accum
-    act = activation_bytes(f, micro, cfg.data.max_seq_len, compute, tc.gradient_checkpointing)
-    notes = []
-    if act is not None:
-        mem.append((_activations_label(tc, micro, cfg.data.max_seq_len), act))
-    else:
-        notes.append("activations unknown: give model.architecture for them")
-    plan = StagePlan(
-        name="probe",
-        engine="Ray Train TorchTrainer per task (data parallel, full fine-tuning)",
-        layout=f"{n_tasks} trainer(s) at once x {tc.num_workers} worker(s)",
-        units=n_tasks * tc.num_workers,
-        resources=worker_resources(cfg, "probe"),
-        memory=mem,
-        notes=notes,
-    )
-    if tc.use_gpu and plan.memory_per_worker > 80 * GIB:
-        notes.append(
-            "more than an 80 GiB GPU holds: use model.dtype bfloat16, probe.gradient_checkpointing, "
-            "a smaller micro-batch (probe.grad_accum) or a sharded probe"
-        )
-    return plan
-
-
-def _consolidate(cfg: PipelineConfig, f: ModelFacts, name: str = "") -> StagePlan:
-    tc = cfg.consolidate
+def _engine_memory(cfg: PipelineConfig, f: ModelFacts, tc) -> tuple[list[tuple[str, int]], list[str], int]:
+    """Per-rank memory of one SFT job on the engine (DeepSpeed, the job's ZeRO stage over its
+    workers): weights, gradients and AdamW states, the gathered units under ZeRO-3, activations.
+    Returns (memory lines, notes, ZeRO stage)."""
     N = tc.num_workers
     stage = int(tc.deepspeed.get("zero_optimization", {}).get("stage", tc.zero_stage))
     states = train_state_bytes(f.num_parameters, tc.precision, stage, N)
-    per = 16 / N if stage >= 3 else None
-    head = f"{per:g} B/param = 16 / {N} ranks" if per is not None else f"ZeRO-{stage}"
-    mem = [(f"weights + gradients + AdamW states ({head})", int(sum(states.values())))]
-    compute = 2 if tc.precision == "bf16" else 4
+    zo = tc.deepspeed.get("zero_optimization", {})
+    offload = stage >= 1 and zo.get("offload_optimizer", {}).get("device") in ("cpu", "nvme")
     notes = [f"ZeRO-{stage} over {N} rank(s), {tc.precision}"]
+    if offload:
+        # The optimizer part (fp32 master, m, v: partitioned like the rest) leaves the GPU.
+        host = states.pop("optimizer")
+        device = zo["offload_optimizer"]["device"]
+        notes.append(
+            f"offload_optimizer {device}: {format_gib(host)} of optimizer states per rank in "
+            f"{'host memory' if device == 'cpu' else 'NVMe'} ({format_gib(host * N)} per {N}-rank job)"
+        )
+    per = sum(train_state_bytes(1, tc.precision, 0, 1).values()) - (
+        train_state_bytes(1, tc.precision, 0, 1)["optimizer"] if offload else 0
+    )
+    what = "weights + gradients" + ("" if offload else " + AdamW states")
+    head = f"{per / N:g} B/param = {per} / {N} ranks" if stage >= 3 else f"ZeRO-{stage}"
+    mem = [(f"{what} ({head})", int(sum(states.values())))]
+    compute = 2 if tc.precision == "bf16" else 4
     if stage >= 3:
         if f.largest_unit:
             mem.append(
@@ -522,16 +498,42 @@ def _consolidate(cfg: PipelineConfig, f: ModelFacts, name: str = "") -> StagePla
     act = activation_bytes(f, micro, cfg.data.max_seq_len, compute, tc.gradient_checkpointing)
     if act is not None:
         mem.append((_activations_label(tc, micro, cfg.data.max_seq_len), act))
-    zo = tc.deepspeed.get("zero_optimization", {})
-    if zo.get("offload_optimizer", {}).get("device") in ("cpu", "nvme"):
-        notes.append("offload_optimizer is set: the optimizer part lives in host memory/NVMe instead")
+    else:
+        notes.append("activations unknown: give model.architecture for them")
     if N > 1 and tc.use_gpu:
         notes.append(f"{N} GPU workers: one {N}-GPU node (or {N} GPUs across nodes over the network)")
+    return mem, notes, stage
+
+
+def _probe(cfg: PipelineConfig, f: ModelFacts, name: str = "") -> StagePlan:
+    tc = cfg.probe
+    n_tasks = len(cfg.tasks)
+    mem, notes, stage = _engine_memory(cfg, f, tc)
+    plan = StagePlan(
+        name="probe",
+        engine=f"Ray Train + DeepSpeed ZeRO-{stage}, one trainer per task (full fine-tuning)",
+        layout=f"{n_tasks} trainer(s) at once x {tc.num_workers} worker(s)",
+        units=n_tasks * tc.num_workers,
+        resources=worker_resources(cfg, "probe"),
+        memory=mem,
+        notes=notes,
+    )
+    if tc.use_gpu and plan.memory_per_worker > 80 * GIB:
+        notes.append(
+            "more than an 80 GiB GPU holds: more probe.num_workers (ZeRO-3 shards the states), "
+            "precision bf16, probe.gradient_checkpointing or a smaller micro-batch (probe.grad_accum)"
+        )
+    return plan
+
+
+def _consolidate(cfg: PipelineConfig, f: ModelFacts, name: str = "") -> StagePlan:
+    tc = cfg.consolidate
+    mem, notes, _ = _engine_memory(cfg, f, tc)
     return StagePlan(
         name="consolidate",
         engine="Ray Train + DeepSpeed ZeRO, one trainer per group in turn",
-        layout=f"1 trainer at a time x {N} worker(s)",
-        units=N,
+        layout=f"1 trainer at a time x {tc.num_workers} worker(s)",
+        units=tc.num_workers,
         resources=worker_resources(cfg, "consolidate"),
         memory=mem,
         notes=notes,

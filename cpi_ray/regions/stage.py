@@ -87,12 +87,6 @@ def load_overlap(run_dir: str | Path) -> dict:
     return read_json(RunLayout(Path(run_dir)).overlap_json)
 
 
-def fisher_dir(run_dir: str | Path, task: str) -> Path:
-    """Where the probe stage saves the task's diagonal Fisher (for `regions.score` fisher and
-    delta_fisher): sharded safetensors named like the model's tensors."""
-    return Path(run_dir) / "probes" / task / "fisher"
-
-
 # --------------------------------------------------------------------------- where cores live
 
 _LAYER_RE = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
@@ -147,9 +141,7 @@ class RegionsStage(Stage):
             {t: ctx.layout.probe(t) for t in tasks},
             out_dir,
             fisher_dirs=(
-                {t: fisher_dir(ctx.run_dir, t) for t in tasks}
-                if needs_fisher(ctx.cfg.regions.score)
-                else None
+                {t: ctx.layout.fisher(t) for t in tasks} if needs_fisher(ctx.cfg.regions.score) else None
             ),
             histograms=self.histograms,
         )

@@ -27,6 +27,11 @@ class RunLayout:
     def probe(self, task: str) -> Path:
         return self.folder("probe") / task
 
+    def fisher(self, task: str) -> Path:
+        """The task's diagonal Fisher beside its probe (for `regions.score` fisher and
+        delta_fisher): sharded safetensors named like the model's tensors."""
+        return self.probe(task) / "fisher"
+
     # regions and groups
     def mask(self, task: str) -> Path:
         return self.folder("regions") / f"{task}{MASK_SUFFIX}"

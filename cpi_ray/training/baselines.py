@@ -24,12 +24,17 @@ import shutil
 from pathlib import Path
 from typing import Optional
 
+import torch
+
 from cpi_ray.config.schema import PipelineConfig
 from cpi_ray.config.stages import STAGE_FOLDERS
-from cpi_ray.data.batching import mix_counts
+from cpi_ray.data.batching import build_train_examples, mix_counts, mix_examples
+from cpi_ray.data.tasks import task_identity
 from cpi_ray.io.atomic import read_json, write_json
+from cpi_ray.io.masks import write_mask_file
 from cpi_ray.io.records import RECORD_NAME, finished_item, load_record, stable_hash
-from cpi_ray.io.safetensors_io import INDEX_NAME
+from cpi_ray.io.safetensors_io import INDEX_NAME, CheckpointReader
+from cpi_ray.models.loading import load_tokenizer
 from cpi_ray.regions.grouping import read_groups
 from cpi_ray.run.progress import METRICS_FILE, concat_metrics, tracking_spec
 from cpi_ray.run.stage import RunContext, Stage
@@ -166,8 +171,6 @@ class BaselinesStage(Stage):
         return tuple(dict.fromkeys(deps))
 
     def config_slice(self, cfg: PipelineConfig) -> dict:
-        from cpi_ray.data.tasks import task_identity
-
         return {
             "baselines": cfg.baselines.model_dump(),
             "consolidate": cfg.consolidate.recipe_dump(),
@@ -178,8 +181,6 @@ class BaselinesStage(Stage):
         }
 
     def run(self, ctx: RunContext) -> list[Path]:
-        from cpi_ray.models.loading import load_tokenizer
-
         cfg = ctx.cfg
         groups_file = ctx.layout.groups_json
         cpi_groups = read_groups(groups_file) if groups_file.is_file() else None
@@ -315,18 +316,12 @@ class BaselinesStage(Stage):
 
 
 def _mixed_examples(cfg: PipelineConfig, tok, tasks: list[str], n: int, seed: int) -> list[dict]:
-    from cpi_ray.data.batching import build_train_examples, mix_examples
-
     per_task = build_train_examples(cfg, tok, tasks)
     return mix_examples(per_task, {t: cfg.task(t).weight for t in tasks}, n, seed=seed)
 
 
 def _empty_mask(model_dir: Path, out: Path) -> None:
     """An all-zero mask over the model's floating-point tensors: the trainer's 'nothing frozen'."""
-    import torch
-
-    from cpi_ray.io.masks import write_mask_file
-    from cpi_ray.io.safetensors_io import CheckpointReader
 
     with CheckpointReader(model_dir) as r:
         numels = {n: r.info(n).numel for n in r.names() if r.info(n).dtype.is_floating_point}

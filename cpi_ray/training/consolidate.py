@@ -1,5 +1,6 @@
-"""Stage `consolidate`: groups G1..GK in order, each a Ray Train `TorchTrainer` running DeepSpeed
-ZeRO-3 with a frozen set F_k held element-exactly (see `cpi_ray.training.freeze`), on a mix of
+"""Stage `consolidate`: groups G1..GK in order, each an SFT job of the engine
+(`cpi_ray.training.engine`, DeepSpeed ZeRO-3) with a frozen set F_k held element-exactly (see
+`cpi_ray.training.freeze`), on a mix of
 every task (`consolidate.data: mixed`) or of the group's own tasks plus an optional replay share
 of earlier groups (`group`).
 
@@ -16,39 +17,28 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import tempfile
-import time
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
-from cpi_ray.config.schema import ConsolidateConfig, DataConfig, ModelConfig, PipelineConfig
+from cpi_ray.config.schema import PipelineConfig
+from cpi_ray.data.batching import build_train_examples, mix_counts, mix_examples
+from cpi_ray.data.tasks import task_identity
 from cpi_ray.io.atomic import atomic_dir
 from cpi_ray.io.masks import MaskFile, write_mask_file
 from cpi_ray.io.records import finished_item, load_record
 from cpi_ray.io.safetensors_io import INDEX_NAME, CheckpointReader
+from cpi_ray.models.loading import load_tokenizer
 from cpi_ray.regions.grouping import read_groups
-from cpi_ray.run.progress import METRICS_FILE, TrainLog, tracking_spec
-from cpi_ray.run.runtime import quiet_train_reports
+from cpi_ray.run.progress import METRICS_FILE, tracking_spec
 from cpi_ray.run.stage import RunContext, Stage, stable_hash
-from cpi_ray.training.launch import fit_job
-from cpi_ray.training.sft import (
-    accumulate_loss,
-    apply_memory_options,
-    kill_once,
-    make_scheduler,
-    param_groups,
-    should_report,
-    sum_over_ranks,
-    token_loss_sum,
-)
+from cpi_ray.training.engine import fit_sft
 
 log = logging.getLogger("cpi_ray")
 
 STAGE_RECORD = "consolidate.json"
 FROZEN_MASK = "frozen.mask.safetensors"
-_CKPT_TAG = "zero3"
 
 
 # ---------------------------------------------------------------------------- frozen sets
@@ -126,218 +116,6 @@ def check_frozen(start_dir: Path, out_dir: Path, mask_path: Path, chunk: int = 1
     return out
 
 
-# ---------------------------------------------------------------------------- worker
-
-
-def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Runs on every Ray Train worker: one consolidation stage under DeepSpeed ZeRO-3."""
-    import ray
-    import ray.train
-
-    from cpi_ray.training import zero3
-
-    # Only the sections the worker needs: task paths in the full config may be relative to the
-    # driver's working directory, which a worker does not share.
-    tc = ConsolidateConfig.model_validate(config["consolidate"])
-    data = DataConfig.model_validate(config["data"])
-    model_cfg = ModelConfig.model_validate(config["model"])
-    quiet_train_reports()
-    zero3.set_accelerator_env(tc.use_gpu)
-    import deepspeed
-
-    from cpi_ray.data.batching import iterate_batches
-    from cpi_ray.io.sizes import parse_size
-    from cpi_ray.training.freeze import ElementFreezer, check_freezable
-
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = zero3.worker_device(tc.use_gpu)
-    zero3.init_distributed(tc.use_gpu)
-    torch.manual_seed(tc.seed)
-    start_dir, out_dir = config["start_dir"], config["out_dir"]
-
-    ds_config = zero3.build_ds_config(tc, world, tc.use_gpu)
-    mask = MaskFile(config["mask_path"])
-    frozen_total = mask.count()
-    if frozen_total:
-        check_freezable(ds_config)
-    dtype = zero3.PRECISION_DTYPES[tc.precision]
-    model, _hf_ds = zero3.load_zero3_model(start_dir, ds_config, dtype, model_cfg.trust_remote_code)
-    if hasattr(model.config, "use_cache"):
-        model.config.use_cache = False
-    apply_memory_options(model, tc)
-    params = zero3.named_parameters(model)
-    engine, _, _, scheduler = deepspeed.initialize(
-        model=model,
-        model_parameters=param_groups((p for _, p in params), tc.weight_decay),
-        config=ds_config,
-        lr_scheduler=lambda opt: make_scheduler(opt, tc),
-    )
-
-    with CheckpointReader(start_dir) as reader:
-        if tc.precision != "fp32":
-            zero3.load_fp32_master(params, reader)
-        freezer = ElementFreezer(params, mask if frozen_total else None, reader)
-    mask.close()
-
-    start = 0
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is not None:
-        with ckpt.as_directory() as d:
-            _, client = engine.load_checkpoint(d, tag=_CKPT_TAG)
-        start = int(client["step"])
-        freezer.restore()
-    log.info(
-        "consolidate rank %d/%d: %d frozen elements in this partition (%d in all), starting at step %d",
-        rank,
-        world,
-        len(freezer),
-        frozen_total,
-        start,
-    )
-
-    micro = tc.batch_size // tc.grad_accum
-    examples = ray.get(config["examples"])
-    batches = iterate_batches(
-        examples,
-        micro,
-        config["pad_id"],
-        seed=tc.seed,
-        packing=data.packing,
-        rank=rank,
-        world_size=world,
-        max_seq_len=data.max_seq_len,
-    )
-    # A resumed run skips what the finished steps consumed, so it sees the same data.
-    for _ in range(start * tc.grad_accum):
-        next(batches)
-
-    fault = config.get("fault")
-    val_batches = None
-    if config.get("val_examples") is not None:
-        val_batches = _val_batches(ray.get(config["val_examples"]), micro, config["pad_id"], rank, world)
-
-    def backward(loss: torch.Tensor) -> None:
-        # The gradient is already the token mean of the whole accumulated batch.
-        engine.backward(loss, scale_wrt_gas=False)
-        if engine.is_gradient_accumulation_boundary():
-            freezer.zero_grads()
-        engine.step()
-
-    engine.train()
-    train_log = TrainLog(
-        config["metrics_path"], config["job"], tc.steps, start, rank, tracking=config["tracking"]
-    )
-    t0 = time.time()
-    step_times: list[float] = []
-    loss = float("nan")
-    val_loss = None
-    for step in range(start, tc.steps):
-        ts = time.perf_counter()
-        lr = scheduler.get_last_lr()[0]  # the rate this step applies
-        # DeepSpeed keeps precision itself (bf16 weights with fp32 masters): no autocast.
-        loss, tokens = accumulate_loss(engine, batches, tc, device, backward=backward, amp=False)
-        freezer.restore()
-        step_times.append(time.perf_counter() - ts)
-        metrics = train_log.step(
-            step + 1, loss, lr, float(engine.get_global_grad_norm() or 0.0), sum_over_ranks(tokens, device)
-        )
-        checkpoint = bool(
-            tc.checkpoint_every and (step + 1) % tc.checkpoint_every == 0 and step + 1 < tc.steps
-        )
-        if checkpoint or should_report(step + 1, tc.steps):
-            if val_batches is not None:
-                metrics["val_loss"] = val_loss = _val_loss(engine, val_batches, device)
-            if checkpoint:
-                _report_checkpoint(engine, metrics, step + 1)
-            else:
-                ray.train.report(metrics)
-        if fault and step + 1 == fault["step"] and rank == fault["rank"]:
-            kill_once(fault)
-    train_log.close()
-
-    record = {
-        "fingerprint": config["fingerprint"],
-        "stage": config["stage"],
-        "tasks": config["tasks"],
-        "frozen_tasks": config["frozen_tasks"],
-        "freeze": tc.freeze,
-        "frozen_elements": frozen_total,
-        "steps": tc.steps,
-        "final_loss": loss,
-        "val_loss": val_loss,
-        "resumed_at_step": start,
-        "train_rows": len(examples),
-        "rows_per_task": config.get("rows_per_task"),
-        "world_size": world,
-        "step_time_s": (sum(step_times) / len(step_times)) if step_times else None,
-        "train_time_s": round(time.time() - t0, 2),
-        "start": str(start_dir),
-    }
-    extra = None
-    if rank == 0:
-        extra = {
-            FROZEN_MASK: Path(config["mask_path"]).read_bytes(),
-            STAGE_RECORD: json.dumps(record, indent=2) + "\n",
-            METRICS_FILE: Path(config["metrics_path"]).read_bytes(),
-        }
-    zero3.export_hf_model(
-        engine.module, out_dir, start_dir, parse_size(model_cfg.max_shard_size), extra_files=extra
-    )
-
-
-def _val_batches(
-    rows: list[dict], micro: int, pad_id: int, rank: int, world: int
-) -> list[tuple[dict, float]]:
-    """This rank's share of the validation rows as (batch, weight) pairs. Every rank gets the
-    same number of batches (a ZeRO-3 forward is collective); a rank out of rows runs a
-    zero-weight batch."""
-    from cpi_ray.data.batching import _collate
-
-    mine = rows[rank::world]
-    per_rank = -(-len(rows) // world)  # ceil
-    n = -(-per_rank // micro)
-    out = []
-    for j in range(n):
-        part = mine[j * micro : (j + 1) * micro]
-        weight = 1.0 if part else 0.0
-        part = part or rows[:1]
-        out.append((_collate([(r["input_ids"], r["labels"]) for r in part], pad_id, 1), weight))
-    return out
-
-
-def _val_loss(engine, batches: list[tuple[dict, float]], device) -> float:
-    """Token-mean loss over every rank's validation rows (what ASHA compares between trials)."""
-    import torch.distributed as dist
-
-    engine.eval()
-    acc = torch.zeros(2, dtype=torch.float64)
-    with torch.no_grad():
-        for b, weight in batches:
-            b = {k: v.to(device) for k, v in b.items()}
-            logits = engine(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-            acc[0] += weight * float(token_loss_sum(logits, b["labels"]))
-            acc[1] += weight * int((b["labels"][:, 1:] != -100).sum())
-    engine.train()
-    if dist.is_initialized():
-        acc = acc.to(device)
-        dist.all_reduce(acc)
-    return float(acc[0] / acc[1].clamp(min=1))
-
-
-def _report_checkpoint(engine, metrics: dict, step: int) -> None:
-    """Every rank saves its ZeRO-3 partitions; Ray Train merges the ranks' directories into one
-    checkpoint in storage."""
-    import ray.train
-
-    d = tempfile.mkdtemp(prefix="cpi-z3-")
-    try:
-        engine.save_checkpoint(d, tag=_CKPT_TAG, client_state={"step": step})
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
-
-
 # ---------------------------------------------------------------------------- driver
 
 
@@ -362,52 +140,45 @@ def fit_group(
     val_examples: Optional[list[dict]] = None,
     rows_per_task: Optional[dict[str, int]] = None,
 ) -> dict:
-    """Train one group with a TorchTrainer and return its record (read back from `out_dir`).
-    `job` names it on the console; `metrics_path` is where its live per-step metrics go, and
-    `tracking` (`tracking_spec`) to which trackers.
-    `rows_per_task`: how many of `examples` came from each task, kept in the record.
-    `callbacks`: Ray Train callbacks (a Tune search passes TuneReportCallback); `val_examples`:
-    encoded validation rows whose loss each metrics report carries as `val_loss`."""
-    import ray
-
-    tc = cfg.consolidate
-    if tc.zero_stage != 3:
-        # Loading, export and element freezing all work on ZeRO-3 partitions.
+    """Train one group as an SFT job (`engine.fit_sft`) and return its record (read back from
+    `out_dir`). `job` names it on the console; `metrics_path` is where its live per-step metrics
+    go, and `tracking` (`tracking_spec`) to which trackers. `mask_path`: the frozen set, kept in
+    the output as `frozen.mask.safetensors`. `rows_per_task`: how many of `examples` came from
+    each task, kept in the record. `callbacks`: Ray Train callbacks (a Tune search passes
+    TuneReportCallback); `val_examples`: encoded validation rows whose loss each metrics report
+    carries as `val_loss`."""
+    if frozen and cfg.consolidate.zero_stage != 3:
+        # The config refuses it for consolidate.freeze; a baseline sets its frozen tasks itself.
         raise ValueError(
-            f"consolidate.zero_stage is {tc.zero_stage}: the consolidation engine "
-            "runs DeepSpeed ZeRO-3 only (set it to 3; offload etc. go through "
-            "consolidate.deepspeed)"
+            f"consolidate.zero_stage is {cfg.consolidate.zero_stage}: element freezing works on "
+            "ZeRO-3 partitions only (set it to 3)"
         )
-    return fit_job(
-        train_loop_per_worker,
-        {
-            "consolidate": tc.model_dump(),
-            "data": cfg.data.model_dump(),
-            "model": cfg.model.model_dump(),
-            "stage": stage,
-            "tasks": tasks,
-            "frozen_tasks": frozen,
-            "start_dir": str(start_dir),
-            "out_dir": str(out_dir),
-            "mask_path": str(mask_path),
-            "examples": ray.put(examples),
-            "pad_id": pad_id,
-            "fingerprint": fingerprint,
-            "job": job,
-            "metrics_path": str(metrics_path),
-            "tracking": tracking,
-            "fault": fault,
-            "rows_per_task": rows_per_task,
-            "val_examples": ray.put(val_examples) if val_examples else None,
-        },
+    return fit_sft(
         cfg,
         "consolidate",
         name=f"consolidate-{stage}-{fingerprint}",
-        storage=storage,
+        start_dir=start_dir,
         out_dir=out_dir,
+        examples=examples,
+        pad_id=pad_id,
+        storage=storage,
         fingerprint=fingerprint,
-        record=STAGE_RECORD,
+        record={
+            "stage": stage,
+            "tasks": tasks,
+            "frozen_tasks": frozen,
+            "freeze": cfg.consolidate.freeze,
+            "rows_per_task": rows_per_task,
+        },
+        record_name=STAGE_RECORD,
+        job=job,
+        metrics_path=metrics_path,
+        tracking=tracking,
+        mask_path=mask_path,
+        side_files={FROZEN_MASK: mask_path},
+        fault=fault,
         callbacks=callbacks,
+        val_examples=val_examples,
     )
 
 
@@ -434,8 +205,6 @@ def stage_data(
 
 def stage_rows_per_task(cfg: PipelineConfig, groups: list[list[str]], k: int, n: int) -> dict[str, int]:
     """Rows stage k draws from each task (what its record and the budget file show)."""
-    from cpi_ray.data.batching import mix_counts
-
     weights = {t.name: t.weight for t in cfg.tasks}
     out: dict[str, int] = {}
     for tasks, rows, _ in stage_data(cfg, groups, k, n):
@@ -446,8 +215,6 @@ def stage_rows_per_task(cfg: PipelineConfig, groups: list[list[str]], k: int, n:
 
 def group_examples(cfg: PipelineConfig, tokenizer, groups: list[list[str]], k: int, n: int) -> list[dict]:
     """n encoded training rows for stage k, as `stage_data` plans them."""
-    from cpi_ray.data.batching import build_train_examples, mix_examples
-
     parts = stage_data(cfg, groups, k, n)
     per_task = build_train_examples(
         cfg, tokenizer, list(dict.fromkeys(t for tasks, _, _ in parts for t in tasks))
@@ -499,8 +266,6 @@ class ConsolidateStage(Stage):
         self.val_examples = val_examples
 
     def config_slice(self, cfg: PipelineConfig) -> dict:
-        from cpi_ray.data.tasks import task_identity
-
         return {
             "consolidate": cfg.consolidate.recipe_dump(),
             "data": cfg.data.model_dump(),
@@ -509,8 +274,6 @@ class ConsolidateStage(Stage):
         }
 
     def run(self, ctx: RunContext) -> list[Path]:
-        from cpi_ray.models.loading import load_tokenizer
-
         cfg, tc = ctx.cfg, ctx.cfg.consolidate
         groups = read_groups(ctx.layout.groups_json)
         region = {t: ctx.layout.mask(t) for g in groups for t in g}

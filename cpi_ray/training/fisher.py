@@ -1,10 +1,11 @@
-"""Diagonal empirical Fisher of a task's loss at the probe's weights: the mean over N batches of
-the squared gradient of the batch loss, in fp32 (the sensitivity scores of `regions.score`).
+"""Diagonal empirical Fisher of a task's loss at an SFT job's final weights: the mean over N
+batches of the squared gradient of the batch loss, in fp32 (the sensitivity scores of
+`regions.score`), computed on the job's DeepSpeed engine so that ZeRO-3 keeps it sharded.
 
 With several workers, each batch is the global batch split across ranks: every rank divides its
-summed token loss by the *global* supervised-token count and the gradients are summed across
-ranks, so the squared quantity is the global batch's gradient and the result does not depend on
-the number of workers.
+summed token loss by the *global* supervised-token count, so the gradient summed over ranks is the
+global batch's gradient and the result does not depend on the number of workers. DeepSpeed
+averages gradients over ranks; the loss is scaled by the world size to undo it.
 """
 
 from __future__ import annotations
@@ -12,37 +13,51 @@ from __future__ import annotations
 from typing import Iterator
 
 import torch
+import torch.distributed as dist
 
 from cpi_ray.training.sft import token_loss_sum
 
+# Imported where used: deepspeed (only after the worker has set its accelerator).
 
-def diagonal_fisher(
-    model: torch.nn.Module,
+
+def engine_fisher(
+    engine,
+    params: list[tuple[str, torch.nn.Parameter]],
     batches: Iterator[dict],
     n_batches: int,
     device: torch.device,
-    names: list[str],
     world_size: int = 1,
 ) -> dict[str, torch.Tensor]:
-    """{parameter name: mean squared gradient} for the named parameters (fp32, on CPU)."""
-    import torch.distributed as dist
+    """{parameter name: mean squared gradient} of this rank's part of each parameter: its flat
+    (padded) partition under ZeRO-3, the whole tensor below it. No optimizer step is taken: the
+    gradients are read at a forced accumulation boundary and cleared."""
+    # DeepSpeed is imported where used (see the module's marker).
+    from deepspeed.utils import safe_get_full_grad, safe_get_local_grad
 
-    params = dict(model.named_parameters())
-    chosen = [(n, params[n]) for n in names]
-    acc = {n: torch.zeros(p.shape, dtype=torch.float32, device=device) for n, p in chosen}
-    model.eval()  # no dropout: the gradient at exactly these weights
+    def grad(p: torch.nn.Parameter) -> torch.Tensor:
+        g = safe_get_local_grad(p) if hasattr(p, "ds_id") else safe_get_full_grad(p)
+        if g is None:
+            return torch.zeros(p.ds_tensor.numel() if hasattr(p, "ds_id") else p.numel(), device=device)
+        return g.detach().float().reshape(-1)
+
+    acc: dict[str, torch.Tensor] = {}
+    engine.eval()  # no dropout: the gradient at exactly these weights
+    engine.optimizer.zero_grad()
     for _ in range(n_batches):
         b = {k: v.to(device) for k, v in next(batches).items()}
         tokens = (b["labels"][:, 1:] != -100).sum().to(torch.float64)
         if world_size > 1:
             dist.all_reduce(tokens)
-        model.zero_grad(set_to_none=True)
-        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-        (token_loss_sum(logits, b["labels"]) / tokens.clamp(min=1).float()).backward()
-        for n, p in chosen:
-            g = p.grad.float() if p.grad is not None else torch.zeros_like(acc[n])
-            if world_size > 1:
-                dist.all_reduce(g)
-            acc[n].add_(g.square())
-    model.zero_grad(set_to_none=True)
-    return {n: (a / n_batches).cpu() for n, a in acc.items()}
+        logits = engine(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+        loss = token_loss_sum(logits, b["labels"]) / tokens.clamp(min=1).float() * world_size
+        engine.set_gradient_accumulation_boundary(True)
+        engine.backward(loss, scale_wrt_gas=False)
+        for name, p in params:
+            g = grad(p)
+            if name in acc:
+                acc[name].add_(g.square())
+            else:
+                acc[name] = g.square()
+        engine.optimizer.zero_grad()
+    engine.train()
+    return {n: a.div_(n_batches) for n, a in acc.items()}

@@ -27,6 +27,8 @@ from cpi_ray.io.masks import MaskFile
 from cpi_ray.io.safetensors_io import CheckpointReader
 from cpi_ray.training.zero3 import local_range
 
+# Imported where used: deepspeed (only after the worker has set DS_ACCELERATOR).
+
 # Below this density a frozen set is kept as indices (8 B each), above it as a bool mask
 # (1 B per element of the partition), whichever is smaller.
 _INDEX_DENSITY = 1 / 8

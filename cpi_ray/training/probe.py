@@ -10,40 +10,22 @@ of another task changes.
 from __future__ import annotations
 
 import logging
-import os
 import re
-import tempfile
-import time
 from pathlib import Path
-from typing import Any
 
-import torch
+from tqdm import tqdm
 
 from cpi_ray.config.schema import PipelineConfig
-from cpi_ray.io.atomic import write_json
 from cpi_ray.io.records import finished_item, load_record
-from cpi_ray.run.progress import METRICS_FILE, TrainLog, last_step, tracking_spec
-from cpi_ray.run.runtime import quiet_train_reports, train_env
+from cpi_ray.regions.scores import needs_fisher
+from cpi_ray.run.progress import last_step, tracking_spec
+from cpi_ray.run.runtime import train_env
 from cpi_ray.run.stage import RunContext, Stage, stable_hash
-from cpi_ray.training.launch import fit_job
-from cpi_ray.training.sft import (
-    accumulate_loss,
-    apply_memory_options,
-    clip_grad,
-    kill_once,
-    make_optimizer,
-    make_scheduler,
-    micro_batch_size,
-    should_report,
-    sum_over_ranks,
-)
+from cpi_ray.training.engine import fit_sft
 
 log = logging.getLogger("cpi_ray")
 
 PROBE_RECORD = "probe.json"
-FISHER_DIR = "fisher"  # beside the probe's weights, sharded safetensors named like them
-_CKPT_STATE = "train_state.pt"
-_CKPT_WEIGHTS = "model.safetensors"
 
 
 def probe_fingerprint(cfg: PipelineConfig, task: str, base_id: str) -> str:
@@ -58,196 +40,10 @@ def probe_fingerprint(cfg: PipelineConfig, task: str, base_id: str) -> str:
     )
 
 
-def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Runs on every Ray Train worker: SFT on one task, checkpoints through `ray.train.report`,
-    rank 0 writes the final HF model."""
-    import ray.train
-    import ray.train.torch
-
-    from cpi_ray.data.batching import build_train_examples, iterate_batches
-    from cpi_ray.models.loading import load_model, load_tokenizer, save_model
-
-    cfg = PipelineConfig.model_validate(config["cfg"])
-    tc = cfg.probe
-    quiet_train_reports()
-    task, base_dir, out_dir = config["task"], config["base_dir"], config["out_dir"]
-    train = config["mode"] == "train"  # else: only the Fisher of an existing probe
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.manual_seed(tc.seed)
-    device = ray.train.torch.get_device()
-
-    tok = load_tokenizer(base_dir, cfg.model.trust_remote_code)
-    model = load_model(base_dir if train else out_dir, cfg.model.dtype, cfg.model.trust_remote_code)
-    examples = build_train_examples(cfg, tok, [task])[task]
-    t0 = time.time()
-    record = {} if train else (load_record(Path(out_dir) / PROBE_RECORD) or {})
-    if train:
-        model, loss, start = _train(
-            model,
-            examples,
-            tok,
-            cfg,
-            rank,
-            world,
-            device,
-            task,
-            config["metrics_path"],
-            config["tracking"],
-            config.get("fault"),
-        )
-        record = {
-            "task": task,
-            "fingerprint": config["fingerprint"],
-            "steps": tc.steps,
-            "final_loss": loss,
-            "train_rows": len(examples),
-            "resumed_at_step": start,
-            "train_time_s": round(time.time() - t0, 2),
-        }
-    raw = model.module if hasattr(model, "module") else model
-
-    fisher = None
-    if config["fisher_batches"]:
-        from cpi_ray.models.loading import unique_state_dict
-        from cpi_ray.training.fisher import diagonal_fisher
-
-        t1 = time.time()
-        params = dict(raw.named_parameters())
-        names = [n for n, t in unique_state_dict(raw).items() if n in params and t.is_floating_point()]
-        batches = iterate_batches(
-            examples,
-            micro_batch_size(tc),
-            tok.pad_token_id,
-            seed=tc.seed + 1,
-            packing=cfg.data.packing,
-            rank=rank,
-            world_size=world,
-            max_seq_len=cfg.data.max_seq_len,
-        )
-        fisher = diagonal_fisher(raw, batches, config["fisher_batches"], device, names, world)
-        record["fisher"] = {"batches": config["fisher_batches"], "time_s": round(time.time() - t1, 2)}
-        log.info(
-            "probe %s: Fisher over %d batches in %.1fs (training took %.1fs)",
-            task,
-            config["fisher_batches"],
-            time.time() - t1,
-            record.get("train_time_s", 0.0),
-        )
-
-    if rank == 0:
-        from cpi_ray.io.atomic import atomic_dir, atomic_file
-        from cpi_ray.io.safetensors_io import save_sharded
-        from cpi_ray.io.sizes import parse_size
-
-        shard = parse_size(cfg.model.max_shard_size)
-        if train:
-            save_model(raw, tok, out_dir, shard)
-            with atomic_file(Path(out_dir) / METRICS_FILE) as f:
-                f.write(Path(config["metrics_path"]).read_bytes())
-        if fisher is not None:
-            with atomic_dir(Path(out_dir) / FISHER_DIR) as d:
-                save_sharded(fisher, d, shard)
-        # Written last: a probe directory without it (or with another fingerprint) is redone.
-        write_json(Path(out_dir) / PROBE_RECORD, record)
-
-
-def _train(
-    model,
-    examples,
-    tok,
-    cfg: PipelineConfig,
-    rank: int,
-    world: int,
-    device,
-    task: str,
-    metrics_path: str,
-    tracking: dict,
-    fault: dict | None = None,
-):
-    import ray.train
-    import ray.train.torch
-    from safetensors.torch import load_file, save_file
-
-    from cpi_ray.data.batching import iterate_batches
-
-    tc = cfg.probe
-    start = 0
-    ckpt = ray.train.get_checkpoint()
-    state = None
-    if ckpt is not None:
-        with ckpt.as_directory() as d:
-            model.load_state_dict(load_file(os.path.join(d, _CKPT_WEIGHTS)), strict=False)
-            state = torch.load(os.path.join(d, _CKPT_STATE), weights_only=True)
-        start = int(state["step"])
-    apply_memory_options(model, tc)
-    model = ray.train.torch.prepare_model(model)
-    opt = make_optimizer(model, tc)
-    sched = make_scheduler(opt, tc)
-    if state is not None:
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-
-    batches = iterate_batches(
-        examples,
-        micro_batch_size(tc),
-        tok.pad_token_id,
-        seed=tc.seed,
-        packing=cfg.data.packing,
-        rank=rank,
-        world_size=world,
-        max_seq_len=cfg.data.max_seq_len,
-    )
-    # Skip what the resumed steps consumed, so that a resumed run sees the same data.
-    for _ in range(start * tc.grad_accum):
-        next(batches)
-
-    model.train()
-    train_log = TrainLog(metrics_path, f"probe {task}", tc.steps, start, rank, tracking=tracking)
-    every = max(1, tc.steps // 4)
-    loss = float("nan")
-    for step in range(start, tc.steps):
-        lr = sched.get_last_lr()[0]  # the rate this step applies
-        loss, tokens = accumulate_loss(model, batches, tc, device)
-        gnorm = clip_grad(model, tc)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        metrics = train_log.step(step + 1, loss, lr, gnorm, sum_over_ranks(tokens, device))
-        metrics["task"] = task
-        if (step + 1) % every == 0 and step + 1 < tc.steps:
-            _report_checkpoint(metrics, model, opt, sched, step + 1, rank, save_file)
-        elif should_report(step + 1, tc.steps):
-            ray.train.report(metrics)
-        if fault and step + 1 == fault["step"] and rank == fault["rank"]:
-            kill_once(fault)
-    train_log.close()
-    return model, loss, start
-
-
-def _report_checkpoint(metrics, model, opt, sched, step, rank, save_file) -> None:
-    import ray.train
-
-    from cpi_ray.models.loading import unique_state_dict
-
-    with tempfile.TemporaryDirectory() as d:
-        ckpt = None
-        if rank == 0:
-            raw = model.module if hasattr(model, "module") else model
-            save_file(
-                {k: v.detach().cpu().contiguous() for k, v in unique_state_dict(raw).items()},
-                os.path.join(d, _CKPT_WEIGHTS),
-            )
-            torch.save(
-                {"step": step, "optimizer": opt.state_dict(), "scheduler": sched.state_dict()},
-                os.path.join(d, _CKPT_STATE),
-            )
-            ckpt = ray.train.Checkpoint.from_directory(d)
-        ray.train.report(metrics, checkpoint=ckpt)
-
-
 class ProbeStage(Stage):
     name = "probe"
+    # 2: trained on the SFT engine (DeepSpeed) instead of a DDP loop of its own
+    version = 2
     depends = ()
 
     def __init__(self, fault: dict | None = None):
@@ -271,6 +67,7 @@ class ProbeStage(Stage):
         return ctx.layout.train_log(f"probe-{task}")
 
     def run(self, ctx: RunContext) -> list[Path]:
+        # Ray is imported where used: the CLI and the config checks load stage classes without it.
         import ray
 
         cfg = ctx.cfg
@@ -306,14 +103,13 @@ class ProbeStage(Stage):
                 fisher_batches,
                 str(self.metrics_path(ctx, task)),
                 tracking_spec(cfg, ctx.layout),
+                str(ctx.layout.fisher(task)),
                 self.fault if self.fault and self.fault["task"] == task else None,
             )
             for task, fp, mode in pending
         }
         log.info("probe: %d trainer(s) submitted (%s)", len(refs), ", ".join(refs))
         failures = {}
-        from tqdm import tqdm
-
         # The bar counts the steps the trainers' live metrics record (tasks for a Fisher-only pass).
         training = [task for task, _, mode in pending if mode == "train"]
         total = cfg.probe.steps * len(training)
@@ -356,7 +152,6 @@ class ProbeStage(Stage):
 
 def fisher_batches_needed(cfg: PipelineConfig) -> int:
     """Batches of the Fisher each probe must carry: only when a core score uses it."""
-    from cpi_ray.regions.scores import needs_fisher
 
     return cfg.probe.fisher_batches if needs_fisher(cfg.regions.score) else 0
 
@@ -372,30 +167,39 @@ def _fit_probe(
     fisher_batches: int,
     metrics_path: str,
     tracking: dict,
+    fisher_dir: str,
     fault: dict | None = None,
 ) -> dict:
+    """One task's probe on the SFT engine (inside a zero-CPU Ray task, so that the probes run in
+    parallel): its training rows are encoded here, once, and reach the workers through the object
+    store. `mode` fisher: only the Fisher of the probe already in `out_dir`."""
+    # Imported here, in the Ray task: tokenizers and datasets are not needed by the driver.
+    from cpi_ray.data.batching import build_train_examples
+    from cpi_ray.models.loading import load_tokenizer
+
     cfg = PipelineConfig.model_validate(cfg_dump)
-    return fit_job(
-        train_loop_per_worker,
-        {
-            "cfg": cfg_dump,
-            "task": task,
-            "base_dir": base_dir,
-            "out_dir": out_dir,
-            "fingerprint": fingerprint,
-            "mode": mode,
-            "fisher_batches": fisher_batches,
-            "metrics_path": metrics_path,
-            "tracking": tracking,
-            "fault": fault,
-        },
+    tok = load_tokenizer(base_dir, cfg.model.trust_remote_code)
+    train = mode == "train"
+    record = {"task": task} if train else (load_record(Path(out_dir) / PROBE_RECORD) or {"task": task})
+    return fit_sft(
         cfg,
         "probe",
         name=f"probe-{task}-{fingerprint}-{mode}",
-        storage=storage,
-        out_dir=out_dir,
+        start_dir=Path(base_dir if train else out_dir),
+        out_dir=Path(out_dir),
+        examples=build_train_examples(cfg, tok, [task])[task],
+        pad_id=tok.pad_token_id,
+        storage=Path(storage),
         fingerprint=fingerprint,
-        record=PROBE_RECORD,
+        record=record,
+        record_name=PROBE_RECORD,
+        job=f"probe {task}",
+        metrics_path=Path(metrics_path),
+        tracking=tracking,
+        train=train,
+        fisher_batches=fisher_batches,
+        fisher_dir=Path(fisher_dir),
+        fault=fault,
     )
 
 

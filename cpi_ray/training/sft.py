@@ -1,14 +1,17 @@
-"""Pieces of a supervised fine-tuning loop shared by the trainers: optimizer and schedule from our
-config, precision, and one optimizer step over accumulated micro-batches."""
+"""Pieces of the SFT engine's loop (`cpi_ray.training.engine`): the optimizer's parameter groups
+and the LR schedule from our config, memory options, and one optimizer step over accumulated
+micro-batches."""
 
 from __future__ import annotations
 
-import contextlib
 from typing import Callable, Iterable, Iterator, Optional
 
 import torch
+import torch.distributed as dist
+from transformers import get_scheduler
 
 from cpi_ray.config.schema import TrainConfig
+from cpi_ray.run import faults
 
 
 def param_groups(params: Iterable[torch.nn.Parameter], weight_decay: float) -> list[dict]:
@@ -21,17 +24,10 @@ def param_groups(params: Iterable[torch.nn.Parameter], weight_decay: float) -> l
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def make_optimizer(model: torch.nn.Module, tc: TrainConfig) -> torch.optim.Optimizer:
-    groups = param_groups(model.parameters(), tc.weight_decay)
-    return torch.optim.AdamW(groups, lr=tc.lr, betas=(0.9, 0.999), eps=1e-8)
-
-
 def make_scheduler(optimizer: torch.optim.Optimizer, tc: TrainConfig):
     """The LR schedule of every SFT job (probes, consolidation stages, baselines), transformers'
     `get_scheduler`: linear warm-up from 0 over `int(warmup_ratio * steps)` optimizer steps, then
     cosine or linear decay to 0 at `steps`, or constant."""
-    from transformers import get_scheduler
-
     name = "constant_with_warmup" if tc.schedule == "constant" else tc.schedule
     return get_scheduler(
         name, optimizer, num_warmup_steps=int(tc.warmup_ratio * tc.steps), num_training_steps=tc.steps
@@ -51,12 +47,6 @@ def apply_memory_options(model: torch.nn.Module, tc: TrainConfig) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
-def autocast(tc: TrainConfig, device: torch.device):
-    if tc.precision == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 def should_report(step: int, total: int, reports: int = 10) -> bool:
     """Whether 1-based `step` reports its metrics: about `reports` times per run and at the end.
 
@@ -66,31 +56,25 @@ def should_report(step: int, total: int, reports: int = 10) -> bool:
     return step % max(1, total // reports) == 0 or step == total
 
 
-def micro_batch_size(tc: TrainConfig) -> int:
-    return tc.batch_size // tc.grad_accum
-
-
 def accumulate_loss(
     model: torch.nn.Module,
     batches: Iterator[dict],
     tc: TrainConfig,
     device: torch.device,
     backward: Optional[Callable[[torch.Tensor], None]] = None,
-    amp: bool = True,
 ) -> tuple[float, int]:
     """Forward/backward `grad_accum` micro-batches. Returns the mean loss per supervised token
     and the input (non-padding) tokens this rank processed.
 
     Each micro-batch's summed token loss is divided by the token count of the whole accumulated
     batch, so that a step's gradient is the same however the batch is split. `backward` replaces
-    `loss.backward()` (DeepSpeed's engine backward and step); `amp=False` leaves precision to it."""
+    `loss.backward()` (DeepSpeed's engine backward and step, which keeps precision itself)."""
     micro = [next(batches) for _ in range(tc.grad_accum)]
     tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
     total = 0.0
     for b in micro:
         b = {k: v.to(device) for k, v in b.items()}
-        with autocast(tc, device) if amp else contextlib.nullcontext():
-            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
         loss = token_loss_sum(logits, b["labels"]) / max(tokens, 1)
         (backward or torch.Tensor.backward)(loss)
         total += float(loss.detach())
@@ -99,8 +83,6 @@ def accumulate_loss(
 
 def sum_over_ranks(n: int, device: torch.device) -> int:
     """`n` summed over the job's ranks (a collective when torch.distributed is up)."""
-    import torch.distributed as dist
-
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return n
     t = torch.tensor([n], dtype=torch.float64, device=device)
@@ -115,16 +97,8 @@ def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.cross_entropy(shift_logits, shift_labels, ignore_index=-100, reduction="sum")
 
 
-def clip_grad(model: torch.nn.Module, tc: TrainConfig) -> Optional[float]:
-    if tc.max_grad_norm is None:
-        return None
-    return float(torch.nn.utils.clip_grad_norm_(model.parameters(), tc.max_grad_norm))
-
-
 def kill_once(fault: dict) -> None:
     """Fault injection for tests: SIGKILL this worker once, after `delay_s` (8 s by default),
     which gives the controller time to poll the reports (and register the checkpoint) already
     made, so that the test knows which checkpoint the restart must use."""
-    from cpi_ray.run import faults
-
     faults.kill_once(fault["marker"], float(fault.get("delay_s", 8.0)))

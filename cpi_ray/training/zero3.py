@@ -1,13 +1,11 @@
-"""DeepSpeed ZeRO-3 plumbing for consolidation: the generated DeepSpeed config, the distributed
-set-up inside a Ray Train worker, partition-wise loading of an HF model from sharded safetensors
-and tensor-by-tensor export back to sharded safetensors.
+"""DeepSpeed plumbing of the SFT engine: the generated DeepSpeed config, the distributed set-up
+inside a Ray Train worker, partition-wise loading of an HF model from sharded safetensors under
+ZeRO-3 (a whole model below it) and tensor-by-tensor export back to sharded safetensors.
 
 Nothing here ever holds the whole model on one rank: loading copies each rank's own flat slice of
 each tensor straight from the memory-mapped checkpoint into its partition (no communication), and
 export all-gathers one tensor at a time, rank 0 writing shards as they fill.
 
-DeepSpeed is imported inside functions so that `DS_ACCELERATOR` can be set in a worker before
-DeepSpeed picks its accelerator.
 """
 
 from __future__ import annotations
@@ -20,8 +18,13 @@ from typing import Any, Iterator, Mapping, Optional
 
 import torch
 
-from cpi_ray.config.schema import ConsolidateConfig
-from cpi_ray.io.safetensors_io import CheckpointReader, save_model_dir
+from cpi_ray.config.schema import TrainConfig
+from cpi_ray.io.atomic import atomic_dir
+from cpi_ray.io.safetensors_io import CheckpointReader, save_model_dir, save_sharded
+
+# A worker sets DS_ACCELERATOR before DeepSpeed first loads and picks its accelerator; transformers'
+# DeepSpeed integration loads DeepSpeed too.
+# Imported where used: deepspeed, transformers, ray (in Ray Train workers only).
 
 PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -40,9 +43,11 @@ def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str
     return out
 
 
-def build_ds_config(cfg: ConsolidateConfig, world_size: int, use_gpu: bool = False) -> dict[str, Any]:
-    """The DeepSpeed config for one consolidation stage: our recipe, with the user's
-    `consolidate.deepspeed` dict deep-merged over it (offload, bucket sizes, ... win)."""
+def build_ds_config(
+    cfg: TrainConfig, world_size: int, use_gpu: bool = False, section: str = "consolidate"
+) -> dict[str, Any]:
+    """The DeepSpeed config of one SFT job: our recipe, with the user's `<section>.deepspeed`
+    dict deep-merged over it (offload, bucket sizes, ... win)."""
     micro = cfg.batch_size // cfg.grad_accum
     opt_params: dict[str, Any] = {
         "lr": cfg.lr,
@@ -73,7 +78,7 @@ def build_ds_config(cfg: ConsolidateConfig, world_size: int, use_gpu: bool = Fal
     merged = deep_merge(generated, cfg.deepspeed)
     if cfg.deepspeed.get("fp16", {}).get("enabled") and not use_gpu:
         raise ValueError(
-            "consolidate.deepspeed enables fp16, which DeepSpeed does not support on CPU;"
+            f"{section}.deepspeed enables fp16, which DeepSpeed does not support on CPU;"
             " use precision: bf16 or fp32"
         )
     # The batch arithmetic must stay consistent whatever the user overrode.
@@ -83,7 +88,7 @@ def build_ds_config(cfg: ConsolidateConfig, world_size: int, use_gpu: bool = Fal
         merged["train_batch_size"] = mb * ga * world_size
     elif merged["train_batch_size"] != mb * ga * world_size:
         raise ValueError(
-            f"consolidate.deepspeed: train_batch_size {merged['train_batch_size']} != micro batch "
+            f"{section}.deepspeed: train_batch_size {merged['train_batch_size']} != micro batch "
             f"{mb} x accumulation {ga} x workers {world_size}"
         )
     return merged
@@ -150,6 +155,28 @@ def checkpoint_name(name: str, reader: CheckpointReader) -> str:
 
 
 # ---------------------------------------------------------------------------- loading
+
+
+def is_zero3(ds_config: Mapping[str, Any]) -> bool:
+    return int(ds_config.get("zero_optimization", {}).get("stage", 0)) == 3
+
+
+def load_engine_model(
+    model_dir: str | os.PathLike,
+    ds_config: Mapping[str, Any],
+    dtype: torch.dtype = torch.float32,
+    trust_remote_code: bool = False,
+):
+    """The job's model before `deepspeed.initialize`: partitioned under ZeRO-3
+    (`load_zero3_model`), whole on every rank below it. Returns (model, hf_ds_config or None)."""
+    if is_zero3(ds_config):
+        return load_zero3_model(model_dir, ds_config, dtype, trust_remote_code)
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True
+    )
+    return model, None
 
 
 def load_zero3_model(
@@ -248,16 +275,59 @@ def gathered_tensors(
     rank = dist.get_rank()
     for name, p in named_parameters(model):
         full = safe_get_full_fp32_param(p)
-        if full is None:  # not trainable: no master copy; gather the working copy instead
+        if full is None and hasattr(p, "ds_id"):
+            # Not trainable: no master copy; gather the working copy instead.
             import deepspeed
 
             with deepspeed.zero.GatheredParameters([p]):
                 full = p.data.detach().clone()
+        elif full is None:  # below ZeRO-3 in fp32 the parameter is its own master
+            full = p.data
         if rank0_only and rank != 0:
             yield name, torch.empty(0)
             continue
         dt = (dtypes or {}).get(name, full.dtype)
-        yield name, full.detach().to("cpu", dtype=dt).reshape(p.ds_shape).contiguous()
+        yield name, full.detach().to("cpu", dtype=dt).reshape(getattr(p, "ds_shape", p.shape)).contiguous()
+
+
+def gathered_partitions(
+    params: list[tuple[str, torch.nn.Parameter]], local: Mapping[str, torch.Tensor]
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (name, full tensor) of per-parameter values each rank holds for its own partition
+    (`local[name]`, the padded partition's length under ZeRO-3, the full tensor below it), one
+    tensor at a time on rank 0. Collective: every rank must exhaust it."""
+    import deepspeed.comm as dist
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    for name, p in params:
+        part = local[name].detach()
+        if not hasattr(p, "ds_id"):
+            yield name, part.to("cpu").reshape(p.shape).contiguous() if rank == 0 else torch.empty(0)
+            continue
+        pieces = [torch.empty_like(part) for _ in range(world)] if world > 1 else [part]
+        if world > 1:
+            dist.all_gather(pieces, part.contiguous())
+        if rank == 0:
+            full = torch.cat(pieces)[: p.ds_numel]
+            yield name, full.to("cpu").reshape(p.ds_shape).contiguous()
+        else:
+            yield name, torch.empty(0)
+
+
+def export_tensors(
+    tensors: Iterator[tuple[str, torch.Tensor]], out_dir: str | os.PathLike, max_shard_size: int
+) -> None:
+    """Exhaust a collective tensor iterator on every rank; rank 0 writes the tensors atomically as
+    sharded safetensors into `out_dir`."""
+    import deepspeed.comm as dist
+
+    if dist.get_rank() == 0:
+        with atomic_dir(Path(out_dir)) as tmp:
+            save_sharded(tensors, tmp, max_shard_size)
+    else:
+        for _ in tensors:
+            pass
+    dist.barrier()
 
 
 def export_hf_model(
