@@ -44,30 +44,21 @@ def bench_worker(config: dict) -> None:
 
     from cpi_ray.config.schema import ConsolidateConfig
     from cpi_ray.io.masks import MaskFile
-    from cpi_ray.io.safetensors_io import CheckpointReader
     from cpi_ray.training import zero3
 
     tc = ConsolidateConfig.model_validate(config["consolidate"])
     zero3.set_accelerator_env(tc.use_gpu)
-    import deepspeed
-    from deepspeed.utils import safe_get_local_fp32_param, safe_get_local_optimizer_state
-
-    from cpi_ray.training.freeze import ElementFreezer
+    from cpi_ray.training.engine import build_engine
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = zero3.worker_device(tc.use_gpu)
     zero3.init_distributed(tc.use_gpu)
-    ds_config = zero3.build_ds_config(tc, world, tc.use_gpu)
-    model, _keep = zero3.load_zero3_model(
-        config["model_dir"], ds_config, zero3.PRECISION_DTYPES[tc.precision]
-    )
-    model.config.use_cache = False
-    params = zero3.named_parameters(model)
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=[p for _, p in params], config=ds_config)
     mask = MaskFile(config["mask"])
-    with CheckpointReader(config["model_dir"]) as reader:
-        freezer = ElementFreezer(params, mask, reader)
+    engine, _, params, freezer = build_engine(
+        tc, Path(config["model_dir"]), world, section="consolidate", mask=mask
+    )
+    model = engine.module
     n_params = sum(p.ds_numel for _, p in params)
 
     g = torch.Generator().manual_seed(rank)
@@ -104,17 +95,7 @@ def bench_worker(config: dict) -> None:
         plain += [step(None) for _ in range(config["steps"])]
         masked += [step(freezer) for _ in range(config["steps"])]
 
-    state = 0
-    for _, p in params:
-        part = p.ds_tensor.numel()
-        state += part * p.ds_tensor.element_size()  # working partition
-        master = safe_get_local_fp32_param(p)
-        if master.data_ptr() != p.ds_tensor.data_ptr():
-            state += master.numel() * master.element_size()
-        for key in ("exp_avg", "exp_avg_sq"):
-            s = safe_get_local_optimizer_state(p, key)
-            state += s.numel() * s.element_size()
-        state += part * 4  # fp32 gradient partition
+    state = zero3.rank_state_bytes(params, engine.optimizer)
     out = {
         "rank": rank,
         "world": world,

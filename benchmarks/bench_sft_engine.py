@@ -65,30 +65,12 @@ def rows(n: int, seq: int, vocab: int, seed: int = 0) -> list[dict]:
     return out
 
 
-def state_bytes(engine_or_model, optimizer) -> int:
-    """Bytes this rank holds of weights, gradients, fp32 masters and AdamW moments."""
-    total = 0
-    for p in engine_or_model.parameters():
-        t = p.ds_tensor if hasattr(p, "ds_tensor") else p.data
-        total += t.numel() * t.element_size()
-        if p.grad is not None:
-            total += p.grad.numel() * p.grad.element_size()
-    inner = getattr(optimizer, "optimizer", optimizer)
-    for st in inner.state.values():
-        total += sum(v.numel() * v.element_size() for v in st.values() if torch.is_tensor(v) and v.dim())
-    for flat in getattr(optimizer, "fp32_partitioned_groups_flat", []):
-        total += flat.numel() * flat.element_size()
-        if flat.grad is not None:
-            total += flat.grad.numel() * flat.grad.element_size()
-    grads = getattr(optimizer, "_DeepSpeedZeroOptimizer_Stage3__param_id_to_grad_partition", {})
-    total += sum(g.numel() * g.element_size() for g in grads.values())
-    return total
-
-
 def worker(rank: int, world: int, mode: str, mdir: str, data: list, args: dict, out: str) -> None:
     os.environ.update(DS_ACCELERATOR="cpu", LOCAL_RANK=str(rank), RANK=str(rank), WORLD_SIZE=str(world))
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     import torch.distributed as dist
+
+    from cpi_ray.training.zero3 import rank_state_bytes
 
     dist.init_process_group("gloo", init_method=f"file://{args['init']}", rank=rank, world_size=world)
     torch.manual_seed(0)
@@ -119,19 +101,19 @@ def worker(rank: int, world: int, mode: str, mdir: str, data: list, args: dict, 
             opt.zero_grad(set_to_none=True)
             return loss
 
-        holder, optimizer = model, opt
+        params, optimizer = list(model.named_parameters()), opt
     else:
         from cpi_ray.training import zero3
         from cpi_ray.training.engine import build_engine, train_step
 
         zero3.init_distributed(False)
-        engine, _, _, freezer = build_engine(tc, Path(mdir), world)
+        engine, _, params, freezer = build_engine(tc, Path(mdir), world)
         engine.train()
 
         def step() -> float:
             return train_step(engine, freezer, batches, tc, device)[0]
 
-        holder, optimizer = engine.module, engine.optimizer
+        optimizer = engine.optimizer
     losses, times = [], []
     for _ in range(args["steps"]):
         t = time.perf_counter()
@@ -140,7 +122,7 @@ def worker(rank: int, world: int, mode: str, mdir: str, data: list, args: dict, 
     rec = {
         "losses": losses,
         "step_s": times,
-        "state_bytes": state_bytes(holder, optimizer),
+        "state_bytes": rank_state_bytes(params, optimizer),
         "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
     }
     gathered = [None] * world
@@ -165,6 +147,12 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=8, help="optimizer steps per run (the first is warm-up)")
     ap.add_argument("--batch", type=int, default=4, help="rows per optimizer step (split over ranks)")
     ap.add_argument("--seq", type=int, default=128, help="tokens per row")
+    ap.add_argument(
+        "--runs",
+        nargs="+",
+        default=["plainx1", "zero0x1", "zero3x1", "zero0x2", "zero3x2"],
+        help="which runs (plain is the reference and always runs)",
+    )
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "cpi-bench-sft-engine")
     ap.add_argument("--results", type=Path, metavar="DIR")
     args = ap.parse_args()
@@ -174,7 +162,8 @@ def main() -> int:
     data = rows(args.batch * args.steps, args.seq, vocab)
 
     runs = {}
-    for mode, world in (("plain", 1), ("zero0", 1), ("zero3", 1), ("zero0", 2), ("zero3", 2)):
+    for key in dict.fromkeys(["plainx1", *args.runs]):
+        mode, world = key.split("x")[0], int(key.split("x")[1])
         t = time.time()
         runs[f"{mode}x{world}"] = run(mode, world, mdir, data, args, args.work)
         print(f"{mode} x {world}: {time.time() - t:.0f}s", flush=True)
@@ -222,7 +211,7 @@ def main() -> int:
         write_json(
             args.results / f"sft-engine-{args.model}.json", {"command": cmd, "runs": runs, "table": table}
         )
-        with atomic_file(args.results / f"sft-engine-{args.model}.md") as f:
+        with atomic_file(args.results / f"sft-engine-{args.model}.md", "w") as f:
             f.write(
                 f"# The SFT engine against a plain PyTorch loop ({args.model} model)\n\n"
                 f"{args.steps} optimizer steps of {args.batch} rows x {args.seq} tokens (split over the "

@@ -158,6 +158,7 @@ def test_probe_worker_killed_resumes_from_checkpoint(ray_session, probe_cfg, tmp
     cfg = probe_cfg.model_copy(deep=True)
     cfg.tasks = cfg.tasks[:1]
     cfg.probe.checkpoint_every = 1
+    cfg.probe.zero_stage = 3  # the partitioned checkpoint (the config's probes run ZeRO-0)
     task = cfg.tasks[0].name
     base_dir, base_id = resolve_base_model(cfg)
     marker = tmp_path / "killed"

@@ -16,12 +16,13 @@ def test_tied_embeddings_load_train_and_export(tmp_path):
                           LOCAL_RANK="0", DS_ACCELERATOR="cpu")
         import torch.distributed as dist
         dist.init_process_group("gloo")
-        import deepspeed
+        from pathlib import Path
         from cpi_ray.config.schema import ConsolidateConfig
         from cpi_ray.io.safetensors_io import CheckpointReader, save_sharded
         from cpi_ray.models.loading import unique_state_dict
         from cpi_ray.models.tiny import build_tiny_model
         from cpi_ray.training import zero3
+        from cpi_ray.training.engine import build_engine
 
         m, _ = build_tiny_model(seed=0)
         m.config.tie_word_embeddings = True
@@ -31,7 +32,6 @@ def test_tied_embeddings_load_train_and_export(tmp_path):
         save_sharded(unique_state_dict(m), src, 100_000)
         m.config.save_pretrained(src)
         zero3.init_distributed(False)
-        ds = zero3.build_ds_config(ConsolidateConfig(num_workers=1, batch_size=2), 1, False)
         # The config's precision decides the dtype (DeepSpeed's zero.Init once built fp32
         # runs in bf16 on CPU).
         bf16 = ConsolidateConfig(num_workers=1, batch_size=2, precision="bf16")
@@ -39,12 +39,12 @@ def test_tied_embeddings_load_train_and_export(tmp_path):
         m16, _ = zero3.load_zero3_model(src, ds16, torch.bfloat16)
         assert {{p.dtype for p in m16.parameters()}} == {{torch.bfloat16}}
         del m16
-        model, _hf = zero3.load_zero3_model(src, ds)
-        assert {{p.dtype for p in model.parameters()}} == {{torch.float32}}
-        names = [n for n, _ in zero3.named_parameters(model)]
+        # No warm-up: the one step below trains at the full rate.
+        tc = ConsolidateConfig(num_workers=1, batch_size=2, warmup_ratio=0)
+        engine, _, params, _ = build_engine(tc, Path(src), 1)
+        assert {{p.dtype for p in engine.module.parameters()}} == {{torch.float32}}
+        names = [n for n, _ in params]
         assert "lm_head.weight" not in names and "model.embed_tokens.weight" in names, names
-        engine, *_ = deepspeed.initialize(model=model, config=ds,
-                                          model_parameters=[p for _, p in zero3.named_parameters(model)])
         ids = torch.randint(5, 90, (2, 12))
         engine.backward(engine(input_ids=ids, labels=ids).loss)
         engine.step()

@@ -13,6 +13,7 @@ beside it, and the job's record last, so an output without its record is redone.
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import tempfile
@@ -212,7 +213,8 @@ def build_engine(
     # DeepSpeed is imported where used (see the module's marker).
     import deepspeed
 
-    ds_config = zero3.build_ds_config(tc, world, tc.use_gpu, section=section)
+    hidden = json.loads((Path(start_dir) / "config.json").read_text()).get("hidden_size")
+    ds_config = zero3.build_ds_config(tc, world, tc.use_gpu, section=section, hidden_size=hidden)
     frozen = mask is not None and mask.count() > 0
     if frozen:
         check_freezable(ds_config)

@@ -44,10 +44,17 @@ def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str
 
 
 def build_ds_config(
-    cfg: TrainConfig, world_size: int, use_gpu: bool = False, section: str = "consolidate"
+    cfg: TrainConfig,
+    world_size: int,
+    use_gpu: bool = False,
+    section: str = "consolidate",
+    hidden_size: Optional[int] = None,
 ) -> dict[str, Any]:
     """The DeepSpeed config of one SFT job: our recipe, with the user's `<section>.deepspeed`
-    dict deep-merged over it (offload, bucket sizes, ... win)."""
+    dict deep-merged over it (offload, bucket sizes, ... win). With the model's `hidden_size`,
+    ZeRO-3's bucket sizes and persistence threshold follow it the way transformers' Trainer fills
+    its "auto" values; DeepSpeed's fixed defaults (5e8-element buckets) suit billions of
+    parameters and cost a small model gigabytes of buffers."""
     micro = cfg.batch_size // cfg.grad_accum
     opt_params: dict[str, Any] = {
         "lr": cfg.lr,
@@ -71,6 +78,15 @@ def build_ds_config(
             "overlap_comm": use_gpu,
             "contiguous_gradients": True,
             "stage3_gather_16bit_weights_on_model_save": False,
+            **(
+                {
+                    "reduce_bucket_size": hidden_size * hidden_size,
+                    "stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size),
+                    "stage3_param_persistence_threshold": 10 * hidden_size,
+                }
+                if hidden_size and cfg.zero_stage == 3
+                else {}
+            ),
         },
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
@@ -358,6 +374,27 @@ def export_hf_model(
 # ---------------------------------------------------------------------------- memory
 
 
-def partition_bytes(model: torch.nn.Module) -> int:
-    """Bytes of this rank's parameter partitions (working copy)."""
-    return sum(p.ds_tensor.numel() * p.ds_tensor.element_size() for _, p in named_parameters(model))
+def rank_state_bytes(params: list[tuple[str, torch.nn.Parameter]], optimizer) -> int:
+    """Bytes this rank holds to train `params`: weights, the fp32 master where it is a copy of its
+    own, gradients and AdamW's two moments; ZeRO-3 partitions (read back from DeepSpeed) or whole
+    tensors (`optimizer`'s state, e.g. a plain torch AdamW)."""
+    from deepspeed.utils import safe_get_local_fp32_param, safe_get_local_optimizer_state
+
+    total = 0
+    for _, p in params:
+        if not hasattr(p, "ds_id"):
+            total += 2 * p.numel() * p.element_size()  # weight and gradient
+            state = getattr(optimizer, "state", {}).get(p, {})
+            total += sum(
+                v.numel() * v.element_size() for v in state.values() if torch.is_tensor(v) and v.dim()
+            )
+            continue
+        part = p.ds_tensor
+        total += part.numel() * part.element_size() + part.numel() * 4  # partition, fp32 gradient
+        master = safe_get_local_fp32_param(p)
+        if master is not None and master.data_ptr() != part.data_ptr():
+            total += master.numel() * master.element_size()
+        for key in ("exp_avg", "exp_avg_sq"):
+            st = safe_get_local_optimizer_state(p, key)
+            total += 0 if st is None else st.numel() * st.element_size()
+    return total
