@@ -60,6 +60,7 @@ BASELINE_LABELS = {
     "full_mtl": "full multi-task SFT",
     "full_mtl_light": "full multi-task SFT, CPI-FT's consolidation rows only",
     "multistage": "multi-stage SFT",
+    "dpi": "DPI (CPI-FT's groups from the base, earlier cores frozen, no fusion)",
 }
 COMPARED = ("full_mtl", "multistage")  # the baselines each CPI-FT cell is tested against
 

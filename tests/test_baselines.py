@@ -54,6 +54,23 @@ def test_budgets_match_cpi_ft():
     assert seq["stages"][0]["frozen"] == [] and cpi["stages"][0]["frozen"] == ["reverse"]
 
 
+def test_dpi_trains_cpi_fts_groups_from_the_base_with_earlier_cores_frozen():
+    cfg = _cfg("baselines.modes=[dpi]")
+    groups = [["digits"], ["reverse"], ["upper"]]
+    plan = plan_modes(cfg, groups)["dpi"]
+    assert plan["start"] == "base"
+    assert [(s["tasks"], s["frozen"], s["steps"]) for s in plan["stages"]] == [
+        (["digits"], [], 4),
+        (["reverse"], ["digits"], 4),
+        (["upper"], ["digits", "reverse"], 4),
+    ]
+    # With the probes (shared with CPI-FT), DPI's rows are CPI-FT's.
+    probes = sum(cpi_budget(cfg, groups)["probe_rows"].values())
+    assert probes + plan["rows"] == cpi_budget_rows(cfg, len(groups))
+    with pytest.raises(ValueError, match="needs the groups stage"):
+        plan_modes(cfg, None)
+
+
 def test_light_mode_has_cpi_fts_consolidation_rows_and_plans_count_rows_per_task():
     cfg = _cfg("baselines.modes=[full_mtl, full_mtl_light]", "tasks.digits.weight=2")
     groups = [["digits"], ["reverse", "upper"]]
@@ -116,6 +133,7 @@ def test_every_mode_trains_on_smoke_and_the_report_holds_its_scores(ray_session,
     from cpi_ray.io.safetensors_io import CheckpointReader
     from cpi_ray.models.loading import resolve_base_model
     from cpi_ray.pipeline.runner import run_pipeline
+    from cpi_ray.regions.grouping import read_groups
 
     cfg = _cfg(
         "baselines.modes=[full_mtl, multistage, sequential, sequential_cpi]",
@@ -182,7 +200,7 @@ def test_every_mode_trains_on_smoke_and_the_report_holds_its_scores(ray_session,
         for m in starts
     }
     more = cfg.model_copy(deep=True)
-    more.baselines.modes = [*cfg.baselines.modes, "full_mtl_light"]
+    more.baselines.modes = [*cfg.baselines.modes, "full_mtl_light", "dpi"]
     run_pipeline(more, run, stages=["baselines"])
     for m, files in weights.items():
         assert [
@@ -191,3 +209,15 @@ def test_every_mode_trains_on_smoke_and_the_report_holds_its_scores(ray_session,
     light = json.loads((run / "baselines" / "full_mtl_light" / "baseline.json").read_text())
     n_groups = len(json.loads((run / "groups" / "groups.json").read_text()))
     assert light["stages"][0]["steps"] == cfg.consolidate.steps * n_groups
+    # DPI: CPI-FT's groups in order from the base, each freezing the cores of those before it,
+    # spending CPI-FT's rows with the probes it shares.
+    groups = read_groups(run / "groups" / "groups.json")
+    dpi = json.loads((run / "baselines" / "dpi" / "baseline.json").read_text())
+    assert [st["tasks"] for st in dpi["stages"]] == groups
+    assert [st["frozen"] for st in dpi["stages"]] == [
+        [t for g in groups[:k] for t in g] for k in range(len(groups))
+    ]
+    diff, total = moved(base_dir, run / "baselines" / "dpi")
+    assert diff > total // 2
+    budget = json.loads((run / "baselines" / "budget.json").read_text())
+    assert probe_rows * len(cfg.tasks) + budget["modes"]["dpi"]["rows"] == budget["cpi_rows"]

@@ -9,6 +9,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 OTHER_RUN = textwrap.dedent("""
@@ -52,3 +54,44 @@ def test_a_run_with_no_address_starts_its_own_ray_beside_an_embedded_one():
     finally:
         other.stdin.close()
         other.wait(timeout=60)
+
+
+@pytest.mark.slow  # two short pipelines (Ray Train probes, regions, groups, fuse) side by side
+def test_two_runs_at_once_both_complete(tmp_path):
+    """Two runs started together on one machine with no address: each starts its own embedded
+    Ray, neither joins nor stops the other's, and both finish with their outputs."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    args = [
+        "--stages",
+        "probe,regions,groups,fuse",
+        "--set",
+        "probe.steps=3",
+        "--set",
+        "ray.num_cpus=2",
+        "--set",
+        f"storage.path={tmp_path / 'runs'}",
+    ]
+    runs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                str(ROOT / "jobs" / "cpi_pipeline.py"),
+                "--config",
+                str(ROOT / "jobs/configs/smoke.yaml"),
+            ]
+            + ["--run-dir", str(tmp_path / f"run-{i}"), *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+            cwd=ROOT,
+        )
+        for i in range(2)
+    ]
+    outs = [r.communicate(timeout=1500)[0] for r in runs]
+    for i, (r, out) in enumerate(zip(runs, outs)):
+        assert r.returncode == 0, out[-3000:]
+        assert "embedded local Ray" in out, out[-2000:]
+        assert (tmp_path / f"run-{i}" / "fused" / "model.safetensors.index.json").is_file() or list(
+            (tmp_path / f"run-{i}" / "fused").glob("*.safetensors")
+        )

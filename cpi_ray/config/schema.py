@@ -495,11 +495,15 @@ class ConsolidateConfig(TrainConfig):
 class BaselinesConfig(_Section):
     """Comparison modes trained on the same engine (ZeRO-3 trainer), data and seeds as CPI-FT."""
 
-    modes: list[Literal["full_mtl", "full_mtl_light", "multistage", "sequential", "sequential_cpi"]] = Field(
+    modes: list[
+        Literal["full_mtl", "full_mtl_light", "multistage", "dpi", "sequential", "sequential_cpi"]
+    ] = Field(
         default_factory=list,
         description="full_mtl: all tasks mixed, CPI-FT's whole budget; full_mtl_light: all tasks "
-        "mixed, only CPI-FT's consolidation rows; multistage: group by group, no freezing; "
-        "sequential: task A then B; sequential_cpi: A then B with A's core frozen",
+        "mixed, only CPI-FT's consolidation rows; multistage: group by group, no freezing; dpi: "
+        "from the base model, CPI-FT's groups in order, each on its own tasks with the earlier "
+        "groups' cores frozen (no fusion); sequential: task A then B; sequential_cpi: A then B "
+        "with A's core frozen",
     )
     multistage_grouping: Literal["random", "given", "cpi"] = Field(
         "random", description="random (seeded), given (multistage_groups) or cpi (CPI-FT's groups)"

@@ -7,6 +7,9 @@
   consolidation as a lightweight phase; the comparison at equal total rows is `full_mtl`).
 - `multistage`: from the base model, group by group with no freezing, the same budget split over
   the stages by task count; groups random (seeded), given, or CPI-FT's own (`cpi`).
+- `dpi` (DPI, arXiv 2601.17777): CPI-FT without the fusion: from the base model, CPI-FT's groups
+  in order, each for `consolidate.steps` on its own tasks with the earlier groups' cores frozen;
+  with the probes it shares with CPI-FT it spends exactly CPI-FT's rows.
 - `sequential`: task A's probe (its single-task SFT) trained further on task B alone with the
   probe's budget: how much of A is forgotten.
 - `sequential_cpi`: the same with A's core region frozen while B trains.
@@ -109,6 +112,24 @@ def plan_modes(cfg: PipelineConfig, cpi_groups: Optional[list[list[str]]]) -> di
                     for g in groups
                 ],
             }
+        elif mode == "dpi":
+            if not cpi_groups:
+                raise ValueError("baselines mode dpi needs the groups stage (CPI-FT's groups)")
+            # CPI-FT's consolidation stages without the fusion: from the base model, each group on
+            # its own tasks with the cores of the groups before it frozen. With the probes it
+            # spends exactly CPI-FT's rows.
+            plans[mode] = {
+                "start": "base",
+                "stages": [
+                    {
+                        "tasks": g,
+                        "frozen": [t for earlier in cpi_groups[:k] for t in earlier],
+                        "steps": c.steps,
+                        "lr": c.lr,
+                    }
+                    for k, g in enumerate(cpi_groups)
+                ],
+            }
         else:
             a, bt = b.sequential
             p = cfg.probe
@@ -160,12 +181,12 @@ class BaselinesStage(Stage):
     def dependencies(self, ctx: RunContext) -> tuple[str, ...]:
         b = ctx.cfg.baselines
         deps = ["probe"]
-        if "sequential_cpi" in b.modes:
+        if {"sequential_cpi", "dpi"} & set(b.modes):
             deps.append("regions")
         if (
             "multistage" in b.modes
             and b.multistage_grouping == "cpi"
-            or {"full_mtl", "full_mtl_light"} & set(b.modes)
+            or {"full_mtl", "full_mtl_light", "dpi"} & set(b.modes)
         ):
             deps.append("groups")  # the budget counts CPI-FT's stages
         return tuple(dict.fromkeys(deps))
