@@ -61,6 +61,7 @@ BASELINE_LABELS = {
     "full_mtl_light": "full multi-task SFT, CPI-FT's consolidation rows only",
     "multistage": "multi-stage SFT",
     "dpi": "DPI (CPI-FT's groups from the base, earlier cores frozen, no fusion)",
+    "epi": "EPI (full multi-task SFT, frozen set re-selected from online importance)",
 }
 COMPARED = ("full_mtl", "multistage")  # the baselines each CPI-FT cell is tested against
 

@@ -71,6 +71,21 @@ def test_dpi_trains_cpi_fts_groups_from_the_base_with_earlier_cores_frozen():
         plan_modes(cfg, None)
 
 
+def test_epi_is_full_mtl_with_its_isolation_settings():
+    cfg = _cfg("baselines.modes=[full_mtl, epi]", "epi.ratio=2", "epi.interval=3")
+    groups = [["digits"], ["reverse", "upper"]]
+    plans = plan_modes(cfg, groups)
+    (stage,) = plans["epi"]["stages"]
+    assert plans["epi"]["rows"] == plans["full_mtl"]["rows"]
+    assert {k: v for k, v in stage.items() if k != "epi"} == plans["full_mtl"]["stages"][0]
+    assert stage["epi"] == {"ratio": 2.0, "interval": 3, "beta": 0.9, "score": "fisher"}
+    # Element freezing needs ZeRO-3 partitions: refused at load, naming the fields.
+    with pytest.raises(ValueError, match="epi freezes elements on ZeRO-3.*consolidate.zero_stage is 0"):
+        _cfg("baselines.modes=[epi]", "consolidate.zero_stage=0", "consolidate.freeze=none")
+    with pytest.raises(ValueError, match="epi.ratio"):
+        _cfg("baselines.modes=[epi]", "epi.ratio=0")
+
+
 def test_light_mode_has_cpi_fts_consolidation_rows_and_plans_count_rows_per_task():
     cfg = _cfg("baselines.modes=[full_mtl, full_mtl_light]", "tasks.digits.weight=2")
     groups = [["digits"], ["reverse", "upper"]]
@@ -200,7 +215,7 @@ def test_every_mode_trains_on_smoke_and_the_report_holds_its_scores(ray_session,
         for m in starts
     }
     more = cfg.model_copy(deep=True)
-    more.baselines.modes = [*cfg.baselines.modes, "full_mtl_light", "dpi"]
+    more.baselines.modes = [*cfg.baselines.modes, "full_mtl_light", "dpi", "epi"]
     run_pipeline(more, run, stages=["baselines"])
     for m, files in weights.items():
         assert [
@@ -221,3 +236,17 @@ def test_every_mode_trains_on_smoke_and_the_report_holds_its_scores(ray_session,
     assert diff > total // 2
     budget = json.loads((run / "baselines" / "budget.json").read_text())
     assert probe_rows * len(cfg.tasks) + budget["modes"]["dpi"]["rows"] == budget["cpi_rows"]
+    # EPI: full_mtl's start, data and rows, with its frozen set re-selected every interval.
+    epi = json.loads((run / "baselines" / "epi" / "baseline.json").read_text())
+    assert epi["stages"][0]["epi"] == more.epi.model_dump()
+    assert budget["modes"]["epi"]["rows"] == budget["modes"]["full_mtl"]["rows"]
+    diff, total = moved(base_dir, run / "baselines" / "epi")
+    assert diff > total // 2
+    from cpi_ray.run.progress import METRICS_FILE, read_metrics
+
+    steps = epi["stages"][0]["steps"]
+    rows = read_metrics(run / "baselines" / "epi" / METRICS_FILE)
+    updates = [r["step"] for r in rows if "epi_frozen" in r]
+    assert updates == list(range(more.epi.interval, steps + 1, more.epi.interval))
+    k = round(more.epi.ratio / 100 * total)
+    assert {r["epi_frozen"] for r in rows if "epi_frozen" in r} == {k}

@@ -133,6 +133,21 @@ def test_a_70b_probe_fits_an_8_gpu_node(tmp_path):
     assert not any("80 GiB" in n for n in probe.notes)
 
 
+def test_epi_statistics_halve_with_two_ranks(tmp_path):
+    """EPI keeps a moving average and a mask per element in each rank's ZeRO-3 partition."""
+    per_rank = {}
+    for n in (1, 2):
+        cfg = _cfg(
+            tmp_path, ["baselines.modes=[full_mtl, epi]", f"consolidate.num_workers={n}", "epi.ratio=5"]
+        )
+        base = next(s for s in build_plan(cfg).stages if s.name == "baselines")
+        mem = dict(base.memory)
+        per_rank[n] = [b for k, b in mem.items() if k.startswith("epi:")]
+    P = model_facts(cfg).num_parameters
+    assert per_rank[1] == [5 * P, int(12 * 0.05 * P)]
+    assert per_rank[2] == [5 * P // 2, int(12 * 0.05 * P / 2)]
+
+
 def test_zero3_partition_arithmetic(tmp_path):
     cfg = _cfg(tmp_path)
     cons = next(s for s in build_plan(cfg).stages if s.name == "consolidate")

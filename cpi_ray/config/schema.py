@@ -496,14 +496,14 @@ class BaselinesConfig(_Section):
     """Comparison modes trained on the same engine (ZeRO-3 trainer), data and seeds as CPI-FT."""
 
     modes: list[
-        Literal["full_mtl", "full_mtl_light", "multistage", "dpi", "sequential", "sequential_cpi"]
+        Literal["full_mtl", "full_mtl_light", "multistage", "dpi", "epi", "sequential", "sequential_cpi"]
     ] = Field(
         default_factory=list,
         description="full_mtl: all tasks mixed, CPI-FT's whole budget; full_mtl_light: all tasks "
         "mixed, only CPI-FT's consolidation rows; multistage: group by group, no freezing; dpi: "
         "from the base model, CPI-FT's groups in order, each on its own tasks with the earlier "
-        "groups' cores frozen (no fusion); sequential: task A then B; sequential_cpi: A then B "
-        "with A's core frozen",
+        "groups' cores frozen (no fusion); epi: full_mtl with Evolving Parameter Isolation (the "
+        "epi section); sequential: task A then B; sequential_cpi: A then B with A's core frozen",
     )
     multistage_grouping: Literal["random", "given", "cpi"] = Field(
         "random", description="random (seeded), given (multistage_groups) or cpi (CPI-FT's groups)"
@@ -521,6 +521,29 @@ class BaselinesConfig(_Section):
         if self.multistage_grouping == "given" and "multistage" in self.modes and not self.multistage_groups:
             raise ValueError("multistage_grouping given needs multistage_groups")
         return self
+
+
+class EpiConfig(_Section):
+    """Evolving Parameter Isolation (arXiv 2604.14010), baselines mode `epi`: multi-task SFT in
+    which the frozen set is re-selected every `interval` steps from an online importance."""
+
+    # State per element a rank owns: the fp32 moving average and the bool mask.
+    STATE_BYTES: ClassVar[int] = 5
+    # Per frozen element a rank owns: its fp32 held value and its int64 index.
+    FROZEN_BYTES: ClassVar[int] = 12
+
+    ratio: float = Field(
+        5.0, gt=0, lt=100, description="percent of the model's elements frozen after each mask update"
+    )
+    interval: int = Field(10, ge=1, description="optimizer steps between mask updates")
+    beta: float = Field(
+        0.9, ge=0, lt=1, description="EMA decay of the importance, per mask update (0: the last one only)"
+    )
+    score: Literal["fisher", "taylor"] = Field(
+        "fisher",
+        description="per-element importance of a step's gradient g: fisher, g squared (the online "
+        "form of regions.score fisher); taylor, |g x weight| (first-order loss change)",
+    )
 
 
 HARNESS_FIELDS = ("harness_tasks", "harness_include_path", "harness_num_fewshot", "harness_limit")
@@ -785,6 +808,7 @@ class PipelineConfig(_Section):
     fuse: FuseConfig = FuseConfig()
     consolidate: ConsolidateConfig = ConsolidateConfig()
     baselines: BaselinesConfig = BaselinesConfig()
+    epi: EpiConfig = EpiConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     export: ExportConfig = ExportConfig()
     tune: TuneConfig = TuneConfig()
@@ -817,6 +841,11 @@ class PipelineConfig(_Section):
                 raise ValueError(f"baselines: unknown task {t!r} (tasks: {', '.join(names)})")
         if b.multistage_groups and sorted(n for g in b.multistage_groups for n in g) != sorted(names):
             raise ValueError("baselines.multistage_groups must list every task exactly once")
+        if "epi" in b.modes and self.consolidate.zero_stage != 3:
+            raise ValueError(
+                f"baselines.modes: epi freezes elements on ZeRO-3 partitions; consolidate.zero_stage "
+                f"is {self.consolidate.zero_stage} (set it to 3)"
+            )
         if self.fuse.backbone not in ("base", *names):
             raise ValueError(f"fuse.backbone must be 'base' or a task name ({', '.join(names)})")
         return self

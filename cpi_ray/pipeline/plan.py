@@ -552,6 +552,23 @@ def _baselines(cfg: PipelineConfig, f: ModelFacts, name: str = "") -> StagePlan:
             units=0,
             resources={},
         )
+    memory, notes = list(cons.memory), ["same engine, workers and memory as consolidate"]
+    if "epi" in modes:
+        # EPI's statistics live in each rank's ZeRO-3 partition: they shrink with the ranks.
+        n, e = cfg.consolidate.num_workers, cfg.epi
+        memory.append(
+            (
+                f"epi: moving average + mask ({e.STATE_BYTES} B/param / {n} ranks)",
+                int(e.STATE_BYTES * f.num_parameters / n),
+            )
+        )
+        memory.append(
+            (
+                f"epi: frozen set ({e.ratio:g}% of elements, {e.FROZEN_BYTES} B each / {n} ranks)",
+                int(e.FROZEN_BYTES * e.ratio / 100 * f.num_parameters / n),
+            )
+        )
+        notes = ["same engine and workers as consolidate; epi adds its statistics"]
     return StagePlan(
         name="baselines",
         engine=cons.engine,
@@ -559,8 +576,8 @@ def _baselines(cfg: PipelineConfig, f: ModelFacts, name: str = "") -> StagePlan:
         f"{cfg.consolidate.num_workers} worker(s)",
         units=cons.units,
         resources=cons.resources,
-        memory=cons.memory,
-        notes=["same engine, workers and memory as consolidate"],
+        memory=memory,
+        notes=notes,
     )
 
 

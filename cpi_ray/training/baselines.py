@@ -10,6 +10,9 @@
 - `dpi` (DPI, arXiv 2601.17777): CPI-FT without the fusion: from the base model, CPI-FT's groups
   in order, each for `consolidate.steps` on its own tasks with the earlier groups' cores frozen;
   with the probes it shares with CPI-FT it spends exactly CPI-FT's rows.
+- `epi` (EPI, arXiv 2604.14010): `full_mtl` (same start, data and rows) with Evolving Parameter
+  Isolation: every `epi.interval` steps the frozen set becomes the top `epi.ratio` percent of a
+  moving average of per-element importance (`training.epi`).
 - `sequential`: task A's probe (its single-task SFT) trained further on task B alone with the
   probe's budget: how much of A is forgotten.
 - `sequential_cpi`: the same with A's core region frozen while B trains.
@@ -29,7 +32,7 @@ from typing import Optional
 
 import torch
 
-from cpi_ray.config.schema import PipelineConfig
+from cpi_ray.config.schema import EpiConfig, PipelineConfig
 from cpi_ray.config.stages import STAGE_FOLDERS
 from cpi_ray.data.batching import build_train_examples, mix_counts, mix_examples
 from cpi_ray.data.tasks import task_identity
@@ -86,6 +89,9 @@ def plan_modes(cfg: PipelineConfig, cpi_groups: Optional[list[list[str]]]) -> di
                 "start": "base",
                 "stages": [{"tasks": names, "frozen": [], "steps": total_steps, "lr": c.lr}],
             }
+        elif mode == "epi":
+            stage = {"tasks": names, "frozen": [], "steps": total_steps, "lr": c.lr}
+            plans[mode] = {"start": "base", "stages": [{**stage, "epi": cfg.epi.model_dump()}]}
         elif mode == "full_mtl_light":
             plans[mode] = {
                 "start": "base",
@@ -186,13 +192,13 @@ class BaselinesStage(Stage):
         if (
             "multistage" in b.modes
             and b.multistage_grouping == "cpi"
-            or {"full_mtl", "full_mtl_light", "dpi"} & set(b.modes)
+            or {"full_mtl", "full_mtl_light", "dpi", "epi"} & set(b.modes)
         ):
             deps.append("groups")  # the budget counts CPI-FT's stages
         return tuple(dict.fromkeys(deps))
 
     def config_slice(self, cfg: PipelineConfig) -> dict:
-        return {
+        sl = {
             "baselines": cfg.baselines.model_dump(),
             "consolidate": cfg.consolidate.recipe_dump(),
             "probe": cfg.probe.recipe_dump(),
@@ -200,6 +206,9 @@ class BaselinesStage(Stage):
             "tasks": [task_identity(t) for t in cfg.tasks],
             "max_shard_size": cfg.model.max_shard_size,
         }
+        if "epi" in cfg.baselines.modes:  # runs without the mode keep their fingerprints
+            sl["epi"] = cfg.epi.model_dump()
+        return sl
 
     def run(self, ctx: RunContext) -> list[Path]:
         cfg = ctx.cfg
@@ -250,6 +259,7 @@ class BaselinesStage(Stage):
                     stage_cfg.consolidate.steps = st["steps"]
                     stage_cfg.consolidate.lr = st["lr"]
                     stage_cfg.consolidate.freeze = "prior" if st["frozen"] else "none"
+                    epi = EpiConfig.model_validate(st["epi"]) if st.get("epi") else None
                     examples = _mixed_examples(
                         stage_cfg,
                         tok,
@@ -273,6 +283,7 @@ class BaselinesStage(Stage):
                         metrics_path=ctx.layout.train_log(f"baselines-{mode}-stage-{k + 1}"),
                         tracking=tracking_spec(cfg, ctx.layout),
                         rows_per_task=st["rows_per_task"],
+                        epi=epi,
                     )
                 prev = out
             # One loss curve for the mode: its stages' metrics in order, each line tagged.
@@ -300,6 +311,7 @@ class BaselinesStage(Stage):
         it reads (the probe it starts from, the regions of the cores it freezes)."""
         sl = self.config_slice(ctx.cfg)
         sl["baselines"] = {k: v for k, v in sl["baselines"].items() if k != "modes"}
+        sl.pop("epi", None)  # in the epi mode's plan
         reads = []
         if plan["start"] != "base":
             reads.append("probe")

@@ -22,7 +22,7 @@ from typing import Any, Optional
 
 import torch
 
-from cpi_ray.config.schema import PipelineConfig
+from cpi_ray.config.schema import EpiConfig, PipelineConfig
 from cpi_ray.data.batching import build_train_examples, mix_counts, mix_examples
 from cpi_ray.data.tasks import task_identity
 from cpi_ray.io.atomic import atomic_dir
@@ -139,6 +139,7 @@ def fit_group(
     callbacks: Optional[list] = None,
     val_examples: Optional[list[dict]] = None,
     rows_per_task: Optional[dict[str, int]] = None,
+    epi: Optional[EpiConfig] = None,
 ) -> dict:
     """Train one group as an SFT job (`engine.fit_sft`) and return its record (read back from
     `out_dir`). `job` names it on the console; `metrics_path` is where its live per-step metrics
@@ -146,8 +147,8 @@ def fit_group(
     the output as `frozen.mask.safetensors`. `rows_per_task`: how many of `examples` came from
     each task, kept in the record. `callbacks`: Ray Train callbacks (a Tune search passes
     TuneReportCallback); `val_examples`: encoded validation rows whose loss each metrics report
-    carries as `val_loss`."""
-    if frozen and cfg.consolidate.zero_stage != 3:
+    carries as `val_loss`; `epi`: Evolving Parameter Isolation's frozen set instead of a fixed one."""
+    if (frozen or epi is not None) and cfg.consolidate.zero_stage != 3:
         # The config refuses it for consolidate.freeze; a baseline sets its frozen tasks itself.
         raise ValueError(
             f"consolidate.zero_stage is {cfg.consolidate.zero_stage}: element freezing works on "
@@ -179,6 +180,7 @@ def fit_group(
         fault=fault,
         callbacks=callbacks,
         val_examples=val_examples,
+        epi=epi,
     )
 
 

@@ -5,10 +5,12 @@ One job: load the start model (partitioned under ZeRO-3, `zero_stage` of the job
 `steps` optimizer steps on the encoded rows the driver put in the object store, with the job's
 LR schedule (`sft.make_scheduler`), optimizer grouping (`sft.param_groups`) and an optional frozen
 element set (`freeze.ElementFreezer`, empty for probes), resumable from DeepSpeed checkpoints
-reported to Ray Train every `checkpoint_every` steps; then, when asked, the diagonal Fisher at the
-final weights (`fisher.engine_fisher`). Outputs, all written by rank 0 after collective gathers:
-the HF model (atomically, with `metrics.jsonl` and the side files the caller names), the Fisher
-beside it, and the job's record last, so an output without its record is redone.
+reported to Ray Train every `checkpoint_every` steps; or, with `epi`, a frozen set re-selected
+during training (`epi.EvolvingIsolation`, checkpointed with the engine); then, when asked, the
+diagonal Fisher at the final weights (`fisher.engine_fisher`). Outputs, all written by rank 0
+after collective gathers: the HF model (atomically, with `metrics.jsonl` and the side files the
+caller names), the Fisher beside it, and the job's record last, so an output without its record
+is redone.
 """
 
 from __future__ import annotations
@@ -24,7 +26,14 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
-from cpi_ray.config.schema import ConsolidateConfig, DataConfig, ModelConfig, PipelineConfig, ProbeConfig
+from cpi_ray.config.schema import (
+    ConsolidateConfig,
+    DataConfig,
+    EpiConfig,
+    ModelConfig,
+    PipelineConfig,
+    ProbeConfig,
+)
 from cpi_ray.data.batching import collate, iterate_batches
 from cpi_ray.io.atomic import write_json
 from cpi_ray.io.masks import MaskFile
@@ -33,6 +42,7 @@ from cpi_ray.io.sizes import parse_size
 from cpi_ray.run.progress import METRICS_FILE, TrainLog
 from cpi_ray.run.runtime import quiet_train_reports
 from cpi_ray.training import zero3
+from cpi_ray.training.epi import EvolvingIsolation
 from cpi_ray.training.fisher import engine_fisher
 from cpi_ray.training.freeze import ElementFreezer, check_freezable
 from cpi_ray.training.launch import fit_job
@@ -79,13 +89,15 @@ def fit_sft(
     fault: Optional[dict] = None,
     callbacks: Optional[list] = None,
     val_examples: Optional[list[dict]] = None,
+    epi: Optional[EpiConfig] = None,
 ) -> dict:
     """Run one SFT job of `kind` (`probe` or `consolidate`: the config section with its recipe
     and resources) as the Ray Train run `name`, and return the record it wrote to
     `out_dir/record_name` (`record` plus the training figures). `train=False` skips training and
     export: the job only computes the Fisher of the model in `start_dir`; the Fisher over
     `fisher_batches` batches goes to `fisher_dir`. `mask_path`: elements
-    held bitwise at their `start_dir` values; `side_files`: copied into the output model."""
+    held bitwise at their `start_dir` values; `side_files`: copied into the output model; `epi`:
+    train with Evolving Parameter Isolation (frozen set re-selected every `epi.interval` steps)."""
     # Ray is imported where used: the stage modules import this one before the driver needs Ray.
     import ray
 
@@ -112,6 +124,7 @@ def fit_sft(
             "metrics_path": str(metrics_path),
             "tracking": tracking,
             "fault": fault,
+            "epi": epi.model_dump() if epi is not None else None,
         },
         cfg,
         kind,
@@ -156,14 +169,20 @@ def sft_loop(config: dict[str, Any]) -> None:
         if mask is not None:
             mask.close()
 
+    isolation = None
+    if config.get("epi"):
+        isolation = EvolvingIsolation(params, EpiConfig.model_validate(config["epi"]), freezer)
     micro = tc.batch_size // tc.grad_accum
     examples = ray.get(config["examples"])
     record = dict(config["record"])
     if config["train"]:
-        record.update(
-            _train(engine, scheduler, freezer, examples, tc, data, config, rank, world, device, micro)
+        figures = _train(
+            engine, scheduler, freezer, examples, tc, data, config, rank, world, device, micro, isolation
         )
+        record.update(figures)
         record.update(frozen_elements=frozen_total, start=str(start_dir))
+        if isolation is not None:
+            record["epi"] = isolation.summary()
 
     if config["fisher_batches"]:
         t1 = time.time()
@@ -239,14 +258,17 @@ def build_engine(
     return engine, scheduler, params, freezer
 
 
-def train_step(engine, freezer: ElementFreezer, batches, tc, device) -> tuple[float, int]:
+def train_step(engine, freezer: ElementFreezer, batches, tc, device, before_step=None) -> tuple[float, int]:
     """One optimizer step over `grad_accum` micro-batches with the frozen elements held. Returns
-    the step's mean token loss and this rank's input tokens."""
+    the step's mean token loss and this rank's input tokens. `before_step` runs once the step's
+    gradients are complete, before the frozen ones are zeroed (a mask update reads them all)."""
 
     def backward(loss: torch.Tensor) -> None:
         # The gradient is already the token mean of the whole accumulated batch.
         engine.backward(loss, scale_wrt_gas=False)
         if engine.is_gradient_accumulation_boundary():
+            if before_step is not None:
+                before_step()
             freezer.zero_grads()
         engine.step()
 
@@ -256,7 +278,9 @@ def train_step(engine, freezer: ElementFreezer, batches, tc, device) -> tuple[fl
     return loss, tokens
 
 
-def _train(engine, scheduler, freezer, examples, tc, data, config, rank, world, device, micro) -> dict:
+def _train(
+    engine, scheduler, freezer, examples, tc, data, config, rank, world, device, micro, isolation=None
+) -> dict:
     """The job's optimizer steps, resumed from the latest checkpoint Ray Train hands back.
     Returns the training figures of the record."""
     # Ray Train is imported where used, like in `sft_loop`.
@@ -268,6 +292,8 @@ def _train(engine, scheduler, freezer, examples, tc, data, config, rank, world, 
     if ckpt is not None:
         with ckpt.as_directory() as d:
             _, client = engine.load_checkpoint(d, tag=_CKPT_TAG)
+            if isolation is not None:
+                isolation.load(d)
         start = int(client["step"])
         freezer.restore()
     log.info(
@@ -307,10 +333,19 @@ def _train(engine, scheduler, freezer, examples, tc, data, config, rank, world, 
     for step in range(start, tc.steps):
         ts = time.perf_counter()
         lr = scheduler.get_last_lr()[0]  # the rate this step applies
-        loss, tokens = train_step(engine, freezer, batches, tc, device)
+        update: dict[str, int] = {}
+        before = None
+        if isolation is not None and isolation.due(step):
+            before = _mask_update(isolation, update)
+        loss, tokens = train_step(engine, freezer, batches, tc, device, before_step=before)
         step_times.append(time.perf_counter() - ts)
         metrics = train_log.step(
-            step + 1, loss, lr, float(engine.get_global_grad_norm() or 0.0), sum_over_ranks(tokens, device)
+            step + 1,
+            loss,
+            lr,
+            float(engine.get_global_grad_norm() or 0.0),
+            sum_over_ranks(tokens, device),
+            **update,
         )
         checkpoint = bool(
             tc.checkpoint_every and (step + 1) % tc.checkpoint_every == 0 and step + 1 < tc.steps
@@ -319,7 +354,7 @@ def _train(engine, scheduler, freezer, examples, tc, data, config, rank, world, 
             if val_batches is not None:
                 metrics["val_loss"] = val_loss = _val_loss(engine, val_batches, device)
             if checkpoint:
-                _report_checkpoint(engine, metrics, step + 1)
+                _report_checkpoint(engine, metrics, step + 1, isolation)
             else:
                 ray.train.report(metrics)
         if fault and step + 1 == fault["step"] and rank == fault["rank"]:
@@ -335,6 +370,16 @@ def _train(engine, scheduler, freezer, examples, tc, data, config, rank, world, 
         "step_time_s": (sum(step_times) / len(step_times)) if step_times else None,
         "train_time_s": round(time.time() - t0, 2),
     }
+
+
+def _mask_update(isolation, into: dict):
+    """The step's EPI mask update, its figures (`epi_frozen`, `epi_entered`, `epi_left`) put
+    `into` the step's metrics."""
+
+    def update() -> None:
+        into.update({f"epi_{k}": v for k, v in isolation.update().items()})
+
+    return update
 
 
 def _val_batches(
@@ -372,15 +417,17 @@ def _val_loss(engine, batches: list[tuple[dict, float]], device) -> float:
     return float(acc[0] / acc[1].clamp(min=1))
 
 
-def _report_checkpoint(engine, metrics: dict, step: int) -> None:
-    """Every rank saves its DeepSpeed state (its ZeRO partitions); Ray Train merges the ranks'
-    directories into one checkpoint in storage."""
+def _report_checkpoint(engine, metrics: dict, step: int, isolation=None) -> None:
+    """Every rank saves its DeepSpeed state (its ZeRO partitions, and its EPI state); Ray Train
+    merges the ranks' directories into one checkpoint in storage."""
     # Ray Train is imported where used, like in `sft_loop`.
     import ray.train
 
     d = tempfile.mkdtemp(prefix="cpi-ds-")
     try:
         engine.save_checkpoint(d, tag=_CKPT_TAG, client_state={"step": step})
+        if isolation is not None:
+            isolation.save(d)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
     finally:
         shutil.rmtree(d, ignore_errors=True)

@@ -105,6 +105,38 @@ class ElementFreezer:
     def __len__(self) -> int:
         return self.local_frozen
 
+    @torch.no_grad()
+    def hold(self, selection: list[tuple[str, torch.nn.Parameter, torch.Tensor]], gather) -> None:
+        """Replace the frozen set by `selection`, (name, parameter, bool mask over this rank's
+        valid elements of it), held from now on at their current fp32 master values (a set that
+        changes during training, as Evolving Parameter Isolation's does). `gather` stacks every
+        rank's tensor in rank order (`isolation.RankOps.gather`): the full mask and values of a
+        persistent parameter are put together from all partitions. Collective."""
+        from deepspeed.utils import safe_get_local_fp32_param
+
+        self.entries, self.local_frozen = [], 0
+        for name, p, valid_mask in selection:
+            start, stop, part = local_range(p)
+            local = torch.zeros(part, dtype=torch.bool, device=valid_mask.device)
+            local[: stop - start] = valid_mask
+            master = safe_get_local_fp32_param(p).detach().reshape(-1).float()
+            entry = None
+            if local.any():
+                sel = _compact(local).to(p.ds_tensor.device)
+                entry = _Frozen(name, p, sel, master.to(sel.device)[sel].clone())
+                self.local_frozen += int(local.sum())
+            if getattr(p, "ds_persist", False):
+                # Every rank takes part in the gathers, frozen elements or not.
+                full = gather(local.to(torch.uint8)).reshape(-1)[: p.ds_numel].bool()
+                values = gather(master).reshape(-1)[: p.ds_numel]
+                if full.any():
+                    fsel = _compact(full).to(p.ds_tensor.device)
+                    if entry is None:
+                        entry = _Frozen(name, p, torch.zeros(0, dtype=torch.long), torch.zeros(0))
+                    entry.full_sel, entry.full_values = fsel, values.to(fsel.device)[fsel].clone()
+            if entry is not None:
+                self.entries.append(entry)
+
     def _direct(self, getter, p) -> bool:
         """Whether `getter(p)` returns a view of DeepSpeed's own storage (no offload copy, no NVMe
         swap): then frozen elements are written in place, O(frozen) instead of O(partition)."""
