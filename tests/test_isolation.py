@@ -94,11 +94,11 @@ def _rank_worker(rank, world, init_file, k, out):
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("world", [2, 3])
-def test_topk_over_ranks_matches_one_process(tmp_path, world):
-    """The masks of ranks holding ZeRO-3-style slices, put back together, are the masks of the
-    whole tensors in one process: exact, ties included, whatever the number of ranks."""
-    k = 23
+def test_topk_over_ranks_matches_one_process(tmp_path):
+    """The masks of three ranks holding ZeRO-3-style slices (uneven, one of them empty for the
+    smallest tensor), put back together, are the masks of the whole tensors in one process:
+    exact, ties included. (The two-rank case runs in the engine's slow test.)"""
+    k, world = 23, 3
     mp.spawn(
         _rank_worker, args=(world, str(tmp_path / "init"), k, str(tmp_path / "m")), nprocs=world, join=True
     )
