@@ -169,3 +169,60 @@ def test_pipeline_written_to_s3_then_resumed_from_it_elsewhere(ray_session, s3_u
     assert any(
         o["path"].startswith("fused/") and o["path"].endswith(".safetensors") for o in fused["outputs"]
     )
+
+
+def test_store_lease_refuses_a_live_holder_takes_over_a_lapsed_one_and_stops_a_job_that_lost_it(
+    s3_uri, tmp_path, caplog
+):
+    import time
+
+    from cpi_ray.io.lease import STORE_LEASE_NAME, RunBusyError, StoreLease
+
+    store = RunStore(join_uri(s3_uri, "leased"))
+    a = StoreLease(store, ttl_s=1.2, settle_s=0.1).acquire()
+    holder = json.loads(store.read_text(STORE_LEASE_NAME))
+    assert holder["token"] == a.record["token"] and holder["pid"] == os.getpid()
+    with pytest.raises(RunBusyError, match=f"in use by pid {os.getpid()} on"):
+        StoreLease(store, ttl_s=1.2, settle_s=0.1).acquire()
+    time.sleep(2.0)  # longer than the ttl: the holder's renewals keep the lease alive
+    with pytest.raises(RunBusyError, match="in use by"):
+        StoreLease(store, ttl_s=1.2, settle_s=0.1).acquire()
+    a.check()
+    a.release()
+    assert store.read_text(STORE_LEASE_NAME) is None
+
+    # A job that died without releasing: its lease lapses and is taken over, with a warning.
+    dead = {"host": "gone", "pid": 1, "started": "then", "token": "dead", "renewed": time.time() - 60}
+    store.write_text(STORE_LEASE_NAME, json.dumps(dead))
+    with caplog.at_level("WARNING", logger="cpi_ray"):
+        b = StoreLease(store, ttl_s=10, settle_s=0.1).acquire()
+    assert "taking over the lease of pid 1 on gone" in caplog.text
+    # Another job overwrote the lease (a race the settle time did not catch): b stops before its
+    # next upload, and its release leaves the other job's lease in place.
+    rival = {**dead, "host": "rival", "token": "rival", "renewed": time.time()}
+    store.write_text(STORE_LEASE_NAME, json.dumps(rival))
+    with pytest.raises(RunBusyError, match="lost its lease to pid 1 on rival"):
+        b.check()
+    b.release()
+    assert json.loads(store.read_text(STORE_LEASE_NAME))["token"] == "rival"
+
+
+def test_a_run_whose_store_lease_is_held_writes_nothing_to_the_store(s3_uri, tmp_path):
+    import time
+
+    from cpi_ray.io.lease import STORE_LEASE_NAME, RunBusyError
+    from cpi_ray.pipeline.runner import resolve_run_dir, run_pipeline
+
+    store = RunStore(join_uri(s3_uri, "busy"))
+    other = {"host": "node-7", "pid": 42, "started": "now", "token": "other", "renewed": time.time()}
+    store.write_text(STORE_LEASE_NAME, json.dumps(other))
+    cfg = _cfg(
+        f"storage.path={s3_uri}",
+        "storage.run_name=busy",
+        f"storage.local_path={tmp_path / 'work'}",
+        f"model.cache_dir={tmp_path / 'models'}",
+    )
+    with pytest.raises(RunBusyError, match="in use by pid 42 on node-7"):
+        run_pipeline(cfg, resolve_run_dir(cfg, None))
+    assert store.read_text("config.yaml") is None
+    assert json.loads(store.read_text(STORE_LEASE_NAME))["token"] == "other"

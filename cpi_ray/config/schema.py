@@ -722,6 +722,12 @@ class StorageConfig(_Section):
         description="with an s3:// or gs:// path: where the stages "
         "work on their copy of the run (on multi-node clusters, a mount every node shares)",
     )
+    lease_ttl_s: float = Field(
+        300.0,
+        ge=10,
+        description="with an s3:// or gs:// path: the run's lease object in the store lapses this "
+        "long after its holder's last renewal (a job that died); another job then takes it over",
+    )
     check_free_space: bool = Field(
         True,
         description="stop before a stage when the run directory's disk cannot hold what the stages "

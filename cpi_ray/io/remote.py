@@ -135,6 +135,23 @@ class RunStore:
     def put_file(self, src: Path, rel: str) -> None:
         self._upload(src, rel)
 
+    def read_text(self, rel: str) -> Optional[str]:
+        """A small object's text, None when it does not exist."""
+        try:
+            with self.fs.open_input_stream(self._key(rel)) as f:
+                return f.read().decode()
+        except FileNotFoundError:
+            return None
+
+    def write_text(self, rel: str, text: str) -> None:
+        key = self._key(rel)
+        self.fs.create_dir(os.path.dirname(key), recursive=True)
+        with self.fs.open_output_stream(key) as out:
+            out.write(text.encode())
+
+    def delete(self, rel: str) -> None:
+        self._delete(rel)
+
     def _upload(self, src: Path, rel: str) -> None:
         key = self._key(rel)
         self.fs.create_dir(os.path.dirname(key), recursive=True)

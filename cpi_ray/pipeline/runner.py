@@ -14,7 +14,7 @@ import yaml
 from cpi_ray.config.schema import PipelineConfig
 from cpi_ray.config.stages import STAGE_FOLDERS, STAGES, stage_spec
 from cpi_ray.io.atomic import atomic_file
-from cpi_ray.io.lease import run_lease
+from cpi_ray.io.lease import StoreLease, run_lease, store_lease
 from cpi_ray.io.remote import RunStore, join_uri
 from cpi_ray.models.export import push_to_hub
 from cpi_ray.pipeline.check import check_shared_storage, require_chat_template
@@ -83,20 +83,38 @@ def run_pipeline(cfg: PipelineConfig, run_dir: Path, stages: Optional[list[str]]
 def _run_stages(cfg: PipelineConfig, run_dir: Path, stages: Optional[list[str]]) -> PipelineResult:
     from cpi_ray.models.loading import resolve_base_model
 
-    selected = [s for s in STAGES if s in (stages or cfg.stages)]
     base_dir, base_id = resolve_base_model(cfg)
     log.info("base model: %s", base_dir)
     check_prompt_format(cfg, base_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
 
-    check_shared_storage(run_dir)
     store = run_store(cfg)
+    if store is None:
+        return _run_in(cfg, run_dir, stages, base_dir, base_id, None, None)
+    store.check()
+    # Jobs on other machines share the store, not this machine's lock on the working copy.
+    with store_lease(store, cfg.storage.lease_ttl_s) as lease:
+        return _run_in(cfg, run_dir, stages, base_dir, base_id, store, lease)
+
+
+def _run_in(
+    cfg: PipelineConfig,
+    run_dir: Path,
+    stages: Optional[list[str]],
+    base_dir: Path,
+    base_id: str,
+    store: Optional[RunStore],
+    lease: Optional[StoreLease],
+) -> PipelineResult:
+    """The stages in order in `run_dir`, kept in `store` (when the run has one) under `lease`."""
+    check_shared_storage(run_dir)
+    selected = [s for s in STAGES if s in (stages or cfg.stages)]
     if store is not None:
-        store.check()
         # Every stage folder, not only the selected ones: later stages read earlier outputs.
         store.pull(run_dir, list(STAGE_FOLDERS.values()))
     _write_config(cfg, run_dir)
     if store is not None:
+        lease.check()
         store.put_file(RunLayout(run_dir).config_yaml, "config.yaml")
     ctx = RunContext(cfg=cfg, run_dir=run_dir, base_model_dir=base_dir, base_model_id=base_id)
     result = PipelineResult(run_dir, store_uri=store.uri if store is not None else None)
@@ -113,6 +131,7 @@ def _run_stages(cfg: PipelineConfig, run_dir: Path, stages: Optional[list[str]])
         status = "ran" if ran else "skipped (up to date)"
         log.info("stage %s: %s in %.1fs -> %s", name, status, wall, run_dir / STAGE_FOLDERS[name])
         if store is not None:
+            lease.check()
             store.push(run_dir, STAGE_FOLDERS[name])
         result.outcomes.append(
             StageOutcome(name, status, rec["wall_time_s"] if not ran else wall, STAGE_FOLDERS[name])
