@@ -28,7 +28,7 @@ def _tc(stage: int) -> ProbeConfig:
     return ProbeConfig(steps=STEPS, batch_size=4, grad_accum=2, lr=1e-3, weight_decay=0.1, zero_stage=stage)
 
 
-def _plain(model_dir) -> tuple[list[float], dict[str, torch.Tensor]]:
+def _plain(model_dir) -> tuple[list[float], list[float], dict[str, torch.Tensor]]:
     from transformers import AutoModelForCausalLM
 
     from cpi_ray.training.sft import accumulate_loss, make_scheduler, param_groups
@@ -39,15 +39,16 @@ def _plain(model_dir) -> tuple[list[float], dict[str, torch.Tensor]]:
     opt = torch.optim.AdamW(param_groups(model.parameters(), tc.weight_decay), lr=tc.lr, eps=1e-8)
     sched = make_scheduler(opt, tc)
     batches = iterate_batches(_rows(), 2, 0, seed=0)
-    losses = []
+    losses, norms = [], []
     for _ in range(STEPS):
         loss, _ = accumulate_loss(model, batches, tc, torch.device("cpu"))
-        torch.nn.utils.clip_grad_norm_(model.parameters(), tc.max_grad_norm)
+        norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), tc.max_grad_norm)))
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
         losses.append(loss)
-    return losses, {n: p.detach().clone() for n, p in model.named_parameters(remove_duplicate=True)}
+    weights = {n: p.detach().clone() for n, p in model.named_parameters(remove_duplicate=True)}
+    return losses, norms, weights
 
 
 def _engine_worker(rank, stage, model_dir, init_file, out):
@@ -65,9 +66,9 @@ def _engine_worker(rank, stage, model_dir, init_file, out):
     engine, _, params, freezer = build_engine(tc, Path(model_dir), 1)
     engine.train()
     batches = iterate_batches(_rows(), 2, 0, seed=0)
-    losses = [train_step(engine, freezer, batches, tc, torch.device("cpu"))[0] for _ in range(STEPS)]
+    steps = [train_step(engine, freezer, batches, tc, torch.device("cpu")) for _ in range(STEPS)]
     weights = dict(zero3.gathered_tensors(engine.module))
-    torch.save({"losses": losses, "weights": weights}, out)
+    torch.save({"losses": [s[0] for s in steps], "norms": [s[2] for s in steps], "weights": weights}, out)
     dist.destroy_process_group()
 
 
@@ -77,8 +78,10 @@ def test_engine_trains_like_a_plain_torch_loop(tmp_path, tiny_model_dir, stage):
     out = tmp_path / "engine.pt"
     mp.spawn(_engine_worker, args=(stage, str(tiny_model_dir), str(tmp_path / "init"), str(out)), nprocs=1)
     got = torch.load(out, weights_only=True)
-    losses, weights = _plain(tiny_model_dir)
+    losses, norms, weights = _plain(tiny_model_dir)
     torch.testing.assert_close(got["losses"], losses, rtol=1e-5, atol=1e-6)
+    # The norm the metrics log, before clipping: DeepSpeed's own under ZeRO-3, the engine's at ZeRO-0.
+    torch.testing.assert_close(got["norms"], norms, rtol=1e-4, atol=1e-6)
     assert set(got["weights"]) == set(weights)
     for n, w in weights.items():
         torch.testing.assert_close(got["weights"][n], w, rtol=1e-4, atol=1e-6, msg=n)

@@ -258,10 +258,14 @@ def build_engine(
     return engine, scheduler, params, freezer
 
 
-def train_step(engine, freezer: ElementFreezer, batches, tc, device, before_step=None) -> tuple[float, int]:
+def train_step(
+    engine, freezer: ElementFreezer, batches, tc, device, before_step=None
+) -> tuple[float, int, Optional[float]]:
     """One optimizer step over `grad_accum` micro-batches with the frozen elements held. Returns
-    the step's mean token loss and this rank's input tokens. `before_step` runs once the step's
-    gradients are complete, before the frozen ones are zeroed (a mask update reads them all)."""
+    the step's mean token loss, this rank's input tokens and the gradient norm before clipping.
+    `before_step` runs once the step's gradients are complete, before the frozen ones are zeroed
+    (a mask update reads them all)."""
+    own_norm: list[float] = []
 
     def backward(loss: torch.Tensor) -> None:
         # The gradient is already the token mean of the whole accumulated batch.
@@ -270,12 +274,20 @@ def train_step(engine, freezer: ElementFreezer, batches, tc, device, before_step
             if before_step is not None:
                 before_step()
             freezer.zero_grads()
+            if not hasattr(engine.optimizer, "_global_grad_norm"):
+                # A plain torch optimizer (ZeRO-0 in fp32): DeepSpeed clips without keeping the
+                # norm, so it is taken here from the reduced gradients.
+                grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+                own_norm.append(float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0)
         engine.step()
 
     # DeepSpeed keeps precision itself (bf16 weights with fp32 masters): no autocast.
     loss, tokens = accumulate_loss(engine, batches, tc, device, backward=backward)
     freezer.restore()
-    return loss, tokens
+    norm = engine.get_global_grad_norm()
+    if norm is None and own_norm:
+        norm = own_norm[-1]
+    return loss, tokens, None if norm is None else float(norm)
 
 
 def _train(
@@ -337,13 +349,13 @@ def _train(
         before = None
         if isolation is not None and isolation.due(step):
             before = _mask_update(isolation, update)
-        loss, tokens = train_step(engine, freezer, batches, tc, device, before_step=before)
+        loss, tokens, grad_norm = train_step(engine, freezer, batches, tc, device, before_step=before)
         step_times.append(time.perf_counter() - ts)
         metrics = train_log.step(
             step + 1,
             loss,
             lr,
-            float(engine.get_global_grad_norm() or 0.0),
+            grad_norm,
             sum_over_ranks(tokens, device),
             **update,
         )
