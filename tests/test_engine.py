@@ -1,6 +1,6 @@
-"""The SFT engine (DeepSpeed at ZeRO-0 and ZeRO-3, one rank) trains like a plain PyTorch loop
-with torch's AdamW, the same parameter groups, LR schedule and clipping: the loop the probes ran
-on before the engine."""
+"""The SFT engine (DeepSpeed at ZeRO-0 and ZeRO-3, one rank; ZeRO-3 on two ranks whose rows hold
+different numbers of tokens) trains like a plain PyTorch loop with torch's AdamW, the same
+parameter groups, LR schedule and clipping: the loop the probes ran on before the engine."""
 
 import os
 
@@ -24,8 +24,11 @@ def _rows(n=32, vocab=90):
     return out
 
 
-def _tc(stage: int) -> ProbeConfig:
-    return ProbeConfig(steps=STEPS, batch_size=4, grad_accum=2, lr=1e-3, weight_decay=0.1, zero_stage=stage)
+def _tc(stage: int, world: int = 1) -> ProbeConfig:
+    # batch_size is per worker: every run takes the same global batch of 4 rows per step.
+    return ProbeConfig(
+        steps=STEPS, batch_size=4 // world, grad_accum=2, lr=1e-3, weight_decay=0.1, zero_stage=stage
+    )
 
 
 def _plain(model_dir) -> tuple[list[float], list[float], dict[str, torch.Tensor]]:
@@ -51,32 +54,38 @@ def _plain(model_dir) -> tuple[list[float], list[float], dict[str, torch.Tensor]
     return losses, norms, weights
 
 
-def _engine_worker(rank, stage, model_dir, init_file, out):
-    os.environ.update(DS_ACCELERATOR="cpu", LOCAL_RANK="0", RANK="0", WORLD_SIZE="1")
+def _engine_worker(rank, world, stage, model_dir, init_file, out):
+    os.environ.update(DS_ACCELERATOR="cpu", LOCAL_RANK=str(rank), RANK=str(rank), WORLD_SIZE=str(world))
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=0, world_size=1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     from pathlib import Path
 
     from cpi_ray.training import zero3
     from cpi_ray.training.engine import build_engine, train_step
 
     zero3.init_distributed(False)
-    tc = _tc(stage)
-    engine, _, params, freezer = build_engine(tc, Path(model_dir), 1)
+    tc = _tc(stage, world)
+    engine, _, params, freezer = build_engine(tc, Path(model_dir), world)
     engine.train()
-    batches = iterate_batches(_rows(), 2, 0, seed=0)
+    batches = iterate_batches(_rows(), 2 // world, 0, seed=0, rank=rank, world_size=world)
     steps = [train_step(engine, freezer, batches, tc, torch.device("cpu")) for _ in range(STEPS)]
     weights = dict(zero3.gathered_tensors(engine.module))
-    torch.save({"losses": [s[0] for s in steps], "norms": [s[2] for s in steps], "weights": weights}, out)
+    if rank == 0:
+        torch.save({"losses": [s[0] for s in steps], "norms": [s[2] for s in steps], "weights": weights}, out)
+    dist.barrier()
     dist.destroy_process_group()
 
 
-@pytest.mark.slow  # a DeepSpeed engine per ZeRO stage, in a subprocess
-@pytest.mark.parametrize("stage", [0, 3])
-def test_engine_trains_like_a_plain_torch_loop(tmp_path, tiny_model_dir, stage):
+@pytest.mark.slow  # a DeepSpeed engine per case, in subprocesses
+@pytest.mark.parametrize("stage,world", [(0, 1), (3, 1), (3, 2)])
+def test_engine_trains_like_a_plain_torch_loop(tmp_path, tiny_model_dir, stage, world):
     out = tmp_path / "engine.pt"
-    mp.spawn(_engine_worker, args=(stage, str(tiny_model_dir), str(tmp_path / "init"), str(out)), nprocs=1)
+    mp.spawn(
+        _engine_worker,
+        args=(world, stage, str(tiny_model_dir), str(tmp_path / "init"), str(out)),
+        nprocs=world,
+    )
     got = torch.load(out, weights_only=True)
     losses, norms, weights = _plain(tiny_model_dir)
     torch.testing.assert_close(got["losses"], losses, rtol=1e-5, atol=1e-6)

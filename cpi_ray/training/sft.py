@@ -64,30 +64,40 @@ def accumulate_loss(
     backward: Optional[Callable[[torch.Tensor], None]] = None,
 ) -> tuple[float, int]:
     """Forward/backward `grad_accum` micro-batches. Returns the mean loss per supervised token
-    and the input (non-padding) tokens this rank processed.
+    of the whole step (every rank's rows) and the input (non-padding) tokens this rank processed.
 
-    Each micro-batch's summed token loss is divided by the token count of the whole accumulated
-    batch, so that a step's gradient is the same however the batch is split. `backward` replaces
-    `loss.backward()` (DeepSpeed's engine backward and step, which keeps precision itself)."""
+    Each micro-batch's summed token loss is divided by the supervised-token count of the whole
+    accumulated batch over all ranks, times the number of ranks (DeepSpeed averages the ranks'
+    gradients), so that a step's gradient is the global batch's token mean however its rows and
+    tokens fall on micro-batches and ranks. `backward` replaces `loss.backward()` (DeepSpeed's
+    engine backward and step, which keeps precision itself)."""
     micro = [next(batches) for _ in range(tc.grad_accum)]
-    tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
+    local = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
+    world = _world()
+    per_rank = max(sum_over_ranks(float(local), device), 1.0) / world
     total = 0.0
     for b in micro:
         b = {k: v.to(device) for k, v in b.items()}
         logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-        loss = token_loss_sum(logits, b["labels"]) / max(tokens, 1)
+        loss = token_loss_sum(logits, b["labels"]) / per_rank
         (backward or torch.Tensor.backward)(loss)
         total += float(loss.detach())
-    return total, sum(int(b["attention_mask"].sum()) for b in micro)
+    return sum_over_ranks(total, device) / world, sum(int(b["attention_mask"].sum()) for b in micro)
 
 
-def sum_over_ranks(n: int, device: torch.device) -> int:
-    """`n` summed over the job's ranks (a collective when torch.distributed is up)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+def _world() -> int:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return 1
+
+
+def sum_over_ranks(n: float, device: torch.device) -> float:
+    """`n` summed over the job's ranks (a collective when torch.distributed is up), of n's type."""
+    if _world() == 1:
         return n
     t = torch.tensor([n], dtype=torch.float64, device=device)
     dist.all_reduce(t)
-    return int(t.item())
+    return type(n)(t.item())
 
 
 def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
