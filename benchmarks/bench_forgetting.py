@@ -16,7 +16,9 @@ resumes at the first cell not yet measured.
 Printed: per cell, A after A, A after B, A's drop and its ratio to the plain drop, B after B and
 the share of the plain run's gain on B that the frozen run kept. With several `--seeds` (each in
 `<run-root>/seed-<n>/`), a last table gives each figure as mean ± standard error over the seeds,
-and `--results DIR` keeps it as `forgetting-<config>.json` and `.md`.
+the ratios as ratios of the means, and each cell's paired difference to the plain run on A and
+on B (a tie when within one standard error); `--results DIR` keeps it as
+`forgetting-<config>.json` and `.md`.
 """
 
 from __future__ import annotations
@@ -76,22 +78,25 @@ def table(results: dict, a: str, b: str) -> str:
 
 
 def cell_figures(models: dict, a: str, b: str, key: str) -> dict[str, float]:
-    """One run's figures for a cell: A after B, A's drop from its expert, B after B, and the share
-    of the plain run's gain on B the cell kept (100 for plain itself)."""
+    """One run's figures for a cell: A after B, A's drop from its expert, B after B, B's gain over
+    A's expert, and the paired differences to the plain run of the same seed."""
     before_a, before_b = models[f"probe:{a}"][a], models[f"probe:{a}"][b]
     s, plain = models[key], models["plain"]
-    gain, plain_gain = s[b] - before_b, plain[b] - before_b
     return {
         "a_after": s[a],
         "drop": s[a] - before_a,
         "b_after": s[b],
-        "b_kept": 100 * gain / plain_gain if plain_gain > 0 else float("nan"),
+        "gain": s[b] - before_b,
+        "a_vs_plain": s[a] - plain[a],
+        "b_vs_plain": s[b] - plain[b],
     }
 
 
 def seeds_table(per_seed: dict[str, dict], a: str, b: str) -> tuple[list[str], list[list[str]], dict]:
-    """Mean ± standard error over seeds of each cell's figures, and the drop as a share of the
-    plain run's drop (the ratio of the mean drops)."""
+    """Mean ± standard error over seeds of each cell's figures; the drop as a share of the plain
+    run's drop and B's gain as a share of the plain run's gain (ratios of the means: a seed whose
+    plain run gained nothing on B leaves the per-seed ratio undefined, not the mean's); and the
+    paired difference to the plain run on A and on B (within one standard error: a tie)."""
     seeds = list(per_seed)
     keys = [
         k
@@ -104,22 +109,42 @@ def seeds_table(per_seed: dict[str, dict], a: str, b: str) -> tuple[list[str], l
         figs = [cell_figures(per_seed[s]["models"], a, b, key) for s in seeds]
         agg[key] = {f: mean_se([x[f] for x in figs]) for f in figs[0]}
     plain_drop = agg["plain"]["drop"][0] if "plain" in agg else float("nan")
+    plain_gain = agg["plain"]["gain"][0] if "plain" in agg else float("nan")
     for key in keys:
         e = agg[key]
         ratio = e["drop"][0] / plain_drop if plain_drop < 0 else float("nan")
-        e["drop_ratio"] = ratio
+        kept = 100 * e["gain"][0] / plain_gain if plain_gain > 0 else float("nan")
+        e["drop_ratio"], e["b_kept"] = ratio, kept
         rows.append(
             [
                 key,
                 fmt_mean_se(*e["a_after"]),
                 fmt_mean_se(*e["drop"]),
                 "—" if key == "plain" or ratio != ratio else f"{ratio:.2f}",
+                "—" if key == "plain" else _paired(e["a_vs_plain"]),
                 fmt_mean_se(*e["b_after"]),
-                "—" if key == "plain" else fmt_mean_se(*e["b_kept"]),
+                "—" if key == "plain" or kept != kept else f"{kept:.0f}",
+                "—" if key == "plain" else _paired(e["b_vs_plain"]),
             ]
         )
-    header = ["run", f"{a} after B", "A's drop", "drop / plain drop", f"{b} after B", "B's gain kept (%)"]
+    header = [
+        "run",
+        f"{a} after B",
+        "A's drop",
+        "drop / plain drop",
+        f"{a}: minus plain",
+        f"{b} after B",
+        "B's gain kept (%)",
+        f"{b}: minus plain",
+    ]
     return header, rows, agg
+
+
+def _paired(m_se: tuple[float, float]) -> str:
+    """A paired difference over seeds, called a tie when within one standard error."""
+    m, se = m_se
+    verdict = "n/a" if se != se else ("tie" if abs(m) <= se else ("better" if m > 0 else "worse"))
+    return f"{fmt_mean_se(m, se)} ({verdict})"
 
 
 def main() -> int:
