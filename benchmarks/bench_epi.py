@@ -27,12 +27,11 @@ import time
 from pathlib import Path
 
 import torch
-import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_sft_engine import model_dir, rows  # noqa: E402
+from bench_sft_engine import model_dir, report_ranks, rows, spawn_ranks  # noqa: E402
 
 from cpi_ray.data.batching import iterate_batches  # noqa: E402
 from cpi_ray.evaluation.report import markdown_table  # noqa: E402
@@ -83,19 +82,12 @@ def worker(rank: int, world: int, mdir: str, data: list, spec: dict, out: str) -
         "k": iso.k,
         "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
     }
-    gathered = [None] * world
-    dist.all_gather_object(gathered, rec)
-    if rank == 0:
-        Path(out).write_text(json.dumps(gathered))
-    dist.destroy_process_group()
+    report_ranks(rec, world, rank, out)
 
 
 def run(world: int, mdir: Path, data: list, args: argparse.Namespace, work: Path) -> list[dict]:
-    out, init = work / f"epi-{world}.json", work / f"init-epi-{world}"
-    init.unlink(missing_ok=True)
-    spec = {"steps": args.steps, "batch": args.batch // world, "init": str(init), "ratio": args.ratio}
-    mp.spawn(worker, args=(world, str(mdir), data, spec, str(out)), nprocs=world, join=True)
-    return json.loads(out.read_text())
+    spec = {"steps": args.steps, "batch": args.batch // world, "ratio": args.ratio}
+    return spawn_ranks(worker, "epi", world, work, spec, str(mdir), data)
 
 
 def mean(xs: list[float]) -> float:

@@ -125,6 +125,13 @@ def worker(rank: int, world: int, mode: str, mdir: str, data: list, args: dict, 
         "state_bytes": rank_state_bytes(params, optimizer),
         "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
     }
+    report_ranks(rec, world, rank, out)
+
+
+def report_ranks(rec: dict, world: int, rank: int, out: str) -> None:
+    """Every rank's `rec`, in rank order, written by rank 0 to `out` as JSON; ends the group."""
+    import torch.distributed as dist
+
     gathered = [None] * world
     dist.all_gather_object(gathered, rec)
     if rank == 0:
@@ -132,13 +139,19 @@ def worker(rank: int, world: int, mode: str, mdir: str, data: list, args: dict, 
     dist.destroy_process_group()
 
 
-def run(mode: str, world: int, mdir: Path, data: list, args: argparse.Namespace, work: Path) -> list[dict]:
-    out = work / f"{mode}-{world}.json"
-    init = work / f"init-{mode}-{world}"
+def spawn_ranks(target, name: str, world: int, work: Path, spec: dict, *target_args) -> list[dict]:
+    """`target(rank, world, *target_args, spec, out)` on `world` processes (spec gains the gloo
+    init file); returns the ranks' records `report_ranks` wrote."""
+    out, init = work / f"{name}-{world}.json", work / f"init-{name}-{world}"
     init.unlink(missing_ok=True)
-    spec = {"steps": args.steps, "batch": args.batch // world, "init": str(init)}
-    mp.spawn(worker, args=(world, mode, str(mdir), data, spec, str(out)), nprocs=world, join=True)
+    spec = {**spec, "init": str(init)}
+    mp.spawn(target, args=(world, *target_args, spec, str(out)), nprocs=world, join=True)
     return json.loads(out.read_text())
+
+
+def run(mode: str, world: int, mdir: Path, data: list, args: argparse.Namespace, work: Path) -> list[dict]:
+    spec = {"steps": args.steps, "batch": args.batch // world}
+    return spawn_ranks(worker, mode, world, work, spec, mode, str(mdir), data)
 
 
 def main() -> int:

@@ -44,9 +44,15 @@ class RunBusyError(RuntimeError):
 
 def _holder_text(text: str) -> str:
     try:
-        h = json.loads(text)
-        return f"pid {h['pid']} on {h['host']}, since {h['started']}"
-    except (ValueError, KeyError, TypeError):
+        return _describe(json.loads(text))
+    except ValueError:
+        return "an unknown process"
+
+
+def _describe(holder: Optional[dict]) -> str:
+    try:
+        return f"pid {holder['pid']} on {holder['host']}, since {holder['started']}"
+    except (KeyError, TypeError):
         return "an unknown process"
 
 
@@ -169,14 +175,14 @@ class StoreLease:
             age = time.time() - float(other.get("renewed", 0))
             if age < self.ttl_s:
                 raise RunBusyError(
-                    f"run {self.store.uri} is in use by {_holder_text(json.dumps(other))} (its lease was "
+                    f"run {self.store.uri} is in use by {_describe(other)} (its lease was "
                     f"renewed {max(age, 0):.0f}s ago and lapses {self.ttl_s:.0f}s after the last renewal); "
                     "wait for that run to end or use another run name"
                 )
             log.warning(
                 "run %s: taking over the lease of %s, not renewed for %.0fs",
                 self.store.uri,
-                _holder_text(json.dumps(other)),
+                _describe(other),
                 age,
             )
         self._write()
@@ -185,7 +191,7 @@ class StoreLease:
         if now is None or now.get("token") != self.record["token"]:
             raise RunBusyError(
                 f"run {self.store.uri} was taken at the same moment by "
-                f"{_holder_text(json.dumps(now or {}))}; wait for that run to end or use another run name"
+                f"{_describe(now)}; wait for that run to end or use another run name"
             )
         self._thread = threading.Thread(target=self._renew, name="cpi-store-lease", daemon=True)
         self._thread.start()
@@ -196,7 +202,7 @@ class StoreLease:
             try:
                 now = self._read()
                 if now is None or now.get("token") != self.record["token"]:
-                    self._lost = _holder_text(json.dumps(now or {}))
+                    self._lost = _describe(now)
                     return
                 self._write()
             except Exception as e:  # noqa: BLE001 - a store hiccup: the next renewal retries
@@ -207,7 +213,7 @@ class StoreLease:
         now = self._read()
         if self._lost is None and now is not None and now.get("token") == self.record["token"]:
             return
-        holder = self._lost or _holder_text(json.dumps(now or {}))
+        holder = self._lost or _describe(now)
         raise RunBusyError(
             f"run {self.store.uri}: this job lost its lease to {holder}; it stops before writing to the store"
         )

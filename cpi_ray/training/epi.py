@@ -64,8 +64,10 @@ class EvolvingIsolation:
             v = self.valid[n]
             g = safe_get_local_grad(p)
             if g is not None:
-                w = safe_get_local_fp32_param(p)
-                x = importance(g.reshape(-1)[:v], w.reshape(-1)[:v].to(g.device), s.score)
+                w = None
+                if s.score == "taylor":  # g² needs no weights
+                    w = safe_get_local_fp32_param(p).reshape(-1)[:v].to(g.device)
+                x = importance(g.reshape(-1)[:v], w, s.score)
                 ema_update(self.ema[n], x.to(self.ema[n].device), s.beta)
             else:  # no gradient reached it this step: its average decays
                 self.ema[n].mul_(s.beta)

@@ -84,23 +84,8 @@ class ElementFreezer:
             local[: stop - start] = mask.flat(name, start, stop)
             ref = torch.zeros(part, dtype=torch.float32)
             ref[: stop - start] = reference.read_flat(name, start, stop)
-            entry = None
-            if local.any():
-                sel = _compact(local)
-                dev = p.ds_tensor.device
-                entry = _Frozen(name, p, sel.to(dev), ref[sel].to(dev))
-                self.local_frozen += int(local.sum())
-            if getattr(p, "ds_persist", False):
-                full = mask.flat(name)
-                if full.any():
-                    fsel = _compact(full)
-                    fvals = reference.read_flat(name).to(torch.float32)[fsel].to(p.ds_tensor.device)
-                    fsel = fsel.to(p.ds_tensor.device)
-                    if entry is None:
-                        entry = _Frozen(name, p, torch.zeros(0, dtype=torch.long), torch.zeros(0))
-                    entry.full_sel, entry.full_values = fsel, fvals
-            if entry is not None:
-                self.entries.append(entry)
+            full = mask.flat(name) if getattr(p, "ds_persist", False) else None
+            self._add(name, p, local, ref, full, lambda name=name: reference.read_flat(name))
 
     def __len__(self) -> int:
         return self.local_frozen
@@ -120,22 +105,32 @@ class ElementFreezer:
             local = torch.zeros(part, dtype=torch.bool, device=valid_mask.device)
             local[: stop - start] = valid_mask
             master = safe_get_local_fp32_param(p).detach().reshape(-1).float()
-            entry = None
-            if local.any():
-                sel = _compact(local).to(p.ds_tensor.device)
-                entry = _Frozen(name, p, sel, master.to(sel.device)[sel].clone())
-                self.local_frozen += int(local.sum())
+            full = values = None
             if getattr(p, "ds_persist", False):
                 # Every rank takes part in the gathers, frozen elements or not.
                 full = gather(local.to(torch.uint8)).reshape(-1)[: p.ds_numel].bool()
                 values = gather(master).reshape(-1)[: p.ds_numel]
-                if full.any():
-                    fsel = _compact(full).to(p.ds_tensor.device)
-                    if entry is None:
-                        entry = _Frozen(name, p, torch.zeros(0, dtype=torch.long), torch.zeros(0))
-                    entry.full_sel, entry.full_values = fsel, values.to(fsel.device)[fsel].clone()
-            if entry is not None:
-                self.entries.append(entry)
+            self._add(name, p, local, master, full, lambda values=values: values)
+
+    def _add(self, name: str, p, local: torch.Tensor, values: torch.Tensor, full, full_values) -> None:
+        """Hold the elements of `local` (bool over this rank's padded partition of `p`) at
+        `values` (fp32, the same length) and, for a persistent parameter, the elements of `full`
+        (bool over the whole flat tensor, else None) at `full_values()`, read only if any is set."""
+        dev = p.ds_tensor.device
+        entry = None
+        if local.any():
+            sel = _compact(local)
+            # Selected where the values are (an offloaded master stays on the host), then moved.
+            entry = _Frozen(name, p, sel.to(dev), values[sel.to(values.device)].to(dev))
+            self.local_frozen += int(local.sum())
+        if full is not None and full.any():
+            fsel = _compact(full)
+            fvals = full_values().to(torch.float32)
+            if entry is None:
+                entry = _Frozen(name, p, torch.zeros(0, dtype=torch.long), torch.zeros(0))
+            entry.full_sel, entry.full_values = fsel.to(dev), fvals[fsel.to(fvals.device)].to(dev)
+        if entry is not None:
+            self.entries.append(entry)
 
     def _direct(self, getter, p) -> bool:
         """Whether `getter(p)` returns a view of DeepSpeed's own storage (no offload copy, no NVMe

@@ -49,10 +49,10 @@ class RankOps:
         return torch.stack(out)
 
 
-def importance(grad: torch.Tensor, weight: torch.Tensor, score: str) -> torch.Tensor:
+def importance(grad: torch.Tensor, weight: Optional[torch.Tensor], score: str) -> torch.Tensor:
     """Per-element importance of one step's gradient, in fp32: `fisher` g² (the empirical Fisher
-    diagonal of that batch), `taylor` |g·w| (the first-order change of the loss if the element
-    were zeroed). Non-finite values count as 0."""
+    diagonal of that batch; `weight` unused), `taylor` |g·w| (the first-order change of the loss
+    if the element were zeroed). Non-finite values count as 0."""
     g = grad.float()
     x = g.square() if score == "fisher" else (g * weight.float()).abs()
     return torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
