@@ -14,10 +14,11 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
+from cpi_ray.io.raw import Buffers, RawFiles, read_as
 from cpi_ray.io.safetensors_io import CheckpointReader
 from cpi_ray.regions.plan import plan_chunks, scored_tensors
+from cpi_ray.regions.scores import compute_score
 from cpi_ray.regions.topk import all_finite, histogram_chunk, keys_of
 
 BLOCK = 1 << 20
@@ -25,12 +26,12 @@ LO, HI = 0x3A000000, 0x3B000000  # an interval around a 1% threshold of the benc
 
 
 def main(root: Path, nchunks: int) -> None:
-    torch.set_num_threads(1)
     spent: collections.Counter = collections.Counter()
     base = CheckpointReader(root / "base")
     probes = [CheckpointReader(p) for p in sorted((root / "probes").iterdir())]
     chunks = plan_chunks(base, scored_tensors(base), 64 * 2**20)[:nchunks]
-    buf = torch.empty(BLOCK)
+    files, bufs = RawFiles(), Buffers()
+    out = np.empty(BLOCK, dtype=np.float32)
     nbytes = 0
     t0 = time.thread_time()
 
@@ -43,12 +44,13 @@ def main(root: Path, nchunks: int) -> None:
     for c in chunks:
         for a in range(c.start, c.stop, BLOCK):
             b = min(a + BLOCK, c.stop)
-            x = base.read_flat(c.name, a, b)
+            x = read_as(files, bufs, "base", base.source(c.name), a, b, np.float32)
             for p in probes:
-                s = torch.sub(p.read_flat(c.name, a, b), x, out=buf[: b - a]).abs_()
-                tick("read + |delta| (memory map, reused buffer)")
-                assert all_finite(keys_of(s))
-                k = keys_of(s).numpy()
+                y = read_as(files, bufs, "probe", p.source(c.name), a, b, np.float32)
+                s = compute_score("delta", x, y, out=out[: b - a])
+                tick("read (pread into reused buffers) + |delta|")
+                k = keys_of(s)
+                assert all_finite(k)
                 tick("finite check")
                 above = k > HI
                 if np.count_nonzero(above):
@@ -64,11 +66,7 @@ def main(root: Path, nchunks: int) -> None:
                 tick("histogram")
                 k.size - np.count_nonzero(k)
                 tick("zero count")
-            del x
             nbytes += 4 * (b - a) * (1 + len(probes))
-            for r in (base, *probes):
-                r.close()
-            tick("unmap")
     total = sum(spent.values())
     print(f"{nbytes / 1e9:.2f} GB of files, {total:.2f} s CPU, {nbytes / total / 1e6:.0f} MB/s per core")
     for what, v in spent.most_common():

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from cpi_ray.fusion import slerp as S
+from cpi_ray.io.raw import bf16_to_f32, f32_to_bf16
 
 
 def ref_slerp(a, b, t, eps=5e-4):
@@ -171,7 +172,7 @@ def test_bf16_round_trip_matches_torch():
     x = torch.randn(10000) * 100
     x[:4] = torch.tensor([0.0, -0.0, 1e-40, 3.0e38])
     want = x.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
-    got = S.f32_to_bf16(x.numpy())
+    got = f32_to_bf16(x.numpy())
     np.testing.assert_array_equal(got, want)
-    back = S.bf16_to_f32(got)
+    back = bf16_to_f32(got)
     np.testing.assert_array_equal(back, x.to(torch.bfloat16).float().numpy())

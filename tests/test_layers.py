@@ -14,6 +14,8 @@ import tokenize
 from collections import defaultdict
 from pathlib import Path
 
+import pytest
+
 PKG = Path(__file__).resolve().parents[1] / "cpi_ray"
 
 # Lowest first; a package may import its own layer's packages or lower ones.
@@ -241,13 +243,26 @@ def test_imports_inside_functions_say_why():
 def test_cli_starts_without_the_heavy_dependencies():
     """What the in-function imports of the CLI's start-up path are for: `cpi-ray --help`, `plan`
     and `check` start without torch, transformers, numpy, datasets or Ray."""
-    heavy = ["torch", "transformers", "numpy", "datasets", "ray", "pyarrow"]
-    code = f"import sys, cpi_ray.cli; print(' '.join(m for m in {heavy!r} if m in sys.modules))"
+    loaded = heavy_imports("cpi_ray.cli", ["torch", "transformers", "numpy", "datasets", "ray", "pyarrow"])
+    assert loaded == [], f"importing cpi_ray.cli loads {loaded}"
+
+
+@pytest.mark.parametrize("module", ["cpi_ray.regions.worker", "cpi_ray.fusion.worker"])
+def test_streaming_actors_start_without_torch(module):
+    """What the regions and fusion actors import to run: numpy, not torch (about 1 s and 150 MiB
+    per actor) and not Ray (the actor process has it already)."""
+    loaded = heavy_imports(module, ["torch", "transformers", "datasets", "ray", "pyarrow"])
+    assert loaded == [], f"importing {module} loads {loaded}"
+
+
+def heavy_imports(module: str, heavy: list[str]) -> list[str]:
+    """Which of `heavy` a fresh interpreter has loaded after importing `module`."""
+    code = f"import sys, {module}; print(' '.join(m for m in {heavy!r} if m in sys.modules))"
     path = [str(PKG.parent), *filter(None, [os.environ.get("PYTHONPATH")])]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert r.stdout.split() == [], f"importing cpi_ray.cli loads {r.stdout.strip()}"
+    return r.stdout.split()
 
 
 def test_stage_registry_is_the_one_stage_list():

@@ -1,5 +1,6 @@
 """Work plan: scored tensors in global order, chunks that split tensors, structural checks."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -96,10 +97,9 @@ def test_sample_gathers_the_same_units_as_block_reads(tmp_path, unit_len_row):
     block, for two tasks sharing the base."""
     import math
 
-    import numpy as np
-
-    from cpi_ray.regions.ray_ops import ChunkReader, sample_keys
+    from cpi_ray.regions.ray_ops import checkpoint_sources, sample_keys
     from cpi_ray.regions.topk import keys_of, unit_keys
+    from cpi_ray.regions.worker import ChunkReader
 
     g = torch.Generator().manual_seed(3)
     base = {"a.weight": torch.randn(40, 24, generator=g), "b.bias": torch.randn(333, generator=g)}
@@ -110,7 +110,10 @@ def test_sample_gathers_the_same_units_as_block_reads(tmp_path, unit_len_row):
     r = CheckpointReader(tmp_path / "base")
     tensors = scored_tensors(r, granularity="row" if unit_len_row else "element")
     chunks = plan_chunks(r, tensors, chunk_bytes=512)
-    reader = ChunkReader(str(tmp_path / "base"), {t: str(tmp_path / t) for t in "xy"})
+    base_src, probe_src, _ = checkpoint_sources(
+        r, {t: str(tmp_path / t) for t in "xy"}, None, [x.name for x in tensors]
+    )
+    reader = ChunkReader(base_src, probe_src)
     got = sample_keys(reader, chunks, ["x", "y"], target_units=200, block=4)
     total = sum(c.units for c in chunks)
     for t in "xy":
@@ -121,7 +124,41 @@ def test_sample_gathers_the_same_units_as_block_reads(tmp_path, unit_len_row):
             for u in np.unique(np.linspace(0, max(c.units - b, 0), max(1, want_units // b)).astype(np.int64)):
                 a, z = c.start + int(u) * c.unit_len, c.start + min(int(u) + b, c.units) * c.unit_len
                 s = (probes[t][c.name].reshape(-1)[a:z] - base[c.name].reshape(-1)[a:z]).abs()
-                want.append(unit_keys(s, c.unit_len).numpy() if c.unit_len > 1 else keys_of(s).numpy())
+                want.append(unit_keys(s.numpy(), c.unit_len) if c.unit_len > 1 else keys_of(s.numpy()))
                 want_w.append(np.full(len(want[-1]), c.unit_len))
         np.testing.assert_array_equal(got[t][0], np.concatenate(want))
         np.testing.assert_array_equal(got[t][1], np.concatenate(want_w))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("score", ["delta", "fisher", "delta_fisher"])
+def test_chunk_reader_scores_equal_torch(tmp_path, dtype, score):
+    """The actors' reader (numpy, pread, no torch) gives the bits torch gives, for every stored
+    float dtype and score, streamed in blocks or gathered for the sample."""
+    from cpi_ray.regions.ray_ops import checkpoint_sources
+    from cpi_ray.regions.worker import ChunkReader
+
+    g = torch.Generator().manual_seed(5)
+    base = {"w": torch.randn(37, 11, generator=g).to(dtype), "v": torch.randn(300, generator=g).to(dtype)}
+    probe = {n: (t.float() + torch.randn(t.shape, generator=g) * 0.1).to(dtype) for n, t in base.items()}
+    fisher = {n: (torch.randn(t.shape, generator=g) ** 2).to(dtype) for n, t in base.items()}
+    fisher["v"][3] = -0.0  # a stored -0.0 reads as 0
+    for name, state in [("base", base), ("probe", probe), ("fisher", fisher)]:
+        save_model_dir(state, tmp_path / name, 2_000)
+    r = CheckpointReader(tmp_path / "base")
+    fisher_dirs = {"t": str(tmp_path / "fisher")} if score != "delta" else None
+    base_src, probe_src, fisher_src = checkpoint_sources(
+        r, {"t": str(tmp_path / "probe")}, fisher_dirs, ["w", "v"]
+    )
+    reader = ChunkReader(base_src, probe_src, score, fisher_src, block_elems=64)
+    for n in ["w", "v"]:
+        d = (probe[n].float() - base[n].float()).abs().reshape(-1)
+        f = fisher[n].float().abs().reshape(-1)
+        # √F correctly rounded to float32 (via float64: exact for float32 inputs)
+        want = {"delta": d, "fisher": f, "delta_fisher": d * f.double().sqrt().float()}[score].numpy()
+        got = np.concatenate([k.copy() for _, k in reader.task_blocks(["t"], n, 0, want.size, 1)])
+        np.testing.assert_array_equal(got, want.view(np.int32))
+        elems = np.array([0, 5, 6, want.size - 1])
+        base_vals = reader.gather_base(n, 0, want.size, elems)
+        np.testing.assert_array_equal(reader.sample("t", n, 0, want.size, elems, base_vals), want[elems])
+    reader.close()

@@ -100,7 +100,7 @@ def reference(
         if score == "fisher":
             s = fisher[n].float()
         elif score == "delta_fisher":
-            s = s * fisher[n].float().sqrt()
+            s = s * fisher[n].double().sqrt().float()  # √F correctly rounded
         if granularity == "row" and s.dim() >= 2:
             rows = s.reshape(s.shape[0], -1)
             us = (rows.double().sum(1) / rows.shape[1]).float()

@@ -14,8 +14,9 @@ from typing import Mapping, Optional, Sequence
 
 from cpi_ray.config.schema import FuseConfig
 from cpi_ray.fusion import slerp as S
-from cpi_ray.fusion.worker import FLOAT_DTYPES, NP_DTYPES, FuseError, ShardJob, Source, TensorJob
+from cpi_ray.fusion.worker import FuseError, ShardJob, TensorJob
 from cpi_ray.io.masks import MaskFile
+from cpi_ray.io.raw import FLOAT_DTYPES, NP_DTYPES, Source
 from cpi_ray.io.safetensors_io import DTYPE_NAMES, CheckpointReader, plan_shards, shard_filename
 
 

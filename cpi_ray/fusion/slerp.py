@@ -271,24 +271,3 @@ def resolve_core(
         np.copyto(out, v, where=win)
         anyo |= m
     return out, anyo
-
-
-# ------------------------------------------------------------------ dtypes without torch
-
-
-def bf16_to_f32(raw: np.ndarray, out: Optional[np.ndarray] = None) -> np.ndarray:
-    """bfloat16 bits (uint16) -> float32, exactly."""
-    if out is None:
-        out = np.empty(raw.shape, dtype=np.float32)
-    u = out.view(np.uint32)
-    np.copyto(u, raw, casting="unsafe")
-    u <<= 16
-    return out
-
-
-def f32_to_bf16(x: np.ndarray) -> np.ndarray:
-    """float32 -> bfloat16 bits (uint16), round to nearest even, as torch rounds. Inputs are
-    finite (the stage rejects NaN/Inf)."""
-    u = x.view(np.uint32).astype(np.uint32)
-    u += np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))
-    return (u >> np.uint32(16)).astype(np.uint16)

@@ -19,35 +19,12 @@ from typing import Optional
 import numpy as np
 
 from cpi_ray.fusion import slerp as S
+from cpi_ray.io.raw import FLOAT_DTYPES, NP_DTYPES, Buffers, RawFiles, Source, f32_to_bf16, read_as
 from cpi_ray.run.faults import kill_once
-
-# safetensors dtype names -> numpy storage dtype (bfloat16 is stored as raw uint16 bits)
-NP_DTYPES: dict[str, np.dtype] = {
-    "F64": np.dtype(np.float64),
-    "F32": np.dtype(np.float32),
-    "F16": np.dtype(np.float16),
-    "BF16": np.dtype(np.uint16),
-    "I64": np.dtype(np.int64),
-    "I32": np.dtype(np.int32),
-    "I16": np.dtype(np.int16),
-    "I8": np.dtype(np.int8),
-    "U8": np.dtype(np.uint8),
-    "BOOL": np.dtype(np.bool_),
-}
-FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 
 
 class FuseError(ValueError):
     """Bad fusion input; the message names the tensor and the file."""
-
-
-@dataclass(frozen=True)
-class Source:
-    """Where one tensor's bytes are: file, absolute offset of its first byte, dtype name."""
-
-    file: str
-    offset: int
-    dtype: str
 
 
 @dataclass(frozen=True)
@@ -99,54 +76,6 @@ def shard_header(job: ShardJob) -> bytes:
     return len(raw).to_bytes(8, "little") + raw
 
 
-class _Files:
-    """Open file descriptors, read with pread into caller-owned buffers."""
-
-    def __init__(self) -> None:
-        self._fds: dict[str, int] = {}
-
-    def fd(self, path: str) -> int:
-        fd = self._fds.get(path)
-        if fd is None:
-            try:
-                fd = os.open(path, os.O_RDONLY)
-            except FileNotFoundError:
-                raise FuseError(f"{path}: file is missing") from None
-            self._fds[path] = fd
-        return fd
-
-    def pread_into(self, path: str, offset: int, buf: np.ndarray) -> None:
-        mv = memoryview(buf).cast("B")
-        fd = self.fd(path)
-        done = 0
-        while done < len(mv):
-            n = os.preadv(fd, [mv[done:]], offset + done)
-            if n <= 0:
-                raise FuseError(f"{path}: file ends before byte {offset + len(mv)} (truncated?)")
-            done += n
-
-    def close(self) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
-
-
-class _Buffers:
-    """Named scratch arrays, grown once and reused for every chunk of every tensor."""
-
-    def __init__(self) -> None:
-        self._b: dict[tuple[str, str], np.ndarray] = {}
-
-    def get(self, key: str, n: int, dtype) -> np.ndarray:
-        dtype = np.dtype(dtype)
-        k = (key, dtype.str)
-        b = self._b.get(k)
-        if b is None or b.shape[0] < n:
-            b = np.empty(n, dtype=dtype)
-            self._b[k] = b
-        return b[:n]
-
-
 def peak_rss_bytes() -> int:
     """Peak resident memory of this process. VmHWM belongs to the current address space;
     ru_maxrss can carry a parent's peak across fork and exec."""
@@ -165,34 +94,17 @@ class ShardFuser:
 
     def __init__(self, settings: FuseSettings):
         self.s = settings
-        self.files = _Files()
-        self.bufs = _Buffers()
+        self.files = RawFiles(FuseError)
+        self.bufs = Buffers()
 
     def close(self) -> None:
         self.files.close()
 
     # ------------------------------------------------------------------ reading
 
-    def _read(self, key: str, src: Source, start: int, stop: int, cdt: np.dtype, name: str) -> np.ndarray:
+    def _read(self, key: str, src: Source, start: int, stop: int, cdt: np.dtype) -> np.ndarray:
         """Elements [start, stop) of a float tensor as compute dtype `cdt`."""
-        n = stop - start
-        sdt = NP_DTYPES[src.dtype]
-        off = src.offset + start * sdt.itemsize
-        if sdt == cdt:
-            out = self.bufs.get(key, n, cdt)
-            self.files.pread_into(src.file, off, out)
-            return out
-        raw = self.bufs.get("raw", n, sdt)
-        self.files.pread_into(src.file, off, raw)
-        out = self.bufs.get(key, n, cdt)
-        if src.dtype == "BF16":
-            tmp = out if cdt == np.float32 else self.bufs.get("bf16tmp", n, np.float32)
-            S.bf16_to_f32(raw, out=tmp)
-            if tmp is not out:
-                np.copyto(out, tmp)
-        else:
-            np.copyto(out, raw, casting="unsafe")
-        return out
+        return read_as(self.files, self.bufs, key, src, start, stop, cdt)
 
     def _mask_bits(self, src: Source, numel: int) -> np.ndarray:
         """The whole packed mask of a tensor (numel/8 bytes: small next to the tensor)."""
@@ -211,7 +123,7 @@ class ShardFuser:
         src = job.models[idx]
         for a in range(0, job.numel, chunk):
             b = min(job.numel, a + chunk)
-            x = self._read("scan", src, a, b, cdt, job.name)
+            x = self._read("scan", src, a, b, cdt)
             bad = ~np.isfinite(x)
             if bad.any():
                 i = a + int(np.argmax(bad))
@@ -248,7 +160,7 @@ class ShardFuser:
         needs_base = has_core and self.s.policy != "mean" and 0 not in fold
 
         def read_fold(a: int, b: int) -> list[np.ndarray]:
-            return [self._read(f"x{k}", job.models[i], a, b, cdt, job.name) for k, i in enumerate(fold)]
+            return [self._read(f"x{k}", job.models[i], a, b, cdt) for k, i in enumerate(fold)]
 
         def core_union(a: int, b: int) -> tuple[Optional[list], Optional[np.ndarray]]:
             if not has_core:
@@ -303,7 +215,7 @@ class ShardFuser:
                 by_model = {i: xs[k] for k, i in enumerate(fold)}
                 base = by_model.get(0)
                 if needs_base:
-                    base = self._read("base", job.models[0], a, b, cdt, job.name)
+                    base = self._read("base", job.models[0], a, b, cdt)
                     bad = ~np.isfinite(base)
                     if bad.any():
                         i = a + int(np.argmax(bad))
@@ -326,7 +238,7 @@ class ShardFuser:
     @staticmethod
     def _encode(x: np.ndarray, dtype: str) -> memoryview:
         if dtype == "BF16":
-            return memoryview(S.f32_to_bf16(x)).cast("B")
+            return memoryview(f32_to_bf16(x)).cast("B")
         target = NP_DTYPES[dtype]
         if x.dtype != target:
             x = x.astype(target)

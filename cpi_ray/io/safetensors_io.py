@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import save_file
 
 from cpi_ray.io.atomic import atomic_dir, atomic_file
+from cpi_ray.io.raw import CheckpointError, Source
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -40,10 +41,6 @@ DTYPES: dict[str, torch.dtype] = {
     "BOOL": torch.bool,
 }
 DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read as it claims to be; the message names file and tensor."""
 
 
 @dataclass(frozen=True)
@@ -172,6 +169,11 @@ class CheckpointReader:
             return self.tensors[name]
         except KeyError:
             raise CheckpointError(f"{self.path}: tensor {name!r} is missing") from None
+
+    def source(self, name: str) -> Source:
+        """Where the tensor's bytes are, for readers without torch (`cpi_ray.io.raw`)."""
+        info = self.info(name)
+        return Source(str(info.file), info.data_offset, DTYPE_NAMES[info.dtype])
 
     def _map(self, file: Path) -> mmap.mmap:
         m = self._maps.get(file)

@@ -26,7 +26,7 @@ from cpi_ray.regions.grouping import (
 )
 from cpi_ray.regions.overlap import jaccard, mask_intersections
 from cpi_ray.regions.plan import check_compatible, plan_chunks, scored_tensors
-from cpi_ray.regions.ray_ops import DEFAULT_BLOCK_ELEMS, ChunkReader, run_pass, sample_keys
+from cpi_ray.regions.ray_ops import checkpoint_sources, run_pass, sample_keys
 from cpi_ray.regions.scores import needs_fisher
 from cpi_ray.regions.topk import (
     HIST_SHIFT,
@@ -37,6 +37,7 @@ from cpi_ray.regions.topk import (
     core_size,
     key_to_float,
 )
+from cpi_ray.regions.worker import DEFAULT_BLOCK_ELEMS, ChunkReader
 from cpi_ray.run.layout import GROUPS_JSON, MASK_SUFFIX, OVERLAP_JSON, REGION_STATS, RunLayout
 from cpi_ray.run.runtime import connect_ray
 from cpi_ray.run.stage import RunContext, Stage
@@ -120,7 +121,7 @@ class RegionsStage(Stage):
     def config_slice(self, cfg: PipelineConfig) -> dict:
         r = cfg.regions
         # chunking, actors and the candidate budget change the work, never the masks
-        return {
+        out = {
             "p": r.p,
             "score": r.score,
             "granularity": r.granularity,
@@ -128,6 +129,12 @@ class RegionsStage(Stage):
             "exclude": list(r.exclude),
             "tasks": [t.name for t in cfg.tasks],
         }
+        if r.score == "delta_fisher" or r.granularity == "row":
+            # Scores computed with numpy since: a correctly rounded float32 sqrt (torch's
+            # vectorised one is off by an ulp at times) and numpy's float64 row sums can move
+            # the last bit of these keys; element |Δ| and Fisher keys are the same bits as before.
+            out["keys"] = "numpy"
+        return out
 
     def run(self, ctx: RunContext) -> list[Path]:
         out_dir = ctx.layout.folder("regions")
@@ -217,7 +224,6 @@ def compute_regions(
             k,
             total,
             budget,
-            base_dir,
             probe_dirs,
             fisher_dirs,
             block_elems,
@@ -240,7 +246,6 @@ def _select_and_write(
     k,
     total,
     budget,
-    base_dir,
     probe_dirs,
     fisher_dirs,
     block_elems,
@@ -252,12 +257,10 @@ def _select_and_write(
     rc = cfg.regions
     tasks = list(probe_dirs)
     solvers = {t: TopKSolver(metas, k, total, budget, sink=streams[t].write_units) for t in tasks}
-    reader = ChunkReader(
-        str(base_dir),
-        {t: str(d) for t, d in probe_dirs.items()},
-        rc.score,
-        {t: str(d) for t, d in (fisher_dirs or {}).items()},
+    base_src, probe_src, fisher_src = checkpoint_sources(
+        base, {t: str(d) for t, d in probe_dirs.items()}, fisher_dirs, [x.name for x in tensors]
     )
+    reader = ChunkReader(base_src, probe_src, rc.score, fisher_src, block_elems or DEFAULT_BLOCK_ELEMS)
     requests = {}
     refined = []
     to_sample = []
@@ -277,7 +280,6 @@ def _select_and_write(
     if to_sample:
         for t, (sk, sw) in sample_keys(reader, chunks, to_sample).items():
             requests[t] = solvers[t].start(sk, sw)
-    reader.release()
     t_plan = time.time() - t0
     connect_ray(cfg)  # a no-op inside the pipeline, which connected already
     npass = 0
@@ -290,14 +292,10 @@ def _select_and_write(
         caps = {t: solvers[t].cap(0) for t in requests}
         for idx, res in run_pass(
             chunks,
-            str(base_dir),
-            probe_dirs,
+            reader,
             requests,
             caps,
-            rc.score,
-            fisher_dirs,
             rc.num_actors,
-            block_elems or DEFAULT_BLOCK_ELEMS,
             getattr(rc, "cpus_per_actor", 1.0),
             getattr(rc, "custom_resources", None),
             timing=pass_timing[-1],

@@ -31,7 +31,6 @@ from fractions import Fraction
 from typing import Callable, Iterable, Optional, Sequence
 
 import numpy as np
-import torch
 
 HIST_SHIFT = 15  # the stored histogram bins keys by their top 16 bits (sign, exponent, 7 mantissa)
 HIST_BINS = 1 << (31 - HIST_SHIFT)
@@ -45,11 +44,12 @@ def core_size(p: float, total: int) -> int:
     return int(Fraction(repr(float(p))) * total // 100)
 
 
-def keys_of(score: torch.Tensor) -> torch.Tensor:
-    """int32 keys of a float32 score tensor (a view; the caller keeps the scores >= 0)."""
-    if score.dtype != torch.float32:
+def keys_of(score: np.ndarray) -> np.ndarray:
+    """int32 keys of a float32 score array (a view; the caller keeps the scores >= 0)."""
+    score = np.asarray(score)
+    if score.dtype != np.float32:
         raise TypeError(f"scores must be float32, not {score.dtype}")
-    return score.contiguous().view(torch.int32)
+    return np.ascontiguousarray(score).view(np.int32)
 
 
 def key_to_float(key: int) -> float:
@@ -60,33 +60,33 @@ def float_to_key(x: float) -> int:
     return struct.unpack("<i", struct.pack("<f", float(x)))[0]
 
 
-def all_finite(keys: torch.Tensor) -> bool:
+def all_finite(keys: np.ndarray) -> bool:
     """True when every key is a finite, non-negative float (NaN and Inf keys exceed the largest
     finite key; a negative score or -0.0 has the sign bit set, a negative key)."""
-    if keys.numel() == 0:
+    if keys.size == 0:
         return True
-    lo, hi = torch.aminmax(keys)
-    return int(lo) >= 0 and int(hi) <= MAX_FINITE_KEY
+    return int(keys.min()) >= 0 and int(keys.max()) <= MAX_FINITE_KEY
 
 
-def unit_keys(score: torch.Tensor, unit_len: int) -> torch.Tensor:
+def unit_keys(score: np.ndarray, unit_len: int) -> np.ndarray:
     """Keys of the units of a flat float32 score: the elements themselves, or the mean of each
     row of `unit_len` elements (summed in float64 so that the value does not depend on how many
     rows are reduced together)."""
     if unit_len == 1:
         return keys_of(score)
-    rows = score.view(-1, unit_len).to(torch.float64).sum(dim=1).div_(unit_len)
-    return keys_of(rows.to(torch.float32))
+    rows = np.asarray(score).reshape(-1, unit_len).sum(axis=1, dtype=np.float64)
+    rows /= unit_len
+    return keys_of(rows.astype(np.float32))
 
 
 # --------------------------------------------------------------------------- chunk side
-# numpy on int32 keys: counting a torch bool tensor (`.sum()`) costs several times a full pass,
-# and np.count_nonzero / packbits / flatnonzero are a fraction of one.
+# numpy on int32 keys: np.count_nonzero / packbits / flatnonzero cost a fraction of a pass (a
+# torch bool `.sum()` cost several passes).
 
 
 def as_keys(keys) -> np.ndarray:
-    """int32 keys as a numpy array (a view of a torch tensor's memory)."""
-    k = keys.numpy() if isinstance(keys, torch.Tensor) else np.asarray(keys)
+    """int32 keys as a numpy array."""
+    k = np.asarray(keys)
     if k.dtype != np.int32:
         raise TypeError(f"keys must be int32, not {k.dtype}")
     return k
@@ -106,8 +106,7 @@ def histogram_chunk(
         sel = k[(k >= prefix << shift) & (k <= (prefix << shift) | low)]
         idx = sel & low
         bins = 1 << shift
-    # torch's bincount takes int32 as it is; numpy's first copies it to int64
-    h = torch.bincount(torch.from_numpy(idx), minlength=bins).numpy().astype(np.int64)
+    h = np.bincount(idx, minlength=bins).astype(np.int64, copy=False)
     return h * weight if weight != 1 else h
 
 
@@ -497,7 +496,7 @@ def run_request(req: ScanRequest, key_blocks: Iterable, unit_len: int, cap: int,
 
 
 def run_in_memory(
-    unit_keys_per_chunk: Sequence[torch.Tensor],
+    unit_keys_per_chunk: Sequence[np.ndarray],
     unit_lens: Sequence[int],
     k: int,
     max_candidates: int = 1 << 21,
@@ -507,30 +506,32 @@ def run_in_memory(
     """Run the streaming protocol over in-memory chunks (the reference the Ray passes follow,
     and what the tests exercise). `sample` (indices into the concatenated units) overrides the
     default sample. Returns one bool unit mask per chunk and the solver."""
+    unit_keys_per_chunk = [as_keys(kk).reshape(-1) for kk in unit_keys_per_chunk]
     metas, off = [], 0
     for i, (kk, L) in enumerate(zip(unit_keys_per_chunk, unit_lens)):
-        metas.append(ChunkMeta(i, kk.numel(), L, off))
-        off += kk.numel()
+        metas.append(ChunkMeta(i, kk.size, L, off))
+        off += kk.size
     total = sum(m.units * m.unit_len for m in metas)
     solver = TopKSolver(metas, k, total, max_candidates)
-    allk = torch.cat([kk.reshape(-1) for kk in unit_keys_per_chunk]).numpy()
+    allk = np.concatenate(unit_keys_per_chunk)
     allw = np.concatenate([np.full(m.units, m.unit_len) for m in metas])
     if sample is None:
         sample = np.arange(0, len(allk), max(1, len(allk) // 4096))
     req = solver.start(allk[sample], allw[sample])
     while req is not None:
         for m, kk in zip(metas, unit_keys_per_chunk):
-            blocks = kk.split(block_units) if block_units else [kk]
+            step = block_units or max(kk.size, 1)
+            blocks = [kk[a : a + step] for a in range(0, kk.size, step)] or [kk]
             solver.add(m.idx, run_request(req, blocks, m.unit_len, solver.cap(m.idx), m.idx))
         req = solver.end_pass()
     return [solver.unit_mask(m.idx) for m in metas], solver
 
 
-def reference_topk_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
+def reference_topk_mask(scores: np.ndarray, k: int) -> np.ndarray:
     """Plain exact top-k of a flat score vector with the flat-index tie-break (independent of
     the streaming protocol): sort by (score descending, index ascending), keep the first k."""
-    s = scores.reshape(-1).numpy()
+    s = np.asarray(scores).reshape(-1)
     order = np.lexsort((np.arange(len(s)), -s.astype(np.float64)))
     mask = np.zeros(len(s), dtype=bool)
     mask[order[:k]] = True
-    return torch.from_numpy(mask)
+    return mask
