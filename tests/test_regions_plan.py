@@ -89,6 +89,13 @@ def test_chunk_rows_cover_every_chunk_once_in_order(ckpt):
         assert [i for a, b in rows for i in range(a, b)] == list(range(len(chunks)))
         assert all(a < b for a, b in rows)
         assert len(rows) <= max(1, actors * 4) + 1
+    # a row stays within the element cap unless a single chunk is larger (its results are held
+    # by the actor until the row is done)
+    sizes = [c.stop - c.start for c in chunks]
+    for cap in (1, 7, 20):
+        rows = group_chunks(chunks, 1, max_elems=cap)
+        assert [i for a, b in rows for i in range(a, b)] == list(range(len(chunks)))
+        assert all(sum(sizes[a:b]) <= cap or b - a == 1 for a, b in rows)
 
 
 @pytest.mark.parametrize("unit_len_row", [False, True])

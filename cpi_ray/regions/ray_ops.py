@@ -23,6 +23,10 @@ from cpi_ray.regions.worker import ChunkReader, RegionsPass, Sources
 # Ray Data rows: a few per actor, so that per-row overhead is paid a few times per pass, not per
 # chunk, while the last rows still balance the actors.
 ROWS_PER_ACTOR = 4
+# An actor holds a row's results (one bit per element and task, pickled, then copied into the
+# object store) until the row is done: rows of at most this many elements keep that to a few MiB
+# per task whatever the model size.
+MAX_ROW_ELEMS = 1 << 25
 
 
 def checkpoint_sources(
@@ -42,14 +46,20 @@ def checkpoint_sources(
     return table(base), probes, fishers
 
 
-def group_chunks(chunks: Sequence[Chunk], num_actors: int) -> list[tuple[int, int]]:
-    """Consecutive chunks in rows of about equal size, a few rows per actor: [first, last)
-    positions in `chunks`."""
+def group_chunks(
+    chunks: Sequence[Chunk], num_actors: int, max_elems: int = MAX_ROW_ELEMS
+) -> list[tuple[int, int]]:
+    """Consecutive chunks in rows of about equal size, a few rows per actor, and a row past
+    `max_elems` elements only when one chunk is: [first, last) positions in `chunks`."""
     total = sum(c.stop - c.start for c in chunks)
     target = max(1, math.ceil(total / max(1, num_actors * ROWS_PER_ACTOR)))
     rows, first, size = [], 0, 0
     for i, c in enumerate(chunks):
-        size += c.stop - c.start
+        n = c.stop - c.start
+        if size and size + n > max_elems:
+            rows.append((first, i))
+            first, size = i, 0
+        size += n
         if size >= target:
             rows.append((first, i + 1))
             first, size = i + 1, 0
