@@ -3,15 +3,19 @@
 Builds a synthetic sharded fp32 base and N task models of --size-gb each (a task moves a random
 subset of tensors by noise of varied scale), then, each in its own process:
 
-- the stage: a local Ray (2 CPUs) and `compute_regions`, peak memory summed (PSS) over the
-  driver and every Ray process it started, and separately the driver's own peak RSS;
+- the stage: a local Ray (2 CPUs) and `compute_regions`, timed; then again, with its peak memory
+  summed (PSS) over the driver and every Ray process (all of them, and only the driver and the
+  workers the stage started, without Ray's own daemons), who held what at that peak, and the
+  driver's own peak RSS;
 - the floor: the same files read block by block and |Δ| computed for every task, by as many
   processes as the stage has actors, nothing else: what no selection can beat;
 - the reference: the base loaded whole, then each task's probe, |Δ| concatenated, `torch.topk`,
   ties broken by flat index; its peak RSS.
 
-Prints wall time, bytes read per second (and per core) and peak memory of each, and whether the
-masks are identical. --results DIR appends the figures to DIR/regions.json.
+The files are read once, untimed, before the floor and the stage are timed, so both see a warm
+page cache (or, for files larger than the free memory, both read the disk). Prints wall time,
+bytes read per second (and per core) and peak memory of each, and whether the masks are
+identical. --results DIR appends the figures to DIR/regions.json.
 
     python benchmarks/bench_regions.py --size-gb 1 [--tasks 4] [--skip-reference] [--workdir D --keep]
 """
@@ -29,6 +33,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -84,11 +89,15 @@ def pss_kib(pid: int) -> int:
 
 class TreeSampler(threading.Thread):
     """Peak of the summed PSS of a process and all its descendants (Ray's gcs, raylet and
-    workers are descendants of the driver that started them)."""
+    workers are descendants of the driver that started them), with who held what at that peak.
+
+    Reading a process's PSS walks its page tables while the stage's actors map and unmap their
+    files, which slows them: the stage's wall time is taken in a run without the sampler."""
 
     def __init__(self, pid: int, every: float = 0.2):
         super().__init__(daemon=True)
         self.pid, self.every, self.peak_kib, self.stop = pid, every, 0, False
+        self.at_peak: dict[str, int] = {}
 
     def run(self):
         import psutil
@@ -96,11 +105,32 @@ class TreeSampler(threading.Thread):
         while not self.stop:
             try:
                 p = psutil.Process(self.pid)
-                pids = [p.pid] + [c.pid for c in p.children(recursive=True)]
+                procs = [p] + p.children(recursive=True)
             except psutil.NoSuchProcess:
                 break
-            self.peak_kib = max(self.peak_kib, sum(pss_kib(x) for x in pids))
+            sample = [(role(x, self.pid), pss_kib(x.pid)) for x in procs]
+            total = sum(k for _, k in sample)
+            if total > self.peak_kib:
+                self.peak_kib, self.at_peak = total, {}
+                for r, k in sample:
+                    self.at_peak[r] = self.at_peak.get(r, 0) + k
             time.sleep(self.every)
+
+
+def role(proc, driver_pid: int) -> str:
+    """What a process of the stage's tree is: the driver, a Ray worker by its title
+    (`ray::MapWorker(...)`, `ray::_StatsActor`, `ray::IDLE`), or one of Ray's own daemons."""
+    if proc.pid == driver_pid:
+        return "driver"
+    try:
+        cmd = proc.cmdline()
+    except Exception:
+        return "?"
+    title = cmd[0] if cmd else proc.name()
+    if title.startswith("ray::") and "Agent" not in title:  # the dashboard and runtime-env agents are Ray's
+        return "worker " + title[5:].split(" ")[0]
+    exe = next((Path(c).name for c in cmd if c.endswith((".py", "server", "raylet"))), proc.name())
+    return "ray " + exe
 
 
 # --------------------------------------------------------------------------- the two runs
@@ -212,7 +242,9 @@ print(json.dumps({"ref_s": t1 - t0,
 """
 
 
-def run_child(code: str, args: list[str], sample: bool) -> tuple[dict, int]:
+def run_child(code: str, args: list[str], sample: bool, at_peak: Optional[list] = None) -> tuple[dict, int]:
+    """Run `code` in a child; with `sample`, also its tree's peak PSS (and, into `at_peak`, who
+    held what at that peak)."""
     proc = subprocess.Popen([sys.executable, "-c", code, *args], stdout=subprocess.PIPE, text=True)
     sampler = TreeSampler(proc.pid) if sample else None
     if sampler:
@@ -221,6 +253,8 @@ def run_child(code: str, args: list[str], sample: bool) -> tuple[dict, int]:
     if sampler:
         sampler.stop = True
         sampler.join()
+        if at_peak is not None:
+            at_peak.append(sampler.at_peak)
     if proc.returncode:
         raise SystemExit(f"child failed with exit code {proc.returncode}")
     return json.loads(out.strip().splitlines()[-1]), (sampler.peak_kib if sampler else 0)
@@ -255,6 +289,7 @@ def main(argv=None):
         action="store_true",
         help="the reference needs about 3 x size of memory",
     )
+    ap.add_argument("--repeat", type=int, default=3, help="timed runs of the stage (the median is reported)")
     ap.add_argument("--keep", action="store_true")
     ap.add_argument("--results", default=None, help="append the figures to RESULTS/regions.json")
     a = ap.parse_args(argv)
@@ -294,20 +329,47 @@ def main(argv=None):
 
     try:
         (root / "reference_masks.npz").unlink(missing_ok=True)
-        st, st_peak = run_child(STAGE_CODE, [str(root), str(a.chunk_mib), str(a.num_actors)], True)
-        print(
-            f"stage     : {st['stage_s']:7.1f} s, {rate(st['stage_s'], 'stage')}, "
-            f"peak PSS of driver + Ray processes {st_peak / 2**20:.2f} GiB, "
-            f"driver peak RSS {st['driver_rss_kib'] / 2**20:.2f} GiB (+ {st['ray_init_s']:.1f} s Ray start)"
-        )
-        out["stage"].update(
-            peak_pss_gib=round(st_peak / 2**20, 3), driver_rss_gib=round(st["driver_rss_kib"] / 2**20, 3)
-        )
-        stats = json.loads((root / "regions" / "stats.json").read_text())
-        if "throughput" in stats:
-            out["stage"]["stats"] = stats["throughput"]
-        out["stage"]["passes"] = stats["num_passes"]
+        # The stage and the floor both read a warm page cache: the files are read once, untimed,
+        # first (files larger than the free memory are read from disk by both, whatever this does).
+        run_child(FLOOR_CODE, [str(root), str(a.num_actors)], False)
         fl, _ = run_child(FLOOR_CODE, [str(root), str(a.num_actors)], False)
+        stage_args = [str(root), str(a.chunk_mib), str(a.num_actors)]
+        runs = []
+        for _ in range(a.repeat):
+            st, _ = run_child(STAGE_CODE, stage_args, False)
+            stats = json.loads((root / "regions" / "stats.json").read_text())
+            runs.append(
+                {"s": round(st["stage_s"], 2), "ray_init_s": round(st["ray_init_s"], 2), **stats["timing_s"]}
+            )
+            p0 = stats["timing_s"]["passes"][0]
+            print(
+                f"stage run : {st['stage_s']:7.1f} s (+ {st['ray_init_s']:.1f} s Ray start; first result "
+                f"after {p0['first_result_s']:.1f} s, {p0['udf_s']:.1f} s in the UDF over all actors)"
+            )
+        median = float(np.median([r["s"] for r in runs]))
+        print(
+            f"stage     : {median:7.1f} s, {rate(median, 'stage')} (median of {len(runs)}; load average "
+            f"{os.getloadavg()[0]:.1f})"
+        )
+        out["load_average"] = round(os.getloadavg()[0], 1)
+        out["stage"].update(passes=stats["num_passes"], runs=runs)
+        sampler: list = []
+        mem, peak = run_child(STAGE_CODE, stage_args, True, sampler)
+        own = sum(k for r, k in sampler[0].items() if not r.startswith("ray "))
+        print(
+            f"memory    : peak PSS of driver + every Ray process {peak / 2**20:.2f} GiB, of the "
+            f"driver + the workers the stage started {own / 2**20:.2f} GiB (a second run, "
+            f"{mem['stage_s']:.1f} s with the sampler); driver peak RSS "
+            f"{mem['driver_rss_kib'] / 2**20:.2f} GiB"
+        )
+        for r, k in sorted(sampler[0].items(), key=lambda x: -x[1]):
+            print(f"            {k / 2**10:6.0f} MiB  {r}")
+        out["stage"].update(
+            peak_pss_gib=round(peak / 2**20, 3),
+            peak_pss_stage_gib=round(own / 2**20, 3),
+            pss_at_peak_mib={r: round(k / 2**10) for r, k in sampler[0].items()},
+            driver_rss_gib=round(mem["driver_rss_kib"] / 2**20, 3),
+        )
         print(f"floor     : {fl['floor_s']:7.1f} s, {rate(fl['floor_s'], 'floor')} (read + |delta| only)")
         if not a.skip_reference:
             ref, _ = run_child(REF_CODE, [str(root)], False)
@@ -319,7 +381,7 @@ def main(argv=None):
             print(
                 f"ratios    : wall stage/floor {st['stage_s'] / fl['floor_s']:.2f}, "
                 f"stage/reference {st['stage_s'] / ref['ref_s']:.2f}, "
-                f"memory stage/reference {st_peak / ref['ref_rss_kib']:.2f}"
+                f"memory stage/reference {peak / ref['ref_rss_kib']:.2f}"
             )
             same = compare(root)
             out["masks_identical"] = same
