@@ -117,6 +117,11 @@ def set_accelerator_env(use_gpu: bool) -> None:
     """Must run before DeepSpeed is first imported in this process."""
     if not use_gpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        # DeepSpeed's CPU accelerator counts its devices (ZeRO-3 asks on every gradient
+        # reduce-scatter) by running `numactl --hardware` unless LOCAL_SIZE says it, as
+        # DeepSpeed's own launcher sets it: the ranks on this node (Ray Train's local world).
+        if "LOCAL_WORLD_SIZE" in os.environ:
+            os.environ.setdefault("LOCAL_SIZE", os.environ["LOCAL_WORLD_SIZE"])
 
 
 def worker_device(use_gpu: bool) -> torch.device:
