@@ -26,7 +26,15 @@ THIS_RUN = textwrap.dedent("""
     from cpi_ray.run.runtime import connect_ray
     cfg = load_config(sys.argv[1], ["ray.num_cpus=1"])
     how = connect_ray(cfg)
-    print(how + "|" + ray.get_runtime_context().gcs_address, flush=True)
+
+    @ray.remote
+    def actors_seen():
+        from ray.util.state import list_actors
+        # no address, as Ray Train's placement-group cleaner asks: found through the workers' env
+        return len(list_actors())
+
+    seen = ray.get(actors_seen.remote())
+    print(how + "|" + ray.get_runtime_context().gcs_address + "|" + str(seen), flush=True)
     ray.shutdown()
 """)
 
@@ -48,8 +56,9 @@ def test_a_run_with_no_address_starts_its_own_ray_beside_an_embedded_one():
             cwd=ROOT,
         )
         assert out.returncode == 0, out.stderr[-2000:]
-        how, gcs = out.stdout.strip().splitlines()[-1].split("|")
+        how, gcs, seen = out.stdout.strip().splitlines()[-1].split("|")
         assert how == "embedded local Ray" and gcs != other_gcs
+        assert int(seen) >= 0  # a worker's state API call found its own cluster among two
         assert other.poll() is None  # the other run's Ray is untouched
     finally:
         other.stdin.close()

@@ -85,6 +85,16 @@ def _check_reachable(address: str, timeout_s: float = 10.0) -> None:
         raise ConnectionError(f"ray.address {address!r}: no Ray cluster answers there ({e})") from None
 
 
+GCS_PORT_ENV = "RAY_GCS_SERVER_PORT"  # read by `ray.init` when it starts a local Ray
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now (the OS's choice)."""
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
 def connect_ray(cfg: PipelineConfig) -> str:
     """Join the cluster when there is one (`ray.address`, RAY_ADDRESS, or a cluster started with
     `ray start` on this machine), else start a local Ray for this process. Never another
@@ -124,8 +134,22 @@ def connect_ray(cfg: PipelineConfig) -> str:
                 )
 
     def start_local() -> None:
-        # The dashboard stays on: Ray Train needs it to start more than one worker group reliably.
-        ray.init(num_cpus=cfg.ray.num_cpus, namespace=cfg.ray.namespace, runtime_env=env)
+        # Parts of Ray inside the cluster (Ray Train's placement-group cleaner, the state API)
+        # look their cluster up without an address and fail when another Ray runs on this
+        # machine: the GCS port is fixed before start-up so that the workers can be told it.
+        port = free_port()
+        address = f"{ray.util.get_node_ip_address()}:{port}"
+        worker_env = {**(env or {}), "env_vars": {**(env or {}).get("env_vars", {}), "RAY_ADDRESS": address}}
+        before = os.environ.get(GCS_PORT_ENV)
+        os.environ[GCS_PORT_ENV] = str(port)
+        try:
+            # The dashboard stays on: Ray Train needs it to start more than one worker group.
+            ray.init(num_cpus=cfg.ray.num_cpus, namespace=cfg.ray.namespace, runtime_env=worker_env)
+        finally:
+            if before is None:
+                os.environ.pop(GCS_PORT_ENV, None)
+            else:
+                os.environ[GCS_PORT_ENV] = before
 
     try:
         start_local()
