@@ -23,10 +23,11 @@ def tiny_model_dir(tmp_path_factory):
 def ray_session():
     import ray
 
+    from cpi_ray.run.runtime import start_local_ray
+
     if not ray.is_initialized():
-        ray.init(
+        start_local_ray(
             num_cpus=4,
-            include_dashboard=True,
             log_to_driver=False,
             runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false"}},
         )

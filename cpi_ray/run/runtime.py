@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+from typing import Optional
 
 from cpi_ray.config.schema import PipelineConfig
 
@@ -95,6 +96,29 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def start_local_ray(runtime_env: Optional[dict] = None, **init_kwargs) -> None:
+    """`ray.init` of a new local Ray whose workers know its address. Parts of Ray inside the
+    cluster (Ray Train's placement-group cleaner, the state API) look their cluster up without
+    an address and fail when another Ray runs on this machine, so the GCS port is fixed before
+    start-up and passed to the workers as RAY_ADDRESS. The dashboard stays on (Ray's default):
+    Ray Train needs it to start more than one worker group."""
+    import ray
+
+    port = free_port()
+    address = f"{ray.util.get_node_ip_address()}:{port}"
+    env = dict(runtime_env or {})
+    env["env_vars"] = {**env.get("env_vars", {}), "RAY_ADDRESS": address}
+    before = os.environ.get(GCS_PORT_ENV)
+    os.environ[GCS_PORT_ENV] = str(port)
+    try:
+        ray.init(runtime_env=env, **init_kwargs)
+    finally:
+        if before is None:
+            os.environ.pop(GCS_PORT_ENV, None)
+        else:
+            os.environ[GCS_PORT_ENV] = before
+
+
 def connect_ray(cfg: PipelineConfig) -> str:
     """Join the cluster when there is one (`ray.address`, RAY_ADDRESS, or a cluster started with
     `ray start` on this machine), else start a local Ray for this process. Never another
@@ -134,22 +158,7 @@ def connect_ray(cfg: PipelineConfig) -> str:
                 )
 
     def start_local() -> None:
-        # Parts of Ray inside the cluster (Ray Train's placement-group cleaner, the state API)
-        # look their cluster up without an address and fail when another Ray runs on this
-        # machine: the GCS port is fixed before start-up so that the workers can be told it.
-        port = free_port()
-        address = f"{ray.util.get_node_ip_address()}:{port}"
-        worker_env = {**(env or {}), "env_vars": {**(env or {}).get("env_vars", {}), "RAY_ADDRESS": address}}
-        before = os.environ.get(GCS_PORT_ENV)
-        os.environ[GCS_PORT_ENV] = str(port)
-        try:
-            # The dashboard stays on: Ray Train needs it to start more than one worker group.
-            ray.init(num_cpus=cfg.ray.num_cpus, namespace=cfg.ray.namespace, runtime_env=worker_env)
-        finally:
-            if before is None:
-                os.environ.pop(GCS_PORT_ENV, None)
-            else:
-                os.environ[GCS_PORT_ENV] = before
+        start_local_ray(num_cpus=cfg.ray.num_cpus, namespace=cfg.ray.namespace, runtime_env=env)
 
     try:
         start_local()
