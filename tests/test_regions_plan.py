@@ -118,7 +118,7 @@ def test_sample_gathers_the_same_units_as_block_reads(tmp_path, unit_len_row):
     tensors = scored_tensors(r, granularity="row" if unit_len_row else "element")
     chunks = plan_chunks(r, tensors, chunk_bytes=512)
     base_src, probe_src, _ = checkpoint_sources(
-        r, {t: str(tmp_path / t) for t in "xy"}, None, [x.name for x in tensors]
+        r, {t: CheckpointReader(tmp_path / t) for t in "xy"}, {}, [x.name for x in tensors]
     )
     reader = ChunkReader(base_src, probe_src)
     got = sample_keys(reader, chunks, ["x", "y"], target_units=200, block=4)
@@ -153,9 +153,9 @@ def test_chunk_reader_scores_equal_torch(tmp_path, dtype, score):
     for name, state in [("base", base), ("probe", probe), ("fisher", fisher)]:
         save_model_dir(state, tmp_path / name, 2_000)
     r = CheckpointReader(tmp_path / "base")
-    fisher_dirs = {"t": str(tmp_path / "fisher")} if score != "delta" else None
+    fishers = {"t": CheckpointReader(tmp_path / "fisher")} if score != "delta" else {}
     base_src, probe_src, fisher_src = checkpoint_sources(
-        r, {"t": str(tmp_path / "probe")}, fisher_dirs, ["w", "v"]
+        r, {"t": CheckpointReader(tmp_path / "probe")}, fishers, ["w", "v"]
     )
     reader = ChunkReader(base_src, probe_src, score, fisher_src, block_elems=64)
     for n in ["w", "v"]:

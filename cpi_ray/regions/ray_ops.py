@@ -31,8 +31,8 @@ MAX_ROW_ELEMS = 1 << 25
 
 def checkpoint_sources(
     base: CheckpointReader,
-    probe_dirs: Mapping[str, str],
-    fisher_dirs: Optional[Mapping[str, str]],
+    probes: Mapping[str, CheckpointReader],
+    fishers: Mapping[str, CheckpointReader],
     names: Sequence[str],
 ) -> tuple[Sources, dict[str, Sources], dict[str, Sources]]:
     """Where each scored tensor's bytes are in the base, the probes and the Fisher checkpoints:
@@ -41,9 +41,7 @@ def checkpoint_sources(
     def table(r: CheckpointReader) -> Sources:
         return {n: r.source(n) for n in names}
 
-    probes = {t: table(CheckpointReader(d)) for t, d in probe_dirs.items()}
-    fishers = {t: table(CheckpointReader(d)) for t, d in (fisher_dirs or {}).items()}
-    return table(base), probes, fishers
+    return table(base), {t: table(r) for t, r in probes.items()}, {t: table(r) for t, r in fishers.items()}
 
 
 def group_chunks(

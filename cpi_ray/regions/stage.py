@@ -185,12 +185,12 @@ def compute_regions(
     base = CheckpointReader(base_dir)
     tensors = scored_tensors(base, rc.include, rc.exclude, rc.granularity)
     tasks = list(probe_dirs)
+    probes = {t: CheckpointReader(probe_dirs[t]) for t in tasks}
+    fishers = {t: CheckpointReader(fisher_dirs[t]) for t in tasks} if fisher_dirs else {}
     for t in tasks:  # structure first: a bad probe fails before any work
-        check_compatible(base, CheckpointReader(probe_dirs[t]), base.names(), f"probe {t!r}")
-        if fisher_dirs:
-            check_compatible(
-                base, CheckpointReader(fisher_dirs[t]), [x.name for x in tensors], f"Fisher of {t!r}"
-            )
+        check_compatible(base, probes[t], base.names(), f"probe {t!r}")
+        if fishers:
+            check_compatible(base, fishers[t], [x.name for x in tensors], f"Fisher of {t!r}")
     chunks = plan_chunks(base, tensors, rc.chunk_mib * 2**20)
     total = sum(x.numel for x in tensors)
     k = core_size(rc.p, total)
@@ -224,8 +224,8 @@ def compute_regions(
             k,
             total,
             budget,
-            probe_dirs,
-            fisher_dirs,
+            probes,
+            fishers,
             block_elems,
             histograms,
             out_dir,
@@ -246,8 +246,8 @@ def _select_and_write(
     k,
     total,
     budget,
-    probe_dirs,
-    fisher_dirs,
+    probes,
+    fishers,
     block_elems,
     histograms,
     out_dir,
@@ -255,11 +255,9 @@ def _select_and_write(
 ) -> list[Path]:
 
     rc = cfg.regions
-    tasks = list(probe_dirs)
+    tasks = list(probes)
     solvers = {t: TopKSolver(metas, k, total, budget, sink=streams[t].write_units) for t in tasks}
-    base_src, probe_src, fisher_src = checkpoint_sources(
-        base, {t: str(d) for t, d in probe_dirs.items()}, fisher_dirs, [x.name for x in tensors]
-    )
+    base_src, probe_src, fisher_src = checkpoint_sources(base, probes, fishers, [x.name for x in tensors])
     reader = ChunkReader(base_src, probe_src, rc.score, fisher_src, block_elems or DEFAULT_BLOCK_ELEMS)
     requests = {}
     refined = []
@@ -288,7 +286,7 @@ def _select_and_write(
     while requests:
         npass += 1
         pass_timing.append({"start_s": time.time() - t0})
-        bytes_read += _pass_bytes(base, chunks, requests, probe_dirs, fisher_dirs)
+        bytes_read += _pass_bytes(base, chunks, requests, bool(fishers))
         caps = {t: solvers[t].cap(0) for t in requests}
         for idx, res in run_pass(
             chunks,
@@ -404,14 +402,14 @@ def _select_and_write(
     return written
 
 
-def _pass_bytes(base: CheckpointReader, chunks, requests, probe_dirs, fisher_dirs) -> int:
+def _pass_bytes(base: CheckpointReader, chunks, requests, with_fisher: bool) -> int:
     """Bytes one pass reads: each chunk of the base once, of each requested task's probe (and
     Fisher) once."""
     per = {}
     for c in chunks:
         per[c.name] = per.get(c.name, 0) + (c.stop - c.start) * base.info(c.name).itemsize
     data = sum(per.values())
-    files = 1 + len(requests) + (len(requests) if fisher_dirs else 0)
+    files = 1 + len(requests) + (len(requests) if with_fisher else 0)
     return data * files
 
 

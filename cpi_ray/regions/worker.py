@@ -120,10 +120,6 @@ class ChunkReader:
             for t in tasks:
                 yield t, unit_keys(self.scores(t, name, a, b, base), unit_len)
 
-    def key_blocks(self, task: str, name: str, start: int, stop: int, unit_len: int) -> Iterator[np.ndarray]:
-        for _, keys in self.task_blocks([task], name, start, stop, unit_len):
-            yield keys
-
 
 class RegionsPass:
     """Ray Data UDF (`map_batches` with an actor pool): each input row names a run of consecutive
