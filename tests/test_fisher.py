@@ -74,7 +74,7 @@ def _worker(rank, world, stage, model_dir, init_file, out):
         model=model, model_parameters=param_groups((p for _, p in params), 0.0), config=ds
     )
     batches = iterate_batches(_examples(), ROWS_PER_BATCH // world, 0, seed=3, rank=rank, world_size=world)
-    local = engine_fisher(engine, params, batches, BATCHES, torch.device("cpu"), world)
+    local = engine_fisher(engine, params, batches, BATCHES, torch.device("cpu"))
     full = dict(zero3.gathered_partitions(params, local))
     if rank == 0:
         torch.save(full, out)

@@ -196,7 +196,7 @@ def sft_loop(config: dict[str, Any]) -> None:
             world_size=world,
             max_seq_len=data.max_seq_len,
         )
-        fisher = engine_fisher(engine, params, batches, config["fisher_batches"], device, world)
+        fisher = engine_fisher(engine, params, batches, config["fisher_batches"], device)
         record["fisher"] = {"batches": config["fisher_batches"], "time_s": round(time.time() - t1, 2)}
         log.info(
             "%s: Fisher over %d batches in %.1fs", config["job"], config["fisher_batches"], time.time() - t1

@@ -2,10 +2,9 @@
 batches of the squared gradient of the batch loss, in fp32 (the sensitivity scores of
 `regions.score`), computed on the job's DeepSpeed engine so that ZeRO-3 keeps it sharded.
 
-With several workers, each batch is the global batch split across ranks: every rank divides its
-summed token loss by the *global* supervised-token count, so the gradient summed over ranks is the
-global batch's gradient and the result does not depend on the number of workers. DeepSpeed
-averages gradients over ranks; the loss is scaled by the world size to undo it.
+With several workers, each batch is the global batch split across ranks, normalised as a training
+step is (`sft.per_rank_tokens`): the gradient is the global batch's token mean and the result does
+not depend on the number of workers.
 """
 
 from __future__ import annotations
@@ -13,9 +12,8 @@ from __future__ import annotations
 from typing import Iterator
 
 import torch
-import torch.distributed as dist
 
-from cpi_ray.training.sft import token_loss_sum
+from cpi_ray.training.sft import per_rank_tokens, token_loss_sum
 
 # Imported where used: deepspeed (only after the worker has set its accelerator).
 
@@ -26,7 +24,6 @@ def engine_fisher(
     batches: Iterator[dict],
     n_batches: int,
     device: torch.device,
-    world_size: int = 1,
 ) -> dict[str, torch.Tensor]:
     """{parameter name: mean squared gradient} of this rank's part of each parameter: its flat
     (padded) partition under ZeRO-3, the whole tensor below it. No optimizer step is taken: the
@@ -45,11 +42,8 @@ def engine_fisher(
     engine.optimizer.zero_grad()
     for _ in range(n_batches):
         b = {k: v.to(device) for k, v in next(batches).items()}
-        tokens = (b["labels"][:, 1:] != -100).sum().to(torch.float64)
-        if world_size > 1:
-            dist.all_reduce(tokens)
         logits = engine(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-        loss = token_loss_sum(logits, b["labels"]) / tokens.clamp(min=1).float() * world_size
+        loss = token_loss_sum(logits, b["labels"]) / per_rank_tokens([b], device)
         engine.set_gradient_accumulation_boundary(True)
         engine.backward(loss, scale_wrt_gas=False)
         for name, p in params:

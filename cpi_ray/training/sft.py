@@ -72,9 +72,7 @@ def accumulate_loss(
     tokens fall on micro-batches and ranks. `backward` replaces `loss.backward()` (DeepSpeed's
     engine backward and step, which keeps precision itself)."""
     micro = [next(batches) for _ in range(tc.grad_accum)]
-    local = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
-    world = _world()
-    per_rank = max(sum_over_ranks(float(local), device), 1.0) / world
+    per_rank = per_rank_tokens(micro, device)
     total = 0.0
     for b in micro:
         b = {k: v.to(device) for k, v in b.items()}
@@ -82,7 +80,15 @@ def accumulate_loss(
         loss = token_loss_sum(logits, b["labels"]) / per_rank
         (backward or torch.Tensor.backward)(loss)
         total += float(loss.detach())
-    return sum_over_ranks(total, device) / world, sum(int(b["attention_mask"].sum()) for b in micro)
+    return sum_over_ranks(total, device) / _world(), sum(int(b["attention_mask"].sum()) for b in micro)
+
+
+def per_rank_tokens(batches: list[dict], device: torch.device) -> float:
+    """What a rank divides its summed token loss by so that the gradient DeepSpeed averages over
+    the ranks is the token mean of the whole global batch: the supervised tokens of `batches`
+    summed over all ranks (at least 1), over the number of ranks."""
+    local = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+    return max(sum_over_ranks(float(local), device), 1.0) / _world()
 
 
 def _world() -> int:
