@@ -179,14 +179,20 @@ def test_store_lease_refuses_a_live_holder_takes_over_a_lapsed_one_and_stops_a_j
     from cpi_ray.io.lease import STORE_LEASE_NAME, RunBusyError, StoreLease
 
     store = RunStore(join_uri(s3_uri, "leased"))
-    a = StoreLease(store, ttl_s=1.2, settle_s=0.1).acquire()
+    ttl = 3.0
+    a = StoreLease(store, ttl_s=ttl, settle_s=0.1).acquire()
     holder = json.loads(store.read_text(STORE_LEASE_NAME))
     assert holder["token"] == a.record["token"] and holder["pid"] == os.getpid()
     with pytest.raises(RunBusyError, match=f"in use by pid {os.getpid()} on"):
-        StoreLease(store, ttl_s=1.2, settle_s=0.1).acquire()
-    time.sleep(2.0)  # longer than the ttl: the holder's renewals keep the lease alive
+        StoreLease(store, ttl_s=ttl, settle_s=0.1).acquire()
+    # The holder's renewals keep the lease alive past its ttl. Waiting for a renewal later than
+    # one ttl after the first, rather than a fixed time, keeps this true on a loaded machine.
+    first, deadline = holder["renewed"], time.time() + 60
+    while json.loads(store.read_text(STORE_LEASE_NAME))["renewed"] < first + ttl:
+        assert time.time() < deadline, "the lease was not renewed"
+        time.sleep(0.1)
     with pytest.raises(RunBusyError, match="in use by"):
-        StoreLease(store, ttl_s=1.2, settle_s=0.1).acquire()
+        StoreLease(store, ttl_s=ttl, settle_s=0.1).acquire()
     a.check()
     a.release()
     assert store.read_text(STORE_LEASE_NAME) is None
