@@ -7,7 +7,10 @@ seeds for every mode), then scores further CPI-FT cells on the same probes. Prin
 task, for base, each single-task expert, every baseline, the fused model and each CPI-FT cell,
 the mean ± standard error over seeds, the average and the worst task (each computed per seed,
 then averaged), and each CPI-FT cell's paired difference to `full_mtl` and `multistage`, a tie
-when within its standard error. One seed gives no error: its differences are marked n/a.
+when within its standard error. One seed gives no error: its differences are marked n/a. Two
+references say what a table can show: the score of answering each task's commonest gold answer
+on every row, and per task, full multi-task SFT against the task's own expert (whether the other
+tasks' data helped or hurt it: without interference there is nothing for isolation to remove).
 
 Cells (`--scores`, `--ps`, `--taus`, `--data`, `--variants`): `score@p,data`, with `,tau=τ` when
 τ is not the first and a variant's overrides after it (`--variants '' 'fuse.backbone=word_sorting'`
@@ -40,6 +43,7 @@ imbalanced setting reuses the balanced one's probes of the tasks it does not cha
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import shlex
 import sys
@@ -225,10 +229,19 @@ def run_cells(
 # ------------------------------------------------------------------------------ aggregation
 
 
+def constant_scores(cfg) -> dict[str, float]:
+    """Each task's score when its commonest gold answer is given on every eval row."""
+    from cpi_ray.data.tasks import load_splits
+    from cpi_ray.evaluation.evaluate import constant_answer
+
+    rows = {t.name: load_splits(t, cfg.data.split_seed).eval for t in cfg.tasks}
+    return {t: c["score"] for t, c in constant_answer(rows, cfg).items()}
+
+
 def model_rows(first_cell: str, cells: list[str], tasks: list[str]) -> list[tuple[str, str]]:
     """(label, key) of every row of the table, in the paper's order."""
     return (
-        [("base", "base")]
+        [("base", "base"), ("commonest gold answer on every row", "constant")]
         + [(f"expert {t}", f"probe:{t}") for t in tasks]
         + [(label, f"baseline:{m}") for m, label in BASELINE_LABELS.items()]
         + [(f"CPI-FT {first_cell}, fused (before consolidation)", "fused")]
@@ -267,6 +280,41 @@ def aggregate(per_seed: dict[str, dict], tasks: list[str], rows: list[tuple[str,
                 )
                 v[stat] = {"diff": d, "se": se, "verdict": verdict(d, se)}
             out["versus"].setdefault(key, {})[base] = v
+    out["interference"] = interference(per_seed, tasks)
+    return out
+
+
+def interference(per_seed: dict[str, dict], tasks: list[str]) -> dict:
+    """Per task, whether the other tasks' data helped or hurt it: full multi-task SFT's score on
+    the task minus that of the task's own expert (its probe, trained on it alone), mean ± standard
+    error over seeds, and the standard error of that mean from the eval rows alone (what one seed
+    can say). A gain means there is no seesaw on that task for isolation to remove; a loss is the
+    interference CPI-FT is built for."""
+    out = {}
+    for t in tasks:
+        full, expert, eval_var = [], [], 0.0
+        for d in per_seed.values():
+            sc, se = d["scores"], d.get("stderr", {})
+            if t not in sc.get("baseline:full_mtl", {}) or t not in sc.get(f"probe:{t}", {}):
+                break
+            full.append(sc["baseline:full_mtl"][t])
+            expert.append(sc[f"probe:{t}"][t])
+            eval_var += (
+                se.get("baseline:full_mtl", {}).get(t, float("nan")) ** 2
+                + se.get(f"probe:{t}", {}).get(t, float("nan")) ** 2
+            )
+        else:
+            if not full:
+                continue
+            diff, se = paired_difference(full, expert)
+            out[t] = {
+                "full_mtl": mean_se(full),
+                "expert": mean_se(expert),
+                "diff": diff,
+                "se": se,
+                "eval_se": math.sqrt(eval_var) / len(full),
+                "verdict": verdict(diff, se),
+            }
     return out
 
 
@@ -314,6 +362,31 @@ def results_markdown(doc: dict) -> str:
             "error is a tie, n/a with one seed:",
             "",
             markdown_table(["cell", "against", "avg", "worst"], vs),
+            "",
+        ]
+    if agg.get("interference"):
+        rows = [
+            [
+                t,
+                fmt_mean_se(*v["expert"]),
+                fmt_mean_se(*v["full_mtl"]),
+                f"{v['diff']:+.1f}"
+                + ("" if math.isnan(v["se"]) else f" ± {v['se']:.1f}")
+                + f" ({v['verdict']})",
+                "—" if math.isnan(v["eval_se"]) else f"{v['eval_se']:.1f}",
+            ]
+            for t, v in agg["interference"].items()
+        ]
+        lines += [
+            "## Interference: what the other tasks' data did to each task",
+            "",
+            "Full multi-task SFT minus the task's own expert (trained on that task alone), on "
+            "that task. A gain means the tasks help each other at this budget and there is no "
+            "seesaw for isolation to remove; a loss is the interference CPI-FT is built for. "
+            "The last column is the standard error of the difference from the eval rows alone "
+            "(seed-to-seed variation not included).",
+            "",
+            markdown_table(["task", "expert", "full multi-task SFT", "difference", "eval-row error"], rows),
             "",
         ]
     lines += ["## Budgets (training rows)", ""]
@@ -491,6 +564,7 @@ def main() -> int:
         ev = read_json(run_dir / "eval" / "scores.json")
         print(f"\nseed {seed}: report at {run_dir / 'report' / 'index.html'}")
         scores, stderr = dict(ev["scores"]), dict(ev.get("stderr", {}))
+        scores["constant"] = constant_scores(cfg)
         scores[names[0]], stderr[names[0]] = scores.pop("final"), stderr.pop("final", {})
         groupings = {names[0]: {**grouping(run_dir), "data": cells[0][3], "variant": list(cells[0][4])}}
         run_cells(

@@ -100,3 +100,21 @@ def test_cell_names_and_overrides():
     assert bq.same_training(same, {**same, "data": "group"})  # one group: the same mix
     two = {"regions": "r", "groups": [["a"], ["b"]], "data": "mixed"}
     assert not bq.same_training(two, {**two, "data": "group"})
+
+
+def test_interference_is_full_mtl_minus_each_tasks_own_expert():
+    bq = _bench()
+    per_seed = {
+        "0": _seed({"a": 20.0, "b": 40.0}, {"a": 0.0, "b": 0.0}, {"a": 0.0, "b": 0.0}),
+        "1": _seed({"a": 26.0, "b": 36.0}, {"a": 0.0, "b": 0.0}, {"a": 0.0, "b": 0.0}),
+    }
+    per_seed["0"]["stderr"] = {"baseline:full_mtl": {"a": 3.0}, "probe:a": {"a": 4.0}}
+    per_seed["1"]["stderr"] = {"baseline:full_mtl": {"a": 0.0}, "probe:a": {"a": 0.0}}
+    out = bq.interference(per_seed, ["a", "b"])
+    # a: its expert scores 40 on it (both seeds); b: 30.
+    assert math.isclose(out["a"]["diff"], statistics.mean([20 - 40, 26 - 40]))
+    assert math.isclose(out["a"]["se"], statistics.stdev([-20, -14]) / math.sqrt(2))
+    assert out["a"]["verdict"] == "loss" and out["b"]["verdict"] == "win"
+    assert math.isclose(out["a"]["eval_se"], 5.0 / 2)  # sqrt(3² + 4²) over 2 seeds
+    assert math.isnan(out["b"]["eval_se"])  # no eval error recorded for b
+    assert "a" not in bq.interference({"0": {"scores": {"probe:a": {"a": 1.0}}}}, ["a"])

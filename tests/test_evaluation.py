@@ -11,7 +11,13 @@ import pytest
 import torch
 
 from cpi_ray.config.schema import PipelineConfig
-from cpi_ray.evaluation.evaluate import EvaluateStage, format_table, score_model, score_rows
+from cpi_ray.evaluation.evaluate import (
+    EvaluateStage,
+    constant_answer,
+    format_table,
+    score_model,
+    score_rows,
+)
 from cpi_ray.io.atomic import read_json, write_json
 from cpi_ray.models.tiny import build_tiny_tokenizer
 from cpi_ray.run.stage import RunContext
@@ -85,6 +91,15 @@ def test_score_rows_known_scores(tmp_path, monkeypatch):
     assert prompts[0] == "<|system|>S</s><|user|>reverse: abc</s><|assistant|>"
     assert budget == 5  # evaluate.max_new_tokens
     assert seen[3][1] == 9  # the task's own budget
+
+    # The constant-answer reference: num's answers 0, 1, 2 tie, one is chosen and scored by
+    # num's own scorer (0.5 on the one row it matches); rev's four distinct words likewise.
+    const = constant_answer({"rev": rev, "num": num}, cfg)
+    assert const["num"]["answer"] in {"0", "1", "2"}
+    assert const["num"]["score"] == pytest.approx(100 * 0.5 / 3)
+    assert const["rev"]["score"] == pytest.approx(25.0)
+    num3 = [*num, {"q": "n9", "a": "1"}]  # "1" is now the commonest answer: 2 of 4 rows
+    assert constant_answer({"num": num3}, cfg)["num"] == {"answer": "1", "score": pytest.approx(25.0)}
 
 
 # ---------------------------------------------------------------------------------- real model
@@ -227,8 +242,10 @@ def test_format_table():
             "scores": {"base": {"x": 10.0, "y": 30.0}, "probe:x": {"x": 80.0, "y": 5.0}},
             "n_eval": {"x": 4, "y": 4},
             "skipped": {},
+            "constant_answer": {"x": {"answer": "1", "score": 43.75}, "y": {"answer": "a", "score": 0.0}},
         }
     )
     lines = text.splitlines()
     assert lines[3].split() == ["base", "10.0", "30.0", "20.0", "10.0"]
     assert lines[4].split() == ["probe:x", "80.0", "5.0", "42.5", "5.0"]
+    assert lines[5] == "the commonest gold answer on every row: x=43.8, y=0.0"

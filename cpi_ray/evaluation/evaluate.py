@@ -3,7 +3,8 @@ scored by the task's scorer.
 
 One Ray task per model (`evaluate.cpus_per_worker` CPUs, a GPU with `evaluate.use_gpu`), at most
 `evaluate.num_workers` at a time. Outputs: `eval/scores.json` (per-model, per-task scores in
-0-100) and `eval/predictions.jsonl` (every generation with its answer and score, for inspection).
+0-100, and what a constant answer scores on each task) and `eval/predictions.jsonl` (every
+generation with its answer and score, for inspection).
 A requested model whose stage has not produced it (say `fused` before the fuse stage exists) is
 skipped and listed as such; the stage's fingerprint covers exactly the models it scored, so it
 runs again once more of them exist.
@@ -65,6 +66,22 @@ def score_rows(
         row_scores = [scorer(p, r) for p, r in zip(preds, rows)]
         score = 100.0 * sum(row_scores) / len(row_scores) if row_scores else float("nan")
         out[name] = {"score": score, "predictions": preds, "row_scores": row_scores}
+    return out
+
+
+def constant_answer(tasks_rows: dict[str, list[dict]], cfg: PipelineConfig) -> dict[str, dict]:
+    """For each task, what answering its commonest gold answer on every row scores:
+    `{task: {"answer": text, "score": 0-100}}`. A model at that level may have learnt the
+    answer format and nothing else (a counting task whose answer is mostly "1")."""
+    out = {}
+    for name, rows in tasks_rows.items():
+        task = cfg.task(name)
+        answers = [answer_text(task, r) for r in rows]
+        if not answers:
+            continue
+        common = max(set(answers), key=lambda a: (answers.count(a), a))  # ties: one fixed choice
+        scorer = get_scorer(task)
+        out[name] = {"answer": common, "score": 100.0 * sum(scorer(common, r) for r in rows) / len(rows)}
     return out
 
 
@@ -334,6 +351,7 @@ class EvaluateStage(Stage):
                 for m in order
             },
             "skipped": skipped,
+            "constant_answer": constant_answer(tasks_rows, cfg),
         }
         out_dir = ctx.path(self.folder)
         write_json(ctx.layout.eval_scores, scores)
@@ -436,6 +454,12 @@ def format_table(data: dict) -> str:
         line(["-" * w for w in widths]),
         *(line(r) for r in rows),
     ]
+    const = data.get("constant_answer") or {}
+    if const:
+        out.append(
+            "the commonest gold answer on every row: "
+            + ", ".join(f"{t}={c['score']:.1f}" for t, c in const.items())
+        )
     for m, why in data.get("skipped", {}).items():
         out.append(f"skipped {m}: {why}")
     return "\n".join(out)

@@ -366,6 +366,14 @@ def build_report(run_dir: str | Path, extra_sections: Optional[list[tuple[str, s
                 markdown_table(header, rows),
                 "",
             ]
+            const = scores_doc.get("constant_answer") or {}
+            if const:
+                md += [
+                    "Answering each task's commonest gold answer on every row scores "
+                    + ", ".join(f"{t} {c['score']:.1f} ({c['answer'][:30]!r})" for t, c in const.items())
+                    + ": a model near that level on a task may have learnt its format and nothing more.",
+                    "",
+                ]
             plot_scores(scores, tasks, out / "scores.png")
             figures.append(("Per-task scores", "scores.png"))
             deltas = seesaw(scores, tasks)
