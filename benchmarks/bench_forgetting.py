@@ -33,7 +33,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cpi_ray.config.load import load_config  # noqa: E402
-from cpi_ray.evaluation.report import markdown_table  # noqa: E402
+from cpi_ray.evaluation.report import constant_label, markdown_table  # noqa: E402
 from cpi_ray.evaluation.stats import fmt_mean_se, mean_se  # noqa: E402
 from cpi_ray.io.atomic import atomic_file, write_json  # noqa: E402
 
@@ -196,11 +196,17 @@ def write_results(args, per_seed: dict, header: list[str], rows: list[list[str]]
         },
     )
     a, b = args.pair
+    from cpi_ray.evaluation.evaluate import constant_answer
+
+    const = constant_answer(load_config(args.config, args.overrides))
     with atomic_file(args.results / f"{stem}.md", "w") as f:
         f.write(
             f"# Forgetting: {a} then {b} ({Path(args.config).name})\n\n"
             f"Seeds: {', '.join(per_seed)}. Mean ± standard error over seeds; A's drop is "
-            "from A's expert; B's gain kept is the share of the plain run's gain on B.\n\n"
+            "from A's expert; B's gain kept is the share of the plain run's gain on B. "
+            "Answering the commonest gold answer on every row scores "
+            + ", ".join(f"{t} {const[t]['score']:.1f} ({constant_label(const[t])})" for t in (a, b))
+            + ".\n\n"
             + markdown_table(header, rows)
             + f"\n\n```\n{command}\n```\n"
         )

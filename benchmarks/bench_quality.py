@@ -229,15 +229,6 @@ def run_cells(
 # ------------------------------------------------------------------------------ aggregation
 
 
-def constant_scores(cfg) -> dict[str, float]:
-    """Each task's score when its commonest gold answer is given on every eval row."""
-    from cpi_ray.data.tasks import load_splits
-    from cpi_ray.evaluation.evaluate import constant_answer
-
-    rows = {t.name: load_splits(t, cfg.data.split_seed).eval for t in cfg.tasks}
-    return {t: c["score"] for t, c in constant_answer(rows, cfg).items()}
-
-
 def model_rows(first_cell: str, cells: list[str], tasks: list[str]) -> list[tuple[str, str]]:
     """(label, key) of every row of the table, in the paper's order."""
     return (
@@ -503,6 +494,7 @@ def main() -> int:
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     args = ap.parse_args()
 
+    from cpi_ray.evaluation.evaluate import constant_answer
     from cpi_ray.pipeline.runner import run_pipeline
     from cpi_ray.run.runtime import connect_ray
 
@@ -564,7 +556,7 @@ def main() -> int:
         ev = read_json(run_dir / "eval" / "scores.json")
         print(f"\nseed {seed}: report at {run_dir / 'report' / 'index.html'}")
         scores, stderr = dict(ev["scores"]), dict(ev.get("stderr", {}))
-        scores["constant"] = constant_scores(cfg)
+        scores["constant"] = {t: c["score"] for t, c in constant_answer(cfg).items()}
         scores[names[0]], stderr[names[0]] = scores.pop("final"), stderr.pop("final", {})
         groupings = {names[0]: {**grouping(run_dir), "data": cells[0][3], "variant": list(cells[0][4])}}
         run_cells(

@@ -94,12 +94,17 @@ def test_score_rows_known_scores(tmp_path, monkeypatch):
 
     # The constant-answer reference: num's answers 0, 1, 2 tie, one is chosen and scored by
     # num's own scorer (0.5 on the one row it matches); rev's four distinct words likewise.
-    const = constant_answer({"rev": rev, "num": num}, cfg)
+    const = constant_answer(cfg, {"rev": rev, "num": num})
     assert const["num"]["answer"] in {"0", "1", "2"}
     assert const["num"]["score"] == pytest.approx(100 * 0.5 / 3)
     assert const["rev"]["score"] == pytest.approx(25.0)
     num3 = [*num, {"q": "n9", "a": "1"}]  # "1" is now the commonest answer: 2 of 4 rows
-    assert constant_answer({"num": num3}, cfg)["num"] == {"answer": "1", "score": pytest.approx(25.0)}
+    assert constant_answer(cfg, {"num": num3})["num"] == {
+        "answer": "1",
+        "rows": 2,
+        "score": pytest.approx(25.0),
+    }
+    assert const["rev"]["rows"] == 1
 
 
 # ---------------------------------------------------------------------------------- real model

@@ -36,7 +36,10 @@ def _build_example_report(tmp_path):
                 "baseline:sequential": {"a": 20, "b": 68, "c": 2},
                 "baseline:sequential_cpi": {"a": 50, "b": 35, "c": 2},
             },
-            "constant_answer": {"a": {"answer": "1", "score": 43.75}},
+            "constant_answer": {
+                "a": {"answer": "1", "rows": 35, "score": 43.75},
+                "b": {"answer": "xy", "rows": 1, "score": 2.0},
+            },
         },
     )
     _write(
@@ -86,7 +89,7 @@ def test_report_files(tmp_path):
     assert "| final | 55.0 | 66.0 | 31.0 | 50.7 | 31.0 |" in md
     assert "| final | -5.0 | -4.0 | +1.0 |" in md
     assert "{c} → {a, b}" in md and "## Forgetting" in md and "## Notes" in md
-    assert "commonest gold answer on every row scores a 43.8 ('1')" in md
+    assert "on every row scores a 43.8 ('1', the answer of 35 rows), b 2.0 ('xy'; every answer differs)" in md
     # A's drop 60 -> 20; B's gain over base (2 -> 70) kept (68 - 2) / 68 = 97%.
     assert "| sequential | a → b | - | 60.0 | 20.0 | -40.0 | 68.0 | 97% |" in md
     assert "| sequential_cpi | a → b | a | 60.0 | 50.0 | -10.0 | 35.0 | 49% |" in md

@@ -69,10 +69,15 @@ def score_rows(
     return out
 
 
-def constant_answer(tasks_rows: dict[str, list[dict]], cfg: PipelineConfig) -> dict[str, dict]:
-    """For each task, what answering its commonest gold answer on every row scores:
-    `{task: {"answer": text, "score": 0-100}}`. A model at that level may have learnt the
-    answer format and nothing else (a counting task whose answer is mostly "1")."""
+def constant_answer(
+    cfg: PipelineConfig, tasks_rows: Optional[dict[str, list[dict]]] = None
+) -> dict[str, dict]:
+    """For each task, what answering its commonest gold answer on every eval row scores:
+    `{task: {"answer": text, "rows": rows whose answer it is, "score": 0-100}}`. A model at
+    that level may have learnt the answer format and nothing else (a counting task whose answer
+    is mostly "1")."""
+    if tasks_rows is None:
+        tasks_rows = {t.name: load_splits(t, cfg.data.split_seed).eval for t in cfg.tasks}
     out = {}
     for name, rows in tasks_rows.items():
         task = cfg.task(name)
@@ -81,7 +86,11 @@ def constant_answer(tasks_rows: dict[str, list[dict]], cfg: PipelineConfig) -> d
             continue
         common = max(set(answers), key=lambda a: (answers.count(a), a))  # ties: one fixed choice
         scorer = get_scorer(task)
-        out[name] = {"answer": common, "score": 100.0 * sum(scorer(common, r) for r in rows) / len(rows)}
+        out[name] = {
+            "answer": common,
+            "rows": answers.count(common),  # of len(rows): 1 when every answer differs
+            "score": 100.0 * sum(scorer(common, r) for r in rows) / len(rows),
+        }
     return out
 
 
@@ -351,7 +360,7 @@ class EvaluateStage(Stage):
                 for m in order
             },
             "skipped": skipped,
-            "constant_answer": constant_answer(tasks_rows, cfg),
+            "constant_answer": constant_answer(cfg, tasks_rows),
         }
         out_dir = ctx.path(self.folder)
         write_json(ctx.layout.eval_scores, scores)

@@ -59,6 +59,14 @@ def summarize(scores: dict[str, dict[str, float]], tasks: list[str]) -> dict[str
     return out
 
 
+def constant_label(c: dict) -> str:
+    """How a task's constant-answer reference came about: its answer and how many rows have it."""
+    rows = c.get("rows")
+    if rows == 1:
+        return f"{c['answer'][:30]!r}; every answer differs"
+    return f"{c['answer'][:30]!r}" + ("" if rows is None else f", the answer of {rows} rows")
+
+
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
@@ -370,7 +378,7 @@ def build_report(run_dir: str | Path, extra_sections: Optional[list[tuple[str, s
             if const:
                 md += [
                     "Answering each task's commonest gold answer on every row scores "
-                    + ", ".join(f"{t} {c['score']:.1f} ({c['answer'][:30]!r})" for t, c in const.items())
+                    + ", ".join(f"{t} {c['score']:.1f} ({constant_label(c)})" for t, c in const.items())
                     + ": a model near that level on a task may have learnt its format and nothing more.",
                     "",
                 ]
