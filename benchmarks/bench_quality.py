@@ -15,9 +15,10 @@ tasks' data helped or hurt it: without interference there is nothing for isolati
 Cells (`--scores`, `--ps`, `--taus`, `--data`, `--variants`): `score@p,data`, with `,tau=τ` when
 τ is not the first and a variant's overrides after it (`--variants '' 'fuse.backbone=word_sorting'`
 measures what a fuse knob does; `--score-fused` scores each cell's fused model as well). The first
-cell is the pipeline's own run (its report holds it); every further cell re-runs regions, groups,
-fuse and consolidate on the same probes and scores CPI-FT's final model, kept with the groups its
-cores formed in `<run dir>/cells.json` so a rerun resumes; a cell whose cores, groups, variant and
+cell is the pipeline's own run (its report holds it); every further cell runs regions, groups,
+fuse and consolidate on the same probes in a run directory of its own (`<run dir>/cells/<cell>`,
+the probes linked in) and scores CPI-FT's final model, kept with the groups its cores formed in
+`<run dir>/cells.json` so a rerun resumes; a cell whose cores, groups, variant and
 training data equal an earlier one's takes its scores. The baselines keep the budget of the first
 cell's groups.
 
@@ -45,6 +46,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 import shlex
 import sys
 import time
@@ -117,13 +119,12 @@ def seed_probes(run_dir: Path, source: Path) -> None:
         return
     run_dir.mkdir(parents=True, exist_ok=True)
     link_tree(source / "probes", run_dir / "probes")
-    print(f"probes linked from {source}; those that do not match this config will be retrained")
+    print(f"probes linked from {source} into {run_dir}; any that do not match its config are retrained")
 
 
 def grouping(run_dir: Path) -> dict:
-    """How the run's current cores grouped the tasks: the groups, τ, the range of the pairwise
-    Jaccard and the chance level (the next cell overwrites `groups/`, so each cell keeps its own
-    copy), and the rows each consolidation stage drew from each task."""
+    """How the run's cores grouped the tasks: the groups, τ, the range of the pairwise Jaccard
+    and the chance level, and the rows each consolidation stage drew from each task."""
     overlap = read_json(run_dir / "groups" / "overlap.json")
     jac, n = overlap["jaccard"], len(overlap["tasks"])
     pairs = [jac[a][b] for a in range(n) for b in range(a + 1, n)]
@@ -197,15 +198,19 @@ def run_cells(
             continue
         t0 = time.time()
         c = make_cfg(cell_overrides(cell))
-        run_pipeline(c, run_dir, stages=CELL_STAGES[:3])
-        g = {**grouping(run_dir), "data": cell[3], "variant": list(cell[4])}
+        # Each cell in a run directory of its own on the same probes: the run's own stages stay
+        # current for the next invocation, and every cell's models stay there to look at.
+        cell_dir = run_dir / "cells" / re.sub(r"[^\w@,=.+-]", "_", key)
+        seed_probes(cell_dir, run_dir)
+        run_pipeline(c, cell_dir, stages=CELL_STAGES[:3])
+        g = {**grouping(cell_dir), "data": cell[3], "variant": list(cell[4])}
         twin = next((k for k, kg in groupings.items() if k in scores and same_training(kg, g)), None)
         if twin is None:
-            run_pipeline(c, run_dir, stages=CELL_STAGES[3:])  # probe..groups are done above
-            g = {**grouping(run_dir), "data": cell[3], "variant": list(cell[4])}
-            measure(key, run_dir / "final", c)
+            run_pipeline(c, cell_dir, stages=CELL_STAGES[3:])  # probe..groups are done above
+            g = {**grouping(cell_dir), "data": cell[3], "variant": list(cell[4])}
+            measure(key, cell_dir / "final", c)
             if score_fused:
-                measure(f"{key} fused", run_dir / "fused", c)
+                measure(f"{key} fused", cell_dir / "fused", c)
         else:
             done["scores"][key], g["same_as"] = scores[twin], twin
             done["stderr"][key] = stderr.get(twin, {})
