@@ -263,7 +263,7 @@ def aggregate(per_seed: dict[str, dict], tasks: list[str], rows: list[tuple[str,
             entry[stat] = mean_se([summaries[s][key][stat] for s in seeds])
         out["models"][key] = entry
     for _, key in rows:
-        if "@" not in key or key not in out["models"]:
+        if "@" not in key or key.endswith(" fused") or key not in out["models"]:
             continue
         for base in COMPARED:
             bkey = f"baseline:{base}"
@@ -389,9 +389,15 @@ def results_markdown(doc: dict) -> str:
     for seed, b in doc["budgets"].items():
         modes = ", ".join(f"{m} {p['rows']}" for m, p in b["modes"].items())
         lines.append(f"- seed {seed}: CPI-FT {b['cpi_rows']} (probes and consolidation); {modes}")
+    lines += [
+        "",
+        "The baselines train the first cell's rows; a further cell with more groups trains more "
+        "consolidation stages, so more rows (its own count is in the groups table).",
+    ]
     lines += ["", "## Groups per cell", ""]
     grows = []
     for seed, cells in doc["groupings"].items():
+        probe_rows = sum(doc["budgets"].get(seed, {}).get("cpi", {}).get("probe_rows", {}).values())
         for key, g in cells.items():
             jac = "—" if not g.get("jaccard") else "{:.3f}–{:.3f}".format(*g["jaccard"])
             ch = g.get("chance")
@@ -401,6 +407,7 @@ def results_markdown(doc: dict) -> str:
                 else "{:.1f}–{:.1f}x".format(g["jaccard"][0] / ch, g["jaccard"][1] / ch)
             )
             rows = g.get("consolidate_rows") or []
+            consolidation = sum(sum(r.values()) for r in rows if r)
             grows.append(
                 [
                     str(seed),
@@ -408,6 +415,9 @@ def results_markdown(doc: dict) -> str:
                     " → ".join("{" + ", ".join(x) + "}" for x in g["groups"]),
                     jac,
                     vs_chance,
+                    f"{probe_rows + consolidation} ({probe_rows} + {consolidation})"
+                    if consolidation
+                    else "—",
                     "; ".join(" ".join(f"{t}:{c}" for t, c in r.items()) for r in rows if r)
                     or ("same as " + g["same_as"] if g.get("same_as") else "—"),
                 ]
@@ -420,6 +430,7 @@ def results_markdown(doc: dict) -> str:
                 "groups (training order)",
                 "Jaccard",
                 "vs chance",
+                "CPI-FT rows (probes + consolidation)",
                 "rows per task, stage by stage",
             ],
             grows,

@@ -49,6 +49,7 @@ def test_aggregate_over_seeds_and_results_file(tmp_path):
     v = agg["versus"]["delta@5,mixed"]["full_mtl"]["avg"]
     assert math.isclose(v["diff"], statistics.mean(diffs)) and v["verdict"] == "win"
     assert "baseline:multistage" not in agg["models"] and list(agg["models"])[:1] == ["base"]
+    assert list(agg["versus"]) == ["delta@5,mixed"]  # a fused model is not a CPI-FT result
     doc = {
         "setting": "balanced",
         "config": "x/quality-cpu.yaml",
@@ -56,7 +57,13 @@ def test_aggregate_over_seeds_and_results_file(tmp_path):
         "tasks": ["a", "b"],
         "n_eval": {"a": 80, "b": 80},
         "aggregate": agg,
-        "budgets": {"0": {"cpi_rows": 10, "modes": {"full_mtl": {"rows": 10}}}},
+        "budgets": {
+            "0": {
+                "cpi_rows": 26,
+                "cpi": {"probe_rows": {"a": 5, "b": 5}},
+                "modes": {"full_mtl": {"rows": 26}},
+            }
+        },
         "groupings": {
             "0": {
                 "delta@5,mixed": {
@@ -73,7 +80,7 @@ def test_aggregate_over_seeds_and_results_file(tmp_path):
     text = md.read_text()
     assert md.name == "quality-quality-cpu-balanced.md"
     assert "| CPI-FT delta@5,mixed | 29.7 ± 0.9 | 16.3 ± 2.3 |" in text
-    assert "(win)" in text and "0.8–1.2x" in text and "a:8 b:8" in text
+    assert "(win)" in text and "0.8–1.2x" in text and "| 26 (10 + 16) | a:8 b:8 |" in text
     assert json.loads((tmp_path / "quality-quality-cpu-balanced.json").read_text())["seeds"] == [0, 1, 2]
 
 
@@ -118,3 +125,15 @@ def test_interference_is_full_mtl_minus_each_tasks_own_expert():
     assert math.isclose(out["a"]["eval_se"], 5.0 / 2)  # sqrt(3² + 4²) over 2 seeds
     assert math.isnan(out["b"]["eval_se"])  # no eval error recorded for b
     assert "a" not in bq.interference({"0": {"scores": {"probe:a": {"a": 1.0}}}}, ["a"])
+
+
+def test_a_cells_fused_model_is_not_compared_with_the_baselines():
+    bq = _bench()
+    seed = _seed({"a": 20.0, "b": 10.0}, {"a": 30.0, "b": 12.0}, {"a": 5.0, "b": 5.0})
+    seed["scores"].update(
+        {"fisher@20,mixed": {"a": 1.0, "b": 2.0}, "fisher@20,mixed fused": {"a": 3.0, "b": 4.0}}
+    )
+    rows = bq.model_rows("delta@5,mixed", ["fisher@20,mixed"], ["a", "b"])
+    agg = bq.aggregate({"0": seed}, ["a", "b"], rows)
+    assert "fisher@20,mixed fused" in agg["models"]
+    assert sorted(agg["versus"]) == ["delta@5,mixed", "fisher@20,mixed"]
