@@ -275,9 +275,21 @@ def aggregate(per_seed: dict[str, dict], tasks: list[str], rows: list[tuple[str,
                     [summaries[s][key][stat] for s in seeds], [summaries[s][bkey][stat] for s in seeds]
                 )
                 v[stat] = {"diff": d, "se": se, "verdict": verdict(d, se)}
+            v["avg"]["eval_se"] = eval_error_of_average(per_seed, tasks, key, bkey)
             out["versus"].setdefault(key, {})[base] = v
     out["interference"] = interference(per_seed, tasks)
     return out
+
+
+def eval_error_of_average(per_seed: dict[str, dict], tasks: list[str], a: str, b: str) -> float:
+    """Standard error of the difference of two models' task averages, over seeds, from the eval
+    rows alone (each task score's own error, the two models taken as independent): what one seed
+    can say about a difference, seed-to-seed variation not included. NaN where unrecorded."""
+    var = 0.0
+    for d in per_seed.values():
+        se = d.get("stderr", {})
+        var += sum(se.get(m, {}).get(t, float("nan")) ** 2 for m in (a, b) for t in tasks)
+    return math.sqrt(var) / (len(tasks) * len(per_seed))
 
 
 def interference(per_seed: dict[str, dict], tasks: list[str]) -> dict:
@@ -351,13 +363,18 @@ def results_markdown(doc: dict) -> str:
                             + f" ({v[s]['verdict']})"
                             for s in ("avg", "worst")
                         ),
+                        "—"
+                        if math.isnan(v["avg"].get("eval_se", math.nan))
+                        else f"{v['avg']['eval_se']:.1f}",
                     ]
                 )
         lines += [
             "Paired differences over seeds (CPI-FT minus baseline); within one standard "
-            "error is a tie, n/a with one seed:",
+            "error is a tie, n/a with one seed. The last column is the standard error of the "
+            "average's difference from the eval rows alone (seed-to-seed variation not included): "
+            "a difference within it is noise even before seeds are counted.",
             "",
-            markdown_table(["cell", "against", "avg", "worst"], vs),
+            markdown_table(["cell", "against", "avg", "worst", "avg: eval-row error"], vs),
             "",
         ]
     if agg.get("interference"):

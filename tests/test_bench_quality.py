@@ -137,3 +137,19 @@ def test_a_cells_fused_model_is_not_compared_with_the_baselines():
     agg = bq.aggregate({"0": seed}, ["a", "b"], rows)
     assert "fisher@20,mixed fused" in agg["models"]
     assert sorted(agg["versus"]) == ["delta@5,mixed", "fisher@20,mixed"]
+
+
+def test_eval_row_error_of_an_average_difference():
+    bq = _bench()
+    seed = _seed({"a": 20.0, "b": 10.0}, {"a": 30.0, "b": 12.0}, {"a": 5.0, "b": 5.0})
+    seed["stderr"] = {"baseline:full_mtl": {"a": 3.0, "b": 4.0}, "delta@5,mixed": {"a": 0.0, "b": 12.0}}
+    # sqrt(9 + 16 + 0 + 144) / 2 tasks / 1 seed
+    assert math.isclose(
+        bq.eval_error_of_average({"0": seed}, ["a", "b"], "delta@5,mixed", "baseline:full_mtl"), 6.5
+    )
+    agg = bq.aggregate({"0": seed}, ["a", "b"], bq.model_rows("delta@5,mixed", [], ["a", "b"]))
+    assert math.isclose(agg["versus"]["delta@5,mixed"]["full_mtl"]["avg"]["eval_se"], 6.5)
+    two = {"0": seed, "1": seed}  # the mean of two seeds halves the variance: error / sqrt(2)
+    assert math.isclose(
+        bq.eval_error_of_average(two, ["a", "b"], "delta@5,mixed", "baseline:full_mtl"), 6.5 / math.sqrt(2)
+    )
