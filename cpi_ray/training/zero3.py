@@ -143,6 +143,32 @@ def init_distributed(use_gpu: bool) -> None:
     import deepspeed
 
     deepspeed.init_distributed(dist_backend="nccl" if use_gpu else "gloo", verbose=False)
+    if not use_gpu:
+        _unlink_shm_workspace()
+
+
+# DeepSpeed's CPU comm (`shm.cpp`) gives each rank a shared-memory workspace of ~66 MiB when all
+# ranks are on one node (LOCAL_SIZE == world size), named by uid, MASTER_ADDR, MASTER_PORT and
+# rank, and never unlinks it: every CPU job would leave one per rank in /dev/shm, memory that
+# outlives the job (gigabytes after a few dozen jobs, until Ray's memory monitor kills workers).
+SHM_DIR = Path("/dev/shm")
+
+
+def shm_workspace_name(rank: int) -> str:
+    """The name DeepSpeed's CPU comm gives rank `rank`'s workspace in this job."""
+    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    return f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}"
+
+
+def _unlink_shm_workspace() -> None:
+    """Unlink this rank's workspace once every rank has mapped every workspace (DeepSpeed maps
+    them all inside `init_distributed`; the barrier waits for the slowest rank): the mappings
+    stay valid, and the memory goes when the last process using it exits, killed or not."""
+    import torch.distributed as dist
+
+    dist.barrier()
+    # Absent when DeepSpeed made none (ranks on several nodes, or its shm op not built).
+    (SHM_DIR / shm_workspace_name(dist.get_rank())).unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------------------- parameters
