@@ -608,7 +608,11 @@ def main() -> int:
         doc["groupings"][str(seed)] = groupings
         doc["wall_s"][str(seed)] = round(time.time() - t0, 1)
         doc["seeds"] = sorted(int(s) for s in doc["per_seed"])
-        rows = model_rows(names[0], names[1:], doc["tasks"])
+        # Every cell measured on these seeds, this invocation's and earlier ones' (cells.json).
+        measured = dict.fromkeys(k for g in doc["groupings"].values() for k in g)
+        rows = model_rows(
+            names[0], [k for k in {**dict.fromkeys(names[1:]), **measured} if k != names[0]], doc["tasks"]
+        )
         doc["aggregate"] = aggregate({s: doc["per_seed"][str(s)] for s in doc["seeds"]}, doc["tasks"], rows)
         print(f"\nseed {seed} done in {doc['wall_s'][str(seed)] / 60:.1f} min")
         if args.results is not None:
