@@ -164,11 +164,9 @@ def _unlink_shm_workspace() -> None:
     """Unlink this rank's workspace once every rank has mapped every workspace (DeepSpeed maps
     them all inside `init_distributed`; the barrier waits for the slowest rank): the mappings
     stay valid, and the memory goes when the last process using it exits, killed or not."""
-    import torch.distributed as dist
-
-    dist.barrier()
+    torch.distributed.barrier()
     # Absent when DeepSpeed made none (ranks on several nodes, or its shm op not built).
-    (SHM_DIR / shm_workspace_name(dist.get_rank())).unlink(missing_ok=True)
+    (SHM_DIR / shm_workspace_name(torch.distributed.get_rank())).unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------------------- parameters
