@@ -300,17 +300,13 @@ def interference(per_seed: dict[str, dict], tasks: list[str]) -> dict:
     interference CPI-FT is built for."""
     out = {}
     for t in tasks:
-        full, expert, eval_var = [], [], 0.0
+        full, expert = [], []
         for d in per_seed.values():
-            sc, se = d["scores"], d.get("stderr", {})
+            sc = d["scores"]
             if t not in sc.get("baseline:full_mtl", {}) or t not in sc.get(f"probe:{t}", {}):
                 break
             full.append(sc["baseline:full_mtl"][t])
             expert.append(sc[f"probe:{t}"][t])
-            eval_var += (
-                se.get("baseline:full_mtl", {}).get(t, float("nan")) ** 2
-                + se.get(f"probe:{t}", {}).get(t, float("nan")) ** 2
-            )
         else:
             if not full:
                 continue
@@ -320,7 +316,7 @@ def interference(per_seed: dict[str, dict], tasks: list[str]) -> dict:
                 "expert": mean_se(expert),
                 "diff": diff,
                 "se": se,
-                "eval_se": math.sqrt(eval_var) / len(full),
+                "eval_se": eval_error_of_average(per_seed, [t], "baseline:full_mtl", f"probe:{t}"),
                 "verdict": verdict(diff, se),
             }
     return out
@@ -609,10 +605,8 @@ def main() -> int:
         doc["wall_s"][str(seed)] = round(time.time() - t0, 1)
         doc["seeds"] = sorted(int(s) for s in doc["per_seed"])
         # Every cell measured on these seeds, this invocation's and earlier ones' (cells.json).
-        measured = dict.fromkeys(k for g in doc["groupings"].values() for k in g)
-        rows = model_rows(
-            names[0], [k for k in {**dict.fromkeys(names[1:]), **measured} if k != names[0]], doc["tasks"]
-        )
+        measured = dict.fromkeys(k for g in doc["groupings"].values() for k in g if k != names[0])
+        rows = model_rows(names[0], list(measured), doc["tasks"])
         doc["aggregate"] = aggregate({s: doc["per_seed"][str(s)] for s in doc["seeds"]}, doc["tasks"], rows)
         print(f"\nseed {seed} done in {doc['wall_s'][str(seed)] / 60:.1f} min")
         if args.results is not None:

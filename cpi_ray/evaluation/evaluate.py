@@ -16,6 +16,7 @@ import hashlib
 import json
 import logging
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
@@ -84,11 +85,12 @@ def constant_answer(
         answers = [answer_text(task, r) for r in rows]
         if not answers:
             continue
-        common = max(set(answers), key=lambda a: (answers.count(a), a))  # ties: one fixed choice
+        counts = Counter(answers)
+        common = max(counts, key=lambda a: (counts[a], a))  # ties: one fixed choice
         scorer = get_scorer(task)
         out[name] = {
             "answer": common,
-            "rows": answers.count(common),  # of len(rows): 1 when every answer differs
+            "rows": counts[common],  # of len(rows): 1 when every answer differs
             "score": 100.0 * sum(scorer(common, r) for r in rows) / len(rows),
         }
     return out
