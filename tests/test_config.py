@@ -127,3 +127,23 @@ def test_job_exits_2_and_writes_nothing(tmp_path):
         timeout=120,
     )
     assert r.returncode == 2 and "bogus" in r.stderr and not run_dir.exists()
+
+
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        (["fuse.method=task_arithmetic", "fuse.omega=0.3"], "fuse.omega"),
+        (["fuse.method=ties", "fuse.backbone=a"], "fuse.backbone"),
+        (["fuse.scale=0.5"], "fuse.scale"),
+        (["fuse.method=task_arithmetic", "fuse.density=0.5"], "fuse.density"),
+        (["fuse.method=ties", "fuse.density=0"], "fuse.density"),
+    ],
+)
+def test_fuse_knobs_of_another_method_name_the_field(tmp_path, overrides, field):
+    with pytest.raises(ConfigError) as e:
+        load_config(_write(tmp_path, _base(tmp_path)), overrides)
+    assert field in str(e.value)
+    ok = load_config(
+        _write(tmp_path, _base(tmp_path)), ["fuse.method=ties", "fuse.density=0.2", "fuse.scale=0.5"]
+    )
+    assert (ok.fuse.method, ok.fuse.density, ok.fuse.scale) == ("ties", 0.2, 0.5)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from cpi_ray.fusion import slerp as S
+from cpi_ray.fusion import task_vectors as TV
 from cpi_ray.io.raw import bf16_to_f32, f32_to_bf16
 
 
@@ -176,3 +177,115 @@ def test_bf16_round_trip_matches_torch():
     np.testing.assert_array_equal(got, want)
     back = bf16_to_f32(got)
     np.testing.assert_array_equal(back, x.to(torch.bfloat16).float().numpy())
+
+
+# ------------------------------------------------------------------ task-vector merges
+
+
+def ref_topk(mag, candidates, k):
+    """Top k of `mag` among `candidates` by (magnitude descending, index ascending)."""
+    idx = np.flatnonzero(candidates)
+    order = idx[np.lexsort((idx, -mag[idx].astype(np.float64)))]
+    out = np.zeros(mag.shape, dtype=bool)
+    out[order[:k]] = True
+    return out
+
+
+def ref_ties(base, xs, scale, density, decided):
+    """TIES from the paper's three steps, in float64 over whole vectors (trim over `decided`)."""
+    base64 = base.astype(np.float64)
+    ds = []
+    for x in xs:
+        d = x.astype(np.float64) - base64
+        mag = np.abs(x.astype(np.float32) - base.astype(np.float32)).astype(np.float32)
+        k = int(math.floor(density * int(decided.sum()) + 1e-9))
+        ds.append(np.where(ref_topk(mag, decided, k), d, 0.0))
+    ds = np.stack(ds)
+    sign = np.where(ds.sum(0) >= 0, 1.0, -1.0)
+    agree = np.sign(ds) == sign
+    n = agree.sum(0)
+    merged = np.where(n > 0, (ds * agree).sum(0) / np.maximum(n, 1), 0.0)
+    return base64 + scale * merged
+
+
+def task_models(rng, size, n, ties_every=0):
+    base = rng.standard_normal(size).astype(np.float32)
+    xs = []
+    for t in range(n):
+        d = rng.standard_normal(size).astype(np.float32) * 0.01 * (1 + t)
+        if ties_every:
+            # many equal magnitudes, so the trim threshold falls inside a run of ties
+            d = np.round(d * 300) / 300
+            d[::ties_every] = 0
+        xs.append(base + d)
+    return base, xs
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.4])
+def test_task_arithmetic_is_base_plus_scaled_sum(scale):
+    base, xs = task_models(np.random.default_rng(0), 5000, 4)
+    got = TV.task_arithmetic(base, xs, scale)
+    want = base.astype(np.float64) + scale * sum(x.astype(np.float64) - base for x in xs)
+    assert rel_err(got, want) < 1e-6
+    assert np.array_equal(TV.task_arithmetic(base, [base.copy()] * 3, scale), base)
+
+
+def stream_trim(base, xs, density, decided, chunk):
+    """The worker's protocol: two histogram passes, then selection chunk by chunk."""
+    n = base.shape[0]
+    trims = [TV.TopKStream(density) for _ in xs]
+
+    def keys(t, a, b):
+        b = min(b, n)
+        return TV.magnitude_keys(xs[t][a:b], base[a:b], decided[a:b], np.empty(b - a, np.int32))
+
+    for top in (True, False):
+        for a in range(0, n, chunk):
+            for t, tr in enumerate(trims):
+                tr.add_top(keys(t, a, a + chunk)) if top else tr.add_low(keys(t, a, a + chunk))
+        for tr in trims:
+            tr.end_top() if top else tr.end_low()
+    return [
+        np.concatenate([tr.select(keys(t, a, a + chunk)) for a in range(0, n, chunk)])
+        for t, tr in enumerate(trims)
+    ]
+
+
+@pytest.mark.parametrize("density", [0.2, 0.5, 0.999, 1.0, 1e-4])
+@pytest.mark.parametrize("chunk", [1024, 3000, 100_000])
+def test_trim_is_the_exact_top_share_with_index_tie_break(density, chunk):
+    rng = np.random.default_rng(1)
+    base, xs = task_models(rng, 20_000, 3, ties_every=7)
+    decided = rng.random(20_000) > 0.1
+    got = stream_trim(base, xs, density, decided, chunk)
+    for x, sel in zip(xs, got):
+        mag = np.abs(x - base).astype(np.float32)
+        k = int(math.floor(density * int(decided.sum()) + 1e-9))
+        assert np.array_equal(sel, ref_topk(mag, decided, k))
+
+
+@pytest.mark.parametrize("density", [1.0, 0.3])
+def test_ties_matches_the_three_steps(density):
+    rng = np.random.default_rng(2)
+    base, xs = task_models(rng, 12_000, 4, ties_every=11)
+    decided = rng.random(12_000) > 0.2
+    kept = stream_trim(base, xs, density, decided, 4096) if density < 1 else None
+    got = TV.ties(base, xs, 0.7, kept=kept)
+    want = ref_ties(base, xs, 0.7, density, decided if density < 1 else np.ones(12_000, bool))
+    assert rel_err(got[decided], want[decided]) < 1e-6
+    # each element is the base plus scale times a mean of agreeing deltas: never beyond the
+    # largest agreeing delta
+    lim = np.max(np.abs(np.stack(xs) - base), axis=0) * 0.7 + 1e-6
+    assert np.all(np.abs(got - base) <= lim)
+    assert np.array_equal(TV.ties(base, [base.copy()] * 3, 0.7), base)
+
+
+def test_ties_drops_the_minority_sign():
+    base = np.zeros(3, np.float32)
+    xs = [
+        np.array([1.0, -1.0, 0.5], np.float32),
+        np.array([2.0, 3.0, -0.25], np.float32),
+        np.array([-4.0, 1.0, -0.5], np.float32),
+    ]
+    # sums -1, 3, -0.25: element 0 keeps -4; element 1 averages 3 and 1; element 2 -0.25 and -0.5
+    assert np.allclose(TV.ties(base, xs, 1.0), [-4.0, 2.0, -0.375])

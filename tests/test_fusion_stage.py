@@ -54,6 +54,31 @@ def expected_noncore(models, keep, omegas, eps):
     return theta
 
 
+def expected_task_vectors(models, keep, fc):
+    """Task arithmetic or TIES of the full tensors in float64; TIES trims each task vector to its
+    exact top `density` share of the non-core elements by magnitude (ties to the lower index)."""
+    base = models[0].double().reshape(-1)
+    deltas = [m.double().reshape(-1) - base for m in models[1:]]
+    if fc.method == "task_arithmetic":
+        return base + fc.scale * sum(deltas)
+    idx = torch.nonzero(keep).squeeze(1)
+    k = math.floor(fc.density * len(idx) + 1e-9)
+    trimmed = []
+    for m in models[1:]:
+        mag = (m.float().reshape(-1) - models[0].float().reshape(-1)).abs()[idx]
+        # stable sort on -mag: equal magnitudes stay in index order
+        top = idx[torch.sort(-mag.double(), stable=True).indices[:k]]
+        sel = torch.zeros_like(keep)
+        sel[top] = True
+        d = m.double().reshape(-1) - base
+        trimmed.append(torch.where(sel, d, 0.0))
+    d = torch.stack(trimmed)
+    sign = torch.where(d.sum(0) >= 0, 1.0, -1.0)
+    agree = torch.sign(d) == sign
+    merged = (d * agree).sum(0) / agree.sum(0).clamp(min=1)
+    return base + fc.scale * merged
+
+
 def check_fused(ctx, fused, policy, groups=None):
     base = load_state(ctx.base_model_dir)
     probes = {t: load_state(ctx.path("probes", t)) for t in ctx.task_names()}
@@ -74,14 +99,17 @@ def check_fused(ctx, fused, policy, groups=None):
         for m in owned.values():
             union |= m
         keep = ~union
-        om = fc.omega
-        for pat, w in fc.omega_overrides.items():
-            if re.search(pat, name):
-                om = w
-                break
-        n = len(order)
-        omegas = [1 / (k + 1) for k in range(1, n)] if om is None else [om] * (n - 1)
-        want = expected_noncore([m[name] for m in order], keep, omegas, fc.epsilon)
+        if fc.method in ("task_arithmetic", "ties"):
+            want = expected_task_vectors([m[name] for m in order], keep, fc)
+        else:
+            om = fc.omega
+            for pat, w in fc.omega_overrides.items():
+                if re.search(pat, name):
+                    om = w
+                    break
+            n = len(order)
+            omegas = [1 / (k + 1) for k in range(1, n)] if om is None else [om] * (n - 1)
+            want = expected_noncore([m[name] for m in order], keep, omegas, fc.epsilon)
         if keep.any():
             err = (got[keep].double() - want[keep]).abs().max() / want[keep].abs().max()
             tol = 1e-6 if b.dtype == torch.float32 else 8e-3
@@ -126,6 +154,28 @@ def test_core_and_noncore_match_independent_computation(run3, policy):
     ctx = with_fuse(run3, policy=policy)
     (out,) = FuseStage().run(ctx)
     check_fused(ctx, load_state(out), policy, groups=[["b"], ["a", "c"]])
+
+
+@pytest.mark.parametrize(
+    "fuse",
+    [
+        {"method": "task_arithmetic", "scale": 0.6},
+        {"method": "ties", "scale": 0.8},
+        {"method": "ties", "density": 0.3, "policy": "mean"},
+    ],
+)
+def test_task_vector_merges_match_independent_computation(run3, fuse):
+    ctx = with_fuse(run3, **fuse)
+    (out,) = FuseStage(chunk_elems=2048).run(ctx)
+    check_fused(ctx, load_state(out), fuse.get("policy", "magnitude"))
+
+
+def test_ties_trim_is_bitwise_independent_of_chunks_and_actors(run3):
+    ctx = with_fuse(run3, method="ties", density=0.2, num_actors=1)
+    (out,) = FuseStage().run(ctx)
+    one = digest(out)
+    (out,) = FuseStage(chunk_elems=1024).run(with_fuse(ctx, num_actors=3))
+    assert digest(out) == one
 
 
 def test_backbone_task_omega_overrides_and_generation(tmp_path, tiny_model_dir):
@@ -250,8 +300,13 @@ def test_actor_killed_mid_shard_is_retried_bitwise(run3, tmp_path):
 
 def test_identical_inputs_return_the_base(tmp_path, tiny_model_dir):
     ctx = make_run(tmp_path, base_dir=tiny_model_dir, identical=True)
-    for policy in ("magnitude", "mean"):
-        (out,) = FuseStage(chunk_elems=2048).run(with_fuse(ctx, policy=policy))
+    for fuse in (
+        {"policy": "magnitude"},
+        {"policy": "mean"},
+        {"method": "task_arithmetic"},
+        {"method": "ties"},
+    ):
+        (out,) = FuseStage(chunk_elems=2048).run(with_fuse(ctx, **fuse))
         fused, base = load_state(out), load_state(ctx.base_model_dir)
         for n in base:
             assert torch.equal(fused[n], base[n]), n
@@ -273,11 +328,12 @@ def test_nan_in_a_task_model_is_reported_and_nothing_is_written(tmp_path, tiny_m
         return st
 
     corrupt(ctx, "b", nan)
-    with pytest.raises(FuseError) as e:
-        FuseStage(chunk_elems=1024).run(ctx)
-    msg = str(e.value)
-    assert name in msg and str(ctx.path("probes", "b")) in msg and "5000" in msg
-    assert not ctx.path("fused").exists()
+    for fuse in ({}, {"method": "ties", "density": 0.5}):
+        with pytest.raises(FuseError) as e:
+            FuseStage(chunk_elems=1024).run(with_fuse(ctx, **fuse))
+        msg = str(e.value)
+        assert name in msg and str(ctx.path("probes", "b")) in msg and "5000" in msg
+        assert not ctx.path("fused").exists()
     assert not [p for p in ctx.run_dir.iterdir() if p.name.startswith(".fused")]
 
 

@@ -440,7 +440,16 @@ class FuseConfig(_Section):
         None, ge=0, le=1, description="SLERP weight for two models; None = running spherical mean"
     )
     omega_overrides: dict[str, float] = Field(default_factory=dict, description="tensor-name regex -> omega")
-    method: Literal["fold", "multislerp"] = "fold"
+    method: Literal["fold", "multislerp", "task_arithmetic", "ties"] = Field(
+        "fold",
+        description="non-core merge: fold (running SLERP), multislerp (spherical mean), "
+        "task_arithmetic (base + scale x the sum of the task vectors), ties (trimmed, "
+        "sign-elected mean of the task vectors, x scale)",
+    )
+    scale: float = Field(1.0, gt=0, description="task_arithmetic, ties: factor on the merged task vector")
+    density: float = Field(
+        1.0, gt=0, le=1, description="ties: share of each task vector kept per tensor (largest magnitudes)"
+    )
     backbone: str = Field("base", description="'base' or a task name: where the fold starts")
     policy: Literal["magnitude", "mean", "priority"] = "magnitude"
     epsilon: float = Field(5e-4, gt=0, lt=1)
@@ -457,6 +466,25 @@ class FuseConfig(_Section):
             if not 0 <= w <= 1:
                 raise ValueError(f"omega for {pat!r} must be within [0, 1]")
         return v
+
+    @model_validator(mode="after")
+    def _method_knobs(self) -> "FuseConfig":
+        vectors = self.method in ("task_arithmetic", "ties")
+        if vectors and (self.omega is not None or self.omega_overrides):
+            raise ValueError(
+                "fuse.omega and fuse.omega_overrides are SLERP weights; "
+                f"method {self.method} takes fuse.scale"
+            )
+        if vectors and self.backbone != "base":
+            raise ValueError(
+                f"fuse.backbone {self.backbone!r}: method {self.method} adds task vectors "
+                "to the base (backbone: base)"
+            )
+        if not vectors and self.scale != 1.0:
+            raise ValueError(f"fuse.scale applies to task_arithmetic and ties, not to method {self.method}")
+        if self.method != "ties" and self.density != 1.0:
+            raise ValueError(f"fuse.density applies to method ties, not to {self.method}")
+        return self
 
 
 class ConsolidateConfig(TrainConfig):

@@ -111,7 +111,9 @@ def build_plan(
             bi = base.tensors[n]
             om = omega_for(n, cfg)
             nf = len(order)
-            if cfg.method == "multislerp":
+            if cfg.method in ("task_arithmetic", "ties"):
+                omegas = weights = None
+            elif cfg.method == "multislerp":
                 omegas = None
                 weights = (
                     tuple([1.0 / nf] * nf)

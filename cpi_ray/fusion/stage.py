@@ -57,6 +57,8 @@ def run_fusion(
     settings = FuseSettings(
         method=fc.method,
         policy=fc.policy,
+        scale=fc.scale,
+        density=fc.density,
         eps=fc.epsilon,
         ranks=ranks,
         buffer_bytes=fc.chunk_mib * 2**20,

@@ -19,6 +19,7 @@ from typing import Optional
 import numpy as np
 
 from cpi_ray.fusion import slerp as S
+from cpi_ray.fusion import task_vectors as TV
 from cpi_ray.io.raw import FLOAT_DTYPES, NP_DTYPES, Buffers, RawFiles, Source, f32_to_bf16, read_as
 from cpi_ray.run.faults import kill_once
 
@@ -35,8 +36,8 @@ class TensorJob:
     out_dtype: str
     models: tuple[Source, ...]  # index 0: the base; 1..T: the task models in task order
     fold: tuple[int, ...]  # indices into `models` in fold order, the backbone first
-    omegas: Optional[tuple[float, ...]]  # fold weights; None for multislerp
-    weights: Optional[tuple[float, ...]]  # multislerp weights, aligned with `fold`
+    omegas: Optional[tuple[float, ...]]  # fold weights; None for the other methods
+    weights: Optional[tuple[float, ...]]  # multislerp weights, aligned with `fold`; else None
     masks: tuple[Optional[Source], ...]  # per task: its packed mask bytes (U8), None = no core
 
 
@@ -54,6 +55,8 @@ class ShardJob:
 class FuseSettings:
     method: str = "fold"
     policy: str = "magnitude"
+    scale: float = 1.0  # task_arithmetic, ties: the factor on the merged task vector
+    density: float = 1.0  # ties: share of each task vector kept per tensor
     eps: float = S.DEFAULT_EPS
     ranks: tuple[int, ...] = ()  # per task, for policy `priority`: its group's position
     buffer_bytes: int = 64 * 2**20  # budget for one actor's chunk buffers
@@ -123,13 +126,17 @@ class ShardFuser:
         src = job.models[idx]
         for a in range(0, job.numel, chunk):
             b = min(job.numel, a + chunk)
-            x = self._read("scan", src, a, b, cdt)
-            bad = ~np.isfinite(x)
-            if bad.any():
-                i = a + int(np.argmax(bad))
-                raise FuseError(
-                    f"{src.file}: tensor {job.name!r} has a non-finite value ({x[i - a]}) at flat index {i}"
-                )
+            self._check_finite(job, idx, self._read("scan", src, a, b, cdt), a)
+
+    @staticmethod
+    def _check_finite(job: TensorJob, idx: int, x: np.ndarray, start: int) -> None:
+        bad = ~np.isfinite(x)
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise FuseError(
+                f"{job.models[idx].file}: tensor {job.name!r} has a non-finite value ({x[i]}) "
+                f"at flat index {start + i}"
+            )
 
     # ------------------------------------------------------------------ one tensor
 
@@ -137,7 +144,8 @@ class ShardFuser:
         if self.s.chunk_elems:
             return max(S.BLOCK, self.s.chunk_elems // S.BLOCK * S.BLOCK)
         n_models = len(job.models)
-        # per element: fold inputs (compute + float64 copy), raw read, base, out, tmp, masks
+        # per element: fold inputs (compute + float64 copy, or task deltas + keys), raw read, base,
+        # out, tmp, masks
         per = 12 * n_models + 8 + 4 + 4 + 4 + 4 + 2 * len(job.masks) + 8
         return max(S.BLOCK, self.s.buffer_bytes // per // S.BLOCK * S.BLOCK)
 
@@ -149,28 +157,56 @@ class ShardFuser:
             f.write(memoryview(raw).cast("B"))
             return
         cdt = np.dtype(np.float64 if job.out_dtype == "F64" else np.float32)
+        packed = [None if m is None else self._mask_bits(m, job.numel) for m in job.masks]
+        packed = [p if p is not None and p.any() else None for p in packed]
+        if self.s.method in TV.METHODS:
+            self._write_task_vectors(f, job, cdt, packed)
+        else:
+            self._write_spherical(f, job, cdt, packed)
+
+    def _read_fold(self, job: TensorJob, a: int, b: int, cdt: np.dtype) -> list[np.ndarray]:
+        return [self._read(f"x{k}", job.models[i], a, b, cdt) for k, i in enumerate(job.fold)]
+
+    def _core_union(self, packed: list, a: int, b: int) -> tuple[Optional[list], Optional[np.ndarray]]:
+        """Per task its core elements of [a, b) (None: no core), and their union (None: no cores)."""
+        if all(p is None for p in packed):
+            return None, None
+        owned = [None if p is None else self._unpack(p, a, b) for p in packed]
+        union = np.zeros(b - a, dtype=bool)
+        for o in owned:
+            if o is not None:
+                union |= o
+        return owned, union
+
+    def _overwrite_cores(
+        self,
+        job: TensorJob,
+        xs: list[np.ndarray],
+        packed: list,
+        a: int,
+        b: int,
+        cdt: np.dtype,
+        out: np.ndarray,
+    ) -> None:
+        """Set the core elements of `out` (elements [a, b)) from the task models that own them."""
+        owned, union = self._core_union(packed, a, b)
+        if union is None or not union.any():
+            return
+        by_model = {i: xs[k] for k, i in enumerate(job.fold)}
+        base = by_model.get(0)
+        if base is None and self.s.policy != "mean":
+            base = self._read("base", job.models[0], a, b, cdt)
+            self._check_finite(job, 0, base, a)
+        vals = [by_model[t + 1] for t in range(len(job.masks))]
+        core, anyo = S.resolve_core(
+            vals, owned, self.s.policy, base=base, ranks=self.s.ranks, out=self.bufs.get("core", b - a, cdt)
+        )
+        np.copyto(out, core, where=anyo)
+
+    def _write_spherical(self, f, job: TensorJob, cdt: np.dtype, packed: list) -> None:
         n = job.numel
         chunk = self._chunk_len(job)
-        fold = list(job.fold)
-        nf = len(fold)
-        ntask = len(job.masks)
-        packed = [None if m is None else self._mask_bits(m, n) for m in job.masks]
-        packed = [p if p is not None and p.any() else None for p in packed]
-        has_core = any(p is not None for p in packed)
-        needs_base = has_core and self.s.policy != "mean" and 0 not in fold
-
-        def read_fold(a: int, b: int) -> list[np.ndarray]:
-            return [self._read(f"x{k}", job.models[i], a, b, cdt) for k, i in enumerate(fold)]
-
-        def core_union(a: int, b: int) -> tuple[Optional[list], Optional[np.ndarray]]:
-            if not has_core:
-                return None, None
-            owned = [None if p is None else self._unpack(p, a, b) for p in packed]
-            union = np.zeros(b - a, dtype=bool)
-            for o in owned:
-                if o is not None:
-                    union |= o
-            return owned, union
+        nf = len(job.fold)
 
         # pass 1: Gram partials over the non-core elements, block by block
         nblocks = (n + S.BLOCK - 1) // S.BLOCK
@@ -179,8 +215,8 @@ class ShardFuser:
         xs = None
         for a in range(0, n, chunk):
             b = min(n, a + chunk)
-            xs = read_fold(a, b)
-            _, union = core_union(a, b)
+            xs = self._read_fold(job, a, b, cdt)
+            _, union = self._core_union(packed, a, b)
             x64 = []
             keep = None
             if union is not None and union.any():
@@ -195,7 +231,7 @@ class ShardFuser:
             partials[a // S.BLOCK : (b + S.BLOCK - 1) // S.BLOCK] = S.block_gram(x64)
         gram = S.gram_from_partials(partials, nf)
         if not np.all(np.isfinite(np.diag(gram))):
-            for i in fold:
+            for i in job.fold:
                 self._find_nonfinite(job, i, cdt, chunk)
         if self.s.method == "multislerp":
             coeffs = S.multislerp_coefficients(gram, job.weights, self.s.eps)
@@ -206,34 +242,63 @@ class ShardFuser:
         for a in range(0, n, chunk):
             b = min(n, a + chunk)
             if not single:
-                xs = read_fold(a, b)
+                xs = self._read_fold(job, a, b, cdt)
             out = S.combine(
                 xs, coeffs, out=self.bufs.get("out", b - a, cdt), tmp=self.bufs.get("tmp", b - a, cdt)
             )
-            owned, union = core_union(a, b)
-            if union is not None and union.any():
-                by_model = {i: xs[k] for k, i in enumerate(fold)}
-                base = by_model.get(0)
-                if needs_base:
-                    base = self._read("base", job.models[0], a, b, cdt)
-                    bad = ~np.isfinite(base)
-                    if bad.any():
-                        i = a + int(np.argmax(bad))
-                        raise FuseError(
-                            f"{job.models[0].file}: tensor {job.name!r} has a "
-                            f"non-finite value ({base[i - a]}) at flat index {i}"
-                        )
-                vals = [by_model[t + 1] for t in range(ntask)]
-                core, anyo = S.resolve_core(
-                    vals,
-                    owned,
-                    self.s.policy,
-                    base=base,
-                    ranks=self.s.ranks,
-                    out=self.bufs.get("core", b - a, cdt),
-                )
-                np.copyto(out, core, where=anyo)
+            self._overwrite_cores(job, xs, packed, a, b, cdt, out)
             f.write(self._encode(out, job.out_dtype))
+
+    def _write_task_vectors(self, f, job: TensorJob, cdt: np.dtype, packed: list) -> None:
+        """task_arithmetic or ties; the fold is [base, task 1, ..., task n] (the plan checks)."""
+        n = job.numel
+        chunk = self._chunk_len(job)
+        ntask = len(job.masks)
+        trims = None
+        if self.s.method == "ties" and self.s.density < 1:
+            # two passes name each task's exact trim threshold over the non-core elements
+            trims = [TV.TopKStream(self.s.density) for _ in range(ntask)]
+            for top in (True, False):
+                for a in range(0, n, chunk):
+                    b = min(n, a + chunk)
+                    xs = self._read_fold(job, a, b, cdt)
+                    for k, x in enumerate(xs):
+                        self._check_finite(job, job.fold[k], x, a)
+                    for tr, keys in zip(trims, self._task_keys(xs, packed, a, b)):
+                        if top:
+                            tr.add_top(keys)
+                        else:
+                            tr.add_low(keys)
+                for tr in trims:
+                    if top:
+                        tr.end_top()
+                    else:
+                        tr.end_low()
+        for a in range(0, n, chunk):
+            b = min(n, a + chunk)
+            xs = self._read_fold(job, a, b, cdt)
+            for k, x in enumerate(xs):
+                self._check_finite(job, job.fold[k], x, a)
+            out = self.bufs.get("out", b - a, cdt)
+            if self.s.method == "task_arithmetic":
+                TV.task_arithmetic(xs[0], xs[1:], self.s.scale, out=out, tmp=self.bufs.get("tmp", b - a, cdt))
+            else:
+                kept = None
+                if trims is not None:
+                    kept = [tr.select(keys) for tr, keys in zip(trims, self._task_keys(xs, packed, a, b))]
+                deltas = [self.bufs.get(f"d{t}", b - a, cdt) for t in range(ntask)]
+                TV.ties(xs[0], xs[1:], self.s.scale, kept=kept, out=out, deltas=deltas)
+            self._overwrite_cores(job, xs, packed, a, b, cdt, out)
+            f.write(self._encode(out, job.out_dtype))
+
+    def _task_keys(self, xs: list[np.ndarray], packed: list, a: int, b: int) -> list[np.ndarray]:
+        """Per task, the magnitude keys of its deltas in [a, b), -1 on core elements."""
+        _, union = self._core_union(packed, a, b)
+        decided = None if union is None else ~union
+        return [
+            TV.magnitude_keys(x, xs[0], decided, self.bufs.get(f"k{t}", b - a, np.int32))
+            for t, x in enumerate(xs[1:])
+        ]
 
     @staticmethod
     def _encode(x: np.ndarray, dtype: str) -> memoryview:
