@@ -386,3 +386,13 @@ def test_priority_needs_every_task_in_a_group(run3):
             FuseStage().run(ctx)
     finally:
         p.write_text(saved)
+
+
+def test_task_vector_knobs_fingerprint_only_their_methods(run3):
+    """A run fused with a SLERP method before `scale` and `density` existed stays current; with
+    ties both knobs redo the stage."""
+    stage = FuseStage()
+    fold = stage.config_slice(run3.cfg)["fuse"]
+    assert "scale" not in fold and "density" not in fold
+    ties = [stage.config_slice(with_fuse(run3, method="ties", density=d).cfg) for d in (1.0, 0.5)]
+    assert ties[0] != ties[1] and ties[1]["fuse"]["density"] == 0.5

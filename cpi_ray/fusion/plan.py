@@ -14,6 +14,7 @@ from typing import Mapping, Optional, Sequence
 
 from cpi_ray.config.schema import FuseConfig
 from cpi_ray.fusion import slerp as S
+from cpi_ray.fusion import task_vectors as TV
 from cpi_ray.fusion.worker import FuseError, ShardJob, TensorJob
 from cpi_ray.io.masks import MaskFile
 from cpi_ray.io.raw import FLOAT_DTYPES, NP_DTYPES, Source
@@ -111,7 +112,7 @@ def build_plan(
             bi = base.tensors[n]
             om = omega_for(n, cfg)
             nf = len(order)
-            if cfg.method in ("task_arithmetic", "ties"):
+            if cfg.method in TV.METHODS:
                 omegas = weights = None
             elif cfg.method == "multislerp":
                 omegas = None

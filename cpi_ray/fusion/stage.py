@@ -19,6 +19,7 @@ from ray.exceptions import RayTaskError
 from tqdm import tqdm
 
 from cpi_ray.config.schema import PipelineConfig
+from cpi_ray.fusion import task_vectors as TV
 from cpi_ray.fusion.actors import FuseActor
 from cpi_ray.fusion.plan import FusePlan, build_plan, group_ranks
 from cpi_ray.fusion.worker import FuseError, FuseSettings
@@ -145,11 +146,13 @@ class FuseStage(Stage):
         self.fault = fault  # (shard, marker): an actor dies mid-shard once, for fault tests
 
     def config_slice(self, cfg: PipelineConfig) -> dict:
-        # actors and chunk size change how, not what: the output is bitwise the same
+        # actors and chunk size change how, not what: the output is bitwise the same; the SLERP
+        # methods ignore the task-vector knobs, so runs fused before those existed stay current
+        how = {"num_actors", "chunk_mib", "cpus_per_actor", "custom_resources"}
+        if cfg.fuse.method not in TV.METHODS:
+            how |= {"scale", "density"}
         return {
-            "fuse": cfg.fuse.model_dump(
-                exclude={"num_actors", "chunk_mib", "cpus_per_actor", "custom_resources"}
-            ),
+            "fuse": cfg.fuse.model_dump(exclude=how),
             "max_shard_size": cfg.model.max_shard_size,
             "tasks": [t.name for t in cfg.tasks],
         }
