@@ -4,7 +4,10 @@ with A's core region frozen, for every `regions.score` x `regions.p` asked for.
 Uses the pipeline's own stages on one run directory: `probe` (A's and B's single-task SFT, with
 the Fisher when a score needs it), then per cell `regions` (A's core at that score and p) and
 `baselines` in mode `sequential_cpi` (B trained from A's probe with A's core frozen, on the
-consolidation engine), and once mode `sequential` (the same without freezing). Every model is
+consolidation engine), and once mode `sequential` (the same without freezing); with `--epi`, once
+mode `sequential_epi` (B trained from A's probe with EPI, its frozen set chosen from B's online
+importance). With two tasks the frozen-core cells are also DPI's mechanism: B trains with A's
+core frozen, and there is nothing to fuse. Every model is
 scored on A's and B's eval rows; results accumulate in `<run-root>/forgetting.json`, so a rerun
 resumes at the first cell not yet measured.
 
@@ -40,6 +43,11 @@ from cpi_ray.io.atomic import atomic_file, write_json  # noqa: E402
 HERE = Path(__file__).resolve().parent
 
 
+RUN_LABELS = {"plain": "plain", "epi": "EPI while B trains"}
+# The runs every seed table shows beside the frozen-core cells (`score@p`).
+RUNS = tuple(RUN_LABELS)
+
+
 def table(results: dict, a: str, b: str) -> str:
     models = results["models"]
     before_a, before_b = models[f"probe:{a}"][a], models[f"probe:{a}"][b]
@@ -48,7 +56,7 @@ def table(results: dict, a: str, b: str) -> str:
         ["base", "-", "-", f"{models['base'][a]:.1f}", "", "", f"{models['base'][b]:.1f}", ""],
         [f"expert {b}", "-", "-", "", "", "", f"{models[f'probe:{b}'][b]:.1f}", ""],
     ]
-    cells = [("plain", "none", "-")] + [(k, *k.split("@")) for k in models if "@" in k]
+    cells = [("plain", "none", "-"), ("epi", "-", "-")] + [(k, *k.split("@")) for k in models if "@" in k]
     for key, score, p in cells:
         if key not in models:
             continue
@@ -61,7 +69,7 @@ def table(results: dict, a: str, b: str) -> str:
             kept = f"{100 * gain / plain_gain:.0f}%" if plain_gain > 0 else "n/a"
         rows.append(
             [
-                key if key == "plain" else "frozen A core",
+                RUN_LABELS.get(key, "frozen A core"),
                 score,
                 p,
                 f"{before_a:.1f}",
@@ -101,7 +109,7 @@ def seeds_table(per_seed: dict[str, dict], a: str, b: str) -> tuple[list[str], l
     keys = [
         k
         for k in per_seed[seeds[0]]["models"]
-        if (k == "plain" or "@" in k) and all(k in per_seed[s]["models"] for s in seeds)
+        if (k in RUNS or "@" in k) and all(k in per_seed[s]["models"] for s in seeds)
     ]
     agg = {}
     rows = []
@@ -117,7 +125,7 @@ def seeds_table(per_seed: dict[str, dict], a: str, b: str) -> tuple[list[str], l
         e["drop_ratio"], e["b_kept"] = ratio, kept
         rows.append(
             [
-                key,
+                RUN_LABELS.get(key, key),
                 fmt_mean_se(*e["a_after"]),
                 fmt_mean_se(*e["drop"]),
                 "—" if key == "plain" or ratio != ratio else f"{ratio:.2f}",
@@ -160,6 +168,9 @@ def main() -> int:
         type=Path,
         metavar="DIR",
         help="write forgetting-<config>.json and .md here after every seed",
+    )
+    ap.add_argument(
+        "--epi", action="store_true", help="also train B from A's probe with EPI (mode sequential_epi)"
     )
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     args = ap.parse_args()
@@ -275,6 +286,12 @@ def run_seed(args, seed: int, root: Path) -> dict:
         t0 = time.time()
         run_pipeline(first, run_dir, stages=["probe", "baselines"])
         measure("plain", run_dir / "baselines" / "sequential", t0)
+    if args.epi and "epi" not in results["models"]:
+        t0 = time.time()
+        run_pipeline(
+            cell_cfg(args.scores[0], args.ps[0], "sequential_epi"), run_dir, stages=["probe", "baselines"]
+        )
+        measure("epi", run_dir / "baselines" / "sequential_epi", t0)
     for p in args.ps:
         for score in args.scores:
             key = f"{score}@{p:g}"

@@ -54,6 +54,21 @@ def test_budgets_match_cpi_ft():
     assert seq["stages"][0]["frozen"] == [] and cpi["stages"][0]["frozen"] == ["reverse"]
 
 
+def test_sequential_epi_trains_b_from_a_with_epi_and_nothing_frozen_in_advance():
+    cfg = _cfg(
+        "baselines.modes=[sequential, sequential_epi]",
+        "baselines.sequential=[reverse, upper]",
+        "epi.ratio=3",
+    )
+    plans = plan_modes(cfg, None)
+    seq, epi = plans["sequential"], plans["sequential_epi"]
+    assert epi["start"] == seq["start"] == "probe:reverse"
+    (st,) = epi["stages"]
+    assert st["epi"] == cfg.epi.model_dump() and st["epi"]["ratio"] == 3
+    assert {k: v for k, v in st.items() if k != "epi"} == seq["stages"][0]
+    assert "epi" not in seq["stages"][0]
+
+
 def test_dpi_trains_cpi_fts_groups_from_the_base_with_earlier_cores_frozen():
     cfg = _cfg("baselines.modes=[dpi]")
     groups = [["digits"], ["reverse"], ["upper"]]

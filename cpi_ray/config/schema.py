@@ -524,14 +524,24 @@ class BaselinesConfig(_Section):
     """Comparison modes trained on the same engine (ZeRO-3 trainer), data and seeds as CPI-FT."""
 
     modes: list[
-        Literal["full_mtl", "full_mtl_light", "multistage", "dpi", "epi", "sequential", "sequential_cpi"]
+        Literal[
+            "full_mtl",
+            "full_mtl_light",
+            "multistage",
+            "dpi",
+            "epi",
+            "sequential",
+            "sequential_cpi",
+            "sequential_epi",
+        ]
     ] = Field(
         default_factory=list,
         description="full_mtl: all tasks mixed, CPI-FT's whole budget; full_mtl_light: all tasks "
         "mixed, only CPI-FT's consolidation rows; multistage: group by group, no freezing; dpi: "
         "from the base model, CPI-FT's groups in order, each on its own tasks with the earlier "
         "groups' cores frozen (no fusion); epi: full_mtl with Evolving Parameter Isolation (the "
-        "epi section); sequential: task A then B; sequential_cpi: A then B with A's core frozen",
+        "epi section); sequential: task A then B; sequential_cpi: A then B with A's core frozen; "
+        "sequential_epi: A then B with EPI while B trains",
     )
     multistage_grouping: Literal["random", "given", "cpi"] = Field(
         "random", description="random (seeded), given (multistage_groups) or cpi (CPI-FT's groups)"
@@ -543,12 +553,16 @@ class BaselinesConfig(_Section):
 
     @model_validator(mode="after")
     def _seq(self) -> "BaselinesConfig":
-        if {"sequential", "sequential_cpi"} & set(self.modes):
+        if {"sequential", "sequential_cpi", "sequential_epi"} & set(self.modes):
             if not self.sequential or len(self.sequential) != 2 or len(set(self.sequential)) != 2:
                 raise ValueError("sequential modes need baselines.sequential: [A, B], two tasks")
         if self.multistage_grouping == "given" and "multistage" in self.modes and not self.multistage_groups:
             raise ValueError("multistage_grouping given needs multistage_groups")
         return self
+
+
+# Baseline modes that train with Evolving Parameter Isolation (the `epi` section).
+EPI_MODES = ("epi", "sequential_epi")
 
 
 class EpiConfig(_Section):
@@ -875,9 +889,10 @@ class PipelineConfig(_Section):
                 raise ValueError(f"baselines: unknown task {t!r} (tasks: {', '.join(names)})")
         if b.multistage_groups and sorted(n for g in b.multistage_groups for n in g) != sorted(names):
             raise ValueError("baselines.multistage_groups must list every task exactly once")
-        if "epi" in b.modes and self.consolidate.zero_stage != 3:
+        epi = [m for m in b.modes if m in EPI_MODES]
+        if epi and self.consolidate.zero_stage != 3:
             raise ValueError(
-                f"baselines.modes: epi freezes elements on ZeRO-3 partitions; consolidate.zero_stage "
+                f"baselines.modes: {epi[0]} freezes elements on ZeRO-3 partitions; consolidate.zero_stage "
                 f"is {self.consolidate.zero_stage} (set it to 3)"
             )
         if self.fuse.backbone not in ("base", *names):

@@ -39,7 +39,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from cpi_ray.config.schema import PipelineConfig
+from cpi_ray.config.schema import EPI_MODES, PipelineConfig
 from cpi_ray.config.stages import STAGE_FOLDERS
 from cpi_ray.run.runtime import worker_resources
 
@@ -553,7 +553,7 @@ def _baselines(cfg: PipelineConfig, f: ModelFacts, name: str = "") -> StagePlan:
             resources={},
         )
     memory, notes = list(cons.memory), ["same engine, workers and memory as consolidate"]
-    if "epi" in modes:
+    if set(EPI_MODES) & set(modes):
         # EPI's statistics live in each rank's ZeRO-3 partition: they shrink with the ranks.
         n, e = cfg.consolidate.num_workers, cfg.epi
         memory.append(

@@ -15,7 +15,10 @@
   moving average of per-element importance (`training.epi`).
 - `sequential`: task A's probe (its single-task SFT) trained further on task B alone with the
   probe's budget: how much of A is forgotten.
-- `sequential_cpi`: the same with A's core region frozen while B trains.
+- `sequential_cpi`: the same with A's core region frozen while B trains. With two tasks this is
+  also DPI's and CPI-FT's mechanism in a staged setting (B trains with A's core frozen).
+- `sequential_epi`: the same with EPI while B trains: its frozen set comes from B's own online
+  importance, as EPI's does from whatever data it trains on.
 
 Each mode writes `baselines/<mode>/` (HF model, plus `consolidate.json` per stage) and
 `baselines/budget.json` records the rows and steps each mode used.
@@ -32,7 +35,7 @@ from typing import Optional
 
 import torch
 
-from cpi_ray.config.schema import EpiConfig, PipelineConfig
+from cpi_ray.config.schema import EPI_MODES, EpiConfig, PipelineConfig
 from cpi_ray.config.stages import STAGE_FOLDERS
 from cpi_ray.data.batching import build_train_examples, mix_counts, mix_examples
 from cpi_ray.data.tasks import task_identity
@@ -140,17 +143,15 @@ def plan_modes(cfg: PipelineConfig, cpi_groups: Optional[list[list[str]]]) -> di
             a, bt = b.sequential
             p = cfg.probe
             steps = max(1, math.ceil(p.steps * p.batch_size * p.num_workers / rows_per_step))
-            plans[mode] = {
-                "start": f"probe:{a}",
-                "stages": [
-                    {
-                        "tasks": [bt],
-                        "frozen": [a] if mode == "sequential_cpi" else [],
-                        "steps": steps,
-                        "lr": p.lr,
-                    }
-                ],
+            stage = {
+                "tasks": [bt],
+                "frozen": [a] if mode == "sequential_cpi" else [],
+                "steps": steps,
+                "lr": p.lr,
             }
+            if mode == "sequential_epi":
+                stage["epi"] = cfg.epi.model_dump()
+            plans[mode] = {"start": f"probe:{a}", "stages": [stage]}
     weights = {t.name: t.weight for t in cfg.tasks}
     for plan in plans.values():
         for st in plan["stages"]:
@@ -206,7 +207,7 @@ class BaselinesStage(Stage):
             "tasks": [task_identity(t) for t in cfg.tasks],
             "max_shard_size": cfg.model.max_shard_size,
         }
-        if "epi" in cfg.baselines.modes:  # runs without the mode keep their fingerprints
+        if set(EPI_MODES) & set(cfg.baselines.modes):  # runs without the modes keep their fingerprints
             sl["epi"] = cfg.epi.model_dump()
         return sl
 
