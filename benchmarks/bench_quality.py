@@ -247,35 +247,45 @@ def model_rows(first_cell: str, cells: list[str], tasks: list[str]) -> list[tupl
 
 
 def aggregate(per_seed: dict[str, dict], tasks: list[str], rows: list[tuple[str, str]]) -> dict:
-    """Per model present in every seed: per task, average and worst, the mean and standard error
-    over seeds (average and worst computed within each seed first); per CPI-FT cell, the paired
-    difference of its average and worst task to each compared baseline."""
+    """Per model: per task, average and worst, the mean and standard error over the seeds that
+    measured it (average and worst computed within each seed first; a model measured on fewer
+    seeds than the table says so in its label); per CPI-FT cell, the paired difference of its
+    average and worst task to each compared baseline, over the seeds that measured both."""
     seeds = list(per_seed)
     out: dict = {"models": {}, "versus": {}}
     summaries = {s: summarize(per_seed[s]["scores"], tasks) for s in seeds}
+
+    def measured(*keys: str) -> list[str]:
+        return [s for s in seeds if all(k in per_seed[s]["scores"] for k in keys)]
+
     for label, key in rows:
-        if not seeds or not all(key in per_seed[s]["scores"] for s in seeds):
+        have = measured(key)
+        if not have:
             continue
-        entry = {"label": label, "n_seeds": len(seeds)}
+        if len(have) < len(seeds):
+            label = f"{label} (seed{'s' if len(have) > 1 else ''} {', '.join(have)} only)"
+        entry = {"label": label, "n_seeds": len(have), "seeds": have}
         for t in tasks:
-            entry[t] = mean_se([per_seed[s]["scores"][key][t] for s in seeds])
+            entry[t] = mean_se([per_seed[s]["scores"][key][t] for s in have])
         for stat in ("avg", "worst"):
-            entry[stat] = mean_se([summaries[s][key][stat] for s in seeds])
+            entry[stat] = mean_se([summaries[s][key][stat] for s in have])
         out["models"][key] = entry
     for _, key in rows:
         if "@" not in key or key.endswith(" fused") or key not in out["models"]:
             continue
         for base in COMPARED:
             bkey = f"baseline:{base}"
-            if bkey not in out["models"]:
+            have = measured(key, bkey)
+            if not have:
                 continue
             v = {}
             for stat in ("avg", "worst"):
                 d, se = paired_difference(
-                    [summaries[s][key][stat] for s in seeds], [summaries[s][bkey][stat] for s in seeds]
+                    [summaries[s][key][stat] for s in have], [summaries[s][bkey][stat] for s in have]
                 )
                 v[stat] = {"diff": d, "se": se, "verdict": verdict(d, se)}
-            v["avg"]["eval_se"] = eval_error_of_average(per_seed, tasks, key, bkey)
+            v["avg"]["eval_se"] = eval_error_of_average({s: per_seed[s] for s in have}, tasks, key, bkey)
+            v["n_seeds"] = len(have)
             out["versus"].setdefault(key, {})[base] = v
     out["interference"] = interference(per_seed, tasks)
     return out
@@ -349,10 +359,12 @@ def results_markdown(doc: dict) -> str:
         vs = []
         for key, per in agg["versus"].items():
             for base, v in per.items():
+                n = v.get("n_seeds", len(doc["seeds"]))
                 vs.append(
                     [
                         f"CPI-FT {key}",
                         base,
+                        str(n),
                         *(
                             f"{v[s]['diff']:+.1f}"
                             + ("" if v[s]["se"] != v[s]["se"] else f" ± {v[s]['se']:.1f}")
@@ -370,7 +382,7 @@ def results_markdown(doc: dict) -> str:
             "average's difference from the eval rows alone (seed-to-seed variation not included): "
             "a difference within it is noise even before seeds are counted.",
             "",
-            markdown_table(["cell", "against", "avg", "worst", "avg: eval-row error"], vs),
+            markdown_table(["cell", "against", "seeds", "avg", "worst", "avg: eval-row error"], vs),
             "",
         ]
     if agg.get("interference"):

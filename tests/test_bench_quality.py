@@ -50,6 +50,16 @@ def test_aggregate_over_seeds_and_results_file(tmp_path):
     assert math.isclose(v["diff"], statistics.mean(diffs)) and v["verdict"] == "win"
     assert "baseline:multistage" not in agg["models"] and list(agg["models"])[:1] == ["base"]
     assert list(agg["versus"]) == ["delta@5,mixed"]  # a fused model is not a CPI-FT result
+    # a cell measured on some seeds only: its own mean and n, paired over those seeds
+    per_seed["1"]["scores"]["fisher@20,mixed"] = {"a": 30.0, "b": 14.0}
+    per_seed["2"]["scores"]["fisher@20,mixed"] = {"a": 20.0, "b": 12.0}
+    part = bq.aggregate(per_seed, ["a", "b"], bq.model_rows("delta@5,mixed", ["fisher@20,mixed"], ["a", "b"]))
+    e = part["models"]["fisher@20,mixed"]
+    assert e["n_seeds"] == 2 and e["label"].endswith("(seeds 1, 2 only)")
+    assert math.isclose(e["avg"][0], statistics.mean([22, 16]))
+    pv = part["versus"]["fisher@20,mixed"]["full_mtl"]
+    assert pv["n_seeds"] == 2 and math.isclose(pv["avg"]["diff"], statistics.mean([22 - 18, 16 - 15]))
+    assert part["models"]["delta@5,mixed"]["n_seeds"] == 3
     doc = {
         "setting": "balanced",
         "config": "x/quality-cpu.yaml",
