@@ -251,6 +251,7 @@ def aggregate(per_seed: dict[str, dict], tasks: list[str], rows: list[tuple[str,
     measured it (average and worst computed within each seed first; a model measured on fewer
     seeds than the table says so in its label); per CPI-FT cell, the paired difference of its
     average and worst task to each compared baseline, over the seeds that measured both."""
+    per_seed = {str(s): v for s, v in per_seed.items()}
     seeds = list(per_seed)
     out: dict = {"models": {}, "versus": {}}
     summaries = {s: summarize(per_seed[s]["scores"], tasks) for s in seeds}

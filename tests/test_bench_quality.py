@@ -53,7 +53,9 @@ def test_aggregate_over_seeds_and_results_file(tmp_path):
     # a cell measured on some seeds only: its own mean and n, paired over those seeds
     per_seed["1"]["scores"]["fisher@20,mixed"] = {"a": 30.0, "b": 14.0}
     per_seed["2"]["scores"]["fisher@20,mixed"] = {"a": 20.0, "b": 12.0}
-    part = bq.aggregate(per_seed, ["a", "b"], bq.model_rows("delta@5,mixed", ["fisher@20,mixed"], ["a", "b"]))
+    # keyed by int seed, as the benchmark's own call passes them
+    by_int = {int(s): v for s, v in per_seed.items()}
+    part = bq.aggregate(by_int, ["a", "b"], bq.model_rows("delta@5,mixed", ["fisher@20,mixed"], ["a", "b"]))
     e = part["models"]["fisher@20,mixed"]
     assert e["n_seeds"] == 2 and e["label"].endswith("(seeds 1, 2 only)")
     assert math.isclose(e["avg"][0], statistics.mean([22, 16]))
