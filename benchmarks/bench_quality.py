@@ -31,8 +31,8 @@ Settings (`--setting`):
     python benchmarks/bench_quality.py --config benchmarks/configs/quality-cpu.yaml \\
         --seeds 0 1 2 --data mixed group --results benchmarks/results
     python benchmarks/bench_quality.py --setting imbalanced --seeds 0 1 2 --set regions.p=5
-    python benchmarks/bench_quality.py --setting imbalanced --scores delta delta_fisher --ps 5 \\
-        --probes-from runs/bench-quality/balanced/seed-0
+    python benchmarks/bench_quality.py --setting imbalanced --seeds 0 1 2 --scores fisher --ps 20 \\
+        --probes-from 'runs/bench-quality/balanced/seed-{seed}'
     python benchmarks/bench_quality.py --config jobs/configs/smoke.yaml --run-root runs/bq-smoke
 
 Reruns resume: each seed's run directory keeps its completed stages, and a baseline mode added
@@ -523,9 +523,9 @@ def main() -> int:
     )
     ap.add_argument(
         "--probes-from",
-        type=Path,
         metavar="RUN_DIR",
-        help="start from another run's probes (kept where their fingerprint matches)",
+        help="start from another run's probes (kept where their fingerprint matches); "
+        "{seed} in it is replaced by each seed, e.g. runs/bench-quality/balanced/seed-{seed}",
     )
     ap.add_argument(
         "--results",
@@ -593,7 +593,7 @@ def main() -> int:
         connect_ray(cfg)
         run_dir = Path(args.run_root).expanduser().resolve() / args.setting / f"seed-{seed}"
         if args.probes_from is not None:
-            seed_probes(run_dir, args.probes_from.resolve())
+            seed_probes(run_dir, Path(args.probes_from.format(seed=seed)).expanduser().resolve())
         run_pipeline(cfg, run_dir)
         ev = read_json(run_dir / "eval" / "scores.json")
         print(f"\nseed {seed}: report at {run_dir / 'report' / 'index.html'}")

@@ -130,3 +130,52 @@ def test_mask_writer_fills_ranges_in_any_order(tmp_path):
     w2 = MaskWriter(tmp_path / "u.mask.safetensors", numels)
     w2.abort()
     assert [p.name for p in tmp_path.iterdir()] == ["t.mask.safetensors"]
+
+
+def test_model_copy_links_the_weights_and_never_writes_through_them(tmp_path, monkeypatch):
+    """final/ and a baseline's model share the last stage's weight files instead of storing them
+    twice; the files the copy writes itself (records, loss curve) are its own, so writing them
+    leaves the source as it was; where the filesystem cannot link, the files are copied."""
+    import os
+
+    from cpi_ray.io.atomic import atomic_file
+    from cpi_ray.training.consolidate import copy_model_dir
+
+    src = tmp_path / "stage-2"
+    src.mkdir()
+    for name in (
+        "model-00001-of-00001.safetensors",
+        "config.json",
+        "metrics.jsonl",
+        "mode.json",
+        "frozen.mask",
+    ):
+        (src / name).write_text(f"source {name}")
+    out = copy_model_dir(
+        src,
+        tmp_path / "final",
+        skip=("frozen.mask",),
+        extra={"mode.json": {"mode": "m"}},
+        texts={"metrics.jsonl": "curve"},
+    )
+    weights = "model-00001-of-00001.safetensors"
+    assert os.stat(out / weights).st_ino == os.stat(src / weights).st_ino
+    assert (
+        json.loads((out / "mode.json").read_text()) == {"mode": "m"}
+        and (out / "metrics.jsonl").read_text() == "curve"
+    )
+    assert not (out / "frozen.mask").exists()
+    with atomic_file(out / "config.json", "w") as f:  # how every later writer replaces a file
+        f.write("card")
+    for name in ("mode.json", "metrics.jsonl", "config.json", weights):
+        assert (src / name).read_text() == f"source {name}"
+    copy_model_dir(src, out)  # a rerun replaces the copy, the source intact
+    assert (out / "mode.json").read_text() == "source mode.json" and (src / weights).exists()
+
+    def no_links(*_):
+        raise OSError("links not supported")
+
+    monkeypatch.setattr(os, "link", no_links)
+    copied = copy_model_dir(src, tmp_path / "copied")
+    assert os.stat(copied / weights).st_ino != os.stat(src / weights).st_ino
+    assert (copied / weights).read_text() == f"source {weights}"

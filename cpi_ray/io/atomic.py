@@ -80,6 +80,16 @@ def remove_stale_temps(parent: str | os.PathLike) -> None:
                 p.unlink(missing_ok=True)
 
 
+def link_or_copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Hard-link `src` at `dst`, copying where the filesystem cannot link (another device, no
+    hard links). Safe because every output here is replaced by a rename, never rewritten in
+    place, so a file shared by two directories never changes under either."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
 def _fsync_tree(root: Path) -> None:
     for p in root.rglob("*"):
         if p.is_file():

@@ -25,7 +25,7 @@ import torch
 from cpi_ray.config.schema import EpiConfig, PipelineConfig
 from cpi_ray.data.batching import build_train_examples, mix_counts, mix_examples
 from cpi_ray.data.tasks import task_identity
-from cpi_ray.io.atomic import atomic_dir
+from cpi_ray.io.atomic import atomic_dir, link_or_copy
 from cpi_ray.io.masks import MaskFile, write_mask_file
 from cpi_ray.io.records import finished_item, load_record
 from cpi_ray.io.safetensors_io import INDEX_NAME, CheckpointReader
@@ -236,11 +236,13 @@ def copy_model_dir(
     texts: Optional[dict[str, str]] = None,
 ) -> Path:
     """Copy a model directory atomically, less the `skip` files, plus `extra` JSON files and
-    `texts` files."""
+    `texts` files. The files are hard-linked where the filesystem allows (a model's weights are
+    not stored twice); those written here are never links, so writing them cannot touch `src`."""
+    written = {*(extra or {}), *(texts or {})}
     with atomic_dir(dst) as tmp:
         for p in src.iterdir():
-            if p.is_file() and p.name not in skip and not p.name.startswith("."):
-                shutil.copy2(p, tmp / p.name)
+            if p.is_file() and p.name not in skip and p.name not in written and not p.name.startswith("."):
+                link_or_copy(p, tmp / p.name)
         for name, doc in (extra or {}).items():
             (tmp / name).write_text(json.dumps(doc, indent=2, default=str) + "\n")
         for name, text in (texts or {}).items():

@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Optional
 
+from cpi_ray.io.atomic import link_or_copy
 from cpi_ray.io.records import RECORD_NAME, load_record, record_problem
 from cpi_ray.run.stage import RunContext, Stage
 
@@ -42,10 +43,7 @@ def link_tree(src: Path, dst: Path) -> Path:
         for f in files:
             if f.startswith(".") and ".tmp" in f:
                 continue  # an unfinished atomic write of the source
-            try:
-                os.link(Path(root) / f, tmp / rel / f)
-            except OSError:
-                shutil.copy2(Path(root) / f, tmp / rel / f)
+            link_or_copy(Path(root) / f, tmp / rel / f)
     if dst.is_symlink() or dst.is_file():
         dst.unlink()
     elif dst.exists():
