@@ -111,6 +111,13 @@ def cell_overrides(cell: tuple) -> list[str]:
     ]
 
 
+def probes_source(template: str, seed: int) -> Path:
+    """The run whose probes seed `seed`'s run: `{seed}` in the template is that seed, so each
+    seed of one setting starts from the same seed of another (a probe's fingerprint holds its
+    seed, so another seed's probes would all be retrained)."""
+    return Path(template.replace("{seed}", str(seed))).expanduser().resolve()
+
+
 def seed_probes(run_dir: Path, source: Path) -> None:
     """Link `source`'s probes into a new run (every probe write is atomic, so the two runs never
     share a changed file); the probe stage keeps the ones whose fingerprint matches this run's
@@ -593,7 +600,7 @@ def main() -> int:
         connect_ray(cfg)
         run_dir = Path(args.run_root).expanduser().resolve() / args.setting / f"seed-{seed}"
         if args.probes_from is not None:
-            seed_probes(run_dir, Path(args.probes_from.format(seed=seed)).expanduser().resolve())
+            seed_probes(run_dir, probes_source(args.probes_from, seed))
         run_pipeline(cfg, run_dir)
         ev = read_json(run_dir / "eval" / "scores.json")
         print(f"\nseed {seed}: report at {run_dir / 'report' / 'index.html'}")

@@ -165,3 +165,26 @@ def test_eval_row_error_of_an_average_difference():
     assert math.isclose(
         bq.eval_error_of_average(two, ["a", "b"], "delta@5,mixed", "baseline:full_mtl"), 6.5 / math.sqrt(2)
     )
+
+
+def test_probes_from_each_seeds_own_run(tmp_path):
+    """`--probes-from '.../seed-{seed}'`: each seed's run starts from the same seed's probes of
+    the other setting, linked (not copied); a run that has probes keeps its own."""
+    import os
+
+    bq = _bench()
+    for s in (0, 1):
+        d = tmp_path / "balanced" / f"seed-{s}" / "probes" / "task"
+        d.mkdir(parents=True)
+        (d / "model.safetensors").write_text(f"seed {s}")
+    template = str(tmp_path / "balanced" / "seed-{seed}")
+    for s in (0, 1):
+        run = tmp_path / "imbalanced" / f"seed-{s}"
+        bq.seed_probes(run, bq.probes_source(template, s))
+        linked = run / "probes" / "task" / "model.safetensors"
+        src = tmp_path / "balanced" / f"seed-{s}" / "probes" / "task" / "model.safetensors"
+        assert linked.read_text() == f"seed {s}" and os.stat(linked).st_ino == os.stat(src).st_ino
+    bq.seed_probes(tmp_path / "imbalanced" / "seed-0", bq.probes_source(template, 1))
+    assert (
+        tmp_path / "imbalanced" / "seed-0" / "probes" / "task" / "model.safetensors"
+    ).read_text() == "seed 0"
