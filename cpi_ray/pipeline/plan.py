@@ -21,8 +21,9 @@ Disk per stage, in the run directory (w the saved dtype's size): what the stage 
 P·w each, Fisher P·4, masks P/8) and what it holds on top while it runs: the DeepSpeed
 checkpoints of a job with `checkpoint_every` (fp32 master, m and v, 12·P), two at a time while a
 new one is persisted before the old one goes (each is first written to the worker's temporary
-directory, a disk of its own node); a consolidation holds every stage's
-model until `final/`. With
+directory, a disk of its own node); a consolidation keeps every stage's model, and `final/`
+(hard links to the last stage's files where the file system allows them, counted as a copy so
+that a file system without links is not short of space). With
 an unknown grouping, every task is counted as its own group (the most stages).
 
 Activations are a rough upper estimate without recomputation: per token and layer about
