@@ -1,4 +1,9 @@
 import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -179,3 +184,40 @@ def test_model_copy_links_the_weights_and_never_writes_through_them(tmp_path, mo
     copied = copy_model_dir(src, tmp_path / "copied")
     assert os.stat(copied / weights).st_ino != os.stat(src / weights).st_ino
     assert (copied / weights).read_text() == f"source {weights}"
+
+
+def test_a_run_waits_for_the_shared_model_another_is_writing_and_reuses_it(tmp_path):
+    """Two runs share the model cache: one that finds another materializing the base model
+    waits for it, then uses its copy, never writing (or renaming over) its own."""
+    from cpi_ray.config.load import load_config
+    from cpi_ray.io.atomic import file_lock
+    from cpi_ray.models.loading import resolve_base_model
+
+    smoke = str(Path(__file__).resolve().parents[1] / "jobs/configs/smoke.yaml")
+    made, ident = resolve_base_model(load_config(smoke, [f"model.cache_dir={tmp_path / 'other'}"]))
+    cache = tmp_path / "shared"
+    script = (
+        "import logging\n"
+        "from cpi_ray.config.load import load_config\n"
+        "from cpi_ray.models.loading import resolve_base_model\n"
+        "logging.basicConfig(level=logging.INFO)\n"
+        f"cfg = load_config({smoke!r}, ['model.cache_dir={cache}'])\n"
+        "print('resolving', flush=True)\n"
+        "print('resolved', resolve_base_model(cfg)[0], flush=True)\n"
+    )
+    with file_lock(cache / f".{ident}.lock"):  # the other run is writing
+        proc = subprocess.Popen(
+            [sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        assert proc.stdout.readline().strip() == "resolving"
+        time.sleep(3)  # long enough to write the tiny model itself, were it not waiting
+        assert proc.poll() is None
+        with atomic_dir(cache / ident) as tmp:
+            for f in made.iterdir():
+                shutil.copy2(f, tmp / f.name)
+        inodes = {f.name: f.stat().st_ino for f in (cache / ident).iterdir()}
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 0, out
+    assert f"resolved {cache / ident}" in out and "materializing" not in out, out
+    assert {f.name: f.stat().st_ino for f in (cache / ident).iterdir()} == inodes
+    assert sorted(p.name for p in cache.iterdir()) == [f".{ident}.lock", ident]

@@ -4,6 +4,7 @@ so that a reader (or a resumed run) never sees a half-written artifact."""
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -78,6 +79,20 @@ def remove_stale_temps(parent: str | os.PathLike) -> None:
                 shutil.rmtree(p, ignore_errors=True)
             else:
                 p.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def file_lock(path: str | os.PathLike) -> Iterator[None]:
+    """Hold an exclusive OS lock (`flock`) on `path` for the block, waiting for it if another
+    process holds it. The OS drops it when the holder dies, so a crash never leaves it held."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def link_or_copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:

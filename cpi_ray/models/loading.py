@@ -16,14 +16,14 @@ import sys
 import tempfile
 import zipfile
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 from huggingface_hub import snapshot_download
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
 from cpi_ray.config.schema import ModelConfig, PipelineConfig
-from cpi_ray.io.atomic import atomic_dir
+from cpi_ray.io.atomic import atomic_dir, file_lock
 from cpi_ray.io.safetensors_io import INDEX_NAME, SINGLE_NAME, CheckpointReader, save_sharded
 from cpi_ray.io.sizes import parse_size
 from cpi_ray.models.tiny import save_tiny_model
@@ -49,15 +49,10 @@ def resolve_base_model(cfg: PipelineConfig) -> tuple[Path, str]:
     if m.source == "tiny":
         spec = m.tiny.model_dump()
         ident = "tiny-" + hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
-        path = cache / ident
-        if not _complete(path):
-            log.info("materializing the tiny random model into %s", path)
-            save_tiny_model(path, **spec)
-        return path, ident
+        return _materialize_once(cache / ident, lambda p: _save_tiny(p, spec)), ident
     if m.source == "demo":
-        path = cache / DEMO_NAME
-        if not _complete(path):
-            materialize_demo_model(path, parse_size(m.max_shard_size))
+        size = parse_size(m.max_shard_size)
+        path = _materialize_once(cache / DEMO_NAME, lambda p: materialize_demo_model(p, size))
         return path, f"demo:{DEMO_NAME}:{DEMO_WHEEL}"
     local = Path(m.source).expanduser()
     if local.is_dir():
@@ -66,6 +61,22 @@ def resolve_base_model(cfg: PipelineConfig) -> tuple[Path, str]:
     if local.exists() or m.source.startswith((".", "/", "~")):
         raise FileNotFoundError(f"model.source {m.source!r} is not a model directory")
     return _download_hub_model(m, cache), f"hub:{m.source}"
+
+
+def _materialize_once(path: Path, make: Callable[[Path], object]) -> Path:
+    """`make(path)` unless the cache already holds `path` complete. Runs share the cache, so the
+    check and the write happen under a lock beside the entry: a second run started meanwhile
+    waits for the first to finish writing, then uses its copy instead of writing its own."""
+    if not _complete(path):
+        with file_lock(path.with_name(f".{path.name}.lock")):
+            if not _complete(path):
+                make(path)
+    return path
+
+
+def _save_tiny(path: Path, spec: dict) -> None:
+    log.info("materializing the tiny random model into %s", path)
+    save_tiny_model(path, **spec)
 
 
 def _complete(path: Path) -> bool:
@@ -83,15 +94,16 @@ def _dir_identity(path: Path) -> str:
 
 
 def _download_hub_model(m: ModelConfig, cache: Path) -> Path:
-    path = cache / m.source.replace("/", "--")
-    if not _complete(path):
+    patterns = ["*.safetensors", "*.json", "*.txt", "*.model", "*.jinja", "*.tiktoken"]
+    if m.trust_remote_code:  # the model's own code, which transformers will then run
+        patterns.append("*.py")
+
+    def download(path: Path) -> None:
         log.info("downloading %s (safetensors only) into %s", m.source, path)
-        patterns = ["*.safetensors", "*.json", "*.txt", "*.model", "*.jinja", "*.tiktoken"]
-        if m.trust_remote_code:  # the model's own code, which transformers will then run
-            patterns.append("*.py")
         with atomic_dir(path) as tmp:
             snapshot_download(m.source, local_dir=tmp, allow_patterns=patterns)
-    return path
+
+    return _materialize_once(cache / m.source.replace("/", "--"), download)
 
 
 def materialize_demo_model(out: Path, max_shard_size: int) -> Path:

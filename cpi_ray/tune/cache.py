@@ -12,15 +12,13 @@ is an atomic rename, so the cache stays consistent either way.)
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
 import shutil
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
-from cpi_ray.io.atomic import link_or_copy
+from cpi_ray.io.atomic import file_lock, link_or_copy
 from cpi_ray.io.records import RECORD_NAME, load_record, record_problem
 from cpi_ray.run.stage import RunContext, Stage
 
@@ -50,17 +48,6 @@ def link_tree(src: Path, dst: Path) -> Path:
         shutil.rmtree(dst)
     os.replace(tmp, dst)
     return dst
-
-
-@contextmanager
-def file_lock(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 class StageCache:
