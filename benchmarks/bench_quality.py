@@ -55,9 +55,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cpi_ray.config.load import load_config  # noqa: E402
+from cpi_ray.config.stages import STAGES  # noqa: E402
 from cpi_ray.evaluation.report import markdown_table, summarize  # noqa: E402
 from cpi_ray.evaluation.stats import fmt_mean_se, mean_se, paired_difference, verdict  # noqa: E402
 from cpi_ray.io.atomic import atomic_file, read_json, write_json  # noqa: E402
+from cpi_ray.io.records import RECORD_NAME, load_record  # noqa: E402
+from cpi_ray.run.layout import RunLayout  # noqa: E402
 from cpi_ray.tune.cache import link_tree  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -236,6 +239,17 @@ def run_cells(
             + f" ({done['wall_s'][key]:.0f}s)",
             flush=True,
         )
+
+
+def seed_compute_s(run_dir: Path) -> float:
+    """Seconds of work behind a seed's figures, however many invocations and resumes it took:
+    each stage's time from the run's own records, plus each cell's time from `cells.json`
+    (a cell's probes are the run's, so they are counted once)."""
+    layout = RunLayout(run_dir)
+    recs = (load_record(layout.folder(s) / RECORD_NAME) for s in STAGES)
+    cells = run_dir / "cells.json"
+    cell_s = read_json(cells).get("wall_s", {}) if cells.is_file() else {}
+    return round(sum(r["wall_time_s"] for r in recs if r) + sum(cell_s.values()), 1)
 
 
 # ------------------------------------------------------------------------------ aggregation
@@ -418,6 +432,12 @@ def results_markdown(doc: dict) -> str:
             markdown_table(["task", "expert", "full multi-task SFT", "difference", "eval-row error"], rows),
             "",
         ]
+    if doc.get("compute_s"):
+        per = ", ".join(f"seed {k} {v / 3600:.1f} h" for k, v in sorted(doc["compute_s"].items()))
+        lines += [
+            f"Time behind each seed's figures (every stage and cell, from their records): {per}.",
+            "",
+        ]
     lines += ["## Budgets (training rows)", ""]
     for seed, b in doc["budgets"].items():
         modes = ", ".join(f"{m} {p['rows']}" for m, p in b["modes"].items())
@@ -575,14 +595,14 @@ def main() -> int:
         "per_seed": {},
         "budgets": {},
         "groupings": {},
-        "wall_s": {},
+        "compute_s": {},
         "commands": [command],
     }
     if args.results is not None:
         old = args.results / f"quality-{Path(args.config).stem}-{args.setting}.json"
         if old.is_file():  # seeds of earlier invocations stay in the file
             prev = read_json(old)
-            for k in ("per_seed", "budgets", "groupings", "wall_s"):
+            for k in ("per_seed", "budgets", "groupings", "compute_s"):
                 doc[k].update(prev.get(k, {}))
             doc["commands"] = list(dict.fromkeys([*prev.get("commands", []), command]))
     for seed in args.seeds:
@@ -622,13 +642,18 @@ def main() -> int:
         doc["per_seed"][str(seed)] = {"scores": scores, "stderr": stderr}
         doc["budgets"][str(seed)] = read_json(run_dir / "baselines" / "budget.json")
         doc["groupings"][str(seed)] = groupings
-        doc["wall_s"][str(seed)] = round(time.time() - t0, 1)
+        for s in doc["per_seed"]:  # earlier seeds too: their cells may have grown since
+            if (seed_dir := run_dir.parent / f"seed-{s}").is_dir():
+                doc["compute_s"][s] = seed_compute_s(seed_dir)
         doc["seeds"] = sorted(int(s) for s in doc["per_seed"])
         # Every cell measured on these seeds, this invocation's and earlier ones' (cells.json).
         measured = dict.fromkeys(k for g in doc["groupings"].values() for k in g if k != names[0])
         rows = model_rows(names[0], list(measured), doc["tasks"])
         doc["aggregate"] = aggregate({s: doc["per_seed"][str(s)] for s in doc["seeds"]}, doc["tasks"], rows)
-        print(f"\nseed {seed} done in {doc['wall_s'][str(seed)] / 60:.1f} min")
+        print(
+            f"\nseed {seed} done in {(time.time() - t0) / 60:.1f} min "
+            f"({doc['compute_s'][str(seed)] / 60:.1f} min of stages and cells in all)"
+        )
         if args.results is not None:
             print(f"results: {write_results(args.results, doc)}")
 

@@ -188,3 +188,27 @@ def test_probes_from_each_seeds_own_run(tmp_path):
     assert (
         tmp_path / "imbalanced" / "seed-0" / "probes" / "task" / "model.safetensors"
     ).read_text() == "seed 0"
+
+
+def test_seed_time_counts_each_stage_and_cell_once(tmp_path):
+    """A seed's time is its run's stage records plus each cell's time, whatever number of
+    invocations made them: a cell's linked probes (their record included) are not counted again,
+    and a torn record counts nothing."""
+    bq = _bench()
+    run = tmp_path / "seed-0"
+
+    def record(folder: Path, stage: str, wall: float) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        rec = {"stage": stage, "fingerprint": "f", "outputs": [], "wall_time_s": wall}
+        (folder / "stage.json").write_text(json.dumps(rec))
+
+    record(run / "probes", "probe", 100.0)
+    record(run / "baselines", "baselines", 200.0)
+    record(run / "eval", "evaluate", 30.5)
+    (run / "regions").mkdir()
+    (run / "regions" / "stage.json").write_text('{"stage": "regions", "wall')
+    record(run / "cells" / "c1" / "probes", "probe", 100.0)
+    record(run / "cells" / "c1" / "consolidate", "consolidate", 40.0)
+    (run / "cells.json").write_text(json.dumps({"wall_s": {"c1": 45.0, "c2": 12.5}}))
+    assert bq.seed_compute_s(run) == 100.0 + 200.0 + 30.5 + 45.0 + 12.5
+    assert bq.seed_compute_s(tmp_path / "absent") == 0.0
