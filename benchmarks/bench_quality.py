@@ -68,11 +68,13 @@ CELL_STAGES = ["probe", "regions", "groups", "fuse", "consolidate"]
 BASELINE_LABELS = {
     "full_mtl": "full multi-task SFT",
     "full_mtl_light": "full multi-task SFT, CPI-FT's consolidation rows only",
+    "full_mtl_balanced": "full multi-task SFT, tasks in equal shares",
     "multistage": "multi-stage SFT",
     "dpi": "DPI (CPI-FT's groups from the base, earlier cores frozen, no fusion)",
     "epi": "EPI (full multi-task SFT, frozen set re-selected from online importance)",
 }
-COMPARED = ("full_mtl", "multistage")  # the baselines each CPI-FT cell is tested against
+# The baselines each CPI-FT cell is tested against, where the run has them.
+COMPARED = ("full_mtl", "multistage", "full_mtl_balanced")
 
 
 def setting_overrides(cfg, setting: str) -> list[str]:

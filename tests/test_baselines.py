@@ -1,3 +1,4 @@
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -135,8 +136,69 @@ def test_consolidation_data_by_stage(data):
         assert r2 == {"digits": 8, "reverse": 6, "upper": 18}  # 8 replayed, 24 at 1:3
     budget = cpi_budget(cfg, groups)
     assert budget["rows"] == cpi_budget_rows(cfg, 2)
-    assert budget["consolidate"]["data"] == data
+    assert budget["consolidate"]["data"] == data and budget["consolidate"]["mix"] == "weights"
     assert [s["rows_per_task"] for s in budget["consolidate"]["stages"]] == [r1, r2]
+
+
+@pytest.mark.parametrize("data", ["mixed", "group"])
+def test_balanced_consolidation_gives_every_task_an_equal_share_whatever_its_weight(data):
+    over = [f"consolidate.data={data}", "consolidate.mix=balanced", "tasks.upper.weight=3"]
+    if data == "group":
+        over.append("consolidate.replay=0.25")
+    cfg = _cfg(*over)
+    groups = [["digits"], ["reverse", "upper"]]
+    r1, r2 = stage_rows_per_task(cfg, groups, 0, 32), stage_rows_per_task(cfg, groups, 1, 32)
+    if data == "mixed":
+        assert r1 == r2 == {"digits": 11, "reverse": 11, "upper": 10}  # 32 at 1:1:1
+    else:
+        assert r1 == {"digits": 32}
+        assert r2 == {"digits": 8, "reverse": 12, "upper": 12}  # 8 replayed, 24 at 1:1
+    # The knob enters the stage's fingerprint only when set: runs from before it keep theirs.
+    default = _cfg(f"consolidate.data={data}", *over[2:])
+    assert "mix" not in default.consolidate.recipe_dump()
+    assert cfg.consolidate.recipe_dump() == {**default.consolidate.recipe_dump(), "mix": "balanced"}
+
+
+def test_balanced_full_mtl_is_full_mtl_in_equal_shares():
+    cfg = _cfg("baselines.modes=[full_mtl, full_mtl_balanced]", "tasks.digits.weight=10")
+    plans = plan_modes(cfg, [["digits"], ["reverse", "upper"]])
+    full, bal = plans["full_mtl"]["stages"][0], plans["full_mtl_balanced"]["stages"][0]
+    assert plans["full_mtl"]["rows"] == plans["full_mtl_balanced"]["rows"] == 38 * 8
+    assert bal["mix"] == "balanced" and "mix" not in full
+    assert {k: v for k, v in bal.items() if k not in ("mix", "rows_per_task")} == {
+        k: v for k, v in full.items() if k != "rows_per_task"
+    }
+    assert full["rows_per_task"] == {"digits": 254, "reverse": 25, "upper": 25}  # 304 at 10:1:1
+    assert bal["rows_per_task"] == {"digits": 102, "reverse": 101, "upper": 101}
+
+
+@pytest.mark.parametrize("mix", ["weights", "balanced"])
+def test_the_rows_drawn_are_the_rows_planned(mix):
+    """What a consolidation stage and the full_mtl modes train on has, task by task, the counts
+    their records and the budget file show."""
+    from cpi_ray.data.batching import build_train_examples
+    from cpi_ray.models.tiny import build_tiny_tokenizer
+    from cpi_ray.training.baselines import _mixed_examples
+    from cpi_ray.training.consolidate import group_examples
+
+    cfg = _cfg(f"consolidate.mix={mix}", "tasks.upper.weight=3")
+    tok = build_tiny_tokenizer()
+    names = [t.name for t in cfg.tasks]
+    owner = {
+        tuple(e["input_ids"]): t for t, rows in build_train_examples(cfg, tok, names).items() for e in rows
+    }
+
+    def counts(rows):
+        return dict(Counter(owner[tuple(e["input_ids"])] for e in rows))
+
+    groups = [["digits"], ["reverse", "upper"]]
+    assert counts(group_examples(cfg, tok, groups, 1, 32)) == stage_rows_per_task(cfg, groups, 1, 32)
+    mode = "full_mtl_balanced" if mix == "balanced" else "full_mtl"
+    (st,) = plan_modes(_cfg(f"baselines.modes=[{mode}]", "tasks.upper.weight=3"), groups)[mode]["stages"]
+    n = sum(st["rows_per_task"].values())
+    assert (
+        counts(_mixed_examples(cfg, tok, st["tasks"], n, 0, st.get("mix", "weights"))) == st["rows_per_task"]
+    )
 
 
 def test_replay_needs_group_data():
@@ -230,7 +292,7 @@ def test_every_mode_trains_on_smoke_and_the_report_holds_its_scores(ray_session,
         for m in starts
     }
     more = cfg.model_copy(deep=True)
-    more.baselines.modes = [*cfg.baselines.modes, "full_mtl_light", "dpi", "epi"]
+    more.baselines.modes = [*cfg.baselines.modes, "full_mtl_light", "full_mtl_balanced", "dpi", "epi"]
     run_pipeline(more, run, stages=["baselines"])
     for m, files in weights.items():
         assert [
@@ -239,6 +301,11 @@ def test_every_mode_trains_on_smoke_and_the_report_holds_its_scores(ray_session,
     light = json.loads((run / "baselines" / "full_mtl_light" / "baseline.json").read_text())
     n_groups = len(json.loads((run / "groups" / "groups.json").read_text()))
     assert light["stages"][0]["steps"] == cfg.consolidate.steps * n_groups
+    # The smoke tasks weigh the same, so equal shares are full_mtl's rows: the same model.
+    bal_dir, full_dir = run / "baselines" / "full_mtl_balanced", run / "baselines" / "full_mtl"
+    assert json.loads((bal_dir / "baseline.json").read_text())["stages"][0]["mix"] == "balanced"
+    bal, full = CheckpointReader(bal_dir), CheckpointReader(full_dir)
+    assert all(torch.equal(bal.read(n), full.read(n)) for n in full.names())
     # DPI: CPI-FT's groups in order from the base, each freezing the cores of those before it,
     # spending CPI-FT's rows with the probes it shares.
     groups = read_groups(run / "groups" / "groups.json")

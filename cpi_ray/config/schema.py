@@ -498,6 +498,18 @@ class ConsolidateConfig(TrainConfig):
     replay: float = Field(
         0.0, ge=0, lt=1, description="with data group: share of earlier groups' data in each stage"
     )
+    mix: Literal["weights", "balanced"] = Field(
+        "weights",
+        description="how a stage's rows split over its tasks: weights, by the tasks' `weight` "
+        "(as the baselines mix them); balanced, equal shares whatever the weights (the paper's "
+        "balanced mixed set: every task as present in consolidation as in its own probe)",
+    )
+
+    def recipe_dump(self, exclude: frozenset[str] = frozenset()) -> dict:
+        d = super().recipe_dump(exclude)
+        if d.get("mix") == "weights":  # runs from before the knob keep their fingerprints
+            del d["mix"]
+        return d
 
     @model_validator(mode="after")
     def _freezing_needs_zero3(self) -> "ConsolidateConfig":
@@ -527,6 +539,7 @@ class BaselinesConfig(_Section):
         Literal[
             "full_mtl",
             "full_mtl_light",
+            "full_mtl_balanced",
             "multistage",
             "dpi",
             "epi",
@@ -537,7 +550,8 @@ class BaselinesConfig(_Section):
     ] = Field(
         default_factory=list,
         description="full_mtl: all tasks mixed, CPI-FT's whole budget; full_mtl_light: all tasks "
-        "mixed, only CPI-FT's consolidation rows; multistage: group by group, no freezing; dpi: "
+        "mixed, only CPI-FT's consolidation rows; full_mtl_balanced: full_mtl in equal task shares "
+        "whatever the weights (what rebalancing alone does); multistage: group by group, no freezing; dpi: "
         "from the base model, CPI-FT's groups in order, each on its own tasks with the earlier "
         "groups' cores frozen (no fusion); epi: full_mtl with Evolving Parameter Isolation (the "
         "epi section); sequential: task A then B; sequential_cpi: A then B with A's core frozen; "

@@ -48,6 +48,12 @@ def apportion(n: int, weights: Sequence[float]) -> list[int]:
     return counts
 
 
+def task_weights(cfg, tasks: Sequence[str], mix: str = "weights") -> dict[str, float]:
+    """Each task's share in a mix of `tasks`: its configured `weight`, or with `mix` balanced
+    an equal share."""
+    return {t: 1.0 if mix == "balanced" else float(cfg.task(t).weight) for t in tasks}
+
+
 def mix_counts(tasks: Sequence[str], weights: Optional[Mapping[str, float]], n: int) -> dict[str, int]:
     """How many of n mixed rows each task gets (`mix_examples`'s split): proportional to
     `weights` (equal when None), by task name."""

@@ -5,6 +5,9 @@
   and its consolidation stages together, in rows).
 - `full_mtl_light`: the same with only CPI-FT's consolidation rows (the paper's framing of the
   consolidation as a lightweight phase; the comparison at equal total rows is `full_mtl`).
+- `full_mtl_balanced`: `full_mtl` with every task in an equal share whatever its `weight`: with
+  imbalanced tasks, what rebalancing alone does (CPI-FT's probes, and its consolidation with
+  `consolidate.mix` balanced, give every task an equal share).
 - `multistage`: from the base model, group by group with no freezing, the same budget split over
   the stages by task count; groups random (seeded), given, or CPI-FT's own (`cpi`).
 - `dpi` (DPI, arXiv 2601.17777): CPI-FT without the fusion: from the base model, CPI-FT's groups
@@ -37,7 +40,7 @@ import torch
 
 from cpi_ray.config.schema import EPI_MODES, EpiConfig, PipelineConfig
 from cpi_ray.config.stages import STAGE_FOLDERS
-from cpi_ray.data.batching import build_train_examples, mix_counts, mix_examples
+from cpi_ray.data.batching import build_train_examples, mix_counts, mix_examples, task_weights
 from cpi_ray.data.tasks import task_identity
 from cpi_ray.io.atomic import read_json, write_json
 from cpi_ray.io.masks import write_mask_file
@@ -92,6 +95,9 @@ def plan_modes(cfg: PipelineConfig, cpi_groups: Optional[list[list[str]]]) -> di
                 "start": "base",
                 "stages": [{"tasks": names, "frozen": [], "steps": total_steps, "lr": c.lr}],
             }
+        elif mode == "full_mtl_balanced":
+            stage = {"tasks": names, "frozen": [], "steps": total_steps, "lr": c.lr, "mix": "balanced"}
+            plans[mode] = {"start": "base", "stages": [stage]}
         elif mode == "epi":
             stage = {"tasks": names, "frozen": [], "steps": total_steps, "lr": c.lr}
             plans[mode] = {"start": "base", "stages": [{**stage, "epi": cfg.epi.model_dump()}]}
@@ -152,9 +158,9 @@ def plan_modes(cfg: PipelineConfig, cpi_groups: Optional[list[list[str]]]) -> di
             if mode == "sequential_epi":
                 stage["epi"] = cfg.epi.model_dump()
             plans[mode] = {"start": f"probe:{a}", "stages": [stage]}
-    weights = {t.name: t.weight for t in cfg.tasks}
     for plan in plans.values():
         for st in plan["stages"]:
+            weights = task_weights(cfg, st["tasks"], st.get("mix", "weights"))
             st["rows_per_task"] = mix_counts(st["tasks"], weights, st["steps"] * rows_per_step)
         plan["rows"] = sum(s["steps"] for s in plan["stages"]) * rows_per_step
     return plans
@@ -171,6 +177,7 @@ def cpi_budget(cfg: PipelineConfig, groups: Optional[list[list[str]]]) -> dict:
         "probe_rows": {t.name: p.steps * p.batch_size * p.num_workers for t in cfg.tasks},
         "consolidate": {
             "data": c.data,
+            "mix": c.mix,
             "stages": [
                 {"tasks": g, "rows_per_task": stage_rows_per_task(cfg, groups, k, n)}
                 for k, g in enumerate(groups)
@@ -193,7 +200,7 @@ class BaselinesStage(Stage):
         if (
             "multistage" in b.modes
             and b.multistage_grouping == "cpi"
-            or {"full_mtl", "full_mtl_light", "dpi", "epi"} & set(b.modes)
+            or {"full_mtl", "full_mtl_light", "full_mtl_balanced", "dpi", "epi"} & set(b.modes)
         ):
             deps.append("groups")  # the budget counts CPI-FT's stages
         return tuple(dict.fromkeys(deps))
@@ -267,6 +274,7 @@ class BaselinesStage(Stage):
                         st["tasks"],
                         st["steps"] * cfg.consolidate.batch_size * cfg.consolidate.num_workers,
                         seed=cfg.baselines.seed + k,
+                        mix=st.get("mix", "weights"),
                     )
                     fit_group(
                         stage_cfg,
@@ -349,9 +357,11 @@ class BaselinesStage(Stage):
         return "\n".join(lines)
 
 
-def _mixed_examples(cfg: PipelineConfig, tok, tasks: list[str], n: int, seed: int) -> list[dict]:
+def _mixed_examples(
+    cfg: PipelineConfig, tok, tasks: list[str], n: int, seed: int, mix: str = "weights"
+) -> list[dict]:
     per_task = build_train_examples(cfg, tok, tasks)
-    return mix_examples(per_task, {t: cfg.task(t).weight for t in tasks}, n, seed=seed)
+    return mix_examples(per_task, task_weights(cfg, tasks, mix), n, seed=seed)
 
 
 def _empty_mask(model_dir: Path, out: Path) -> None:

@@ -23,7 +23,7 @@ from typing import Any, Optional
 import torch
 
 from cpi_ray.config.schema import EpiConfig, PipelineConfig
-from cpi_ray.data.batching import build_train_examples, mix_counts, mix_examples
+from cpi_ray.data.batching import build_train_examples, mix_counts, mix_examples, task_weights
 from cpi_ray.data.tasks import task_identity
 from cpi_ray.io.atomic import atomic_dir, link_or_copy
 from cpi_ray.io.masks import MaskFile, write_mask_file
@@ -191,8 +191,8 @@ def stage_record(out: Path) -> Optional[dict]:
 def stage_data(
     cfg: PipelineConfig, groups: list[list[str]], k: int, n: int
 ) -> list[tuple[list[str], int, int]]:
-    """Stage k's n training rows as parts (tasks, rows, mixing seed), each part mixed by the
-    tasks' weights. `consolidate.data` mixed: one part, every task; group: the group's tasks,
+    """Stage k's n training rows as parts (tasks, rows, mixing seed), each part mixed as
+    `consolidate.mix` says. `consolidate.data` mixed: one part, every task; group: the group's tasks,
     and a `replay` share from the tasks of earlier groups."""
     tc = cfg.consolidate
     if tc.data == "mixed":
@@ -207,10 +207,9 @@ def stage_data(
 
 def stage_rows_per_task(cfg: PipelineConfig, groups: list[list[str]], k: int, n: int) -> dict[str, int]:
     """Rows stage k draws from each task (what its record and the budget file show)."""
-    weights = {t.name: t.weight for t in cfg.tasks}
     out: dict[str, int] = {}
     for tasks, rows, _ in stage_data(cfg, groups, k, n):
-        for t, c in mix_counts(tasks, weights, rows).items():
+        for t, c in mix_counts(tasks, task_weights(cfg, tasks, cfg.consolidate.mix), rows).items():
             out[t] = out.get(t, 0) + c
     return out
 
@@ -221,9 +220,9 @@ def group_examples(cfg: PipelineConfig, tokenizer, groups: list[list[str]], k: i
     per_task = build_train_examples(
         cfg, tokenizer, list(dict.fromkeys(t for tasks, _, _ in parts for t in tasks))
     )
-    weights = {t: cfg.task(t).weight for t in per_task}
     rows: list[dict] = []
     for tasks, count, seed in parts:
+        weights = task_weights(cfg, tasks, cfg.consolidate.mix)
         rows += mix_examples({t: per_task[t] for t in tasks}, weights, count, seed=seed)
     return rows
 
