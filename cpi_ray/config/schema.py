@@ -550,12 +550,12 @@ class BaselinesConfig(_Section):
     ] = Field(
         default_factory=list,
         description="full_mtl: all tasks mixed, CPI-FT's whole budget; full_mtl_light: all tasks "
-        "mixed, only CPI-FT's consolidation rows; full_mtl_balanced: full_mtl in equal task shares "
-        "whatever the weights (what rebalancing alone does); multistage: group by group, no freezing; dpi: "
-        "from the base model, CPI-FT's groups in order, each on its own tasks with the earlier "
-        "groups' cores frozen (no fusion); epi: full_mtl with Evolving Parameter Isolation (the "
-        "epi section); sequential: task A then B; sequential_cpi: A then B with A's core frozen; "
-        "sequential_epi: A then B with EPI while B trains",
+        "mixed, only CPI-FT's consolidation rows; full_mtl_balanced: full_mtl in equal task "
+        "shares whatever the weights (what rebalancing alone does); multistage: group by group, "
+        "no freezing; dpi: from the base model, CPI-FT's groups in order, each on its own tasks "
+        "with the earlier groups' cores frozen (no fusion); epi: full_mtl with Evolving Parameter "
+        "Isolation (the epi section); sequential: task A then B; sequential_cpi: A then B with A's "
+        "core frozen; sequential_epi: A then B with EPI while B trains",
     )
     multistage_grouping: Literal["random", "given", "cpi"] = Field(
         "random", description="random (seeded), given (multistage_groups) or cpi (CPI-FT's groups)"
