@@ -65,6 +65,7 @@ from cpi_ray.tune.cache import link_tree  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 CELL_STAGES = ["probe", "regions", "groups", "fuse", "consolidate"]
+CELLS_JSON = "cells.json"  # in a seed's run directory: every cell's scores, groups and time
 BASELINE_LABELS = {
     "full_mtl": "full multi-task SFT",
     "full_mtl_light": "full multi-task SFT, CPI-FT's consolidation rows only",
@@ -189,7 +190,7 @@ def run_cells(
     from cpi_ray.models.loading import resolve_base_model
     from cpi_ray.pipeline.runner import run_pipeline
 
-    out = run_dir / "cells.json"
+    out = run_dir / CELLS_JSON
     done = read_json(out) if out.is_file() else {}
     for k in ("scores", "stderr", "wall_s", "groups"):
         done.setdefault(k, {})
@@ -249,7 +250,7 @@ def seed_compute_s(run_dir: Path) -> float:
     (a cell's probes are the run's, so they are counted once)."""
     layout = RunLayout(run_dir)
     recs = (load_record(layout.folder(s) / RECORD_NAME) for s in STAGES)
-    cells = run_dir / "cells.json"
+    cells = run_dir / CELLS_JSON
     cell_s = read_json(cells).get("wall_s", {}) if cells.is_file() else {}
     return round(sum(r["wall_time_s"] for r in recs if r) + sum(cell_s.values()), 1)
 
@@ -624,7 +625,7 @@ def main() -> int:
         if args.probes_from is not None:
             seed_probes(run_dir, probes_source(args.probes_from, seed))
         run_pipeline(cfg, run_dir)
-        ev = read_json(run_dir / "eval" / "scores.json")
+        ev = read_json(RunLayout(run_dir).eval_scores)
         print(f"\nseed {seed}: report at {run_dir / 'report' / 'index.html'}")
         scores, stderr = dict(ev["scores"]), dict(ev.get("stderr", {}))
         scores["constant"] = {t: c["score"] for t, c in constant_answer(cfg).items()}
@@ -642,7 +643,7 @@ def main() -> int:
         )
         doc["tasks"], doc["n_eval"] = ev["tasks"], ev["n_eval"]
         doc["per_seed"][str(seed)] = {"scores": scores, "stderr": stderr}
-        doc["budgets"][str(seed)] = read_json(run_dir / "baselines" / "budget.json")
+        doc["budgets"][str(seed)] = read_json(RunLayout(run_dir).budget_json)
         doc["groupings"][str(seed)] = groupings
         for s in doc["per_seed"]:  # earlier seeds too: their cells may have grown since
             if (seed_dir := run_dir.parent / f"seed-{s}").is_dir():

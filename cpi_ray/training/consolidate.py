@@ -192,8 +192,8 @@ def stage_data(
     cfg: PipelineConfig, groups: list[list[str]], k: int, n: int
 ) -> list[tuple[list[str], int, int]]:
     """Stage k's n training rows as parts (tasks, rows, mixing seed), each part mixed as
-    `consolidate.mix` says. `consolidate.data` mixed: one part, every task; group: the group's tasks,
-    and a `replay` share from the tasks of earlier groups."""
+    `consolidate.mix` says. `consolidate.data` mixed: one part, every task; group: the group's
+    tasks, and a `replay` share from the tasks of earlier groups."""
     tc = cfg.consolidate
     if tc.data == "mixed":
         return [([t.name for t in cfg.tasks], n, tc.seed + k)]
