@@ -17,7 +17,8 @@ Cells (`--scores`, `--ps`, `--taus`, `--data`, `--variants`): `score@p,data`, wi
 measures what a fuse knob does; `--score-fused` scores each cell's fused model as well). The first
 cell is the pipeline's own run (its report holds it); every further cell runs regions, groups,
 fuse and consolidate on the same probes in a run directory of its own (`<run dir>/cells/<cell>`,
-the probes linked in) and scores CPI-FT's final model, kept with the groups its cores formed in
+the probes linked in) and scores CPI-FT's final model (which stays; its fused model and stages
+go unless `--keep-models`), kept with the groups its cores formed in
 `<run dir>/cells.json` so a rerun resumes; a cell whose cores, groups, variant and
 training data equal an earlier one's takes its scores. The baselines keep the budget of the first
 cell's groups.
@@ -48,6 +49,7 @@ import math
 import os
 import re
 import shlex
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -61,6 +63,7 @@ from cpi_ray.evaluation.stats import fmt_mean_se, mean_se, paired_difference, ve
 from cpi_ray.io.atomic import atomic_file, read_json, write_json  # noqa: E402
 from cpi_ray.io.records import RECORD_NAME, load_record  # noqa: E402
 from cpi_ray.run.layout import RunLayout  # noqa: E402
+from cpi_ray.training.consolidate import STAGE_RECORD  # noqa: E402
 from cpi_ray.tune.cache import link_tree  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -138,24 +141,36 @@ def seed_probes(run_dir: Path, source: Path) -> None:
 def grouping(run_dir: Path) -> dict:
     """How the run's cores grouped the tasks: the groups, τ, the range of the pairwise Jaccard
     and the chance level, and the rows each consolidation stage drew from each task."""
-    overlap = read_json(run_dir / "groups" / "overlap.json")
+    layout = RunLayout(run_dir)
+    overlap = read_json(layout.overlap_json)
     jac, n = overlap["jaccard"], len(overlap["tasks"])
     pairs = [jac[a][b] for a in range(n) for b in range(a + 1, n)]
-    stages = sorted((run_dir / "consolidate").glob("stage-*"), key=lambda d: int(d.name[6:]))
-    groups = read_json(run_dir / "groups" / "groups.json")
+    groups = read_json(layout.groups_json)
     rows = []
-    for d in stages[: len(groups)]:
-        rec = read_json(d / "consolidate.json") if (d / "consolidate.json").is_file() else {}
-        rows.append(rec.get("rows_per_task"))
+    for k in range(1, len(groups) + 1):
+        rec = layout.stage(k) / STAGE_RECORD
+        rows.append(read_json(rec).get("rows_per_task") if rec.is_file() else None)
     return {
         "groups": groups,
         "tau": overlap["tau"],
         "tau_mode": overlap.get("tau_mode", "absolute"),
         "jaccard": [min(pairs), max(pairs)] if pairs else None,
         "chance": overlap.get("chance"),
-        "regions": read_json(run_dir / "regions" / "stage.json")["fingerprint"],
+        "regions": read_json(layout.folder("regions") / RECORD_NAME)["fingerprint"],
         "consolidate_rows": rows,
     }
+
+
+def drop_intermediate_models(cell_dir: Path) -> None:
+    """A scored cell keeps its final model, records and logs; its fused model and the model after
+    each consolidation stage go (a few GB a cell). A scored cell is never rerun, so nothing
+    reads them again."""
+    layout = RunLayout(cell_dir)
+    k = 1
+    while layout.stage(k).is_dir():
+        shutil.rmtree(layout.stage(k))
+        k += 1
+    shutil.rmtree(layout.fused, ignore_errors=True)
 
 
 def same_training(a: dict, b: dict) -> bool:
@@ -179,11 +194,13 @@ def run_cells(
     stderr: dict,
     groupings: dict,
     score_fused: bool,
+    keep_models: bool = False,
 ) -> None:
     """CPI-FT's final model for each further cell (score, p, τ, data, variant overrides) on the
     run's probes, scored on every task's eval rows, with the grouping its cores gave, added to
     `scores`, `stderr` and `groupings` (which hold the run's own cell); with `score_fused`, its
-    fused model too (`<cell> fused`). Results accumulate in `run_dir/cells.json`.
+    fused model too (`<cell> fused`); without `keep_models`, only its final model stays.
+    Results accumulate in `run_dir/cells.json`.
     `make_cfg(overrides)` is the seed's config with a cell's overrides."""
     from cpi_ray.data.tasks import load_splits
     from cpi_ray.evaluation.evaluate import evaluate_model_dir
@@ -212,7 +229,7 @@ def run_cells(
         t0 = time.time()
         c = make_cfg(cell_overrides(cell))
         # Each cell in a run directory of its own on the same probes: the run's own stages stay
-        # current for the next invocation, and every cell's models stay there to look at.
+        # current for the next invocation, and each cell's final model stays there to look at.
         cell_dir = run_dir / "cells" / re.sub(r"[^\w@,=.+-]", "_", key)
         seed_probes(cell_dir, run_dir)
         run_pipeline(c, cell_dir, stages=CELL_STAGES[:3])
@@ -223,7 +240,7 @@ def run_cells(
             g = {**grouping(cell_dir), "data": cell[3], "variant": list(cell[4])}
             measure(key, cell_dir / "final", c)
             if score_fused:
-                measure(f"{key} fused", cell_dir / "fused", c)
+                measure(f"{key} fused", RunLayout(cell_dir).fused, c)
         else:
             done["scores"][key], g["same_as"] = scores[twin], twin
             done["stderr"][key] = stderr.get(twin, {})
@@ -231,6 +248,8 @@ def run_cells(
         done["groups"][key] = g
         done["wall_s"][key] = round(time.time() - t0, 1)
         write_json(out, done)
+        if not keep_models:
+            drop_intermediate_models(cell_dir)
         scores.update(done["scores"])
         stderr.update(done["stderr"])
         groupings[key] = g
@@ -552,6 +571,12 @@ def main() -> int:
         help="score each further cell's fused model too (the fuse knobs act there)",
     )
     ap.add_argument(
+        "--keep-models",
+        action="store_true",
+        help="keep each further cell's fused model and consolidation stages "
+        "(by default a scored cell keeps only its final model)",
+    )
+    ap.add_argument(
         "--probes-from",
         metavar="RUN_DIR",
         help="start from another run's probes (kept where their fingerprint matches); "
@@ -640,6 +665,7 @@ def main() -> int:
             stderr,
             groupings,
             args.score_fused,
+            args.keep_models,
         )
         doc["tasks"], doc["n_eval"] = ev["tasks"], ev["n_eval"]
         doc["per_seed"][str(seed)] = {"scores": scores, "stderr": stderr}

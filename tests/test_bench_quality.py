@@ -212,3 +212,24 @@ def test_seed_time_counts_each_stage_and_cell_once(tmp_path):
     (run / "cells.json").write_text(json.dumps({"wall_s": {"c1": 45.0, "c2": 12.5}}))
     assert bq.seed_compute_s(run) == 100.0 + 200.0 + 30.5 + 45.0 + 12.5
     assert bq.seed_compute_s(tmp_path / "absent") == 0.0
+
+
+def test_a_scored_cell_keeps_its_final_model_only(tmp_path):
+    """After scoring, a cell's fused model and each consolidation stage's model go; its final
+    model, records, masks and logs stay (its grouping was read before)."""
+    bq = _bench()
+    cell = tmp_path / "cells" / "fisher@20,mixed"
+    keep = ["final/model.safetensors", "consolidate/stage.json", "consolidate/masks/a.mask", "logs/x.log"]
+    drop = ["fused/model.safetensors", "fused/stage.json", "consolidate/stage-1/model.safetensors"]
+    drop += ["consolidate/stage-2/consolidate.json", "consolidate/stage-3/model.safetensors"]
+    for rel in keep + drop:
+        (cell / rel).parent.mkdir(parents=True, exist_ok=True)
+        (cell / rel).write_text(rel)
+    bq.drop_intermediate_models(cell)
+    assert all((cell / rel).read_text() == rel for rel in keep)
+    assert not any((cell / rel).exists() for rel in drop)
+    assert not (cell / "fused").exists() and sorted(p.name for p in (cell / "consolidate").iterdir()) == [
+        "masks",
+        "stage.json",
+    ]
+    bq.drop_intermediate_models(tmp_path / "cells" / "absent")  # nothing there: nothing to do
