@@ -195,13 +195,14 @@ def run_cells(
     groupings: dict,
     score_fused: bool,
     keep_models: bool = False,
-) -> None:
+) -> float:
     """CPI-FT's final model for each further cell (score, p, τ, data, variant overrides) on the
     run's probes, scored on every task's eval rows, with the grouping its cores gave, added to
     `scores`, `stderr` and `groupings` (which hold the run's own cell); with `score_fused`, its
     fused model too (`<cell> fused`); without `keep_models`, only its final model stays.
     Results accumulate in `run_dir/cells.json`.
-    `make_cfg(overrides)` is the seed's config with a cell's overrides."""
+    `make_cfg(overrides)` is the seed's config with a cell's overrides. Returns the seconds spent
+    on the cells measured in this call."""
     from cpi_ray.data.tasks import load_splits
     from cpi_ray.evaluation.evaluate import evaluate_model_dir
     from cpi_ray.models.loading import resolve_base_model
@@ -214,6 +215,7 @@ def run_cells(
     scores.update(done["scores"])
     stderr.update(done["stderr"])
     groupings.update(done["groups"])
+    spent = 0.0
 
     def measure(key: str, model_dir: Path, c) -> None:
         base_dir, _ = resolve_base_model(c)
@@ -247,6 +249,7 @@ def run_cells(
             g["consolidate_rows"] = groupings[twin].get("consolidate_rows")
         done["groups"][key] = g
         done["wall_s"][key] = round(time.time() - t0, 1)
+        spent += done["wall_s"][key]
         write_json(out, done)
         if not keep_models:
             drop_intermediate_models(cell_dir)
@@ -261,17 +264,29 @@ def run_cells(
             + f" ({done['wall_s'][key]:.0f}s)",
             flush=True,
         )
+    return spent
 
 
 def seed_compute_s(run_dir: Path) -> float:
-    """Seconds of work behind a seed's figures, however many invocations and resumes it took:
-    each stage's time from the run's own records, plus each cell's time from `cells.json`
-    (a cell's probes are the run's, so they are counted once)."""
+    """Seconds of work behind a seed's figures as its run directory tells them: each stage's
+    time from the run's own records, plus each cell's time from `cells.json` (a cell's probes are
+    the run's, so they are counted once). A stage record holds its last run only: a stage that
+    reran to add to its outputs (a baseline mode) no longer counts the ones it kept, so later
+    invocations add their own work to this instead (`seed_time`)."""
     layout = RunLayout(run_dir)
     recs = (load_record(layout.folder(s) / RECORD_NAME) for s in STAGES)
     cells = run_dir / CELLS_JSON
     cell_s = read_json(cells).get("wall_s", {}) if cells.is_file() else {}
     return round(sum(r["wall_time_s"] for r in recs if r) + sum(cell_s.values()), 1)
+
+
+def seed_time(previous: float | None, run_dir: Path, spent_s: float) -> float:
+    """A seed's time after an invocation that spent `spent_s` on it (the stages that ran and the
+    cells it measured): added to the time the results file held, or, the first time, read from
+    the run directory (`seed_compute_s`)."""
+    if previous is None:
+        return seed_compute_s(run_dir)
+    return round(previous + spent_s, 1)
 
 
 # ------------------------------------------------------------------------------ aggregation
@@ -457,7 +472,7 @@ def results_markdown(doc: dict) -> str:
     if doc.get("compute_s"):
         per = ", ".join(f"seed {k} {v / 3600:.1f} h" for k, v in sorted(doc["compute_s"].items()))
         lines += [
-            f"Time behind each seed's figures (every stage and cell, from their records): {per}.",
+            f"Time behind each seed's figures (its stages and cells, over all invocations): {per}.",
             "",
         ]
     lines += ["## Budgets (training rows)", ""]
@@ -649,14 +664,14 @@ def main() -> int:
         run_dir = Path(args.run_root).expanduser().resolve() / args.setting / f"seed-{seed}"
         if args.probes_from is not None:
             seed_probes(run_dir, probes_source(args.probes_from, seed))
-        run_pipeline(cfg, run_dir)
+        ran_s = sum(o.wall_s for o in run_pipeline(cfg, run_dir).outcomes if o.status == "ran")
         ev = read_json(RunLayout(run_dir).eval_scores)
         print(f"\nseed {seed}: report at {run_dir / 'report' / 'index.html'}")
         scores, stderr = dict(ev["scores"]), dict(ev.get("stderr", {}))
         scores["constant"] = {t: c["score"] for t, c in constant_answer(cfg).items()}
         scores[names[0]], stderr[names[0]] = scores.pop("final"), stderr.pop("final", {})
         groupings = {names[0]: {**grouping(run_dir), "data": cells[0][3], "variant": list(cells[0][4])}}
-        run_cells(
+        cells_s = run_cells(
             lambda extra, o=overrides: load_config(args.config, [*o, *extra]),
             run_dir,
             cells[1:],
@@ -671,9 +686,7 @@ def main() -> int:
         doc["per_seed"][str(seed)] = {"scores": scores, "stderr": stderr}
         doc["budgets"][str(seed)] = read_json(RunLayout(run_dir).budget_json)
         doc["groupings"][str(seed)] = groupings
-        for s in doc["per_seed"]:  # earlier seeds too: their cells may have grown since
-            if (seed_dir := run_dir.parent / f"seed-{s}").is_dir():
-                doc["compute_s"][s] = seed_compute_s(seed_dir)
+        doc["compute_s"][str(seed)] = seed_time(doc["compute_s"].get(str(seed)), run_dir, ran_s + cells_s)
         doc["seeds"] = sorted(int(s) for s in doc["per_seed"])
         # Every cell measured on these seeds, this invocation's and earlier ones' (cells.json).
         measured = dict.fromkeys(k for g in doc["groupings"].values() for k in g if k != names[0])

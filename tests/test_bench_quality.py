@@ -212,6 +212,11 @@ def test_seed_time_counts_each_stage_and_cell_once(tmp_path):
     (run / "cells.json").write_text(json.dumps({"wall_s": {"c1": 45.0, "c2": 12.5}}))
     assert bq.seed_compute_s(run) == 100.0 + 200.0 + 30.5 + 45.0 + 12.5
     assert bq.seed_compute_s(tmp_path / "absent") == 0.0
+    # The first invocation reads the run; later ones add their own work, so a stage that reran
+    # to add a baseline mode (its record now holding that run only) loses nothing.
+    assert bq.seed_time(None, run, 999.0) == bq.seed_compute_s(run)
+    record(run / "baselines", "baselines", 20.0)
+    assert bq.seed_time(388.0, run, 20.0 + 7.5) == 415.5
 
 
 def test_a_scored_cell_keeps_its_final_model_only(tmp_path):
