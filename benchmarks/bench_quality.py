@@ -240,7 +240,7 @@ def run_cells(
         if twin is None:
             run_pipeline(c, cell_dir, stages=CELL_STAGES[3:])  # probe..groups are done above
             g = {**grouping(cell_dir), "data": cell[3], "variant": list(cell[4])}
-            measure(key, cell_dir / "final", c)
+            measure(key, RunLayout(cell_dir).final, c)
             if score_fused:
                 measure(f"{key} fused", RunLayout(cell_dir).fused, c)
         else:
@@ -662,11 +662,12 @@ def main() -> int:
         cfg = load_config(args.config, [*overrides, *cell_overrides(cells[0])])
         connect_ray(cfg)
         run_dir = Path(args.run_root).expanduser().resolve() / args.setting / f"seed-{seed}"
+        layout = RunLayout(run_dir)
         if args.probes_from is not None:
             seed_probes(run_dir, probes_source(args.probes_from, seed))
         ran_s = sum(o.wall_s for o in run_pipeline(cfg, run_dir).outcomes if o.status == "ran")
-        ev = read_json(RunLayout(run_dir).eval_scores)
-        print(f"\nseed {seed}: report at {run_dir / 'report' / 'index.html'}")
+        ev = read_json(layout.eval_scores)
+        print(f"\nseed {seed}: report at {layout.report / 'index.html'}")
         scores, stderr = dict(ev["scores"]), dict(ev.get("stderr", {}))
         scores["constant"] = {t: c["score"] for t, c in constant_answer(cfg).items()}
         scores[names[0]], stderr[names[0]] = scores.pop("final"), stderr.pop("final", {})
@@ -684,7 +685,7 @@ def main() -> int:
         )
         doc["tasks"], doc["n_eval"] = ev["tasks"], ev["n_eval"]
         doc["per_seed"][str(seed)] = {"scores": scores, "stderr": stderr}
-        doc["budgets"][str(seed)] = read_json(RunLayout(run_dir).budget_json)
+        doc["budgets"][str(seed)] = read_json(layout.budget_json)
         doc["groupings"][str(seed)] = groupings
         doc["compute_s"][str(seed)] = seed_time(doc["compute_s"].get(str(seed)), run_dir, ran_s + cells_s)
         doc["seeds"] = sorted(int(s) for s in doc["per_seed"])

@@ -216,6 +216,7 @@ def test_seed_time_counts_each_stage_and_cell_once(tmp_path):
     # to add a baseline mode (its record now holding that run only) loses nothing.
     assert bq.seed_time(None, run, 999.0) == bq.seed_compute_s(run)
     record(run / "baselines", "baselines", 20.0)
+    assert bq.seed_compute_s(run) == 100.0 + 20.0 + 30.5 + 45.0 + 12.5  # the 200 s are gone
     assert bq.seed_time(388.0, run, 20.0 + 7.5) == 415.5
 
 
